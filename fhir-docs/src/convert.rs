@@ -1,0 +1,212 @@
+//! Lossless FHIR JSON ⇄ Automerge conversion.
+//!
+//! The root map of a document is the resource JSON. JSON objects become Automerge maps, arrays become
+//! lists (order kept), strings become [`ScalarValue::Str`] (never `Text`: codes and dates are atoms,
+//! not character sequences), booleans and `null` (allowed inside FHIR primitive-extension arrays such
+//! as `_given`) map to their scalars.
+//!
+//! Numbers never pass through `f64` unless that is exact. FHIR decimals carry meaning in their text
+//! (`10.50` has two significant decimals), so a JSON number is stored as:
+//! - [`ScalarValue::Int`] when its text is a canonical 64-bit integer (`42`, `-7`);
+//! - [`ScalarValue::F64`] when formatting the parsed `f64` gives back exactly the same text (`10.5`),
+//!   so other Automerge implementations see an ordinary number;
+//! - otherwise a scalar of the *unknown* type code [`DECIMAL_TYPE_CODE`] whose bytes are the exact
+//!   decimal text (`10.50`, `1e3`, `0.30000000000000004000`). Automerge keeps unknown scalars
+//!   verbatim through save, load, merge and sync, so every implementation loads the document.
+
+use automerge::transaction::Transactable;
+use automerge::{AutoCommit, ObjType, ReadDoc, ScalarValue, hydrate};
+use serde_json::{Map, Number, Value};
+
+use crate::error::ConvertError;
+
+/// Type code of the Automerge "unknown" scalar that carries a decimal's exact text.
+///
+/// Codes 10..=15 are reserved by the Automerge format for future types and preserved verbatim.
+pub const DECIMAL_TYPE_CODE: u8 = 14;
+
+/// Converts a JSON number to the scalar that stores it without loss (see the module docs).
+pub fn number_to_scalar(n: &Number) -> ScalarValue {
+    let text = n.to_string();
+    if let Ok(i) = text.parse::<i64>()
+        && i.to_string() == text
+    {
+        return ScalarValue::Int(i);
+    }
+    if let Ok(f) = text.parse::<f64>()
+        && f.is_finite()
+        && let Some(back) = Number::from_f64(f)
+        && back.to_string() == text
+    {
+        return ScalarValue::F64(f);
+    }
+    ScalarValue::Unknown {
+        type_code: DECIMAL_TYPE_CODE,
+        bytes: text.into_bytes(),
+    }
+}
+
+/// Converts a scalar back to JSON; the inverse of the JSON → scalar mapping.
+pub fn scalar_to_json(s: &ScalarValue) -> Result<Value, ConvertError> {
+    Ok(match s {
+        ScalarValue::Str(s) => Value::String(s.to_string()),
+        ScalarValue::Int(i) => Value::Number((*i).into()),
+        ScalarValue::Uint(u) => Value::Number((*u).into()),
+        ScalarValue::F64(f) => Number::from_f64(*f)
+            .map(Value::Number)
+            .ok_or(ConvertError::NonFiniteNumber)?,
+        ScalarValue::Boolean(b) => Value::Bool(*b),
+        ScalarValue::Null => Value::Null,
+        ScalarValue::Unknown { type_code, bytes } if *type_code == DECIMAL_TYPE_CODE => {
+            let text = std::str::from_utf8(bytes).map_err(|_| ConvertError::BadDecimal)?;
+            let n: Number = text.parse().map_err(|_| ConvertError::BadDecimal)?;
+            Value::Number(n)
+        }
+        ScalarValue::Counter(c) => Value::Number(i64::from(c).into()),
+        ScalarValue::Timestamp(t) => Value::Number((*t).into()),
+        ScalarValue::Bytes(_) | ScalarValue::Unknown { .. } => {
+            return Err(ConvertError::UnsupportedScalar(format!("{s:?}")));
+        }
+    })
+}
+
+/// Builds the hydrate value of a JSON value (used to create whole subtrees in one batch).
+pub fn json_to_hydrate(v: &Value) -> hydrate::Value {
+    match v {
+        Value::Null => hydrate::Value::Scalar(ScalarValue::Null),
+        Value::Bool(b) => hydrate::Value::Scalar(ScalarValue::Boolean(*b)),
+        Value::Number(n) => hydrate::Value::Scalar(number_to_scalar(n)),
+        Value::String(s) => hydrate::Value::Scalar(ScalarValue::Str(s.as_str().into())),
+        Value::Array(items) => {
+            hydrate::Value::from(items.iter().map(json_to_hydrate).collect::<Vec<_>>())
+        }
+        Value::Object(map) => hydrate::Value::Map(json_map_to_hydrate(map)),
+    }
+}
+
+fn json_map_to_hydrate(map: &Map<String, Value>) -> hydrate::Map {
+    map.iter()
+        .map(|(k, v)| (k.clone(), json_to_hydrate(v)))
+        .collect::<std::collections::HashMap<String, hydrate::Value>>()
+        .into()
+}
+
+/// Creates a new document whose root map holds `resource` (a JSON object), as one change.
+pub fn new_document(
+    resource: &Map<String, Value>,
+    actor: automerge::ActorId,
+    time: i64,
+) -> Result<AutoCommit, ConvertError> {
+    let mut doc = AutoCommit::new().with_actor(actor);
+    doc.init_root_from_hydrate(&json_map_to_hydrate(resource))?;
+    doc.commit_with(automerge::transaction::CommitOptions::default().with_time(time));
+    Ok(doc)
+}
+
+/// Reads the whole document back as a JSON object (map keys in sorted order, arrays in order).
+pub fn document_to_json(doc: &impl ReadDoc) -> Result<Map<String, Value>, ConvertError> {
+    match read_object(doc, &automerge::ROOT, ObjType::Map)? {
+        Value::Object(m) => Ok(m),
+        _ => Err(ConvertError::RootNotMap),
+    }
+}
+
+/// Reads the object `obj` (of type `ty`) as JSON.
+pub fn read_object(
+    doc: &impl ReadDoc,
+    obj: &automerge::ObjId,
+    ty: ObjType,
+) -> Result<Value, ConvertError> {
+    match ty {
+        ObjType::Map | ObjType::Table => {
+            let mut out = Map::new();
+            for item in doc.map_range(obj, ..) {
+                let key = item.key.to_string();
+                let value = read_value(doc, obj, key.as_str().into())?;
+                if let Some(v) = value {
+                    out.insert(key, v);
+                }
+            }
+            Ok(Value::Object(out))
+        }
+        ObjType::List => {
+            let len = doc.length(obj);
+            let mut out = Vec::with_capacity(len);
+            for i in 0..len {
+                if let Some(v) = read_value(doc, obj, i.into())? {
+                    out.push(v);
+                }
+            }
+            Ok(Value::Array(out))
+        }
+        ObjType::Text => Ok(Value::String(doc.text(obj)?)),
+    }
+}
+
+fn read_value(
+    doc: &impl ReadDoc,
+    obj: &automerge::ObjId,
+    prop: automerge::Prop,
+) -> Result<Option<Value>, ConvertError> {
+    match doc.get(obj, prop)? {
+        None => Ok(None),
+        Some((automerge::Value::Scalar(s), _)) => Ok(Some(scalar_to_json(&s)?)),
+        Some((automerge::Value::Object(ty), id)) => Ok(Some(read_object(doc, &id, ty)?)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn roundtrip(v: Value) -> Value {
+        let Value::Object(m) = v else { panic!("not an object") };
+        let mut doc = new_document(&m, automerge::ActorId::random(), 0).unwrap();
+        let bytes = doc.save();
+        let loaded = AutoCommit::load(&bytes).unwrap();
+        Value::Object(document_to_json(&loaded).unwrap())
+    }
+
+    #[test]
+    fn decimals_keep_their_text() {
+        let src = r#"{"resourceType":"Claim","total":{"value":10.50,"currency":"TZS"},
+            "item":[{"unitPrice":{"value":1500.00}},{"unitPrice":{"value":10.5}},{"factor":1e3},
+            {"q":0.30000000000000004000},{"n":-0},{"big":123456789012345678901234567890}]}"#;
+        let v: Value = serde_json::from_str(src).unwrap();
+        let back = roundtrip(v.clone());
+        assert_eq!(back, v);
+        let text = serde_json::to_string(&back).unwrap();
+        assert!(text.contains("10.50"), "{text}");
+        assert!(text.contains("1500.00"), "{text}");
+        // serde_json spells exponents with an explicit sign; the value and its digits are kept.
+        assert!(text.contains("1e+3"), "{text}");
+        assert!(text.contains("123456789012345678901234567890"), "{text}");
+    }
+
+    #[test]
+    fn scalars_are_typed() {
+        assert_eq!(number_to_scalar(&"42".parse().unwrap()), ScalarValue::Int(42));
+        assert_eq!(number_to_scalar(&"10.5".parse().unwrap()), ScalarValue::F64(10.5));
+        assert!(matches!(
+            number_to_scalar(&"10.50".parse().unwrap()),
+            ScalarValue::Unknown { type_code: DECIMAL_TYPE_CODE, .. }
+        ));
+    }
+
+    #[test]
+    fn unicode_and_nulls_survive() {
+        let v = json!({"resourceType":"Patient","name":[{"family":"Abdoulaye Maïga","given":["Zoé","عبد الله"]}],
+            "_birthDate": {"extension": []}, "x": {"_given": [null, {"id": "a"}]}});
+        assert_eq!(roundtrip(v.clone()), v);
+    }
+
+    #[test]
+    fn strings_are_scalars_not_text() {
+        let m = json!({"resourceType":"Patient","birthDate":"1990-01-01"});
+        let Value::Object(m) = m else { unreachable!() };
+        let doc = new_document(&m, automerge::ActorId::random(), 0).unwrap();
+        let (v, _) = doc.get(automerge::ROOT, "birthDate").unwrap().unwrap();
+        assert!(matches!(v, automerge::Value::Scalar(_)));
+    }
+}

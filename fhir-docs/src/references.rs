@@ -1,0 +1,221 @@
+//! Logical references.
+//!
+//! Documents store references as `{type, identifier}`: an id like `Patient/7f3…` means something only
+//! on the node that made it, an identifier means the same everywhere. On write, a literal reference
+//! (`"reference": "Patient/<local id>"`, or openIMIS's `Patient/<CHFID>`) is translated to a logical
+//! one through a [`Resolver`]; on read, each logical reference that resolves on this node gets back
+//! a `reference` of `<Type>/<local id>`, so clients see ids that work on the node they talk to.
+
+use serde_json::{Map, Value};
+
+use crate::identifiers::{
+    IdentKey, OPENIMIS_IDENTIFIER_TYPES, keys_of_identifier,
+};
+use crate::profile::is_resource_type;
+
+/// What reference translation needs to know about the node's store.
+pub trait Resolver {
+    /// The identity under which references to the local resource `<ty>/<id>` are stored, if `id`
+    /// is the local id of a resource of that type on this node.
+    fn local(&self, ty: &str, id: &str) -> Option<IdentKey>;
+    /// The local id of the resource of type `ty` that carries the identifier `key`, if any.
+    fn find(&self, ty: &str, key: &IdentKey) -> Option<String>;
+}
+
+/// The logical target of a translated reference.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RefTarget {
+    /// Target resource type.
+    pub ty: String,
+    /// Target identity.
+    pub key: IdentKey,
+}
+
+/// Decides the identity stored for a literal reference `<ty>/<id>`: the local resource's identity
+/// if `id` is a local id; otherwise, when `id` is a UUID, the identity that resource will have once
+/// it arrives here under that id (`fallback_system`); otherwise an openIMIS business code (CHFID,
+/// HF code, …), which is how the openIMIS claims app refers to resources.
+fn logical_for(
+    resolver: &dyn Resolver,
+    ty: &str,
+    id: &str,
+    fallback_system: &str,
+) -> Map<String, Value> {
+    let mut ident = Map::new();
+    if let Some(key) = resolver.local(ty, id) {
+        ident.insert("system".into(), Value::String(key.system));
+        ident.insert("value".into(), Value::String(key.value));
+    } else if uuid::Uuid::parse_str(id).is_ok() {
+        ident.insert("system".into(), Value::String(fallback_system.into()));
+        ident.insert("value".into(), Value::String(id.into()));
+    } else {
+        ident.insert(
+            "type".into(),
+            serde_json::json!({"coding": [{"system": OPENIMIS_IDENTIFIER_TYPES, "code": "Code"}]}),
+        );
+        ident.insert("value".into(), Value::String(id.into()));
+    }
+    ident
+}
+
+/// Splits a relative literal reference `Type/id` (also `Type/id/_history/v`).
+fn split_literal(reference: &str) -> Option<(&str, &str)> {
+    let (ty, rest) = reference.split_once('/')?;
+    let id = rest.split('/').next()?;
+    (is_resource_type(ty) && !id.is_empty()).then_some((ty, id))
+}
+
+/// Translates every literal relative reference in `value` (at any depth, `contained` included) to a
+/// logical reference. `bundle_ids` maps bundle-local `urn:uuid:` full URLs to `(type, local id)`.
+/// Absolute URLs and `#contained` references are kept as they are. Returns the targets.
+pub fn to_logical(
+    value: &mut Value,
+    resolver: &dyn Resolver,
+    fallback_system: &str,
+    bundle_ids: &dyn Fn(&str) -> Option<(String, String)>,
+) -> Vec<RefTarget> {
+    let mut targets = Vec::new();
+    walk_mut(value, &mut |obj| {
+        let Some(reference) = obj.get("reference").and_then(Value::as_str) else {
+            return;
+        };
+        let (ty, id) = if let Some(found) = bundle_ids(reference) {
+            found
+        } else if let Some((ty, id)) = split_literal(reference) {
+            (ty.to_string(), id.to_string())
+        } else {
+            return;
+        };
+        let ident = logical_for(resolver, &ty, &id, fallback_system);
+        if ident.is_empty() {
+            return;
+        }
+        if let Some(key) = keys_of_identifier(&ident).pop() {
+            targets.push(RefTarget {
+                ty: ty.clone(),
+                key,
+            });
+        }
+        obj.remove("reference");
+        obj.insert("type".into(), Value::String(ty));
+        obj.insert("identifier".into(), Value::Object(ident));
+    });
+    targets.sort();
+    targets.dedup();
+    targets
+}
+
+/// The logical targets stored in a resource (for the reference index).
+pub fn targets(value: &Value) -> Vec<RefTarget> {
+    let mut out = Vec::new();
+    walk(value, &mut |obj| {
+        if let Some((ty, key)) = logical_target(obj) {
+            out.push(RefTarget { ty, key });
+        }
+    });
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// The `(type, identity)` of a logical reference object, preferring the most specific key.
+fn logical_target(obj: &Map<String, Value>) -> Option<(String, IdentKey)> {
+    if obj.contains_key("reference") {
+        return None;
+    }
+    let ty = obj.get("type").and_then(Value::as_str)?;
+    if !is_resource_type(ty) {
+        return None;
+    }
+    let ident = obj.get("identifier").and_then(Value::as_object)?;
+    // The first key with a system: the identifier's own system, else its openIMIS type code.
+    keys_of_identifier(ident)
+        .into_iter()
+        .find(|k| !k.system.is_empty())
+        .map(|k| (ty.to_string(), k))
+}
+
+/// Adds `reference: "<Type>/<local id>"` to every logical reference that resolves on this node.
+pub fn render(value: &mut Value, resolver: &dyn Resolver) {
+    walk_mut(value, &mut |obj| {
+        let Some((ty, key)) = logical_target(obj) else {
+            return;
+        };
+        if let Some(id) = resolver.find(&ty, &key) {
+            let mut out = Map::with_capacity(obj.len() + 1);
+            out.insert("reference".into(), Value::String(format!("{ty}/{id}")));
+            out.extend(std::mem::take(obj));
+            *obj = out;
+        }
+    });
+}
+
+fn walk_mut(value: &mut Value, f: &mut dyn FnMut(&mut Map<String, Value>)) {
+    match value {
+        Value::Object(map) => {
+            f(map);
+            for v in map.values_mut() {
+                walk_mut(v, f);
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(|v| walk_mut(v, f)),
+        _ => {}
+    }
+}
+
+fn walk(value: &Value, f: &mut dyn FnMut(&Map<String, Value>)) {
+    match value {
+        Value::Object(map) => {
+            f(map);
+            map.values().for_each(|v| walk(v, f));
+        }
+        Value::Array(items) => items.iter().for_each(|v| walk(v, f)),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use std::collections::HashMap;
+
+    struct Fake(HashMap<(String, IdentKey), String>);
+    impl Resolver for Fake {
+        fn local(&self, ty: &str, id: &str) -> Option<IdentKey> {
+            self.0
+                .iter()
+                .find(|((t, _), v)| t == ty && v.as_str() == id)
+                .map(|((_, k), _)| k.clone())
+                .filter(|k| k.system.starts_with("urn:fieldmesh"))
+        }
+        fn find(&self, ty: &str, key: &IdentKey) -> Option<String> {
+            self.0.get(&(ty.to_string(), key.clone())).cloned()
+        }
+    }
+
+    #[test]
+    fn literal_references_become_logical_and_render_back() {
+        let id = "8a2a9a34-0b1c-4c0e-9f3b-1d2e3f4a5b6c";
+        let mut map = HashMap::new();
+        map.insert(("Group".into(), IdentKey::new("urn:fieldmesh:node:a", id)), id.to_string());
+        map.insert(("Patient".into(), IdentKey::new("urn:fieldmesh:node:a", "p1")), "p1".to_string());
+        map.insert(("Patient".into(), IdentKey::openimis_code("070707081")), "p1".to_string());
+        let r = Fake(map);
+        let mut v = json!({"resourceType":"Claim",
+            "patient":{"reference":"Patient/070707081"},
+            "x":{"reference":format!("Group/{id}")},
+            "y":{"reference":"#contained1"},
+            "z":{"reference":"http://example.org/fhir/Patient/1"}});
+        let targets = to_logical(&mut v, &r, "urn:fieldmesh:node:a", &|_| None);
+        assert_eq!(targets.len(), 2);
+        assert!(v["patient"].get("reference").is_none());
+        assert_eq!(v["x"]["identifier"]["system"], "urn:fieldmesh:node:a");
+        assert_eq!(v["y"]["reference"], "#contained1");
+        assert_eq!(v["z"]["reference"], "http://example.org/fhir/Patient/1");
+        assert_eq!(super::targets(&v), targets);
+        render(&mut v, &r);
+        assert_eq!(v["patient"]["reference"], "Patient/p1");
+        assert_eq!(v["x"]["reference"], format!("Group/{id}"));
+    }
+}
