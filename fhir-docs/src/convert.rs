@@ -161,7 +161,9 @@ mod tests {
     use serde_json::json;
 
     fn roundtrip(v: Value) -> Value {
-        let Value::Object(m) = v else { panic!("not an object") };
+        let Value::Object(m) = v else {
+            panic!("not an object")
+        };
         let mut doc = new_document(&m, automerge::ActorId::random(), 0).unwrap();
         let bytes = doc.save();
         let loaded = AutoCommit::load(&bytes).unwrap();
@@ -186,11 +188,20 @@ mod tests {
 
     #[test]
     fn scalars_are_typed() {
-        assert_eq!(number_to_scalar(&"42".parse().unwrap()), ScalarValue::Int(42));
-        assert_eq!(number_to_scalar(&"10.5".parse().unwrap()), ScalarValue::F64(10.5));
+        assert_eq!(
+            number_to_scalar(&"42".parse().unwrap()),
+            ScalarValue::Int(42)
+        );
+        assert_eq!(
+            number_to_scalar(&"10.5".parse().unwrap()),
+            ScalarValue::F64(10.5)
+        );
         assert!(matches!(
             number_to_scalar(&"10.50".parse().unwrap()),
-            ScalarValue::Unknown { type_code: DECIMAL_TYPE_CODE, .. }
+            ScalarValue::Unknown {
+                type_code: DECIMAL_TYPE_CODE,
+                ..
+            }
         ));
     }
 

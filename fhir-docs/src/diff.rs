@@ -63,12 +63,16 @@ fn edit(
 ) -> Result<(), ConvertError> {
     match (ov, nv) {
         (Value::Object(om), Value::Object(nm)) => {
-            if let Some((automerge::Value::Object(ObjType::Map), child)) = doc.get(obj, prop.clone())? {
+            if let Some((automerge::Value::Object(ObjType::Map), child)) =
+                doc.get(obj, prop.clone())?
+            {
                 return diff_map(doc, &child, om, nm, ops);
             }
         }
         (Value::Array(oa), Value::Array(na)) => {
-            if let Some((automerge::Value::Object(ObjType::List), child)) = doc.get(obj, prop.clone())? {
+            if let Some((automerge::Value::Object(ObjType::List), child)) =
+                doc.get(obj, prop.clone())?
+            {
                 return diff_list(doc, &child, oa, na, ops);
             }
         }
@@ -99,7 +103,14 @@ fn diff_list(
     let new_mid = &new[prefix..new.len() - suffix];
     let paired = old_mid.len().min(new_mid.len());
     for i in 0..paired {
-        edit(doc, list, (prefix + i).into(), &old_mid[i], &new_mid[i], ops)?;
+        edit(
+            doc,
+            list,
+            (prefix + i).into(),
+            &old_mid[i],
+            &new_mid[i],
+            ops,
+        )?;
     }
     for (i, nv) in new_mid.iter().enumerate().skip(paired) {
         put(doc, list, (prefix + i).into(), nv, true)?;
@@ -152,8 +163,12 @@ mod tests {
 
     #[test]
     fn diff_reaches_the_new_value() {
-        let a = obj(json!({"resourceType":"Patient","name":[{"family":"A","given":["x","y"]}],"gender":"male","x":[1,2,3,4]}));
-        let b = obj(json!({"resourceType":"Patient","name":[{"family":"B","given":["x","z","y"]}],"birthDate":"2000-01-01","x":[1,9,4,5]}));
+        let a = obj(
+            json!({"resourceType":"Patient","name":[{"family":"A","given":["x","y"]}],"gender":"male","x":[1,2,3,4]}),
+        );
+        let b = obj(
+            json!({"resourceType":"Patient","name":[{"family":"B","given":["x","z","y"]}],"birthDate":"2000-01-01","x":[1,9,4,5]}),
+        );
         let mut doc = new_document(&a, automerge::ActorId::random(), 0).unwrap();
         let n = apply_diff(&mut doc, &a, &b).unwrap();
         assert!(n > 0);
@@ -163,7 +178,9 @@ mod tests {
 
     #[test]
     fn a_one_field_update_is_small() {
-        let a = obj(json!({"resourceType":"Patient","name":[{"family":"A","given":["x"]}],"gender":"male"}));
+        let a = obj(
+            json!({"resourceType":"Patient","name":[{"family":"A","given":["x"]}],"gender":"male"}),
+        );
         let mut b = a.clone();
         b.insert("gender".into(), json!("female"));
         let mut doc = new_document(&a, automerge::ActorId::random(), 0).unwrap();

@@ -85,7 +85,10 @@ pub fn keys_of_identifier(identifier: &Map<String, Value>) -> Vec<IdentKey> {
     let system = identifier.get("system").and_then(Value::as_str);
     keys.push(IdentKey::new(system.unwrap_or_default(), value));
     if let Some(code) = openimis_type_code(identifier) {
-        keys.push(IdentKey::new(format!("{OPENIMIS_TYPE_PREFIX}{code}"), value));
+        keys.push(IdentKey::new(
+            format!("{OPENIMIS_TYPE_PREFIX}{code}"),
+            value,
+        ));
     }
     keys
 }

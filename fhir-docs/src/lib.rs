@@ -28,4 +28,6 @@ pub use diff::apply_diff;
 pub use error::{ConvertError, Invalid, ValidationError};
 pub use identifiers::{IdentKey, IdentifierQuery, node_system, parse_identifier_query};
 pub use references::{RefTarget, Resolver};
-pub use resource::{Conflict, DocId, Prepared, actor_for_key, conflicts, prepare, render, version_id};
+pub use resource::{
+    Conflict, DocId, Prepared, actor_for_key, conflicts, prepare, render, version_id,
+};

@@ -237,7 +237,9 @@ fn check_element(path: &str, key: &str, value: &Value, problems: &mut Vec<Invali
         } else if DATETIME_FIELDS.contains(&key) {
             match v.as_str() {
                 Some(s) if is_datetime(s) => None,
-                _ => Some("must be a date or dateTime (YYYY-MM-DD or YYYY-MM-DDThh:mm:ss[Z|±hh:mm])"),
+                _ => {
+                    Some("must be a date or dateTime (YYYY-MM-DD or YYYY-MM-DDThh:mm:ss[Z|±hh:mm])")
+                }
             }
         } else if BOOL_FIELDS.contains(&key) {
             (!v.is_boolean()).then_some("must be true or false")
@@ -288,9 +290,7 @@ fn check_object(path: &str, key: &str, m: &Map<String, Value>, problems: &mut Ve
             }),
         }
     }
-    if key == "identifier"
-        && m.get("value").is_some_and(|v| !v.is_string())
-    {
+    if key == "identifier" && m.get("value").is_some_and(|v| !v.is_string()) {
         problems.push(Invalid {
             path: format!("{path}.value"),
             reason: "an identifier value must be a string".into(),
@@ -404,10 +404,19 @@ mod tests {
         for bad in ["20", "2020-13", "2020-1-1", "2020-02-32", "", "2020-02-02T"] {
             assert!(!is_date(bad), "{bad}");
         }
-        for ok in ["2020-01-01T00:00:00", "2020-01-01T10:11:12.123Z", "2020-01-01T10:11:12+03:00", "2021"] {
+        for ok in [
+            "2020-01-01T00:00:00",
+            "2020-01-01T10:11:12.123Z",
+            "2020-01-01T10:11:12+03:00",
+            "2021",
+        ] {
             assert!(is_datetime(ok), "{ok}");
         }
-        for bad in ["2020-01-01T25:00:00", "2020-01-01T10:11", "2020-01-01T10:11:12+3"] {
+        for bad in [
+            "2020-01-01T25:00:00",
+            "2020-01-01T10:11",
+            "2020-01-01T10:11:12+3",
+        ] {
             assert!(!is_datetime(bad), "{bad}");
         }
     }
@@ -421,23 +430,37 @@ mod tests {
 
     #[test]
     fn rejections_name_the_field() {
-        assert_eq!(reasons(json!({"resourceType":"Patient","name":[{"family":"A"}]})), ["Patient.birthDate"]);
         assert_eq!(
-            reasons(json!({"resourceType":"Patient","name":[{"family":"A"}],"birthDate":"1990-13-01"})),
+            reasons(json!({"resourceType":"Patient","name":[{"family":"A"}]})),
             ["Patient.birthDate"]
         );
         assert_eq!(
-            reasons(json!({"resourceType":"Patient","name":[{"family":"A"}],"birthDate":"1990","gender":"M"})),
+            reasons(
+                json!({"resourceType":"Patient","name":[{"family":"A"}],"birthDate":"1990-13-01"})
+            ),
+            ["Patient.birthDate"]
+        );
+        assert_eq!(
+            reasons(
+                json!({"resourceType":"Patient","name":[{"family":"A"}],"birthDate":"1990","gender":"M"})
+            ),
             ["Patient.gender"]
         );
         assert_eq!(
-            reasons(json!({"resourceType":"Claim","patient":{"reference":"Patient/1"},"created":"2020-01-01",
-                "billablePeriod":{"start":"2020-01-01"},"item":[{"unitPrice":{"value":"12"}}]})),
+            reasons(
+                json!({"resourceType":"Claim","patient":{"reference":"Patient/1"},"created":"2020-01-01",
+                "billablePeriod":{"start":"2020-01-01"},"item":[{"unitPrice":{"value":"12"}}]})
+            ),
             ["Claim.item[0].unitPrice.value"]
         );
-        assert_eq!(reasons(json!({"resourceType":"Spaceship"})), ["resourceType"]);
         assert_eq!(
-            reasons(json!({"resourceType":"Location","name":"x","extension":[{"valueString":"a"}]})),
+            reasons(json!({"resourceType":"Spaceship"})),
+            ["resourceType"]
+        );
+        assert_eq!(
+            reasons(
+                json!({"resourceType":"Location","name":"x","extension":[{"valueString":"a"}]})
+            ),
             ["Location.extension[0].url"]
         );
         assert!(validate(&json!([1]), None).is_err());

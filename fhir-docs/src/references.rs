@@ -8,9 +8,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::identifiers::{
-    IdentKey, OPENIMIS_IDENTIFIER_TYPES, keys_of_identifier,
-};
+use crate::identifiers::{IdentKey, OPENIMIS_IDENTIFIER_TYPES, keys_of_identifier};
 use crate::profile::is_resource_type;
 
 /// What reference translation needs to know about the node's store.
@@ -198,9 +196,21 @@ mod tests {
     fn literal_references_become_logical_and_render_back() {
         let id = "8a2a9a34-0b1c-4c0e-9f3b-1d2e3f4a5b6c";
         let mut map = HashMap::new();
-        map.insert(("Group".into(), IdentKey::new("urn:fieldmesh:node:a", id)), id.to_string());
-        map.insert(("Patient".into(), IdentKey::new("urn:fieldmesh:node:a", "p1")), "p1".to_string());
-        map.insert(("Patient".into(), IdentKey::openimis_code("070707081")), "p1".to_string());
+        map.insert(
+            ("Group".into(), IdentKey::new("urn:fieldmesh:node:a", id)),
+            id.to_string(),
+        );
+        map.insert(
+            (
+                "Patient".into(),
+                IdentKey::new("urn:fieldmesh:node:a", "p1"),
+            ),
+            "p1".to_string(),
+        );
+        map.insert(
+            ("Patient".into(), IdentKey::openimis_code("070707081")),
+            "p1".to_string(),
+        );
         let r = Fake(map);
         let mut v = json!({"resourceType":"Claim",
             "patient":{"reference":"Patient/070707081"},

@@ -10,7 +10,11 @@ fn decimal() -> impl Strategy<Value = Value> {
         let text = if scale == 0 {
             int.to_string()
         } else {
-            format!("{int}.{:0width$}", frac % 10u32.pow(scale), width = scale as usize)
+            format!(
+                "{int}.{:0width$}",
+                frac % 10u32.pow(scale),
+                width = scale as usize
+            )
         };
         Value::Number(text.parse().expect("decimal text"))
     })
@@ -87,13 +91,20 @@ fn obj(v: Value) -> Map<String, Value> {
 /// Two replicas of one Patient, apart, update different fields (one of them inside `name[0]`).
 #[test]
 fn concurrent_edits_of_different_fields_both_survive() {
-    let base = obj(json!({"resourceType":"Patient","name":[{"family":"Traoré","given":["Awa"]}],
-        "birthDate":"1990-01-01","gender":"female"}));
+    let base = obj(
+        json!({"resourceType":"Patient","name":[{"family":"Traoré","given":["Awa"]}],
+        "birthDate":"1990-01-01","gender":"female"}),
+    );
     let mut officer = new_document(&base, actor(1), 0).unwrap();
-    let mut hub = AutoCommit::load(&officer.save()).unwrap().with_actor(actor(2));
+    let mut hub = AutoCommit::load(&officer.save())
+        .unwrap()
+        .with_actor(actor(2));
 
     let mut v1 = base.clone();
-    v1.insert("telecom".into(), json!([{"system":"phone","value":"+227 90 00 00 00"}]));
+    v1.insert(
+        "telecom".into(),
+        json!([{"system":"phone","value":"+227 90 00 00 00"}]),
+    );
     v1["name"][0]["given"] = json!(["Awa", "Mariam"]);
     apply_diff(&mut officer, &base, &v1).unwrap();
     officer.commit();
@@ -133,7 +144,10 @@ fn concurrent_edits_of_one_field_resolve_alike_and_keep_the_loser() {
     ab.merge(&mut b).unwrap();
     let mut ba = b.fork();
     ba.merge(&mut a).unwrap();
-    let (ja, jb) = (document_to_json(&ab).unwrap(), document_to_json(&ba).unwrap());
+    let (ja, jb) = (
+        document_to_json(&ab).unwrap(),
+        document_to_json(&ba).unwrap(),
+    );
     assert_eq!(ja, jb);
     // Automerge's rule: the higher actor id wins.
     assert_eq!(ja["gender"], "other");

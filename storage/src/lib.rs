@@ -1,1 +1,173 @@
-//! placeholder
+//! The durable store of a fieldmesh node.
+//!
+//! A store holds Automerge documents (a compacted save plus incremental changes), an identifier
+//! index (`type, system, value → document`), a reference index (who points at an identity), a
+//! change log with a monotonically increasing sequence (the latest change of each document), per-peer
+//! sync checkpoints, quarantined changes and counters. It knows nothing of FHIR or Automerge: the
+//! node hands it bytes and index entries.
+//!
+//! The API is blocking. A node runs its store on a thread of its own behind a bounded channel; the
+//! simulations use [`MemStore`] directly.
+//!
+//! # Layout
+//!
+//! - [`kv`]: the table layout and the byte-level key/value seam.
+//! - `ops` (private): the store logic over that seam, written once for both engines: writes with
+//!   index maintenance, queries, and the integrity check [`Store::verify`].
+//! - [`redb_store`]: [`RedbStore`], the on-disk engine (redb, durable two-phase commits).
+//! - [`mem`]: [`MemStore`], the in-memory engine for simulations and tests.
+//!
+//! # Durability
+//!
+//! [`Store::commit`] returns only once its whole batch is durable on disk (an `fsync`ed redb
+//! commit). Callers acknowledge a write to a user or a peer only after that; they group many writes
+//! into one commit so that flushing does not cap throughput.
+
+pub mod kv;
+pub mod mem;
+mod ops;
+pub mod redb_store;
+
+pub use mem::MemStore;
+pub use redb_store::{RedbStore, StoreOptions};
+
+/// A document id: the 16 bytes of its UUID.
+pub type DocId = [u8; 16];
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// Another process (usually a running node) has the store open.
+    #[error(
+        "the store at {0} is in use by another process (is a node running on this data directory? stop it first)"
+    )]
+    InUse(String),
+    /// The disk is full; nothing of the failed batch was written.
+    #[error("the disk is full: nothing of this write was saved ({0})")]
+    DiskFull(String),
+    /// Reading or writing the store's files failed.
+    #[error("storage I/O failed: {0}")]
+    Io(String),
+    /// The store holds data this build cannot read.
+    #[error("the store is damaged: {0}")]
+    Corrupt(String),
+    /// A write named a document that is not in the store.
+    #[error("{0}")]
+    NotFound(String),
+    /// The storage engine reported an error.
+    #[error("storage engine: {0}")]
+    Engine(String),
+}
+
+/// How a document's bytes are written.
+#[derive(Debug, Clone)]
+pub enum DocData {
+    /// A full save; replaces every earlier chunk (creation, or compaction).
+    Full(Vec<u8>),
+    /// An incremental save appended after the existing chunks.
+    Append(Vec<u8>),
+}
+
+/// One document write with the complete current index entries of the document.
+#[derive(Debug, Clone)]
+pub struct DocWrite {
+    /// Document id.
+    pub id: DocId,
+    /// Resource type (never changes after creation).
+    pub ty: String,
+    /// Identifier system of the node that created the document.
+    pub origin: String,
+    /// The bytes to store.
+    pub data: DocData,
+    /// The document's heads after this write.
+    pub heads: Vec<[u8; 32]>,
+    /// Every `(system, value)` identity of the document now; the index is updated to match.
+    pub identifiers: Vec<(String, String)>,
+    /// Every `(type, system, value)` the document points at now.
+    pub references: Vec<(String, String, String)>,
+}
+
+/// A change refused by validation or authorization, kept but never applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quarantined {
+    /// Why it was refused, in words a person understands.
+    pub reason: String,
+    /// Where it came from (peer id, bundle file, …).
+    pub from: String,
+    /// The refused bytes, as received.
+    pub data: Vec<u8>,
+}
+
+/// One write in a commit batch.
+#[derive(Debug, Clone)]
+pub enum Write {
+    /// Create or change a document.
+    Doc(DocWrite),
+    /// Record how far of our log a peer has seen.
+    Checkpoint {
+        /// Peer id.
+        peer: String,
+        /// Last sequence the peer has.
+        seq: u64,
+    },
+    /// Keep a refused change.
+    Quarantine(Quarantined),
+}
+
+/// The stored record of a document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DocMeta {
+    /// Resource type.
+    pub ty: String,
+    /// Identifier system of the node that created it.
+    pub origin: String,
+    /// Number of stored chunks (1 after a full save).
+    pub chunks: u32,
+    /// Sequence number of its latest change in this store's log.
+    pub seq: u64,
+    /// Heads after its latest change.
+    pub heads: Vec<[u8; 32]>,
+    /// Its identities.
+    pub identifiers: Vec<(String, String)>,
+    /// What it points at.
+    pub references: Vec<(String, String, String)>,
+}
+
+/// Counters of a store.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Number of documents.
+    pub documents: u64,
+    /// The last sequence number given out.
+    pub last_seq: u64,
+    /// Number of quarantined changes.
+    pub quarantined: u64,
+}
+
+/// The narrow interface both engines implement.
+pub trait Store: Send {
+    /// Applies a batch atomically and durably; returns a sequence number per write (0 for
+    /// checkpoints). When this returns `Ok`, every write of the batch survives a crash.
+    fn commit(&mut self, writes: Vec<Write>) -> Result<Vec<u64>, StoreError>;
+    /// The record of a document.
+    fn doc_meta(&self, id: &DocId) -> Result<Option<DocMeta>, StoreError>;
+    /// The document's bytes (its chunks concatenated; loadable as one Automerge document).
+    fn doc_bytes(&self, id: &DocId) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Documents of type `ty` carrying the identifier `system|value`.
+    fn find(&self, ty: &str, system: &str, value: &str) -> Result<Vec<DocId>, StoreError>;
+    /// Documents of type `ty` carrying an identifier with this value, in any system.
+    fn find_value(&self, ty: &str, value: &str) -> Result<Vec<DocId>, StoreError>;
+    /// Documents that point at the identity `ty, system|value`.
+    fn referrers(&self, ty: &str, system: &str, value: &str) -> Result<Vec<DocId>, StoreError>;
+    /// Up to `limit` log entries after sequence `after`, in order.
+    fn changes_since(&self, after: u64, limit: usize) -> Result<Vec<(u64, DocId)>, StoreError>;
+    /// The checkpoint recorded for a peer (0 if none).
+    fn checkpoint(&self, peer: &str) -> Result<u64, StoreError>;
+    /// Up to `limit` quarantined changes, oldest first.
+    fn quarantined(&self, limit: usize) -> Result<Vec<Quarantined>, StoreError>;
+    /// The store's counters.
+    fn stats(&self) -> Result<Stats, StoreError>;
+    /// Checks that indexes, log and counters agree with the documents; returns the disagreements.
+    fn verify(&self) -> Result<Vec<String>, StoreError>;
+}

@@ -1,0 +1,161 @@
+//! An in-memory store with the same interface and semantics, for simulations and tests.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+
+use crate::kv::{KvRead, KvWrite, Table};
+use crate::{DocId, DocMeta, Quarantined, Stats, Store, StoreError, Write, ops};
+
+type Tables = BTreeMap<Table, BTreeMap<Vec<u8>, Vec<u8>>>;
+
+/// A store held in memory. A commit is atomic: if it fails, nothing of it remains.
+#[derive(Debug, Default, Clone)]
+pub struct MemStore {
+    tables: Tables,
+}
+
+impl MemStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+fn scan_range(
+    tables: &Tables,
+    table: Table,
+    start: &[u8],
+    prefix: Option<&[u8]>,
+    f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+) {
+    let Some(t) = tables.get(&table) else { return };
+    for (k, v) in t.range::<[u8], _>((Bound::Included(start), Bound::Unbounded)) {
+        if prefix.is_some_and(|p| !k.starts_with(p)) || !f(k, v) {
+            break;
+        }
+    }
+}
+
+impl KvRead for Tables {
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(BTreeMap::get(self, &table)
+            .and_then(|t| t.get(key))
+            .cloned())
+    }
+    fn scan(
+        &self,
+        table: Table,
+        prefix: &[u8],
+        f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
+        scan_range(self, table, prefix, Some(prefix), f);
+        Ok(())
+    }
+    fn scan_from(
+        &self,
+        table: Table,
+        start: &[u8],
+        f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
+        scan_range(self, table, start, None, f);
+        Ok(())
+    }
+}
+
+/// A transaction over [`Tables`] that remembers what it overwrote, to roll back on failure.
+struct Txn<'a> {
+    tables: &'a mut Tables,
+    undo: Vec<(Table, Vec<u8>, Option<Vec<u8>>)>,
+}
+
+impl KvRead for Txn<'_> {
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        KvRead::get(&*self.tables, table, key)
+    }
+    fn scan(
+        &self,
+        table: Table,
+        prefix: &[u8],
+        f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
+        self.tables.scan(table, prefix, f)
+    }
+    fn scan_from(
+        &self,
+        table: Table,
+        start: &[u8],
+        f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
+        self.tables.scan_from(table, start, f)
+    }
+}
+
+impl KvWrite for Txn<'_> {
+    fn put(&mut self, table: Table, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        let old = self
+            .tables
+            .entry(table)
+            .or_default()
+            .insert(key.to_vec(), value.to_vec());
+        self.undo.push((table, key.to_vec(), old));
+        Ok(())
+    }
+    fn del(&mut self, table: Table, key: &[u8]) -> Result<(), StoreError> {
+        let old = self.tables.entry(table).or_default().remove(key);
+        self.undo.push((table, key.to_vec(), old));
+        Ok(())
+    }
+}
+
+impl Store for MemStore {
+    fn commit(&mut self, writes: Vec<Write>) -> Result<Vec<u64>, StoreError> {
+        let mut txn = Txn {
+            tables: &mut self.tables,
+            undo: Vec::new(),
+        };
+        match ops::apply(&mut txn, writes) {
+            Ok(seqs) => Ok(seqs),
+            Err(e) => {
+                let Txn { tables, undo } = txn;
+                for (table, key, old) in undo.into_iter().rev() {
+                    let t = tables.entry(table).or_default();
+                    match old {
+                        Some(v) => t.insert(key, v),
+                        None => t.remove(&key),
+                    };
+                }
+                Err(e)
+            }
+        }
+    }
+    fn doc_meta(&self, id: &DocId) -> Result<Option<DocMeta>, StoreError> {
+        ops::doc_meta(&self.tables, id)
+    }
+    fn doc_bytes(&self, id: &DocId) -> Result<Option<Vec<u8>>, StoreError> {
+        ops::doc_bytes(&self.tables, id)
+    }
+    fn find(&self, ty: &str, system: &str, value: &str) -> Result<Vec<DocId>, StoreError> {
+        ops::find(&self.tables, ty, system, value)
+    }
+    fn find_value(&self, ty: &str, value: &str) -> Result<Vec<DocId>, StoreError> {
+        ops::find_value(&self.tables, ty, value)
+    }
+    fn referrers(&self, ty: &str, system: &str, value: &str) -> Result<Vec<DocId>, StoreError> {
+        ops::referrers(&self.tables, ty, system, value)
+    }
+    fn changes_since(&self, after: u64, limit: usize) -> Result<Vec<(u64, DocId)>, StoreError> {
+        ops::changes_since(&self.tables, after, limit)
+    }
+    fn checkpoint(&self, peer: &str) -> Result<u64, StoreError> {
+        ops::checkpoint(&self.tables, peer)
+    }
+    fn quarantined(&self, limit: usize) -> Result<Vec<Quarantined>, StoreError> {
+        ops::quarantined(&self.tables, limit)
+    }
+    fn stats(&self) -> Result<Stats, StoreError> {
+        ops::stats(&self.tables)
+    }
+    fn verify(&self) -> Result<Vec<String>, StoreError> {
+        ops::verify(&self.tables)
+    }
+}

@@ -1,0 +1,199 @@
+//! Both engines behave alike: writes with index maintenance, queries, atomic failure, verify.
+
+use fieldmesh_storage::{
+    DocData, DocWrite, MemStore, Quarantined, RedbStore, Store, StoreOptions, Write,
+};
+use proptest::prelude::*;
+
+fn id(n: u8) -> [u8; 16] {
+    [n; 16]
+}
+
+fn doc(n: u8, data: DocData, idents: &[(&str, &str)], refs: &[(&str, &str, &str)]) -> Write {
+    Write::Doc(DocWrite {
+        id: id(n),
+        ty: "Patient".into(),
+        origin: "urn:fieldmesh:node:a".into(),
+        data,
+        heads: vec![[n; 32]],
+        identifiers: idents
+            .iter()
+            .map(|(s, v)| (s.to_string(), v.to_string()))
+            .collect(),
+        references: refs
+            .iter()
+            .map(|(t, s, v)| (t.to_string(), s.to_string(), v.to_string()))
+            .collect(),
+    })
+}
+
+fn exercise(store: &mut dyn Store) {
+    let seqs = store
+        .commit(vec![
+            doc(
+                1,
+                DocData::Full(b"one".to_vec()),
+                &[("sys", "1"), ("chfid", "C1")],
+                &[("Group", "sys", "g")],
+            ),
+            doc(
+                2,
+                DocData::Full(b"two".to_vec()),
+                &[("sys", "2")],
+                &[("Group", "sys", "g")],
+            ),
+        ])
+        .unwrap();
+    assert_eq!(seqs, vec![1, 2]);
+    assert_eq!(store.find("Patient", "chfid", "C1").unwrap(), vec![id(1)]);
+    assert_eq!(store.find_value("Patient", "C1").unwrap(), vec![id(1)]);
+    assert!(store.find("Group", "chfid", "C1").unwrap().is_empty());
+    assert_eq!(
+        store.referrers("Group", "sys", "g").unwrap(),
+        vec![id(1), id(2)]
+    );
+
+    // An update appends a chunk, moves the document to the end of the log and re-indexes it.
+    store
+        .commit(vec![doc(
+            1,
+            DocData::Append(b"+1".to_vec()),
+            &[("sys", "1"), ("chfid", "C9")],
+            &[],
+        )])
+        .unwrap();
+    assert_eq!(store.doc_bytes(&id(1)).unwrap().unwrap(), b"one+1");
+    assert!(store.find("Patient", "chfid", "C1").unwrap().is_empty());
+    assert_eq!(store.find("Patient", "chfid", "C9").unwrap(), vec![id(1)]);
+    assert_eq!(store.referrers("Group", "sys", "g").unwrap(), vec![id(2)]);
+    assert_eq!(
+        store.changes_since(0, 10).unwrap(),
+        vec![(2, id(2)), (3, id(1))]
+    );
+    assert_eq!(store.changes_since(2, 10).unwrap(), vec![(3, id(1))]);
+
+    // Compaction: a full save replaces every chunk.
+    store
+        .commit(vec![doc(
+            1,
+            DocData::Full(b"ONE".to_vec()),
+            &[("sys", "1")],
+            &[],
+        )])
+        .unwrap();
+    assert_eq!(store.doc_bytes(&id(1)).unwrap().unwrap(), b"ONE");
+    assert_eq!(store.doc_meta(&id(1)).unwrap().unwrap().chunks, 1);
+
+    // A failing batch leaves nothing behind.
+    let before = store.stats().unwrap();
+    let err = store
+        .commit(vec![
+            doc(3, DocData::Full(b"three".to_vec()), &[("sys", "3")], &[]),
+            doc(9, DocData::Append(b"x".to_vec()), &[], &[]),
+        ])
+        .unwrap_err();
+    assert!(err.to_string().contains("not in the store"), "{err}");
+    assert_eq!(store.stats().unwrap(), before);
+    assert!(store.doc_meta(&id(3)).unwrap().is_none());
+    assert!(store.find("Patient", "sys", "3").unwrap().is_empty());
+
+    store
+        .commit(vec![Write::Checkpoint {
+            peer: "p".into(),
+            seq: 3,
+        }])
+        .unwrap();
+    assert_eq!(store.checkpoint("p").unwrap(), 3);
+    assert_eq!(store.checkpoint("q").unwrap(), 0);
+    store
+        .commit(vec![Write::Quarantine(Quarantined {
+            reason: "bad signature".into(),
+            from: "peer".into(),
+            data: vec![1],
+        })])
+        .unwrap();
+    let stats = store.stats().unwrap();
+    assert_eq!((stats.documents, stats.quarantined), (2, 1));
+    assert_eq!(store.quarantined(10).unwrap()[0].reason, "bad signature");
+    assert_eq!(store.verify().unwrap(), Vec::<String>::new());
+}
+
+#[test]
+fn mem_store_behaves() {
+    exercise(&mut MemStore::new());
+}
+
+#[test]
+fn redb_store_behaves_and_persists() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.redb");
+    {
+        let mut s = RedbStore::open(&path, StoreOptions::default()).unwrap();
+        exercise(&mut s);
+        // A second open of the same file is refused with a clear error.
+        let err = RedbStore::open(&path, StoreOptions::default()).unwrap_err();
+        assert!(err.to_string().contains("in use"), "{err}");
+    }
+    let s = RedbStore::open(&path, StoreOptions::default()).unwrap();
+    assert_eq!(s.doc_bytes(&id(1)).unwrap().unwrap(), b"ONE");
+    assert_eq!(s.stats().unwrap().documents, 2);
+    assert!(s.verify().unwrap().is_empty());
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Full(u8, u8),
+    Append(u8, u8),
+}
+
+fn ops() -> impl Strategy<Value = Vec<Vec<Op>>> {
+    let op = prop_oneof![
+        (0u8..12, 0u8..4).prop_map(|(d, v)| Op::Full(d, v)),
+        (0u8..12, 0u8..4).prop_map(|(d, v)| Op::Append(d, v)),
+    ];
+    prop::collection::vec(prop::collection::vec(op, 1..6), 1..12)
+}
+
+fn to_write(op: &Op) -> Write {
+    let (n, v, data) = match op {
+        Op::Full(n, v) => (*n, *v, DocData::Full(vec![*v; 3])),
+        Op::Append(n, v) => (*n, *v, DocData::Append(vec![*v; 2])),
+    };
+    let value = format!("v{v}");
+    let target = format!("t{}", v % 2);
+    doc(
+        n,
+        data,
+        &[("sys", &format!("{n}")), ("code", &value)],
+        &[("Group", "sys", &target)],
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+    /// Random batches (some failing) leave both engines in the same, consistent state.
+    #[test]
+    fn engines_agree(batches in ops()) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut disk = RedbStore::open(dir.path().join("s.redb"), StoreOptions::default()).unwrap();
+        let mut mem = MemStore::new();
+        for batch in &batches {
+            let writes: Vec<Write> = batch.iter().map(to_write).collect();
+            let a = disk.commit(writes.clone()).map_err(|e| e.to_string());
+            let b = mem.commit(writes).map_err(|e| e.to_string());
+            prop_assert_eq!(a, b);
+        }
+        prop_assert_eq!(disk.stats().unwrap(), mem.stats().unwrap());
+        prop_assert_eq!(disk.changes_since(0, 1000).unwrap(), mem.changes_since(0, 1000).unwrap());
+        for n in 0u8..12 {
+            prop_assert_eq!(disk.doc_bytes(&id(n)).unwrap(), mem.doc_bytes(&id(n)).unwrap());
+            for v in 0..4 {
+                let value = format!("v{v}");
+                prop_assert_eq!(disk.find("Patient", "code", &value).unwrap(), mem.find("Patient", "code", &value).unwrap());
+            }
+        }
+        prop_assert_eq!(disk.referrers("Group", "sys", "t0").unwrap(), mem.referrers("Group", "sys", "t0").unwrap());
+        prop_assert!(disk.verify().unwrap().is_empty());
+        prop_assert!(mem.verify().unwrap().is_empty());
+    }
+}
