@@ -307,14 +307,18 @@ fn check_object(path: &str, key: &str, m: &Map<String, Value>, problems: &mut Ve
     }
     if QUANTITY_FIELDS.contains(&key)
         && let Some(v) = m.get("value")
-        && !v.is_number()
+        && (v.is_string() || v.is_boolean())
     {
         problems.push(Invalid {
             path: format!("{path}.value"),
             reason: "must be a number".into(),
         });
     }
-    if m.get("reference").is_some_and(|r| !r.is_string()) {
+    // `reference` is a string in a Reference; a few elements are named `reference` and hold
+    // References themselves (Contract.term.offer.party.reference), so only scalars are checked.
+    if m.get("reference")
+        .is_some_and(|r| r.is_number() || r.is_boolean())
+    {
         problems.push(Invalid {
             path: format!("{path}.reference"),
             reason: "a reference must be a string".into(),

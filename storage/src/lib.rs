@@ -23,6 +23,7 @@
 //! commit). Callers acknowledge a write to a user or a peer only after that; they group many writes
 //! into one commit so that flushing does not cap throughput.
 
+pub mod codec;
 pub mod kv;
 pub mod mem;
 mod ops;
@@ -82,9 +83,22 @@ pub struct DocWrite {
     pub data: DocData,
     /// The document's heads after this write.
     pub heads: Vec<[u8; 32]>,
-    /// Every `(system, value)` identity of the document now; the index is updated to match.
+    /// Every `(system, value)` identity of the document now.
     pub identifiers: Vec<(String, String)>,
     /// Every `(type, system, value)` the document points at now.
+    pub references: Vec<(String, String, String)>,
+    /// The identities and targets the document had before this write (empty for a new
+    /// document). The writer knows them from the document it changed; the store removes the index
+    /// entries that are no longer true and adds the new ones.
+    pub previous: IndexEntries,
+}
+
+/// A document's index entries.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IndexEntries {
+    /// `(system, value)` identities.
+    pub identifiers: Vec<(String, String)>,
+    /// `(type, system, value)` targets.
     pub references: Vec<(String, String, String)>,
 }
 
@@ -128,10 +142,6 @@ pub struct DocMeta {
     pub seq: u64,
     /// Heads after its latest change.
     pub heads: Vec<[u8; 32]>,
-    /// Its identities.
-    pub identifiers: Vec<(String, String)>,
-    /// What it points at.
-    pub references: Vec<(String, String, String)>,
 }
 
 /// Counters of a store.
@@ -145,11 +155,21 @@ pub struct Stats {
     pub quarantined: u64,
 }
 
+/// All identifier and reference index entries of a store.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IndexDump {
+    /// `(type, system, value, doc)`.
+    pub identifiers: std::collections::BTreeSet<(String, String, String, DocId)>,
+    /// `(target type, system, value, source doc)`.
+    pub references: std::collections::BTreeSet<(String, String, String, DocId)>,
+}
+
 /// The narrow interface both engines implement.
-pub trait Store: Send {
+pub trait Store: Send + Sync {
     /// Applies a batch atomically and durably; returns a sequence number per write (0 for
     /// checkpoints). When this returns `Ok`, every write of the batch survives a crash.
-    fn commit(&mut self, writes: Vec<Write>) -> Result<Vec<u64>, StoreError>;
+    /// Commits may come from any thread; they are serialised.
+    fn commit(&self, writes: Vec<Write>) -> Result<Vec<u64>, StoreError>;
     /// The record of a document.
     fn doc_meta(&self, id: &DocId) -> Result<Option<DocMeta>, StoreError>;
     /// The document's bytes (its chunks concatenated; loadable as one Automerge document).
@@ -168,6 +188,12 @@ pub trait Store: Send {
     fn quarantined(&self, limit: usize) -> Result<Vec<Quarantined>, StoreError>;
     /// The store's counters.
     fn stats(&self) -> Result<Stats, StoreError>;
-    /// Checks that indexes, log and counters agree with the documents; returns the disagreements.
+    /// Checks that every index entry, log entry and chunk belongs to a stored document of the
+    /// right type, that every document's data is complete and readable, and that the counters
+    /// agree; returns the disagreements (empty when consistent). Whether the index holds exactly
+    /// the identities inside each document is checked one level up, where documents are understood.
     fn verify(&self) -> Result<Vec<String>, StoreError>;
+    /// Every index entry of the store: `(type, system, value, doc)` identities and
+    /// `(target type, system, value, source doc)` references, for consistency checks.
+    fn index_entries(&self) -> Result<IndexDump, StoreError>;
 }

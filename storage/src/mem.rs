@@ -9,15 +9,29 @@ use crate::{DocId, DocMeta, Quarantined, Stats, Store, StoreError, Write, ops};
 type Tables = BTreeMap<Table, BTreeMap<Vec<u8>, Vec<u8>>>;
 
 /// A store held in memory. A commit is atomic: if it fails, nothing of it remains.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default)]
 pub struct MemStore {
-    tables: Tables,
+    tables: std::sync::RwLock<Tables>,
+}
+
+impl Clone for MemStore {
+    fn clone(&self) -> Self {
+        Self {
+            tables: std::sync::RwLock::new(self.read().map(|t| t.clone()).unwrap_or_default()),
+        }
+    }
 }
 
 impl MemStore {
     /// An empty store.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    fn read(&self) -> Result<std::sync::RwLockReadGuard<'_, Tables>, StoreError> {
+        self.tables
+            .read()
+            .map_err(|_| StoreError::Engine("the in-memory store was poisoned by a panic".into()))
     }
 }
 
@@ -108,9 +122,12 @@ impl KvWrite for Txn<'_> {
 }
 
 impl Store for MemStore {
-    fn commit(&mut self, writes: Vec<Write>) -> Result<Vec<u64>, StoreError> {
+    fn commit(&self, writes: Vec<Write>) -> Result<Vec<u64>, StoreError> {
+        let mut guard = self.tables.write().map_err(|_| {
+            StoreError::Engine("the in-memory store was poisoned by a panic".into())
+        })?;
         let mut txn = Txn {
-            tables: &mut self.tables,
+            tables: &mut guard,
             undo: Vec::new(),
         };
         match ops::apply(&mut txn, writes) {
@@ -129,33 +146,36 @@ impl Store for MemStore {
         }
     }
     fn doc_meta(&self, id: &DocId) -> Result<Option<DocMeta>, StoreError> {
-        ops::doc_meta(&self.tables, id)
+        ops::doc_meta(&*self.read()?, id)
     }
     fn doc_bytes(&self, id: &DocId) -> Result<Option<Vec<u8>>, StoreError> {
-        ops::doc_bytes(&self.tables, id)
+        ops::doc_bytes(&*self.read()?, id)
     }
     fn find(&self, ty: &str, system: &str, value: &str) -> Result<Vec<DocId>, StoreError> {
-        ops::find(&self.tables, ty, system, value)
+        ops::find(&*self.read()?, ty, system, value)
     }
     fn find_value(&self, ty: &str, value: &str) -> Result<Vec<DocId>, StoreError> {
-        ops::find_value(&self.tables, ty, value)
+        ops::find_value(&*self.read()?, ty, value)
     }
     fn referrers(&self, ty: &str, system: &str, value: &str) -> Result<Vec<DocId>, StoreError> {
-        ops::referrers(&self.tables, ty, system, value)
+        ops::referrers(&*self.read()?, ty, system, value)
     }
     fn changes_since(&self, after: u64, limit: usize) -> Result<Vec<(u64, DocId)>, StoreError> {
-        ops::changes_since(&self.tables, after, limit)
+        ops::changes_since(&*self.read()?, after, limit)
     }
     fn checkpoint(&self, peer: &str) -> Result<u64, StoreError> {
-        ops::checkpoint(&self.tables, peer)
+        ops::checkpoint(&*self.read()?, peer)
     }
     fn quarantined(&self, limit: usize) -> Result<Vec<Quarantined>, StoreError> {
-        ops::quarantined(&self.tables, limit)
+        ops::quarantined(&*self.read()?, limit)
     }
     fn stats(&self) -> Result<Stats, StoreError> {
-        ops::stats(&self.tables)
+        ops::stats(&*self.read()?)
     }
     fn verify(&self) -> Result<Vec<String>, StoreError> {
-        ops::verify(&self.tables)
+        ops::verify(&*self.read()?)
+    }
+    fn index_entries(&self) -> Result<crate::IndexDump, StoreError> {
+        ops::index_entries(&*self.read()?)
     }
 }

@@ -4,12 +4,14 @@
 use std::collections::BTreeSet;
 
 use crate::kv::{KvRead, KvWrite, Reader, Table, Writer, be_u64, key, parts};
-use crate::{DocData, DocId, DocMeta, DocWrite, Quarantined, Stats, StoreError, Write};
+use crate::{
+    DocData, DocId, DocMeta, DocWrite, IndexDump, Quarantined, Stats, StoreError, Write, codec,
+};
 
 const NEXT_SEQ: &[u8] = b"next_seq";
 const DOCUMENTS: &[u8] = b"documents";
 const QUARANTINED: &[u8] = b"quarantined";
-const RECORD_VERSION: u8 = 1;
+const RECORD_VERSION: u8 = 2;
 
 pub(crate) fn encode_meta(m: &DocMeta) -> Vec<u8> {
     let mut w = Writer::default();
@@ -21,14 +23,6 @@ pub(crate) fn encode_meta(m: &DocMeta) -> Vec<u8> {
         .u32(len32(m.heads.len()));
     for h in &m.heads {
         w.bytes(h);
-    }
-    w.u32(len32(m.identifiers.len()));
-    for (s, v) in &m.identifiers {
-        w.str(s).str(v);
-    }
-    w.u32(len32(m.references.len()));
-    for (t, s, v) in &m.references {
-        w.str(t).str(s).str(v);
     }
     w.0
 }
@@ -57,23 +51,39 @@ pub(crate) fn decode_meta(b: &[u8]) -> Result<DocMeta, StoreError> {
                 .map_err(|_| StoreError::Corrupt("a head is not 32 bytes".into()))?,
         );
     }
-    let mut identifiers = Vec::new();
-    for _ in 0..r.u32()? {
-        identifiers.push((r.str()?, r.str()?));
-    }
-    let mut references = Vec::new();
-    for _ in 0..r.u32()? {
-        references.push((r.str()?, r.str()?, r.str()?));
-    }
     Ok(DocMeta {
         ty,
         origin,
         chunks,
         seq,
         heads,
-        identifiers,
-        references,
     })
+}
+
+/// An identifier value in a key: UUIDs (most values) take 17 bytes instead of 36.
+fn enc_value(v: &str) -> Vec<u8> {
+    match uuid::Uuid::try_parse(v) {
+        Ok(u) if u.hyphenated().to_string() == v => {
+            let mut out = Vec::with_capacity(17);
+            out.push(1);
+            out.extend_from_slice(u.as_bytes());
+            out
+        }
+        _ => {
+            let mut out = Vec::with_capacity(v.len() + 1);
+            out.push(0);
+            out.extend_from_slice(v.as_bytes());
+            out
+        }
+    }
+}
+
+fn dec_value(b: &[u8]) -> Option<String> {
+    match b.split_first()? {
+        (1, rest) => Some(uuid::Uuid::from_slice(rest).ok()?.hyphenated().to_string()),
+        (0, rest) => String::from_utf8(rest.to_vec()).ok(),
+        _ => None,
+    }
 }
 
 fn chunk_key(id: &DocId, n: u32) -> Vec<u8> {
@@ -84,11 +94,11 @@ fn chunk_key(id: &DocId, n: u32) -> Vec<u8> {
 }
 
 fn ident_key(ty: &str, system: &str, value: &str, id: &DocId) -> Vec<u8> {
-    key(&[ty.as_bytes(), system.as_bytes(), value.as_bytes(), id])
+    key(&[ty.as_bytes(), system.as_bytes(), &enc_value(value), id])
 }
 
 fn value_key(ty: &str, value: &str, id: &DocId) -> Vec<u8> {
-    key(&[ty.as_bytes(), value.as_bytes(), id])
+    key(&[ty.as_bytes(), &enc_value(value), id])
 }
 
 fn counter(kv: &dyn KvRead, name: &[u8]) -> Result<u64, StoreError> {
@@ -149,16 +159,21 @@ fn write_doc(kv: &mut dyn KvWrite, d: DocWrite, seq: u64) -> Result<bool, StoreE
         .get(Table::Docs, &d.id)?
         .map(|b| decode_meta(&b))
         .transpose()?;
+    let is_new = old.is_none();
     let chunks = match (&d.data, &old) {
         (DocData::Full(bytes), old) => {
             for n in 1..old.as_ref().map_or(0, |m| m.chunks) {
                 kv.del(Table::Chunks, &chunk_key(&d.id, n))?;
             }
-            kv.put(Table::Chunks, &chunk_key(&d.id, 0), bytes)?;
+            kv.put(Table::Chunks, &chunk_key(&d.id, 0), &codec::encode(bytes)?)?;
             1
         }
         (DocData::Append(bytes), Some(m)) => {
-            kv.put(Table::Chunks, &chunk_key(&d.id, m.chunks), bytes)?;
+            kv.put(
+                Table::Chunks,
+                &chunk_key(&d.id, m.chunks),
+                &codec::encode(bytes)?,
+            )?;
             m.chunks + 1
         }
         (DocData::Append(_), None) => {
@@ -172,31 +187,40 @@ fn write_doc(kv: &mut dyn KvWrite, d: DocWrite, seq: u64) -> Result<bool, StoreE
         Some(m) => {
             kv.del(Table::Log, &m.seq.to_be_bytes())?;
             (
-                m.identifiers.iter().cloned().collect::<BTreeSet<_>>(),
-                m.references.iter().cloned().collect::<BTreeSet<_>>(),
+                d.previous
+                    .identifiers
+                    .iter()
+                    .cloned()
+                    .collect::<BTreeSet<_>>(),
+                d.previous
+                    .references
+                    .iter()
+                    .cloned()
+                    .collect::<BTreeSet<_>>(),
             )
         }
         None => Default::default(),
     };
     let new_idents: BTreeSet<_> = d.identifiers.iter().cloned().collect();
     let new_refs: BTreeSet<_> = d.references.iter().cloned().collect();
-    let old_ty = old
+    // resourceType never changes: index under the stored type.
+    let ty = old
         .as_ref()
         .map_or(d.ty.as_str(), |m| m.ty.as_str())
         .to_string();
     for (s, v) in old_idents.difference(&new_idents) {
-        kv.del(Table::Ident, &ident_key(&old_ty, s, v, &d.id))?;
+        kv.del(Table::Ident, &ident_key(&ty, s, v, &d.id))?;
     }
     let old_values: BTreeSet<&String> = old_idents.iter().map(|(_, v)| v).collect();
     let new_values: BTreeSet<&String> = new_idents.iter().map(|(_, v)| v).collect();
     for v in old_values.difference(&new_values) {
-        kv.del(Table::IdentValue, &value_key(&old_ty, v, &d.id))?;
+        kv.del(Table::IdentValue, &value_key(&ty, v, &d.id))?;
     }
     for (s, v) in new_idents.difference(&old_idents) {
-        kv.put(Table::Ident, &ident_key(&d.ty, s, v, &d.id), &[])?;
+        kv.put(Table::Ident, &ident_key(&ty, s, v, &d.id), &[])?;
     }
     for v in new_values.difference(&old_values) {
-        kv.put(Table::IdentValue, &value_key(&d.ty, v, &d.id), &[])?;
+        kv.put(Table::IdentValue, &value_key(&ty, v, &d.id), &[])?;
     }
     for (t, s, v) in old_refs.difference(&new_refs) {
         kv.del(Table::Refs, &ident_key(t, s, v, &d.id))?;
@@ -206,16 +230,14 @@ fn write_doc(kv: &mut dyn KvWrite, d: DocWrite, seq: u64) -> Result<bool, StoreE
     }
     kv.put(Table::Log, &seq.to_be_bytes(), &d.id)?;
     let meta = DocMeta {
-        ty: d.ty,
-        origin: d.origin,
+        ty,
+        origin: old.map_or(d.origin, |m| m.origin),
         chunks,
         seq,
         heads: d.heads,
-        identifiers: new_idents.into_iter().collect(),
-        references: new_refs.into_iter().collect(),
     };
     kv.put(Table::Docs, &d.id, &encode_meta(&meta))?;
-    Ok(old.is_none())
+    Ok(is_new)
 }
 
 pub(crate) fn doc_meta(kv: &dyn KvRead, id: &DocId) -> Result<Option<DocMeta>, StoreError> {
@@ -236,7 +258,7 @@ pub(crate) fn doc_bytes(kv: &dyn KvRead, id: &DocId) -> Result<Option<Vec<u8>>, 
                 uuid::Uuid::from_bytes(*id)
             ))
         })?;
-        out.extend_from_slice(&chunk);
+        codec::decode_into(&chunk, &mut out)?;
     }
     Ok(Some(out))
 }
@@ -265,7 +287,7 @@ pub(crate) fn find(
     collect_ids(
         kv,
         Table::Ident,
-        key(&[ty.as_bytes(), system.as_bytes(), value.as_bytes()]),
+        key(&[ty.as_bytes(), system.as_bytes(), &enc_value(value)]),
     )
 }
 
@@ -273,7 +295,7 @@ pub(crate) fn find_value(kv: &dyn KvRead, ty: &str, value: &str) -> Result<Vec<D
     collect_ids(
         kv,
         Table::IdentValue,
-        key(&[ty.as_bytes(), value.as_bytes()]),
+        key(&[ty.as_bytes(), &enc_value(value)]),
     )
 }
 
@@ -286,7 +308,7 @@ pub(crate) fn referrers(
     collect_ids(
         kv,
         Table::Refs,
-        key(&[ty.as_bytes(), system.as_bytes(), value.as_bytes()]),
+        key(&[ty.as_bytes(), system.as_bytes(), &enc_value(value)]),
     )
 }
 
@@ -348,69 +370,152 @@ pub(crate) fn stats(kv: &dyn KvRead) -> Result<Stats, StoreError> {
     })
 }
 
-/// Checks that the indexes, the log and the counters agree with the document records. Returns
-/// every disagreement found (empty when the store is consistent).
+/// Decodes an index key `type ‖ system ‖ value ‖ doc`.
+fn split_index_key(k: &[u8]) -> Option<(String, String, String, DocId)> {
+    let p = parts(k)?;
+    let [ty, system, value, id] = p.as_slice() else {
+        return None;
+    };
+    Some((
+        String::from_utf8(ty.to_vec()).ok()?,
+        String::from_utf8(system.to_vec()).ok()?,
+        dec_value(value)?,
+        DocId::try_from(*id).ok()?,
+    ))
+}
+
+pub(crate) fn index_entries(kv: &dyn KvRead) -> Result<IndexDump, StoreError> {
+    let mut dump = IndexDump::default();
+    let mut bad = 0usize;
+    kv.scan(Table::Ident, &[], &mut |k, _| {
+        match split_index_key(k) {
+            Some(e) => {
+                dump.identifiers.insert(e);
+            }
+            None => bad += 1,
+        }
+        true
+    })?;
+    kv.scan(Table::Refs, &[], &mut |k, _| {
+        match split_index_key(k) {
+            Some(e) => {
+                dump.references.insert(e);
+            }
+            None => bad += 1,
+        }
+        true
+    })?;
+    if bad > 0 {
+        return Err(StoreError::Corrupt(format!(
+            "{bad} index keys are malformed"
+        )));
+    }
+    Ok(dump)
+}
+
+/// See [`crate::Store::verify`].
 pub(crate) fn verify(kv: &dyn KvRead) -> Result<Vec<String>, StoreError> {
     let mut problems = Vec::new();
-    let mut expected_ident = BTreeSet::new();
-    let mut expected_value = BTreeSet::new();
-    let mut expected_refs = BTreeSet::new();
-    let mut expected_log = BTreeSet::new();
-    let mut expected_chunks = BTreeSet::new();
-    let mut docs = 0u64;
+    let mut docs: std::collections::BTreeMap<DocId, DocMeta> = Default::default();
     let mut decode_err = None;
     kv.scan(Table::Docs, &[], &mut |k, v| {
-        let Ok(id) = DocId::try_from(k) else {
-            decode_err = Some(StoreError::Corrupt("a document key is not 16 bytes".into()));
-            return false;
-        };
-        match decode_meta(v) {
-            Ok(m) => {
-                docs += 1;
-                for (s, val) in &m.identifiers {
-                    expected_ident.insert(ident_key(&m.ty, s, val, &id));
-                    expected_value.insert(value_key(&m.ty, val, &id));
-                }
-                for (t, s, val) in &m.references {
-                    expected_refs.insert(ident_key(t, s, val, &id));
-                }
-                expected_log.insert((m.seq.to_be_bytes().to_vec(), id.to_vec()));
-                for n in 0..m.chunks {
-                    expected_chunks.insert(chunk_key(&id, n));
-                }
+        match (DocId::try_from(k), decode_meta(v)) {
+            (Ok(id), Ok(m)) => {
+                docs.insert(id, m);
             }
-            Err(e) => decode_err = Some(e),
+            (Err(_), _) => {
+                decode_err = Some(StoreError::Corrupt("a document key is not 16 bytes".into()))
+            }
+            (_, Err(e)) => decode_err = Some(e),
         }
         decode_err.is_none()
     })?;
     if let Some(e) = decode_err {
         return Err(e);
     }
-    let mut compare =
-        |table: Table, expected: &BTreeSet<Vec<u8>>, what: &str| -> Result<(), StoreError> {
-            let mut found = BTreeSet::new();
-            kv.scan(table, &[], &mut |k, _| {
-                found.insert(k.to_vec());
-                true
-            })?;
-            let missing = expected.difference(&found).count();
-            let stray = found.difference(expected).count();
-            if missing > 0 || stray > 0 {
-                problems.push(format!(
-                    "{what}: {missing} entries missing, {stray} entries without a document"
-                ));
-            }
-            Ok(())
-        };
-    compare(Table::Ident, &expected_ident, "identifier index")?;
-    compare(Table::IdentValue, &expected_value, "identifier value index")?;
-    compare(Table::Refs, &expected_refs, "reference index")?;
-    compare(Table::Chunks, &expected_chunks, "document data")?;
+    // Every index entry belongs to a stored document of the indexed type.
+    let dump = index_entries(kv)?;
+    let stray_idents = dump
+        .identifiers
+        .iter()
+        .filter(|(ty, _, _, id)| docs.get(id).is_none_or(|m| &m.ty != ty))
+        .count();
+    if stray_idents > 0 {
+        problems.push(format!(
+            "identifier index: {stray_idents} entries without a document of that type"
+        ));
+    }
+    let mut value_entries = BTreeSet::new();
+    let mut bad_values = 0usize;
+    kv.scan(Table::IdentValue, &[], &mut |k, _| {
+        match parts(k).as_deref() {
+            Some([ty, value, id]) => match (
+                std::str::from_utf8(ty),
+                dec_value(value),
+                DocId::try_from(*id),
+            ) {
+                (Ok(ty), Some(value), Ok(id)) => {
+                    value_entries.insert((ty.to_string(), value, id));
+                }
+                _ => bad_values += 1,
+            },
+            _ => bad_values += 1,
+        }
+        true
+    })?;
+    let expected_values: BTreeSet<(String, String, DocId)> = dump
+        .identifiers
+        .iter()
+        .map(|(ty, _, v, id)| (ty.clone(), v.clone(), *id))
+        .collect();
+    if bad_values > 0 || value_entries != expected_values {
+        problems.push(format!(
+            "identifier value index: {} entries, {} expected from the identifier index, {bad_values} malformed",
+            value_entries.len(),
+            expected_values.len()
+        ));
+    }
+    let stray_refs = dump
+        .references
+        .iter()
+        .filter(|(_, _, _, id)| !docs.contains_key(id))
+        .count();
+    if stray_refs > 0 {
+        problems.push(format!(
+            "reference index: {stray_refs} entries from documents that are not stored"
+        ));
+    }
+    // Chunks: exactly the ones the records name, each readable.
+    let mut chunk_keys = BTreeSet::new();
+    kv.scan(Table::Chunks, &[], &mut |k, _| {
+        chunk_keys.insert(k.to_vec());
+        true
+    })?;
+    let expected_chunks: BTreeSet<Vec<u8>> = docs
+        .iter()
+        .flat_map(|(id, m)| (0..m.chunks).map(move |n| chunk_key(id, n)))
+        .collect();
+    if chunk_keys != expected_chunks {
+        problems.push(format!(
+            "document data: {} chunks stored, {} named by the documents",
+            chunk_keys.len(),
+            expected_chunks.len()
+        ));
+    }
+    for id in docs.keys() {
+        if let Err(e) = doc_bytes(kv, id) {
+            problems.push(format!("document {}: {e}", uuid::Uuid::from_bytes(*id)));
+        }
+    }
     let mut log = BTreeSet::new();
     kv.scan(Table::Log, &[], &mut |k, v| {
         log.insert((k.to_vec(), v.to_vec()));
         true
     })?;
+    let expected_log: BTreeSet<(Vec<u8>, Vec<u8>)> = docs
+        .iter()
+        .map(|(id, m)| (m.seq.to_be_bytes().to_vec(), id.to_vec()))
+        .collect();
     if log != expected_log {
         problems.push(format!(
             "change log: {} entries, {} expected from the documents",
@@ -419,9 +524,10 @@ pub(crate) fn verify(kv: &dyn KvRead) -> Result<Vec<String>, StoreError> {
         ));
     }
     let counted = counter(kv, DOCUMENTS)?;
-    if counted != docs {
+    if counted != docs.len() as u64 {
         problems.push(format!(
-            "document counter says {counted}, the store holds {docs}"
+            "document counter says {counted}, the store holds {}",
+            docs.len()
         ));
     }
     let next = counter(kv, NEXT_SEQ)?;

@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use crate::kv::{KvRead, KvWrite, Table};
 use crate::{DocId, DocMeta, Quarantined, Stats, Store, StoreError, Write, ops};
@@ -209,7 +209,7 @@ impl KvWrite for WriteTxn<'_> {
 }
 
 impl Store for RedbStore {
-    fn commit(&mut self, writes: Vec<Write>) -> Result<Vec<u64>, StoreError> {
+    fn commit(&self, writes: Vec<Write>) -> Result<Vec<u64>, StoreError> {
         let mut txn = self.db.begin_write().map_err(|e| self.err(e))?;
         txn.set_two_phase_commit(true);
         txn.set_durability(redb::Durability::Immediate)
@@ -266,5 +266,43 @@ impl Store for RedbStore {
     }
     fn verify(&self) -> Result<Vec<String>, StoreError> {
         ops::verify(&self.read()?)
+    }
+    fn index_entries(&self) -> Result<crate::IndexDump, StoreError> {
+        ops::index_entries(&self.read()?)
+    }
+}
+
+/// Bytes used by one table.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TableSize {
+    /// Number of entries.
+    pub entries: u64,
+    /// Bytes of keys and values.
+    pub stored: u64,
+    /// Bytes of B-tree metadata.
+    pub metadata: u64,
+    /// Bytes lost to fragmentation inside pages.
+    pub fragmented: u64,
+}
+
+impl RedbStore {
+    /// Space used per table, for reports and benchmarks.
+    pub fn table_sizes(&self) -> Result<Vec<(&'static str, TableSize)>, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for t in Table::ALL {
+            let table = txn.open_table(def(t)).map_err(|e| self.err(e))?;
+            let s = table.stats().map_err(|e| self.err(e))?;
+            out.push((
+                t.name(),
+                TableSize {
+                    entries: table.len().map_err(|e| self.err(e))?,
+                    stored: s.stored_bytes(),
+                    metadata: s.metadata_bytes(),
+                    fragmented: s.fragmented_bytes(),
+                },
+            ));
+        }
+        Ok(out)
     }
 }

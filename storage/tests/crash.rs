@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime};
 
-use fieldmesh_storage::{DocData, DocWrite, RedbStore, Store, StoreOptions, Write};
+use fieldmesh_storage::{DocData, DocWrite, IndexEntries, RedbStore, Store, StoreOptions, Write};
 
 const CHILD_ENV: &str = "FIELDMESH_CRASH_CHILD_DIR";
 
@@ -36,6 +36,19 @@ fn identifiers(n: u64, chunks: u32) -> Vec<(String, String)> {
         ("urn:sys".into(), format!("n{n}")),
         ("urn:code".into(), format!("c{n}-{chunks}")),
     ]
+}
+
+/// The group a document points at once it has `chunks` chunks.
+fn group_of(chunks: u32) -> String {
+    if chunks == 1 {
+        "g1".into()
+    } else {
+        format!("g{}", (chunks - 1) % 3)
+    }
+}
+
+fn refs(chunks: u32) -> Vec<(String, String, String)> {
+    vec![("Group".into(), "urn:sys".into(), group_of(chunks))]
 }
 
 /// SplitMix64: small, seedable, good enough to pick sizes and timings.
@@ -77,11 +90,11 @@ fn child(dir: &str) {
                     data: DocData::Append(appended_bytes(n, chunks)),
                     heads: vec![[chunks as u8; 32]],
                     identifiers: identifiers(n, chunks + 1),
-                    references: vec![(
-                        "Group".into(),
-                        "urn:sys".into(),
-                        format!("g{}", chunks % 3),
-                    )],
+                    references: refs(chunks + 1),
+                    previous: IndexEntries {
+                        identifiers: identifiers(n, chunks),
+                        references: refs(chunks),
+                    },
                 }));
                 acks.push(format!("A {chunks} {n}"));
             } else {
@@ -94,7 +107,8 @@ fn child(dir: &str) {
                     data: DocData::Full(created_bytes(n)),
                     heads: vec![[0; 32]],
                     identifiers: identifiers(n, 1),
-                    references: vec![("Group".into(), "urn:sys".into(), "g1".into())],
+                    references: refs(1),
+                    previous: IndexEntries::default(),
                 }));
                 acks.push(format!("C 0 {n}"));
             }

@@ -1,7 +1,9 @@
 //! Both engines behave alike: writes with index maintenance, queries, atomic failure, verify.
 
+use std::collections::HashMap;
+
 use fieldmesh_storage::{
-    DocData, DocWrite, MemStore, Quarantined, RedbStore, Store, StoreOptions, Write,
+    DocData, DocWrite, IndexEntries, MemStore, Quarantined, RedbStore, Store, StoreOptions, Write,
 };
 use proptest::prelude::*;
 
@@ -10,7 +12,31 @@ fn id(n: u8) -> [u8; 16] {
 }
 
 fn doc(n: u8, data: DocData, idents: &[(&str, &str)], refs: &[(&str, &str, &str)]) -> Write {
+    doc_after(n, data, idents, refs, IndexEntries::default())
+}
+
+fn entries(idents: &[(&str, &str)], refs: &[(&str, &str, &str)]) -> IndexEntries {
+    IndexEntries {
+        identifiers: idents
+            .iter()
+            .map(|(s, v)| (s.to_string(), v.to_string()))
+            .collect(),
+        references: refs
+            .iter()
+            .map(|(t, s, v)| (t.to_string(), s.to_string(), v.to_string()))
+            .collect(),
+    }
+}
+
+fn doc_after(
+    n: u8,
+    data: DocData,
+    idents: &[(&str, &str)],
+    refs: &[(&str, &str, &str)],
+    previous: IndexEntries,
+) -> Write {
     Write::Doc(DocWrite {
+        previous,
         id: id(n),
         ty: "Patient".into(),
         origin: "urn:fieldmesh:node:a".into(),
@@ -54,12 +80,14 @@ fn exercise(store: &mut dyn Store) {
     );
 
     // An update appends a chunk, moves the document to the end of the log and re-indexes it.
+    let before = entries(&[("sys", "1"), ("chfid", "C1")], &[("Group", "sys", "g")]);
     store
-        .commit(vec![doc(
+        .commit(vec![doc_after(
             1,
             DocData::Append(b"+1".to_vec()),
             &[("sys", "1"), ("chfid", "C9")],
             &[],
+            before,
         )])
         .unwrap();
     assert_eq!(store.doc_bytes(&id(1)).unwrap().unwrap(), b"one+1");
@@ -73,14 +101,20 @@ fn exercise(store: &mut dyn Store) {
     assert_eq!(store.changes_since(2, 10).unwrap(), vec![(3, id(1))]);
 
     // Compaction: a full save replaces every chunk.
+    let before = entries(&[("sys", "1"), ("chfid", "C9")], &[]);
     store
-        .commit(vec![doc(
+        .commit(vec![doc_after(
             1,
             DocData::Full(b"ONE".to_vec()),
             &[("sys", "1")],
             &[],
+            before,
         )])
         .unwrap();
+    assert!(store.find_value("Patient", "C9").unwrap().is_empty());
+    let dump = store.index_entries().unwrap();
+    assert_eq!(dump.identifiers.len(), 2);
+    assert_eq!(dump.references.len(), 1);
     assert_eq!(store.doc_bytes(&id(1)).unwrap().unwrap(), b"ONE");
     assert_eq!(store.doc_meta(&id(1)).unwrap().unwrap().chunks, 1);
 
@@ -154,18 +188,23 @@ fn ops() -> impl Strategy<Value = Vec<Vec<Op>>> {
     prop::collection::vec(prop::collection::vec(op, 1..6), 1..12)
 }
 
-fn to_write(op: &Op) -> Write {
+/// The write for `op`, given each document's index entries (as a writer knows them from the
+/// document it changes). Also returns the entries the document has afterwards.
+fn to_write(op: &Op, current: &HashMap<u8, IndexEntries>) -> (Write, u8, IndexEntries) {
     let (n, v, data) = match op {
         Op::Full(n, v) => (*n, *v, DocData::Full(vec![*v; 3])),
         Op::Append(n, v) => (*n, *v, DocData::Append(vec![*v; 2])),
     };
     let value = format!("v{v}");
     let target = format!("t{}", v % 2);
-    doc(
+    let sys = format!("{n}");
+    let idents = [("sys", sys.as_str()), ("code", value.as_str())];
+    let refs = [("Group", "sys", target.as_str())];
+    let previous = current.get(&n).cloned().unwrap_or_default();
+    (
+        doc_after(n, data, &idents, &refs, previous),
         n,
-        data,
-        &[("sys", &format!("{n}")), ("code", &value)],
-        &[("Group", "sys", &target)],
+        entries(&idents, &refs),
     )
 }
 
@@ -177,10 +216,20 @@ proptest! {
         let dir = tempfile::tempdir().unwrap();
         let mut disk = RedbStore::open(dir.path().join("s.redb"), StoreOptions::default()).unwrap();
         let mut mem = MemStore::new();
+        let mut current: HashMap<u8, IndexEntries> = HashMap::new();
         for batch in &batches {
-            let writes: Vec<Write> = batch.iter().map(to_write).collect();
+            let mut staged = current.clone();
+            let mut writes = Vec::new();
+            for op in batch {
+                let (w, n, after) = to_write(op, &staged);
+                staged.insert(n, after);
+                writes.push(w);
+            }
             let a = disk.commit(writes.clone()).map_err(|e| e.to_string());
             let b = mem.commit(writes).map_err(|e| e.to_string());
+            if a.is_ok() {
+                current = staged;
+            }
             prop_assert_eq!(a, b);
         }
         prop_assert_eq!(disk.stats().unwrap(), mem.stats().unwrap());
@@ -193,6 +242,10 @@ proptest! {
             }
         }
         prop_assert_eq!(disk.referrers("Group", "sys", "t0").unwrap(), mem.referrers("Group", "sys", "t0").unwrap());
+        prop_assert_eq!(disk.index_entries().unwrap(), mem.index_entries().unwrap());
+        // The index holds exactly what the documents carry now.
+        let expected: usize = current.values().map(|e| e.identifiers.len()).sum();
+        prop_assert_eq!(disk.index_entries().unwrap().identifiers.len(), expected);
         prop_assert!(disk.verify().unwrap().is_empty());
         prop_assert!(mem.verify().unwrap().is_empty());
     }

@@ -1,0 +1,905 @@
+//! The document engine: FHIR resources in, Automerge documents in the store, FHIR resources out.
+//!
+//! The engine owns the store and a bounded cache of live Automerge documents (a live document costs
+//! about 20× its saved size, so only hot ones stay in memory). Writes are *staged*: a create or an
+//! update edits the document in memory and queues a store write; [`Engine::flush`] commits every
+//! queued write in one durable transaction. Callers acknowledge a write only after the flush that
+//! carried it succeeded, so one `fsync` serves many writes (group commit).
+//!
+//! The engine is synchronous; the node runs it on a thread of its own ([`crate::docs`]).
+
+use std::collections::HashMap;
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use automerge::{ActorId, AutoCommit, ChangeHash};
+use fieldmesh_fhir_docs::Prepared;
+use fieldmesh_fhir_docs::resource::{format_instant, last_updated};
+use fieldmesh_fhir_docs::{
+    DocId, IdentKey, IdentifierQuery, Resolver, ValidationError, apply_diff, document_to_json,
+    new_document, prepare, profile, render, version_id,
+};
+use fieldmesh_storage::{
+    DocData, DocMeta, DocWrite, IndexEntries, Stats, Store, StoreError, Write,
+};
+use lru::LruCache;
+use serde_json::{Map, Value};
+
+/// Incremental chunks a document may collect before it is saved whole again.
+const COMPACT_AFTER_CHUNKS: u32 = 16;
+
+/// Why a request could not be served.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    /// The resource is not acceptable FHIR.
+    #[error("{0}")]
+    Invalid(#[from] ValidationError),
+    /// No resource of that type with that id.
+    #[error("there is no {ty} with id {id} on this node")]
+    NotFound {
+        /// Resource type asked for.
+        ty: String,
+        /// Id asked for.
+        id: String,
+    },
+    /// The id names a resource of another type.
+    #[error("{id} is a {actual}, not a {asked}; resourceType never changes")]
+    TypeMismatch {
+        /// Id.
+        id: String,
+        /// Type of the stored resource.
+        actual: String,
+        /// Type asked for.
+        asked: String,
+    },
+    /// The resource type is not one this node holds.
+    #[error("this node does not hold {0} resources")]
+    Unsupported(String),
+    /// `If-Match` named another version.
+    #[error("the resource is at version {current}, not {expected}; read it again and retry")]
+    VersionConflict {
+        /// Version the client expected.
+        expected: String,
+        /// Current version.
+        current: String,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A stored document could not be read.
+    #[error("a stored document could not be read: {0}")]
+    Document(String),
+}
+
+impl From<fieldmesh_fhir_docs::ConvertError> for EngineError {
+    fn from(e: fieldmesh_fhir_docs::ConvertError) -> Self {
+        EngineError::Document(e.to_string())
+    }
+}
+
+impl From<automerge::AutomergeError> for EngineError {
+    fn from(e: automerge::AutomergeError) -> Self {
+        EngineError::Document(e.to_string())
+    }
+}
+
+/// Who this node is, as the engine needs it.
+#[derive(Debug, Clone)]
+pub struct NodeIdentity {
+    /// Identifier system of resources created here.
+    pub system: String,
+    /// Automerge actor id (the node's public key).
+    pub actor: ActorId,
+}
+
+/// A live document with what the store knows about it.
+struct Live {
+    /// The document; `None` for a staged bulk-loaded document whose memory was given back (it
+    /// is read from the store again once committed).
+    doc: Option<AutoCommit>,
+    meta: DocMeta,
+    /// Its current index entries (searches see staged documents before they are committed).
+    entries: IndexEntries,
+}
+
+impl Live {
+    fn doc(&mut self, id: &DocId) -> Result<&mut AutoCommit, EngineError> {
+        self.doc
+            .as_mut()
+            .ok_or_else(|| EngineError::Document(format!("document {id} is not in memory")))
+    }
+}
+
+fn entries_of(p: &Prepared) -> IndexEntries {
+    IndexEntries {
+        identifiers: p
+            .identifiers
+            .iter()
+            .map(|k| (k.system.clone(), k.value.clone()))
+            .collect(),
+        references: p
+            .references
+            .iter()
+            .map(|r| (r.ty.clone(), r.key.system.clone(), r.key.value.clone()))
+            .collect(),
+    }
+}
+
+/// The index entries a stored resource carries (its identities and the targets it points at).
+pub fn entries_of_json(json: &Map<String, Value>) -> IndexEntries {
+    IndexEntries {
+        identifiers: fieldmesh_fhir_docs::identifiers::identifier_keys(json)
+            .into_iter()
+            .map(|k| (k.system, k.value))
+            .collect(),
+        references: fieldmesh_fhir_docs::references::targets(&Value::Object(json.clone()))
+            .into_iter()
+            .map(|r| (r.ty, r.key.system, r.key.value))
+            .collect(),
+    }
+}
+
+/// A resource as served to a client.
+#[derive(Debug, Clone)]
+pub struct Served {
+    /// Local id.
+    pub id: String,
+    /// `meta.versionId`, also the ETag.
+    pub version: String,
+    /// The rendered resource.
+    pub resource: Value,
+}
+
+/// What a write did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A new resource.
+    Created,
+    /// An existing resource changed.
+    Updated,
+    /// The update changed nothing.
+    Unchanged,
+}
+
+/// The engine. See the module docs.
+pub struct Engine {
+    store: Arc<dyn Store>,
+    /// Documents of the batch being committed in the background (bulk loads only).
+    in_flight: HashMap<DocId, Live>,
+    /// That commit.
+    behind: Option<std::thread::JoinHandle<Result<Vec<u64>, StoreError>>>,
+    me: NodeIdentity,
+    cache: LruCache<DocId, Live>,
+    /// Documents changed since the last flush (never evicted before it).
+    dirty: HashMap<DocId, Live>,
+    pending: Vec<Write>,
+    /// Whether written documents stay in memory (false for bulk loads).
+    keep_flushed: bool,
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default()
+}
+
+fn heads_bytes(heads: &[ChangeHash]) -> Vec<[u8; 32]> {
+    heads.iter().map(|h| h.0).collect()
+}
+
+impl Engine {
+    /// An engine over `store` keeping up to `cache_documents` live documents.
+    pub fn new(store: Box<dyn Store>, me: NodeIdentity, cache_documents: usize) -> Self {
+        Self {
+            store: Arc::from(store),
+            in_flight: HashMap::new(),
+            behind: None,
+            me,
+            cache: LruCache::new(NonZeroUsize::new(cache_documents).unwrap_or(NonZeroUsize::MIN)),
+            dirty: HashMap::new(),
+            pending: Vec::new(),
+            keep_flushed: true,
+        }
+    }
+
+    /// Whether written documents stay in memory (turn off for bulk loads).
+    pub fn set_keep_flushed(&mut self, keep: bool) {
+        self.keep_flushed = keep;
+    }
+
+    /// The store's counters (committed state).
+    pub fn stats(&self) -> Result<Stats, EngineError> {
+        Ok(self.store.stats()?)
+    }
+
+    /// The store (for checks and tools).
+    pub fn store(&self) -> &dyn Store {
+        self.store.as_ref()
+    }
+
+    /// Number of staged writes.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Commits every staged write durably. On failure nothing staged is kept: the affected
+    /// documents are dropped from memory and read again from disk when next needed.
+    pub fn flush(&mut self) -> Result<usize, EngineError> {
+        self.wait_behind()?;
+        if self.pending.is_empty() {
+            return Ok(0);
+        }
+        let writes = std::mem::take(&mut self.pending);
+        let n = writes.len();
+        match self.store.commit(writes) {
+            Ok(seqs) => {
+                let last = seqs.iter().copied().max().unwrap_or_default();
+                for (id, mut live) in self.dirty.drain() {
+                    live.meta.seq = last;
+                    if self.keep_flushed && live.doc.is_some() {
+                        self.cache.put(id, live);
+                    }
+                }
+                Ok(n)
+            }
+            Err(e) => {
+                self.dirty.clear();
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Starts committing every staged write on a thread of its own and returns at once, so the
+    /// next batch can be prepared meanwhile (bulk loads). At most one batch is in flight; nothing
+    /// is acknowledged until [`Engine::flush`] (or the next call) has waited for it.
+    pub fn flush_behind(&mut self) -> Result<(), EngineError> {
+        self.wait_behind()?;
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let writes = std::mem::take(&mut self.pending);
+        self.in_flight = std::mem::take(&mut self.dirty);
+        let store = Arc::clone(&self.store);
+        let handle = std::thread::Builder::new()
+            .name("fieldmesh-commit".into())
+            .spawn(move || store.commit(writes))
+            .map_err(|e| EngineError::Document(format!("cannot start a commit thread: {e}")))?;
+        self.behind = Some(handle);
+        Ok(())
+    }
+
+    /// Waits for the background commit, if any.
+    fn wait_behind(&mut self) -> Result<(), EngineError> {
+        let Some(handle) = self.behind.take() else {
+            return Ok(());
+        };
+        let result = handle
+            .join()
+            .map_err(|_| EngineError::Document("the commit thread failed".into()))?;
+        let in_flight = std::mem::take(&mut self.in_flight);
+        result?;
+        if self.keep_flushed {
+            for (id, live) in in_flight {
+                if live.doc.is_some() {
+                    self.cache.put(id, live);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn meta_of(&self, id: &DocId) -> Result<Option<DocMeta>, EngineError> {
+        if let Some(l) = self
+            .dirty
+            .get(id)
+            .or_else(|| self.in_flight.get(id))
+            .or_else(|| self.cache.peek(id))
+        {
+            return Ok(Some(l.meta.clone()));
+        }
+        Ok(self.store.doc_meta(id.as_bytes())?)
+    }
+
+    /// Takes a document out of memory or the store, for editing or reading.
+    fn take(&mut self, id: &DocId) -> Result<Option<Live>, EngineError> {
+        if self.in_flight.contains_key(id) {
+            self.wait_behind()?;
+        }
+        if self.dirty.get(id).is_some_and(|l| l.doc.is_none()) {
+            // A bulk-loaded document no longer in memory: commit it, then read it back.
+            self.flush()?;
+        }
+        if let Some(l) = self.dirty.remove(id) {
+            return Ok(Some(l));
+        }
+        if let Some(l) = self.cache.pop(id) {
+            return Ok(Some(l));
+        }
+        let Some(meta) = self.store.doc_meta(id.as_bytes())? else {
+            return Ok(None);
+        };
+        let bytes = self
+            .store
+            .doc_bytes(id.as_bytes())?
+            .ok_or_else(|| EngineError::Document(format!("document {id} has no data")))?;
+        let doc = AutoCommit::load(&bytes)?.with_actor(self.me.actor.clone());
+        let entries = entries_of_json(&document_to_json(&doc)?);
+        Ok(Some(Live {
+            doc: Some(doc),
+            meta,
+            entries,
+        }))
+    }
+
+    /// Puts a document back after using it.
+    fn put_back(&mut self, id: DocId, live: Live, dirty: bool) {
+        if dirty {
+            self.dirty.insert(id, live);
+        } else {
+            self.cache.put(id, live);
+        }
+    }
+
+    /// Runs `f` on the live document `id` of type `ty`, then puts it back where it was.
+    fn with_doc<T>(
+        &mut self,
+        ty: &str,
+        id: &str,
+        f: impl FnOnce(&Self, &DocId, &mut Live) -> Result<T, EngineError>,
+    ) -> Result<T, EngineError> {
+        let not_found = || EngineError::NotFound {
+            ty: ty.into(),
+            id: id.into(),
+        };
+        if !profile::is_supported(ty) {
+            return Err(EngineError::Unsupported(ty.into()));
+        }
+        let doc_id = DocId::parse(id).ok_or_else(not_found)?;
+        let mut live = self.take(&doc_id)?.ok_or_else(not_found)?;
+        let was_dirty = self.dirty_marker(&doc_id, &live);
+        let result = if live.meta.ty == ty {
+            f(self, &doc_id, &mut live)
+        } else {
+            Err(not_found())
+        };
+        self.put_back(doc_id, live, was_dirty);
+        result
+    }
+
+    /// Whether a taken document still has a write waiting for the next flush.
+    fn dirty_marker(&self, id: &DocId, _live: &Live) -> bool {
+        self.pending
+            .iter()
+            .any(|w| matches!(w, Write::Doc(d) if d.id == *id.as_bytes()))
+    }
+
+    /// Creates a resource. `bundle_ids` resolves bundle-local `urn:uuid:` references.
+    /// `keep_id` keeps the resource's own `id` as document id when it is a UUID not used here yet
+    /// (loading exported data keeps its references working).
+    pub fn create(
+        &mut self,
+        resource: Value,
+        expected_type: Option<&str>,
+        keep_id: bool,
+        bundle_ids: &dyn Fn(&str) -> Option<(String, String)>,
+    ) -> Result<DocId, EngineError> {
+        let id = match resource
+            .get("id")
+            .and_then(Value::as_str)
+            .and_then(DocId::parse)
+        {
+            Some(given) if keep_id && self.meta_of(&given)?.is_none() => given,
+            _ => DocId::new(),
+        };
+        self.create_with_id(id, resource, expected_type, bundle_ids)
+    }
+
+    fn create_with_id(
+        &mut self,
+        id: DocId,
+        resource: Value,
+        expected_type: Option<&str>,
+        bundle_ids: &dyn Fn(&str) -> Option<(String, String)>,
+    ) -> Result<DocId, EngineError> {
+        let prepared = prepare(
+            resource,
+            expected_type,
+            &self.me.system,
+            &id,
+            &*self,
+            bundle_ids,
+        )?;
+        let mut doc = new_document(&prepared.json, self.me.actor.clone(), now())?;
+        let meta = DocMeta {
+            ty: prepared.ty.clone(),
+            origin: self.me.system.clone(),
+            chunks: 1,
+            seq: 0,
+            heads: heads_bytes(&doc.get_heads()),
+        };
+        let entries = entries_of(&prepared);
+        self.pending.push(Write::Doc(DocWrite {
+            id: *id.as_bytes(),
+            ty: meta.ty.clone(),
+            origin: meta.origin.clone(),
+            data: DocData::Full(doc.save_nocompress()),
+            heads: meta.heads.clone(),
+            identifiers: entries.identifiers.clone(),
+            references: entries.references.clone(),
+            previous: IndexEntries::default(),
+        }));
+        // Bulk loads give the live document's memory back at once.
+        let doc = self.keep_flushed.then_some(doc);
+        self.dirty.insert(id, Live { doc, meta, entries });
+        Ok(id)
+    }
+
+    /// Updates (or, for an unused UUID, creates) the resource `ty/id` to read as `resource`,
+    /// editing only what differs. `if_match` is the version the client last saw, if it says.
+    pub fn update(
+        &mut self,
+        ty: &str,
+        id: &str,
+        resource: Value,
+        if_match: Option<&str>,
+    ) -> Result<(DocId, Outcome), EngineError> {
+        if !profile::is_supported(ty) {
+            return Err(EngineError::Unsupported(ty.into()));
+        }
+        if let Some(body_id) = resource.get("id").and_then(Value::as_str)
+            && body_id != id
+        {
+            return Err(ValidationError::one(
+                format!("{ty}.id"),
+                format!("is {body_id:?} but the URL names {id:?}"),
+            )
+            .into());
+        }
+        let not_found = || EngineError::NotFound {
+            ty: ty.into(),
+            id: id.into(),
+        };
+        let doc_id = DocId::parse(id).ok_or_else(not_found)?;
+        let Some(mut live) = self.take(&doc_id)? else {
+            if if_match.is_some() {
+                return Err(not_found());
+            }
+            let id = self.create_with_id(doc_id, resource, Some(ty), &|_| None)?;
+            return Ok((id, Outcome::Created));
+        };
+        let was_dirty = self.dirty_marker(&doc_id, &live);
+        let result = self.update_live(ty, &doc_id, &mut live, resource, if_match);
+        let dirty = was_dirty || matches!(result, Ok(Outcome::Updated));
+        self.put_back(doc_id, live, dirty);
+        result.map(|o| (doc_id, o))
+    }
+
+    fn update_live(
+        &mut self,
+        ty: &str,
+        doc_id: &DocId,
+        live: &mut Live,
+        resource: Value,
+        if_match: Option<&str>,
+    ) -> Result<Outcome, EngineError> {
+        if live.meta.ty != ty {
+            return Err(EngineError::TypeMismatch {
+                id: doc_id.to_string(),
+                actual: live.meta.ty.clone(),
+                asked: ty.into(),
+            });
+        }
+        if let Some(expected) = if_match {
+            let current = version_id(&live.doc(doc_id)?.get_heads());
+            if expected != current {
+                return Err(EngineError::VersionConflict {
+                    expected: expected.into(),
+                    current,
+                });
+            }
+        }
+        let prepared = prepare(
+            resource,
+            Some(ty),
+            &live.meta.origin,
+            doc_id,
+            &*self,
+            &|_| None,
+        )?;
+        let chunks = live.meta.chunks;
+        let doc = live
+            .doc
+            .as_mut()
+            .ok_or_else(|| EngineError::Document(format!("document {doc_id} is not in memory")))?;
+        let old = document_to_json(doc)?;
+        let heads_before = doc.get_heads();
+        if apply_diff(doc, &old, &prepared.json)? == 0 {
+            return Ok(Outcome::Unchanged);
+        }
+        doc.commit_with(automerge::transaction::CommitOptions::default().with_time(now()));
+        let (data, chunks) = if chunks >= COMPACT_AFTER_CHUNKS {
+            (DocData::Full(doc.save_nocompress()), 1)
+        } else {
+            (DocData::Append(doc.save_after(&heads_before)), chunks + 1)
+        };
+        let heads = heads_bytes(&doc.get_heads());
+        live.meta.chunks = chunks;
+        live.meta.heads = heads;
+        let previous = std::mem::replace(&mut live.entries, entries_of(&prepared));
+        self.pending.push(Write::Doc(DocWrite {
+            id: *doc_id.as_bytes(),
+            ty: live.meta.ty.clone(),
+            origin: live.meta.origin.clone(),
+            data,
+            heads: live.meta.heads.clone(),
+            identifiers: live.entries.identifiers.clone(),
+            references: live.entries.references.clone(),
+            previous,
+        }));
+        Ok(Outcome::Updated)
+    }
+
+    /// Reads `ty/id` as served to a client.
+    pub fn read(&mut self, ty: &str, id: &str) -> Result<Served, EngineError> {
+        self.with_doc(ty, id, |me, doc_id, live| {
+            let doc = live.doc(doc_id)?;
+            let json = document_to_json(doc)?;
+            let version = version_id(&doc.get_heads());
+            let updated = last_updated(doc);
+            let resource = render(json, &doc_id.to_string(), &version, updated.as_deref(), me);
+            Ok(Served {
+                id: doc_id.to_string(),
+                version,
+                resource,
+            })
+        })
+    }
+
+    /// The document of `ty/id` as saved by Automerge (loadable by any implementation).
+    pub fn automerge_bytes(&mut self, ty: &str, id: &str) -> Result<Vec<u8>, EngineError> {
+        self.with_doc(ty, id, |_, doc_id, live| Ok(live.doc(doc_id)?.save()))
+    }
+
+    /// Conflicts currently visible in `ty/id`.
+    pub fn conflicts(
+        &mut self,
+        ty: &str,
+        id: &str,
+    ) -> Result<Vec<fieldmesh_fhir_docs::Conflict>, EngineError> {
+        self.with_doc(ty, id, |_, doc_id, live| {
+            Ok(fieldmesh_fhir_docs::conflicts(live.doc(doc_id)?))
+        })
+    }
+
+    /// Resources of type `ty` matching an identifier query, as served.
+    pub fn search_identifier(
+        &mut self,
+        ty: &str,
+        query: &IdentifierQuery,
+    ) -> Result<Vec<Served>, EngineError> {
+        if !profile::is_supported(ty) {
+            return Err(EngineError::Unsupported(ty.into()));
+        }
+        let ids = self.find_ids(ty, query)?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            match self.read(ty, &id.to_string()) {
+                Ok(s) => out.push(s),
+                Err(EngineError::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Document ids of type `ty` matching an identifier query (committed and staged).
+    pub fn find_ids(&self, ty: &str, query: &IdentifierQuery) -> Result<Vec<DocId>, EngineError> {
+        let mut ids: Vec<DocId> = match query {
+            IdentifierQuery::Exact(k) => self.store.find(ty, &k.system, &k.value)?,
+            IdentifierQuery::ValueOnly(v) => self.store.find_value(ty, v)?,
+        }
+        .into_iter()
+        .map(|b| DocId(uuid::Uuid::from_bytes(b)))
+        .collect();
+        for (id, live) in &self.dirty {
+            let hit = live.meta.ty == ty
+                && live.entries.identifiers.iter().any(|(s, v)| match query {
+                    IdentifierQuery::Exact(k) => *s == k.system && *v == k.value,
+                    IdentifierQuery::ValueOnly(val) => v == val,
+                });
+            if hit && !ids.contains(id) {
+                ids.push(*id);
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Checks every document against the indexes: each document's identities and targets must be
+    /// exactly the index entries naming it. Returns the disagreements, with the store's own check.
+    pub fn verify(&mut self) -> Result<Vec<String>, EngineError> {
+        self.flush()?;
+        let mut problems = self.store.verify()?;
+        let dump = self.store.index_entries()?;
+        let mut expected = fieldmesh_storage::IndexDump::default();
+        let mut after = 0u64;
+        loop {
+            let batch = self.store.changes_since(after, 1024)?;
+            let Some((last, _)) = batch.last() else { break };
+            after = *last;
+            for (_, id) in batch {
+                let Some(meta) = self.store.doc_meta(&id)? else {
+                    continue;
+                };
+                let bytes = self.store.doc_bytes(&id)?.unwrap_or_default();
+                let json = match AutoCommit::load(&bytes)
+                    .map_err(EngineError::from)
+                    .and_then(|d| Ok(document_to_json(&d)?))
+                {
+                    Ok(j) => j,
+                    Err(e) => {
+                        problems.push(format!("document {}: {e}", uuid::Uuid::from_bytes(id)));
+                        continue;
+                    }
+                };
+                let entries = entries_of_json(&json);
+                for (s, v) in entries.identifiers {
+                    expected.identifiers.insert((meta.ty.clone(), s, v, id));
+                }
+                for (t, s, v) in entries.references {
+                    expected.references.insert((t, s, v, id));
+                }
+            }
+        }
+        if expected.identifiers != dump.identifiers {
+            problems.push(format!(
+                "identifier index: {} entries, the documents carry {}",
+                dump.identifiers.len(),
+                expected.identifiers.len()
+            ));
+        }
+        if expected.references != dump.references {
+            problems.push(format!(
+                "reference index: {} entries, the documents point {} times",
+                dump.references.len(),
+                expected.references.len()
+            ));
+        }
+        Ok(problems)
+    }
+
+    /// The FHIR instant of now, for `Bundle.meta.lastUpdated`.
+    pub fn now_instant() -> String {
+        format_instant(now())
+    }
+}
+
+/// A document prepared off the engine, ready to be staged.
+pub struct PreparedDoc {
+    id: DocId,
+    meta: DocMeta,
+    entries: IndexEntries,
+    bytes: Vec<u8>,
+}
+
+/// Read-only reference resolution for parallel preparation: the store plus the documents staged
+/// but not yet committed.
+struct View<'a> {
+    store: &'a dyn Store,
+    staged: &'a HashMap<DocId, Live>,
+    in_flight: &'a HashMap<DocId, Live>,
+}
+
+impl View<'_> {
+    fn staged(&self, id: &DocId) -> Option<&Live> {
+        self.staged.get(id).or_else(|| self.in_flight.get(id))
+    }
+}
+
+impl Resolver for View<'_> {
+    fn local(&self, ty: &str, id: &str) -> Option<IdentKey> {
+        let doc_id = DocId::parse(id)?;
+        let (t, origin) = match self.staged(&doc_id) {
+            Some(l) => (l.meta.ty.clone(), l.meta.origin.clone()),
+            None => {
+                let m = self.store.doc_meta(doc_id.as_bytes()).ok()??;
+                (m.ty, m.origin)
+            }
+        };
+        (t == ty).then(|| IdentKey::new(origin, id))
+    }
+
+    fn find(&self, ty: &str, key: &IdentKey) -> Option<String> {
+        let ids = self.store.find(ty, &key.system, &key.value).ok()?;
+        ids.into_iter()
+            .min()
+            .map(|b| uuid::Uuid::from_bytes(b).to_string())
+    }
+}
+
+/// Prepares one NDJSON line as a new document (validation, reference translation, Automerge).
+fn prepare_line(
+    view: &View<'_>,
+    me: &NodeIdentity,
+    line: &str,
+) -> Result<PreparedDoc, EngineError> {
+    let resource = parse_json(line.as_bytes())?;
+    let id = match resource
+        .get("id")
+        .and_then(Value::as_str)
+        .and_then(DocId::parse)
+    {
+        Some(given)
+            if view.staged(&given).is_none()
+                && view.store.doc_meta(given.as_bytes())?.is_none() =>
+        {
+            given
+        }
+        _ => DocId::new(),
+    };
+    let prepared = prepare(resource, None, &me.system, &id, view, &|_| None)?;
+    let mut doc = new_document(&prepared.json, me.actor.clone(), now())?;
+    Ok(PreparedDoc {
+        id,
+        meta: DocMeta {
+            ty: prepared.ty.clone(),
+            origin: me.system.clone(),
+            chunks: 1,
+            seq: 0,
+            heads: heads_bytes(&doc.get_heads()),
+        },
+        entries: entries_of(&prepared),
+        bytes: doc.save_nocompress(),
+    })
+}
+
+impl Engine {
+    /// Creates one resource per NDJSON line, preparing them on `threads` threads at once, and
+    /// stages them in order (bulk loads: the documents do not stay in memory). Returns one result
+    /// per line.
+    pub fn create_lines(
+        &mut self,
+        lines: &[String],
+        threads: usize,
+    ) -> Vec<Result<DocId, EngineError>> {
+        let threads = threads.clamp(1, 16);
+        let chunk = lines.len().div_ceil(threads).max(1);
+        let prepared: Vec<Result<PreparedDoc, EngineError>> = {
+            let view = View {
+                store: self.store.as_ref(),
+                staged: &self.dirty,
+                in_flight: &self.in_flight,
+            };
+            let me = &self.me;
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = lines
+                    .chunks(chunk)
+                    .map(|part| {
+                        let view = &view;
+                        scope.spawn(move || {
+                            part.iter()
+                                .map(|l| prepare_line(view, me, l))
+                                .collect::<Vec<_>>()
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .flat_map(|h| {
+                        h.join().unwrap_or_else(|_| {
+                            vec![Err(EngineError::Document(
+                                "a preparation thread failed".into(),
+                            ))]
+                        })
+                    })
+                    .collect()
+            })
+        };
+        prepared
+            .into_iter()
+            .zip(lines)
+            .map(|(p, line)| match p {
+                // Two lines of one batch claimed the same id: prepare the later one again.
+                Ok(p) if self.dirty.contains_key(&p.id) || self.in_flight.contains_key(&p.id) => {
+                    let resource = parse_json(line.as_bytes())?;
+                    self.create(resource, None, false, &|_| None)
+                }
+                Ok(p) => {
+                    self.pending.push(Write::Doc(DocWrite {
+                        id: *p.id.as_bytes(),
+                        ty: p.meta.ty.clone(),
+                        origin: p.meta.origin.clone(),
+                        data: DocData::Full(p.bytes),
+                        heads: p.meta.heads.clone(),
+                        identifiers: p.entries.identifiers.clone(),
+                        references: p.entries.references.clone(),
+                        previous: IndexEntries::default(),
+                    }));
+                    self.dirty.insert(
+                        p.id,
+                        Live {
+                            doc: None,
+                            meta: p.meta,
+                            entries: p.entries,
+                        },
+                    );
+                    Ok(p.id)
+                }
+                Err(e) => Err(e),
+            })
+            .collect()
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if let Err(e) = self.wait_behind() {
+            tracing::error!(error = %e, "a background commit failed while the engine closed");
+        }
+    }
+}
+
+impl Resolver for Engine {
+    fn local(&self, ty: &str, id: &str) -> Option<IdentKey> {
+        let doc_id = DocId::parse(id)?;
+        let meta = self.meta_of(&doc_id).ok()??;
+        (meta.ty == ty).then(|| IdentKey::new(meta.origin, id))
+    }
+
+    fn find(&self, ty: &str, key: &IdentKey) -> Option<String> {
+        let ids = self
+            .find_ids(ty, &IdentifierQuery::Exact(key.clone()))
+            .ok()?;
+        // A duplicate registration shows its first (oldest id) copy; both stay readable by id.
+        ids.into_iter().min().map(|id| id.to_string())
+    }
+}
+
+/// Parses a JSON body into a resource, naming where it breaks.
+pub fn parse_json(body: &[u8]) -> Result<Value, ValidationError> {
+    serde_json::from_slice::<Value>(body).map_err(|e| {
+        ValidationError::one(
+            "(body)",
+            format!(
+                "is not valid JSON: {e} (line {}, column {})",
+                e.line(),
+                e.column()
+            ),
+        )
+    })
+}
+
+/// Builds a searchset Bundle.
+pub fn searchset(base: &str, found: Vec<Served>) -> Value {
+    let entries: Vec<Value> = found
+        .into_iter()
+        .map(|s| {
+            let ty = s
+                .resource
+                .get("resourceType")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string();
+            let mut e = Map::new();
+            e.insert(
+                "fullUrl".into(),
+                Value::String(format!("{base}/{ty}/{}", s.id)),
+            );
+            e.insert("resource".into(), s.resource);
+            e.insert("search".into(), serde_json::json!({"mode": "match"}));
+            Value::Object(e)
+        })
+        .collect();
+    let mut bundle = serde_json::json!({
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "meta": {"lastUpdated": Engine::now_instant()},
+        "total": entries.len(),
+    });
+    if !entries.is_empty() {
+        bundle["entry"] = Value::Array(entries);
+    }
+    bundle
+}

@@ -1,0 +1,90 @@
+//! Starting a node: open its data directory and store, start the engine thread, serve the API.
+
+use std::net::SocketAddr;
+
+use anyhow::{Context, Result};
+use fieldmesh_storage::{RedbStore, StoreOptions};
+
+use crate::config::DataDir;
+use crate::docs::DocsHandle;
+use crate::engine::{Engine, NodeIdentity};
+use crate::http::{NodeInfo, router};
+
+/// Opens the engine of a data directory (the store is locked while it lives).
+pub fn open_engine(dir: &DataDir) -> Result<Engine> {
+    let store = RedbStore::open(
+        dir.store_path(),
+        StoreOptions {
+            cache_bytes: dir.config.storage.cache_mib * 1024 * 1024,
+        },
+    )?;
+    Ok(Engine::new(
+        Box::new(store),
+        NodeIdentity {
+            system: dir.config.system.clone(),
+            actor: fieldmesh_fhir_docs::actor_for_key(&dir.public_key()),
+        },
+        dir.config.storage.cache_documents,
+    ))
+}
+
+/// Runs a node until Ctrl-C or SIGTERM; every acknowledged write is on disk when it returns.
+pub async fn run(dir: DataDir, http: Option<SocketAddr>) -> Result<()> {
+    let addr: SocketAddr = match http {
+        Some(a) => a,
+        None => dir.config.http.listen.parse().with_context(|| {
+            format!(
+                "http.listen = {:?} in the config is not an address like 127.0.0.1:8080",
+                dir.config.http.listen
+            )
+        })?,
+    };
+    let engine = open_engine(&dir)?;
+    let (docs, engine_thread) = DocsHandle::spawn(engine)?;
+    let info = NodeInfo {
+        name: dir.config.name.clone(),
+        role: dir.config.role.to_string(),
+        system: dir.config.system.clone(),
+        peer_id: dir.peer_id().to_string(),
+    };
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+        format!("cannot listen on {addr} (is another node or program using that port?)")
+    })?;
+    let local = listener.local_addr()?;
+    tracing::info!(name = %info.name, role = %info.role, peer_id = %info.peer_id, %local, "node running; FHIR API at http://{local}/fhir/");
+    println!(
+        "fieldmesh node {} ({}) serving http://{local}/fhir/",
+        info.name, info.role
+    );
+    axum::serve(listener, router(docs, info))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("the HTTP server failed")?;
+    // Dropping the router dropped every handle: the engine thread commits what is left and ends.
+    tokio::task::spawn_blocking(move || engine_thread.join())
+        .await
+        .ok();
+    tracing::info!("node stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
