@@ -1,4 +1,5 @@
 //! Property tests: lossless round trips, updates as diffs, and merge semantics.
+#![allow(clippy::unwrap_used)] // tests may panic on unexpected errors
 
 use automerge::{ActorId, AutoCommit, ReadDoc};
 use fieldmesh_fhir_docs::{apply_diff, conflicts, document_to_json, new_document};

@@ -1,10 +1,11 @@
 //! Demo deployments and synthetic openIMIS data.
 //!
-//! [`generate`] writes realistic openIMIS data as NDJSON: a location hierarchy (region > districts
-//! > wards > villages), health facilities, items and services with prices, a product, enrolment
-//! officers, then families (a Group with a head and members, CHFIDs with the Niger check digit,
-//! addresses on the hierarchy, accented and Arabic-script names), their policies (Contracts with a
-//! premium extension) and claims with items and services. The same seed gives the same bytes.
+//! [`generate`] writes realistic openIMIS data as NDJSON: a location hierarchy (a region, its
+//! districts, wards and villages), health facilities, items and services with prices, a product,
+//! enrolment officers, then families (a Group with a head and members, CHFIDs with the Niger check
+//! digit, addresses on the hierarchy, accented and Arabic-script names), their policies (Contracts
+//! with a premium extension) and claims with items and services. The same seed gives the same
+//! bytes.
 
 use std::io::Write;
 

@@ -242,7 +242,7 @@ pub fn load_files(
                     continue;
                 }
                 loader.line(format!("{name}:{n}"), text)?;
-                if n % 1000 == 0 {
+                if n.is_multiple_of(1000) {
                     bar.set_message(format!("{} loaded", loader.summary.loaded));
                 }
             }

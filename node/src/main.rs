@@ -458,7 +458,7 @@ fn walkthrough(base: &str) -> Result<()> {
     );
 
     let mut r = agent.post(format!("{base}/fhir/Patient")).send_json(
-        &json!({"resourceType": "Patient", "name": [{"family": "X"}], "birthDate": "1990-13-40"}),
+        json!({"resourceType": "Patient", "name": [{"family": "X"}], "birthDate": "1990-13-40"}),
     )?;
     let oo: Value = r.body_mut().read_json()?;
     println!(

@@ -4,6 +4,7 @@
 //!
 //! The child acknowledges a batch (prints one line per write) only after `commit` returned.
 //! Set `FIELDMESH_CRASH_ROUNDS` to run more or fewer rounds, `FIELDMESH_CRASH_SEED` to replay.
+#![allow(clippy::unwrap_used)] // tests may panic on unexpected errors
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write as _};
@@ -69,7 +70,7 @@ impl Rng {
 /// The writer: creates documents numbered from the count already in the store (batches are atomic,
 /// so the count is the next number) and appends to earlier ones, acknowledging after each commit.
 fn child(dir: &str) {
-    let mut store = RedbStore::open(format!("{dir}/store.redb"), StoreOptions::default()).unwrap();
+    let store = RedbStore::open(format!("{dir}/store.redb"), StoreOptions::default()).unwrap();
     let mut next = store.stats().unwrap().documents;
     let mut rng = Rng(std::process::id() as u64);
     let mut out = std::io::stdout().lock();

@@ -1,4 +1,5 @@
 //! Both engines behave alike: writes with index maintenance, queries, atomic failure, verify.
+#![allow(clippy::unwrap_used)] // tests may panic on unexpected errors
 
 use std::collections::HashMap;
 
@@ -214,8 +215,8 @@ proptest! {
     #[test]
     fn engines_agree(batches in ops()) {
         let dir = tempfile::tempdir().unwrap();
-        let mut disk = RedbStore::open(dir.path().join("s.redb"), StoreOptions::default()).unwrap();
-        let mut mem = MemStore::new();
+        let disk = RedbStore::open(dir.path().join("s.redb"), StoreOptions::default()).unwrap();
+        let mem = MemStore::new();
         let mut current: HashMap<u8, IndexEntries> = HashMap::new();
         for batch in &batches {
             let mut staged = current.clone();

@@ -1,1 +1,222 @@
-//! placeholder
+//! Helpers for integration tests that run real `fieldmesh` processes on loopback.
+//!
+//! [`fieldmesh`] builds the binary once (with the same profile as the tests) and returns its path;
+//! [`Node`] initialises a data directory, starts `fieldmesh run` on a free loopback port and kills
+//! the process when dropped.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+/// The `fieldmesh` binary, built on first use.
+pub fn fieldmesh() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Ok(p) = std::env::var("FIELDMESH_BIN") {
+            return PathBuf::from(p);
+        }
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let release = !cfg!(debug_assertions);
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(&root)
+            .args(["build", "-q", "-p", "fieldmesh-node", "--bin", "fieldmesh"]);
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("running cargo build");
+        assert!(status.success(), "cargo build of fieldmesh failed");
+        let target = std::env::var("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| root.join("target"));
+        target
+            .join(if release { "release" } else { "debug" })
+            .join("fieldmesh")
+    })
+}
+
+/// Runs `fieldmesh ARGS` to completion.
+pub fn run(args: &[&str]) -> Result<Output> {
+    let out = Command::new(fieldmesh())
+        .args(args)
+        .output()
+        .context("running fieldmesh")?;
+    Ok(out)
+}
+
+/// Runs `fieldmesh ARGS`, failing with its output if it fails; returns stdout.
+pub fn run_ok(args: &[&str]) -> Result<String> {
+    let out = run(args)?;
+    if !out.status.success() {
+        bail!(
+            "fieldmesh {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// Response headers as `(name, value)` pairs.
+pub type Headers = Vec<(String, String)>;
+
+/// A running node.
+pub struct Node {
+    /// Its data directory.
+    pub data: PathBuf,
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+    child: Child,
+    agent: ureq::Agent,
+}
+
+impl Node {
+    /// Initialises a node in `dir/name` (if needed) and starts it.
+    pub fn start(dir: &Path, name: &str, role: &str) -> Result<Self> {
+        let data = dir.join(name);
+        if !data.join("fieldmesh.toml").exists() {
+            run_ok(&[
+                "init",
+                "--data",
+                data.to_str().unwrap_or_default(),
+                "--role",
+                role,
+                "--name",
+                name,
+            ])?;
+        }
+        Self::run(data)
+    }
+
+    /// Starts `fieldmesh run` on an existing data directory.
+    pub fn run(data: PathBuf) -> Result<Self> {
+        let mut child = Command::new(fieldmesh())
+            .args([
+                "run",
+                "--data",
+                data.to_str().unwrap_or_default(),
+                "--http",
+                "127.0.0.1:0",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        let base = line
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .map(|u| u.trim_end_matches("/fhir/").to_string())
+            .with_context(|| format!("the node did not say where it serves: {line:?}"))?;
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .build()
+            .into();
+        let node = Self {
+            data,
+            base,
+            child,
+            agent,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while node.get("/status").is_err() {
+            if Instant::now() > deadline {
+                bail!("the node did not answer /status");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(node)
+    }
+
+    /// `GET path` → (status, headers as (name, value), body bytes).
+    pub fn get_raw(&self, path: &str) -> Result<(u16, Headers, Vec<u8>)> {
+        let mut r = self.agent.get(format!("{}{path}", self.base)).call()?;
+        split(&mut r)
+    }
+
+    /// `GET path` → (status, JSON).
+    pub fn get(&self, path: &str) -> Result<(u16, Value)> {
+        let (s, _, b) = self.get_raw(path)?;
+        Ok((s, serde_json::from_slice(&b).unwrap_or(Value::Null)))
+    }
+
+    /// `POST path` with a raw body → (status, headers, JSON).
+    pub fn post_raw(&self, path: &str, body: &[u8]) -> Result<(u16, Headers, Value)> {
+        let mut r = self
+            .agent
+            .post(format!("{}{path}", self.base))
+            .header("Content-Type", "application/fhir+json")
+            .send(body)?;
+        let (s, h, b) = split(&mut r)?;
+        Ok((s, h, serde_json::from_slice(&b).unwrap_or(Value::Null)))
+    }
+
+    /// `POST path` with JSON → (status, headers, JSON).
+    pub fn post(&self, path: &str, body: &Value) -> Result<(u16, Headers, Value)> {
+        self.post_raw(path, &serde_json::to_vec(body)?)
+    }
+
+    /// `PUT path` with JSON and optional headers → (status, headers, JSON).
+    pub fn put(
+        &self,
+        path: &str,
+        body: &Value,
+        headers: &[(&str, &str)],
+    ) -> Result<(u16, Headers, Value)> {
+        let mut req = self
+            .agent
+            .put(format!("{}{path}", self.base))
+            .header("Content-Type", "application/fhir+json");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let mut r = req.send(&serde_json::to_vec(body)?)?;
+        let (s, h, b) = split(&mut r)?;
+        Ok((s, h, serde_json::from_slice(&b).unwrap_or(Value::Null)))
+    }
+
+    /// Kills the process with SIGKILL.
+    pub fn kill9(mut self) -> PathBuf {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.data.clone()
+    }
+}
+
+fn split(r: &mut ureq::http::Response<ureq::Body>) -> Result<(u16, Headers, Vec<u8>)> {
+    let status = r.status().as_u16();
+    let headers = r
+        .headers()
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_string(),
+                v.to_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    let body = r.body_mut().read_to_vec()?;
+    Ok((status, headers, body))
+}
+
+/// The value of header `name` (case-insensitive).
+pub fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

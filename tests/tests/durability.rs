@@ -1,0 +1,48 @@
+//! Acknowledged writes survive `kill -9` of a real node process.
+#![allow(clippy::unwrap_used)] // tests may panic on unexpected errors
+
+use fieldmesh_tests::Node;
+use serde_json::json;
+
+#[test]
+fn acknowledged_writes_survive_kill_9() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let node = Node::start(dir.path(), "officer-1", "device")?;
+    // Concurrent clients, so that writes share commits.
+    let base = node.base.clone();
+    let ids: Vec<(String, String)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|t| {
+                let node = &node;
+                s.spawn(move || {
+                    (0..25)
+                        .map(|i| {
+                            let family = format!("Famille-{t}-{i}");
+                            let (status, _, body) = node
+                                .post("/fhir/Patient", &json!({"resourceType": "Patient", "name": [{"family": family}], "birthDate": "2001-01-01"}))
+                                .unwrap();
+                            assert_eq!(status, 201, "{body}");
+                            (body["id"].as_str().unwrap().to_string(), family)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    assert_eq!(ids.len(), 100);
+    let data = node.kill9();
+    let node = Node::run(data)?;
+    assert_ne!(node.base, base.as_str().to_owned() + "x");
+    for (id, family) in &ids {
+        let (status, p) = node.get(&format!("/fhir/Patient/{id}"))?;
+        assert_eq!(status, 200, "{id} lost after kill -9");
+        assert_eq!(p["name"][0]["family"], family.as_str());
+    }
+    let (_, st) = node.get("/status")?;
+    assert_eq!(st["documents"], 100);
+    Ok(())
+}
