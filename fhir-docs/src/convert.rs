@@ -112,6 +112,9 @@ pub fn document_to_json(doc: &impl ReadDoc) -> Result<Map<String, Value>, Conver
 }
 
 /// Reads the object `obj` (of type `ty`) as JSON.
+///
+/// Values are taken from the range iterators directly (one pass per object); looking each key up
+/// again with `get` cost several times more.
 pub fn read_object(
     doc: &impl ReadDoc,
     obj: &automerge::ObjId,
@@ -122,20 +125,18 @@ pub fn read_object(
             let mut out = Map::new();
             for item in doc.map_range(obj, ..) {
                 let key = item.key.to_string();
-                let value = read_value(doc, obj, key.as_str().into())?;
-                if let Some(v) = value {
-                    out.insert(key, v);
-                }
+                let child = matches!(item.value, automerge::ValueRef::Object(_)).then(|| item.id());
+                let value: automerge::Value<'static> = item.value.into();
+                out.insert(key, read_item(doc, value, child)?);
             }
             Ok(Value::Object(out))
         }
         ObjType::List => {
-            let len = doc.length(obj);
-            let mut out = Vec::with_capacity(len);
-            for i in 0..len {
-                if let Some(v) = read_value(doc, obj, i.into())? {
-                    out.push(v);
-                }
+            let mut out = Vec::with_capacity(doc.length(obj));
+            for item in doc.list_range(obj, ..) {
+                let child = matches!(item.value, automerge::ValueRef::Object(_)).then(|| item.id());
+                let value: automerge::Value<'static> = item.value.into();
+                out.push(read_item(doc, value, child)?);
             }
             Ok(Value::Array(out))
         }
@@ -143,15 +144,15 @@ pub fn read_object(
     }
 }
 
-fn read_value(
+fn read_item(
     doc: &impl ReadDoc,
-    obj: &automerge::ObjId,
-    prop: automerge::Prop,
-) -> Result<Option<Value>, ConvertError> {
-    match doc.get(obj, prop)? {
-        None => Ok(None),
-        Some((automerge::Value::Scalar(s), _)) => Ok(Some(scalar_to_json(&s)?)),
-        Some((automerge::Value::Object(ty), id)) => Ok(Some(read_object(doc, &id, ty)?)),
+    value: automerge::Value<'static>,
+    child: Option<automerge::ObjId>,
+) -> Result<Value, ConvertError> {
+    match (value, child) {
+        (automerge::Value::Scalar(s), _) => scalar_to_json(&s),
+        (automerge::Value::Object(ty), Some(id)) => read_object(doc, &id, ty),
+        (automerge::Value::Object(_), None) => Err(ConvertError::RootNotMap),
     }
 }
 

@@ -15,7 +15,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use automerge::{ActorId, AutoCommit, ChangeHash};
 use fieldmesh_fhir_docs::Prepared;
-use fieldmesh_fhir_docs::resource::{format_instant, last_updated};
+use fieldmesh_fhir_docs::resource::format_instant;
 use fieldmesh_fhir_docs::{
     DocId, IdentKey, IdentifierQuery, Resolver, ValidationError, apply_diff, document_to_json,
     new_document, prepare, profile, render, version_id,
@@ -419,6 +419,7 @@ impl Engine {
             chunks: 1,
             seq: 0,
             heads: heads_bytes(&doc.get_heads()),
+            updated: now(),
         };
         let entries = entries_of(&prepared);
         self.pending.push(Write::Doc(DocWrite {
@@ -427,6 +428,7 @@ impl Engine {
             origin: meta.origin.clone(),
             data: DocData::Full(doc.save_nocompress()),
             heads: meta.heads.clone(),
+            updated: meta.updated,
             identifiers: entries.identifiers.clone(),
             references: entries.references.clone(),
             previous: IndexEntries::default(),
@@ -528,6 +530,7 @@ impl Engine {
         let heads = heads_bytes(&doc.get_heads());
         live.meta.chunks = chunks;
         live.meta.heads = heads;
+        live.meta.updated = now();
         let previous = std::mem::replace(&mut live.entries, entries_of(&prepared));
         self.pending.push(Write::Doc(DocWrite {
             id: *doc_id.as_bytes(),
@@ -535,6 +538,7 @@ impl Engine {
             origin: live.meta.origin.clone(),
             data,
             heads: live.meta.heads.clone(),
+            updated: live.meta.updated,
             identifiers: live.entries.identifiers.clone(),
             references: live.entries.references.clone(),
             previous,
@@ -548,7 +552,7 @@ impl Engine {
             let doc = live.doc(doc_id)?;
             let json = document_to_json(doc)?;
             let version = version_id(&doc.get_heads());
-            let updated = last_updated(doc);
+            let updated = (live.meta.updated > 0).then(|| format_instant(live.meta.updated));
             let resource = render(json, &doc_id.to_string(), &version, updated.as_deref(), me);
             Ok(Served {
                 id: doc_id.to_string(),
@@ -749,6 +753,7 @@ fn prepare_line(
             chunks: 1,
             seq: 0,
             heads: heads_bytes(&doc.get_heads()),
+            updated: now(),
         },
         entries: entries_of(&prepared),
         bytes: doc.save_nocompress(),
@@ -813,6 +818,7 @@ impl Engine {
                         origin: p.meta.origin.clone(),
                         data: DocData::Full(p.bytes),
                         heads: p.meta.heads.clone(),
+                        updated: p.meta.updated,
                         identifiers: p.entries.identifiers.clone(),
                         references: p.entries.references.clone(),
                         previous: IndexEntries::default(),

@@ -83,6 +83,8 @@ pub struct DocWrite {
     pub data: DocData,
     /// The document's heads after this write.
     pub heads: Vec<[u8; 32]>,
+    /// When the document last changed (Unix seconds), for `meta.lastUpdated`.
+    pub updated: i64,
     /// Every `(system, value)` identity of the document now.
     pub identifiers: Vec<(String, String)>,
     /// Every `(type, system, value)` the document points at now.
@@ -142,6 +144,8 @@ pub struct DocMeta {
     pub seq: u64,
     /// Heads after its latest change.
     pub heads: Vec<[u8; 32]>,
+    /// When it last changed (Unix seconds).
+    pub updated: i64,
 }
 
 /// Counters of a store.

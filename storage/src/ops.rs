@@ -11,7 +11,7 @@ use crate::{
 const NEXT_SEQ: &[u8] = b"next_seq";
 const DOCUMENTS: &[u8] = b"documents";
 const QUARANTINED: &[u8] = b"quarantined";
-const RECORD_VERSION: u8 = 2;
+const RECORD_VERSION: u8 = 3;
 
 pub(crate) fn encode_meta(m: &DocMeta) -> Vec<u8> {
     let mut w = Writer::default();
@@ -20,6 +20,7 @@ pub(crate) fn encode_meta(m: &DocMeta) -> Vec<u8> {
         .str(&m.origin)
         .u32(m.chunks)
         .u64(m.seq)
+        .u64(m.updated as u64)
         .u32(len32(m.heads.len()));
     for h in &m.heads {
         w.bytes(h);
@@ -43,6 +44,7 @@ pub(crate) fn decode_meta(b: &[u8]) -> Result<DocMeta, StoreError> {
     let origin = r.str()?;
     let chunks = r.u32()?;
     let seq = r.u64()?;
+    let updated = r.u64()? as i64;
     let mut heads = Vec::new();
     for _ in 0..r.u32()? {
         let h = r.bytes()?;
@@ -57,6 +59,7 @@ pub(crate) fn decode_meta(b: &[u8]) -> Result<DocMeta, StoreError> {
         chunks,
         seq,
         heads,
+        updated,
     })
 }
 
@@ -235,6 +238,7 @@ fn write_doc(kv: &mut dyn KvWrite, d: DocWrite, seq: u64) -> Result<bool, StoreE
         chunks,
         seq,
         heads: d.heads,
+        updated: d.updated,
     };
     kv.put(Table::Docs, &d.id, &encode_meta(&meta))?;
     Ok(is_new)

@@ -90,6 +90,7 @@ fn child(dir: &str) {
                     origin: "urn:test".into(),
                     data: DocData::Append(appended_bytes(n, chunks)),
                     heads: vec![[chunks as u8; 32]],
+                    updated: 0,
                     identifiers: identifiers(n, chunks + 1),
                     references: refs(chunks + 1),
                     previous: IndexEntries {
@@ -107,6 +108,7 @@ fn child(dir: &str) {
                     origin: "urn:test".into(),
                     data: DocData::Full(created_bytes(n)),
                     heads: vec![[0; 32]],
+                    updated: 0,
                     identifiers: identifiers(n, 1),
                     references: refs(1),
                     previous: IndexEntries::default(),

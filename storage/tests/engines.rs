@@ -43,6 +43,7 @@ fn doc_after(
         origin: "urn:fieldmesh:node:a".into(),
         data,
         heads: vec![[n; 32]],
+        updated: 0,
         identifiers: idents
             .iter()
             .map(|(s, v)| (s.to_string(), v.to_string()))
