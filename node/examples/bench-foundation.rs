@@ -74,7 +74,7 @@ fn main() -> Result<()> {
         let line = line?;
         if line.starts_with("{\"resourceType\":\"Patient\"") {
             patients += 1;
-            if patients % 10 == 0 {
+            if patients.is_multiple_of(10) {
                 let v: serde_json::Value = serde_json::from_str(&line)?;
                 if let Some(c) = v["identifier"][0]["value"].as_str() {
                     chfids.push(c.to_string());
