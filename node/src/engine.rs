@@ -756,7 +756,7 @@ fn prepare_line(
             updated: now(),
         },
         entries: entries_of(&prepared),
-        bytes: doc.save_nocompress(),
+        bytes: fieldmesh_storage::codec::encode(&doc.save_nocompress())?,
     })
 }
 
@@ -770,7 +770,10 @@ impl Engine {
         threads: usize,
     ) -> Vec<Result<DocId, EngineError>> {
         let threads = threads.clamp(1, 16);
-        let chunk = lines.len().div_ceil(threads).max(1);
+        // Work is taken in small slices from a shared counter, so that a thread that drew heavy
+        // resources (Contracts) does not leave the other idle.
+        const SLICE: usize = 16;
+        let next = std::sync::atomic::AtomicUsize::new(0);
         let prepared: Vec<Result<PreparedDoc, EngineError>> = {
             let view = View {
                 store: self.store.as_ref(),
@@ -778,29 +781,45 @@ impl Engine {
                 in_flight: &self.in_flight,
             };
             let me = &self.me;
-            std::thread::scope(|scope| {
-                let handles: Vec<_> = lines
-                    .chunks(chunk)
-                    .map(|part| {
-                        let view = &view;
-                        scope.spawn(move || {
-                            part.iter()
-                                .map(|l| prepare_line(view, me, l))
-                                .collect::<Vec<_>>()
+            let mut slices: Vec<(usize, Vec<Result<PreparedDoc, EngineError>>)> =
+                std::thread::scope(|scope| {
+                    let handles: Vec<_> = (0..threads)
+                        .map(|_| {
+                            let (view, next) = (&view, &next);
+                            scope.spawn(move || {
+                                let mut done = Vec::new();
+                                loop {
+                                    let start =
+                                        next.fetch_add(SLICE, std::sync::atomic::Ordering::Relaxed);
+                                    if start >= lines.len() {
+                                        break done;
+                                    }
+                                    let end = (start + SLICE).min(lines.len());
+                                    done.push((
+                                        start,
+                                        lines[start..end]
+                                            .iter()
+                                            .map(|l| prepare_line(view, me, l))
+                                            .collect(),
+                                    ));
+                                }
+                            })
                         })
-                    })
+                        .collect();
+                    handles
+                        .into_iter()
+                        .flat_map(|h| h.join().unwrap_or_default())
+                        .collect()
+                });
+            slices.sort_by_key(|(start, _)| *start);
+            let out: Vec<_> = slices.into_iter().flat_map(|(_, r)| r).collect();
+            if out.len() != lines.len() {
+                return lines
+                    .iter()
+                    .map(|_| Err(EngineError::Document("a preparation thread failed".into())))
                     .collect();
-                handles
-                    .into_iter()
-                    .flat_map(|h| {
-                        h.join().unwrap_or_else(|_| {
-                            vec![Err(EngineError::Document(
-                                "a preparation thread failed".into(),
-                            ))]
-                        })
-                    })
-                    .collect()
-            })
+            }
+            out
         };
         prepared
             .into_iter()
@@ -816,7 +835,7 @@ impl Engine {
                         id: *p.id.as_bytes(),
                         ty: p.meta.ty.clone(),
                         origin: p.meta.origin.clone(),
-                        data: DocData::Full(p.bytes),
+                        data: DocData::FullEncoded(p.bytes),
                         heads: p.meta.heads.clone(),
                         updated: p.meta.updated,
                         identifiers: p.entries.identifiers.clone(),

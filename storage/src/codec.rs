@@ -67,6 +67,17 @@ pub fn encode(bytes: &[u8]) -> Result<Vec<u8>, StoreError> {
     })
 }
 
+/// Checks that `stored` looks like the output of [`encode`] (a known format byte).
+pub fn check(stored: &[u8]) -> Result<(), StoreError> {
+    match stored.first() {
+        Some(&RAW | &ZSTD_DICT_V1) => Ok(()),
+        Some(other) => Err(StoreError::Corrupt(format!(
+            "a chunk has unknown format {other}"
+        ))),
+        None => Err(StoreError::Corrupt("an empty chunk".into())),
+    }
+}
+
 /// Decodes a stored chunk, appending it to `out`.
 pub fn decode_into(stored: &[u8], out: &mut Vec<u8>) -> Result<(), StoreError> {
     match stored.split_first() {

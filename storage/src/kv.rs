@@ -14,10 +14,9 @@ pub enum Table {
     /// `doc id ‖ chunk number (u32 BE)` → Automerge bytes; chunk 0 is a full save, later chunks
     /// incremental saves. Concatenated in order they load as one document.
     Chunks,
-    /// `type ‖ system ‖ value ‖ doc id` → empty: the identifier index.
+    /// `type ‖ value ‖ system ‖ doc id` → empty: the identifier index. Value before system, so
+    /// that one table answers both `system|value` and value-only searches.
     Ident,
-    /// `type ‖ value ‖ doc id` → empty: the identifier index by value only.
-    IdentValue,
     /// `target type ‖ target system ‖ target value ‖ source doc id` → empty: who points at what.
     Refs,
     /// `sequence (u64 BE)` → doc id: the latest change of each document, in commit order.
@@ -32,11 +31,10 @@ pub enum Table {
 
 impl Table {
     /// Every table, in a fixed order.
-    pub const ALL: [Table; 9] = [
+    pub const ALL: [Table; 8] = [
         Table::Docs,
         Table::Chunks,
         Table::Ident,
-        Table::IdentValue,
         Table::Refs,
         Table::Log,
         Table::Checkpoints,
@@ -50,7 +48,6 @@ impl Table {
             Table::Docs => "docs",
             Table::Chunks => "chunks",
             Table::Ident => "ident",
-            Table::IdentValue => "ident_value",
             Table::Refs => "refs",
             Table::Log => "log",
             Table::Checkpoints => "checkpoints",

@@ -68,6 +68,9 @@ pub enum DocData {
     Full(Vec<u8>),
     /// An incremental save appended after the existing chunks.
     Append(Vec<u8>),
+    /// A full save already encoded with [`codec::encode`] (lets bulk loads compress on many
+    /// threads instead of inside the commit).
+    FullEncoded(Vec<u8>),
 }
 
 /// One document write with the complete current index entries of the document.

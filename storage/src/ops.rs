@@ -96,12 +96,14 @@ fn chunk_key(id: &DocId, n: u32) -> Vec<u8> {
     k
 }
 
+/// Identifier index key: value before system (see [`Table::Ident`]).
 fn ident_key(ty: &str, system: &str, value: &str, id: &DocId) -> Vec<u8> {
-    key(&[ty.as_bytes(), system.as_bytes(), &enc_value(value), id])
+    key(&[ty.as_bytes(), &enc_value(value), system.as_bytes(), id])
 }
 
-fn value_key(ty: &str, value: &str, id: &DocId) -> Vec<u8> {
-    key(&[ty.as_bytes(), &enc_value(value), id])
+/// Reference index key: the target identity, then the source.
+fn ref_key(ty: &str, system: &str, value: &str, id: &DocId) -> Vec<u8> {
+    key(&[ty.as_bytes(), system.as_bytes(), &enc_value(value), id])
 }
 
 fn counter(kv: &dyn KvRead, name: &[u8]) -> Result<u64, StoreError> {
@@ -164,11 +166,18 @@ fn write_doc(kv: &mut dyn KvWrite, d: DocWrite, seq: u64) -> Result<bool, StoreE
         .transpose()?;
     let is_new = old.is_none();
     let chunks = match (&d.data, &old) {
-        (DocData::Full(bytes), old) => {
+        (DocData::Full(_) | DocData::FullEncoded(_), old) => {
             for n in 1..old.as_ref().map_or(0, |m| m.chunks) {
                 kv.del(Table::Chunks, &chunk_key(&d.id, n))?;
             }
-            kv.put(Table::Chunks, &chunk_key(&d.id, 0), &codec::encode(bytes)?)?;
+            let stored = match &d.data {
+                DocData::FullEncoded(b) => {
+                    codec::check(b)?;
+                    std::borrow::Cow::Borrowed(b.as_slice())
+                }
+                DocData::Full(b) | DocData::Append(b) => std::borrow::Cow::Owned(codec::encode(b)?),
+            };
+            kv.put(Table::Chunks, &chunk_key(&d.id, 0), &stored)?;
             1
         }
         (DocData::Append(bytes), Some(m)) => {
@@ -214,22 +223,14 @@ fn write_doc(kv: &mut dyn KvWrite, d: DocWrite, seq: u64) -> Result<bool, StoreE
     for (s, v) in old_idents.difference(&new_idents) {
         kv.del(Table::Ident, &ident_key(&ty, s, v, &d.id))?;
     }
-    let old_values: BTreeSet<&String> = old_idents.iter().map(|(_, v)| v).collect();
-    let new_values: BTreeSet<&String> = new_idents.iter().map(|(_, v)| v).collect();
-    for v in old_values.difference(&new_values) {
-        kv.del(Table::IdentValue, &value_key(&ty, v, &d.id))?;
-    }
     for (s, v) in new_idents.difference(&old_idents) {
         kv.put(Table::Ident, &ident_key(&ty, s, v, &d.id), &[])?;
     }
-    for v in new_values.difference(&old_values) {
-        kv.put(Table::IdentValue, &value_key(&ty, v, &d.id), &[])?;
-    }
     for (t, s, v) in old_refs.difference(&new_refs) {
-        kv.del(Table::Refs, &ident_key(t, s, v, &d.id))?;
+        kv.del(Table::Refs, &ref_key(t, s, v, &d.id))?;
     }
     for (t, s, v) in new_refs.difference(&old_refs) {
-        kv.put(Table::Refs, &ident_key(t, s, v, &d.id), &[])?;
+        kv.put(Table::Refs, &ref_key(t, s, v, &d.id), &[])?;
     }
     kv.put(Table::Log, &seq.to_be_bytes(), &d.id)?;
     let meta = DocMeta {
@@ -291,16 +292,16 @@ pub(crate) fn find(
     collect_ids(
         kv,
         Table::Ident,
-        key(&[ty.as_bytes(), system.as_bytes(), &enc_value(value)]),
+        key(&[ty.as_bytes(), &enc_value(value), system.as_bytes()]),
     )
 }
 
 pub(crate) fn find_value(kv: &dyn KvRead, ty: &str, value: &str) -> Result<Vec<DocId>, StoreError> {
-    collect_ids(
-        kv,
-        Table::IdentValue,
-        key(&[ty.as_bytes(), &enc_value(value)]),
-    )
+    let mut ids = collect_ids(kv, Table::Ident, key(&[ty.as_bytes(), &enc_value(value)]))?;
+    // One document may carry the value under several systems.
+    ids.sort();
+    ids.dedup();
+    Ok(ids)
 }
 
 pub(crate) fn referrers(
@@ -374,12 +375,13 @@ pub(crate) fn stats(kv: &dyn KvRead) -> Result<Stats, StoreError> {
     })
 }
 
-/// Decodes an index key `type ‖ system ‖ value ‖ doc`.
-fn split_index_key(k: &[u8]) -> Option<(String, String, String, DocId)> {
+/// Decodes an index key into `(type, system, value, doc)`; `value_first` for identifier keys.
+fn split_index_key(k: &[u8], value_first: bool) -> Option<(String, String, String, DocId)> {
     let p = parts(k)?;
-    let [ty, system, value, id] = p.as_slice() else {
+    let [ty, a, b, id] = p.as_slice() else {
         return None;
     };
+    let (system, value) = if value_first { (b, a) } else { (a, b) };
     Some((
         String::from_utf8(ty.to_vec()).ok()?,
         String::from_utf8(system.to_vec()).ok()?,
@@ -392,7 +394,7 @@ pub(crate) fn index_entries(kv: &dyn KvRead) -> Result<IndexDump, StoreError> {
     let mut dump = IndexDump::default();
     let mut bad = 0usize;
     kv.scan(Table::Ident, &[], &mut |k, _| {
-        match split_index_key(k) {
+        match split_index_key(k, true) {
             Some(e) => {
                 dump.identifiers.insert(e);
             }
@@ -401,7 +403,7 @@ pub(crate) fn index_entries(kv: &dyn KvRead) -> Result<IndexDump, StoreError> {
         true
     })?;
     kv.scan(Table::Refs, &[], &mut |k, _| {
-        match split_index_key(k) {
+        match split_index_key(k, false) {
             Some(e) => {
                 dump.references.insert(e);
             }
@@ -447,36 +449,6 @@ pub(crate) fn verify(kv: &dyn KvRead) -> Result<Vec<String>, StoreError> {
     if stray_idents > 0 {
         problems.push(format!(
             "identifier index: {stray_idents} entries without a document of that type"
-        ));
-    }
-    let mut value_entries = BTreeSet::new();
-    let mut bad_values = 0usize;
-    kv.scan(Table::IdentValue, &[], &mut |k, _| {
-        match parts(k).as_deref() {
-            Some([ty, value, id]) => match (
-                std::str::from_utf8(ty),
-                dec_value(value),
-                DocId::try_from(*id),
-            ) {
-                (Ok(ty), Some(value), Ok(id)) => {
-                    value_entries.insert((ty.to_string(), value, id));
-                }
-                _ => bad_values += 1,
-            },
-            _ => bad_values += 1,
-        }
-        true
-    })?;
-    let expected_values: BTreeSet<(String, String, DocId)> = dump
-        .identifiers
-        .iter()
-        .map(|(ty, _, v, id)| (ty.clone(), v.clone(), *id))
-        .collect();
-    if bad_values > 0 || value_entries != expected_values {
-        problems.push(format!(
-            "identifier value index: {} entries, {} expected from the identifier index, {bad_values} malformed",
-            value_entries.len(),
-            expected_values.len()
         ));
     }
     let stray_refs = dump

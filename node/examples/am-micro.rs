@@ -1,0 +1,113 @@
+//! Microbenchmark of the Automerge steps of creating a document (for choosing what to store).
+//! `cargo run --release -p fieldmesh-node --example am-micro`
+use std::time::Instant;
+
+use fieldmesh_fhir_docs::{actor_for_key, new_document};
+use serde_json::Value;
+
+fn main() -> anyhow::Result<()> {
+    let mut nd = Vec::new();
+    fieldmesh_node::demo::generate(3, 2000, &mut nd)?;
+    let docs: Vec<serde_json::Map<String, Value>> = String::from_utf8(nd)?
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).map(|v| v.as_object().cloned().unwrap_or_default())
+        })
+        .collect::<Result<_, _>>()?;
+    let actor = actor_for_key(&[7; 32]);
+    let n = docs.len() as f64;
+    let t = Instant::now();
+    let hyd: Vec<_> = docs
+        .iter()
+        .map(|d| fieldmesh_fhir_docs::convert::json_to_hydrate(&Value::Object(d.clone())))
+        .collect();
+    println!(
+        "json_to_hydrate   {:6.1} µs",
+        t.elapsed().as_secs_f64() * 1e6 / n
+    );
+    let t = Instant::now();
+    let mut raw: Vec<automerge::AutoCommit> = Vec::new();
+    for h in &hyd {
+        use automerge::transaction::Transactable;
+        let mut d = automerge::AutoCommit::new().with_actor(actor.clone());
+        if let automerge::hydrate::Value::Map(m) = h {
+            d.init_root_from_hydrate(m)?;
+        }
+        raw.push(d);
+    }
+    println!(
+        "init_root         {:6.1} µs",
+        t.elapsed().as_secs_f64() * 1e6 / n
+    );
+    let t = Instant::now();
+    for d in raw.iter_mut() {
+        d.commit();
+    }
+    println!(
+        "commit            {:6.1} µs",
+        t.elapsed().as_secs_f64() * 1e6 / n
+    );
+    let t = Instant::now();
+    let mut built: Vec<_> = docs
+        .iter()
+        .map(|d| new_document(d, actor.clone(), 1))
+        .collect::<Result<_, _>>()?;
+    println!(
+        "new_document      {:6.1} µs",
+        t.elapsed().as_secs_f64() * 1e6 / n
+    );
+    let t = Instant::now();
+    let saves: Vec<Vec<u8>> = built.iter_mut().map(|d| d.save_nocompress()).collect();
+    println!(
+        "save_nocompress   {:6.1} µs  {:5.0} B",
+        t.elapsed().as_secs_f64() * 1e6 / n,
+        saves.iter().map(Vec::len).sum::<usize>() as f64 / n
+    );
+    let t = Instant::now();
+    let changes: Vec<Vec<u8>> = built
+        .iter_mut()
+        .map(|d| {
+            d.get_last_local_change()
+                .map(|c| c.raw_bytes().to_vec())
+                .unwrap_or_default()
+        })
+        .collect();
+    println!(
+        "last change bytes {:6.1} µs  {:5.0} B",
+        t.elapsed().as_secs_f64() * 1e6 / n,
+        changes.iter().map(Vec::len).sum::<usize>() as f64 / n
+    );
+    let t = Instant::now();
+    for c in &changes {
+        let _ = automerge::AutoCommit::load(c)?;
+    }
+    println!(
+        "load(change)      {:6.1} µs",
+        t.elapsed().as_secs_f64() * 1e6 / n
+    );
+    let t = Instant::now();
+    for s in &saves {
+        let _ = automerge::AutoCommit::load(s)?;
+    }
+    println!(
+        "load(save)        {:6.1} µs",
+        t.elapsed().as_secs_f64() * 1e6 / n
+    );
+    let t = Instant::now();
+    for d in built.iter_mut() {
+        let _ = d.get_heads();
+    }
+    println!(
+        "get_heads         {:6.1} µs",
+        t.elapsed().as_secs_f64() * 1e6 / n
+    );
+    let t = Instant::now();
+    for d in &docs {
+        let _ = serde_json::to_string(d)?;
+    }
+    println!(
+        "json serialise    {:6.1} µs",
+        t.elapsed().as_secs_f64() * 1e6 / n
+    );
+    Ok(())
+}
