@@ -12,8 +12,8 @@
 //! # Layout
 //!
 //! - [`kv`]: the table layout and the byte-level key/value seam.
-//! - `ops` (private): the store logic over that seam, written once for both engines: writes with
-//!   index maintenance, queries, and the integrity check [`Store::verify`].
+//! - [`ops`]: the store logic over that seam, written once for every engine: writes with index
+//!   maintenance, queries, and the integrity check [`Store::verify`].
 //! - [`redb_store`]: [`RedbStore`], the on-disk engine (redb, durable two-phase commits).
 //! - [`mem`]: [`MemStore`], the in-memory engine for simulations and tests.
 //!
@@ -26,7 +26,7 @@
 pub mod codec;
 pub mod kv;
 pub mod mem;
-mod ops;
+pub mod ops;
 pub mod redb_store;
 
 pub use mem::MemStore;

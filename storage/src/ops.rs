@@ -1,5 +1,6 @@
 //! Store logic written once over the [`KvRead`]/[`KvWrite`] seam: applying writes with their index
-//! maintenance, the queries, and the integrity check.
+//! maintenance, the queries, and the integrity check. Public so that another engine can implement
+//! [`crate::Store`] by providing the seam and delegating here (as `RedbStore` and `MemStore` do).
 
 use std::collections::BTreeSet;
 
@@ -119,7 +120,7 @@ fn set_counter(kv: &mut dyn KvWrite, name: &[u8], v: u64) -> Result<(), StoreErr
 
 /// Applies a batch of writes inside the caller's transaction. Returns, for each write, the log
 /// sequence number it was given (0 for writes that do not enter the log).
-pub(crate) fn apply(kv: &mut dyn KvWrite, writes: Vec<Write>) -> Result<Vec<u64>, StoreError> {
+pub fn apply(kv: &mut dyn KvWrite, writes: Vec<Write>) -> Result<Vec<u64>, StoreError> {
     let mut next_seq = counter(kv, NEXT_SEQ)?.max(1);
     let mut documents = counter(kv, DOCUMENTS)?;
     let mut quarantined = counter(kv, QUARANTINED)?;
@@ -245,13 +246,15 @@ fn write_doc(kv: &mut dyn KvWrite, d: DocWrite, seq: u64) -> Result<bool, StoreE
     Ok(is_new)
 }
 
-pub(crate) fn doc_meta(kv: &dyn KvRead, id: &DocId) -> Result<Option<DocMeta>, StoreError> {
+/// See [`crate::Store::doc_meta`].
+pub fn doc_meta(kv: &dyn KvRead, id: &DocId) -> Result<Option<DocMeta>, StoreError> {
     kv.get(Table::Docs, id)?
         .map(|b| decode_meta(&b))
         .transpose()
 }
 
-pub(crate) fn doc_bytes(kv: &dyn KvRead, id: &DocId) -> Result<Option<Vec<u8>>, StoreError> {
+/// See [`crate::Store::doc_bytes`].
+pub fn doc_bytes(kv: &dyn KvRead, id: &DocId) -> Result<Option<Vec<u8>>, StoreError> {
     let Some(meta) = doc_meta(kv, id)? else {
         return Ok(None);
     };
@@ -283,7 +286,8 @@ fn collect_ids(kv: &dyn KvRead, table: Table, prefix: Vec<u8>) -> Result<Vec<Doc
     Ok(out)
 }
 
-pub(crate) fn find(
+/// See [`crate::Store::find`].
+pub fn find(
     kv: &dyn KvRead,
     ty: &str,
     system: &str,
@@ -296,7 +300,8 @@ pub(crate) fn find(
     )
 }
 
-pub(crate) fn find_value(kv: &dyn KvRead, ty: &str, value: &str) -> Result<Vec<DocId>, StoreError> {
+/// See [`crate::Store::find_value`].
+pub fn find_value(kv: &dyn KvRead, ty: &str, value: &str) -> Result<Vec<DocId>, StoreError> {
     let mut ids = collect_ids(kv, Table::Ident, key(&[ty.as_bytes(), &enc_value(value)]))?;
     // One document may carry the value under several systems.
     ids.sort();
@@ -304,7 +309,8 @@ pub(crate) fn find_value(kv: &dyn KvRead, ty: &str, value: &str) -> Result<Vec<D
     Ok(ids)
 }
 
-pub(crate) fn referrers(
+/// See [`crate::Store::referrers`].
+pub fn referrers(
     kv: &dyn KvRead,
     ty: &str,
     system: &str,
@@ -317,7 +323,8 @@ pub(crate) fn referrers(
     )
 }
 
-pub(crate) fn changes_since(
+/// See [`crate::Store::changes_since`].
+pub fn changes_since(
     kv: &dyn KvRead,
     after: u64,
     limit: usize,
@@ -338,14 +345,16 @@ pub(crate) fn changes_since(
     err.map_or(Ok(out), Err)
 }
 
-pub(crate) fn checkpoint(kv: &dyn KvRead, peer: &str) -> Result<u64, StoreError> {
+/// See [`crate::Store::checkpoint`].
+pub fn checkpoint(kv: &dyn KvRead, peer: &str) -> Result<u64, StoreError> {
     kv.get(Table::Checkpoints, peer.as_bytes())?
         .map(|v| be_u64(&v))
         .transpose()
         .map(Option::unwrap_or_default)
 }
 
-pub(crate) fn quarantined(kv: &dyn KvRead, limit: usize) -> Result<Vec<Quarantined>, StoreError> {
+/// See [`crate::Store::quarantined`].
+pub fn quarantined(kv: &dyn KvRead, limit: usize) -> Result<Vec<Quarantined>, StoreError> {
     let mut out = Vec::new();
     let mut err = None;
     kv.scan(Table::Quarantine, &[], &mut |_, v| {
@@ -367,7 +376,8 @@ pub(crate) fn quarantined(kv: &dyn KvRead, limit: usize) -> Result<Vec<Quarantin
     err.map_or(Ok(out), Err)
 }
 
-pub(crate) fn stats(kv: &dyn KvRead) -> Result<Stats, StoreError> {
+/// See [`crate::Store::stats`].
+pub fn stats(kv: &dyn KvRead) -> Result<Stats, StoreError> {
     Ok(Stats {
         documents: counter(kv, DOCUMENTS)?,
         last_seq: counter(kv, NEXT_SEQ)?.saturating_sub(1),
@@ -390,7 +400,8 @@ fn split_index_key(k: &[u8], value_first: bool) -> Option<(String, String, Strin
     ))
 }
 
-pub(crate) fn index_entries(kv: &dyn KvRead) -> Result<IndexDump, StoreError> {
+/// See [`crate::Store::index_entries`].
+pub fn index_entries(kv: &dyn KvRead) -> Result<IndexDump, StoreError> {
     let mut dump = IndexDump::default();
     let mut bad = 0usize;
     kv.scan(Table::Ident, &[], &mut |k, _| {
@@ -420,7 +431,7 @@ pub(crate) fn index_entries(kv: &dyn KvRead) -> Result<IndexDump, StoreError> {
 }
 
 /// See [`crate::Store::verify`].
-pub(crate) fn verify(kv: &dyn KvRead) -> Result<Vec<String>, StoreError> {
+pub fn verify(kv: &dyn KvRead) -> Result<Vec<String>, StoreError> {
     let mut problems = Vec::new();
     let mut docs: std::collections::BTreeMap<DocId, DocMeta> = Default::default();
     let mut decode_err = None;
