@@ -359,7 +359,7 @@ impl Engine {
         }
         let doc_id = DocId::parse(id).ok_or_else(not_found)?;
         let mut live = self.take(&doc_id)?.ok_or_else(not_found)?;
-        let was_dirty = self.dirty_marker(&doc_id, &live);
+        let was_dirty = self.has_pending_write(&doc_id);
         let result = if live.meta.ty == ty {
             f(self, &doc_id, &mut live)
         } else {
@@ -370,7 +370,7 @@ impl Engine {
     }
 
     /// Whether a taken document still has a write waiting for the next flush.
-    fn dirty_marker(&self, id: &DocId, _live: &Live) -> bool {
+    fn has_pending_write(&self, id: &DocId) -> bool {
         self.pending
             .iter()
             .any(|w| matches!(w, Write::Doc(d) if d.id == *id.as_bytes()))
@@ -472,7 +472,7 @@ impl Engine {
             let id = self.create_with_id(doc_id, resource, Some(ty), &|_| None)?;
             return Ok((id, Outcome::Created));
         };
-        let was_dirty = self.dirty_marker(&doc_id, &live);
+        let was_dirty = self.has_pending_write(&doc_id);
         let result = self.update_live(ty, &doc_id, &mut live, resource, if_match);
         let dirty = was_dirty || matches!(result, Ok(Outcome::Updated));
         self.put_back(doc_id, live, dirty);
