@@ -46,3 +46,35 @@ fn acknowledged_writes_survive_kill_9() -> anyhow::Result<()> {
     assert_eq!(st["documents"], 100);
     Ok(())
 }
+
+#[test]
+fn a_running_node_locks_its_store_and_says_so() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let node = Node::start(dir.path(), "hub", "hub")?;
+    let (status, _, _) = node.post(
+        "/fhir/Location",
+        &json!({"resourceType": "Location", "name": "Madaoua"}),
+    )?;
+    assert_eq!(status, 201);
+    let file = dir.path().join("one.ndjson");
+    std::fs::write(
+        &file,
+        "{\"resourceType\":\"Location\",\"name\":\"Tounga\"}\n",
+    )?;
+    let out = fieldmesh_tests::run(&[
+        "load",
+        "--data",
+        node.data.to_str().unwrap(),
+        file.to_str().unwrap(),
+    ])?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("in use") && err.contains("stop it first"),
+        "{err}"
+    );
+    // The node is unaffected.
+    let (status, st) = node.get("/status")?;
+    assert_eq!((status, st["documents"].as_u64()), (200, Some(1)));
+    Ok(())
+}
