@@ -48,9 +48,9 @@ struct Loader<'a> {
 
 impl Loader<'_> {
     /// Queues an NDJSON line; full batches are prepared on every core.
-    fn line(&mut self, at: String, text: &str) -> Result<()> {
+    fn line(&mut self, at: String, text: String) -> Result<()> {
         if text.contains("\"Bundle\"") {
-            match serde_json::from_str::<Value>(text) {
+            match serde_json::from_str::<Value>(&text) {
                 Ok(v) if v.get("resourceType").and_then(Value::as_str) == Some("Bundle") => {
                     self.drain_lines()?;
                     return self.bundle(&at, v);
@@ -58,7 +58,7 @@ impl Loader<'_> {
                 _ => {}
             }
         }
-        self.lines.push(text.to_string());
+        self.lines.push(text);
         self.places.push(at);
         if self.lines.len() >= BATCH {
             self.drain_lines()?;
@@ -180,6 +180,47 @@ impl Loader<'_> {
     }
 }
 
+/// A batch of `(line number, line)` and the bytes read for it.
+type LineBatch = std::io::Result<(Vec<(u64, String)>, u64)>;
+
+/// Reads non-empty NDJSON lines in batches of [`BATCH`] (with their line numbers and the bytes
+/// read) until the file ends or the receiver goes away.
+fn read_batches(mut reader: impl BufRead, tx: &std::sync::mpsc::SyncSender<LineBatch>) {
+    let mut n = 0u64;
+    loop {
+        let mut batch = Vec::with_capacity(BATCH);
+        let mut bytes = 0u64;
+        while batch.len() < BATCH {
+            let mut line = String::new();
+            match reader.read_line(&mut line) {
+                Ok(0) => break,
+                Ok(read) => {
+                    n += 1;
+                    bytes += read as u64;
+                    let trimmed = line.trim();
+                    if !trimmed.is_empty() {
+                        if trimmed.len() != line.len() {
+                            line = trimmed.to_string();
+                        }
+                        batch.push((n, line));
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            }
+        }
+        let last = batch.len() < BATCH;
+        if (!batch.is_empty() || bytes > 0) && tx.send(Ok((batch, bytes))).is_err() {
+            return;
+        }
+        if last {
+            return;
+        }
+    }
+}
+
 fn looks_like_ndjson(path: &Path) -> bool {
     matches!(
         path.extension().and_then(|e| e.to_str()),
@@ -225,27 +266,21 @@ pub fn load_files(
         let f = File::open(path).with_context(|| format!("cannot open {name}"))?;
         let mut reader = BufReader::with_capacity(1 << 20, f);
         if looks_like_ndjson(path) {
-            let mut line = String::new();
-            let mut n = 0u64;
-            loop {
-                line.clear();
-                let read = reader
-                    .read_line(&mut line)
-                    .with_context(|| format!("reading {name}"))?;
-                if read == 0 {
-                    break;
+            // A reader thread stays one batch ahead, so the cores never wait for the file.
+            let (tx, rx) = std::sync::mpsc::sync_channel::<LineBatch>(1);
+            let reading = std::thread::Builder::new()
+                .name("fieldmesh-read".into())
+                .spawn(move || read_batches(reader, &tx))
+                .context("cannot start the reader thread")?;
+            for batch in rx {
+                let (lines, bytes) = batch.with_context(|| format!("reading {name}"))?;
+                bar.inc(bytes);
+                for (n, text) in lines {
+                    loader.line(format!("{name}:{n}"), text)?;
                 }
-                n += 1;
-                bar.inc(read as u64);
-                let text = line.trim();
-                if text.is_empty() {
-                    continue;
-                }
-                loader.line(format!("{name}:{n}"), text)?;
-                if n.is_multiple_of(1000) {
-                    bar.set_message(format!("{} loaded", loader.summary.loaded));
-                }
+                bar.set_message(format!("{} loaded", loader.summary.loaded));
             }
+            let _ = reading.join();
         } else {
             let mut text = String::new();
             reader
