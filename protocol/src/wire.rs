@@ -1,0 +1,280 @@
+//! The wire format: one frame per message, versioned twice (the libp2p protocol id
+//! [`PROTOCOL_ID`] and a leading version byte), every frame size-capped before anything is
+//! allocated, and decoding that returns an error, never panics, on any input.
+//!
+//! ```text
+//! frame   = version:u8  kind:u8  body
+//! string  = len:u32be bytes          (UTF-8)
+//! bytes   = len:u32be bytes
+//! list<T> = count:u32be T*           (count checked against the bytes left before allocating)
+//! ```
+
+use crate::DocId;
+
+/// libp2p protocol id of this version of the protocol.
+pub const PROTOCOL_ID: &str = "/fieldmesh/sync/1";
+/// First byte of every frame.
+pub const WIRE_VERSION: u8 = 1;
+/// Largest frame accepted or produced (8 MiB).
+pub const MAX_FRAME: usize = 8 * 1024 * 1024;
+
+/// A document as transferred: its id, resource type and Automerge bytes (a whole save or
+/// changes; the receiver merges either).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DocPayload {
+    /// Document id.
+    pub id: DocId,
+    /// Resource type.
+    pub ty: String,
+    /// Automerge bytes.
+    pub data: Vec<u8>,
+}
+
+/// A protocol message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// Opens a session: who is speaking and what it holds.
+    Hello {
+        /// The sender's node name.
+        node: String,
+        /// Number of documents the sender will reconcile.
+        documents: u64,
+    },
+    /// A set-reconciliation message (negentropy).
+    Reconcile(Vec<u8>),
+    /// Item hashes whose documents the sender wants (it cannot name the documents: it lacks them).
+    Want(Vec<[u8; 32]>),
+    /// Documents, batched across many documents.
+    Docs(Vec<DocPayload>),
+    /// The sender has nothing more to send in this session.
+    Done,
+}
+
+const HELLO: u8 = 1;
+const RECONCILE: u8 = 2;
+const WANT: u8 = 3;
+const DOCS: u8 = 4;
+const DONE: u8 = 5;
+
+/// Why a frame was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum WireError {
+    /// Larger than [`MAX_FRAME`].
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
+    TooLarge(usize),
+    /// Empty frame.
+    #[error("empty frame")]
+    Empty,
+    /// Another protocol version.
+    #[error("protocol version {0} is not supported (this node speaks {WIRE_VERSION})")]
+    Version(u8),
+    /// Unknown message kind.
+    #[error("unknown message kind {0}")]
+    Kind(u8),
+    /// The frame ends before its contents do.
+    #[error("frame truncated")]
+    Truncated,
+    /// Bytes left over after the message.
+    #[error("{0} unexpected bytes after the message")]
+    Trailing(usize),
+    /// A string that is not UTF-8.
+    #[error("text that is not UTF-8")]
+    Utf8,
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
+        if self.0.len() < n {
+            return Err(WireError::Truncated);
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+    fn u8(&mut self) -> Result<u8, WireError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Result<u32, WireError> {
+        let b = self.take(4)?;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self) -> Result<u64, WireError> {
+        let b = self.take(8)?;
+        let mut a = [0; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_be_bytes(a))
+    }
+    fn bytes(&mut self) -> Result<&'a [u8], WireError> {
+        let n = self.u32()? as usize;
+        self.take(n)
+    }
+    fn string(&mut self) -> Result<String, WireError> {
+        String::from_utf8(self.bytes()?.to_vec()).map_err(|_| WireError::Utf8)
+    }
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], WireError> {
+        let mut a = [0; N];
+        a.copy_from_slice(self.take(N)?);
+        Ok(a)
+    }
+    /// A count of items each at least `min` bytes long, checked against what is left.
+    fn count(&mut self, min: usize) -> Result<usize, WireError> {
+        let n = self.u32()? as usize;
+        if n.saturating_mul(min.max(1)) > self.0.len() {
+            return Err(WireError::Truncated);
+        }
+        Ok(n)
+    }
+}
+
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    out.extend_from_slice(&u32::try_from(b.len()).unwrap_or(u32::MAX).to_be_bytes());
+    out.extend_from_slice(b);
+}
+
+fn put_count(out: &mut Vec<u8>, n: usize) {
+    out.extend_from_slice(&u32::try_from(n).unwrap_or(u32::MAX).to_be_bytes());
+}
+
+/// Encodes a message as one frame.
+pub fn encode(m: &Message) -> Vec<u8> {
+    let mut out = vec![WIRE_VERSION];
+    match m {
+        Message::Hello { node, documents } => {
+            out.push(HELLO);
+            put_bytes(&mut out, node.as_bytes());
+            out.extend_from_slice(&documents.to_be_bytes());
+        }
+        Message::Reconcile(p) => {
+            out.push(RECONCILE);
+            put_bytes(&mut out, p);
+        }
+        Message::Want(hashes) => {
+            out.push(WANT);
+            put_count(&mut out, hashes.len());
+            for h in hashes {
+                out.extend_from_slice(h);
+            }
+        }
+        Message::Docs(docs) => {
+            out.push(DOCS);
+            put_count(&mut out, docs.len());
+            for d in docs {
+                out.extend_from_slice(&d.id);
+                put_bytes(&mut out, d.ty.as_bytes());
+                put_bytes(&mut out, &d.data);
+            }
+        }
+        Message::Done => out.push(DONE),
+    }
+    out
+}
+
+/// Decodes one frame. Never panics; refuses frames over [`MAX_FRAME`] before reading them.
+pub fn decode(frame: &[u8]) -> Result<Message, WireError> {
+    if frame.len() > MAX_FRAME {
+        return Err(WireError::TooLarge(frame.len()));
+    }
+    let mut r = Reader(frame);
+    let version = r.u8().map_err(|_| WireError::Empty)?;
+    if version != WIRE_VERSION {
+        return Err(WireError::Version(version));
+    }
+    let m = match r.u8()? {
+        HELLO => Message::Hello {
+            node: r.string()?,
+            documents: r.u64()?,
+        },
+        RECONCILE => Message::Reconcile(r.bytes()?.to_vec()),
+        WANT => {
+            let n = r.count(32)?;
+            let mut hashes = Vec::with_capacity(n);
+            for _ in 0..n {
+                hashes.push(r.array::<32>()?);
+            }
+            Message::Want(hashes)
+        }
+        DOCS => {
+            let n = r.count(16 + 4 + 4)?;
+            let mut docs = Vec::with_capacity(n);
+            for _ in 0..n {
+                docs.push(DocPayload {
+                    id: r.array::<16>()?,
+                    ty: r.string()?,
+                    data: r.bytes()?.to_vec(),
+                });
+            }
+            Message::Docs(docs)
+        }
+        DONE => Message::Done,
+        other => return Err(WireError::Kind(other)),
+    };
+    if !r.0.is_empty() {
+        return Err(WireError::Trailing(r.0.len()));
+    }
+    Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn message() -> impl Strategy<Value = Message> {
+        prop_oneof![
+            ("\\PC{0,20}", any::<u64>())
+                .prop_map(|(node, documents)| Message::Hello { node, documents }),
+            prop::collection::vec(any::<u8>(), 0..200).prop_map(Message::Reconcile),
+            prop::collection::vec(any::<[u8; 32]>(), 0..20).prop_map(Message::Want),
+            prop::collection::vec(
+                (
+                    any::<[u8; 16]>(),
+                    "[A-Za-z]{1,12}",
+                    prop::collection::vec(any::<u8>(), 0..100)
+                )
+                    .prop_map(|(id, ty, data)| DocPayload { id, ty, data }),
+                0..10
+            )
+            .prop_map(Message::Docs),
+            Just(Message::Done),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn frames_round_trip(m in message()) {
+            prop_assert_eq!(decode(&encode(&m)), Ok(m));
+        }
+
+        #[test]
+        fn any_bytes_decode_without_panic(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
+            let _ = decode(&bytes);
+        }
+
+        #[test]
+        fn truncated_frames_are_refused(m in message(), cut in 1usize..40) {
+            let f = encode(&m);
+            if cut < f.len() {
+                prop_assert!(decode(&f[..f.len() - cut]).is_err());
+            }
+        }
+    }
+
+    #[test]
+    fn hostile_counts_do_not_allocate() {
+        // A Want claiming 4 billion hashes in a 10-byte frame is refused before allocation.
+        let f = [WIRE_VERSION, WANT, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0];
+        assert_eq!(decode(&f), Err(WireError::Truncated));
+        assert_eq!(decode(&[2, DONE]), Err(WireError::Version(2)));
+        assert_eq!(decode(&[]), Err(WireError::Empty));
+        assert_eq!(
+            decode(&vec![WIRE_VERSION; MAX_FRAME + 1]),
+            Err(WireError::TooLarge(MAX_FRAME + 1))
+        );
+        let mut f = encode(&Message::Done);
+        f.push(0);
+        assert_eq!(decode(&f), Err(WireError::Trailing(1)));
+    }
+}
