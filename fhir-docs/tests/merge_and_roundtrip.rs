@@ -159,3 +159,46 @@ fn concurrent_edits_of_one_field_resolve_alike_and_keep_the_loser() {
     assert!(c[0].values.contains(&json!("male")));
     assert_eq!(ab.get_all(automerge::ROOT, "gender").unwrap().len(), 2);
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+    /// Random edits on three replicas; every change is delivered to every replica in a random
+    /// order, some twice: all replicas end equal.
+    #[test]
+    fn replicas_converge_whatever_the_delivery_order(
+        base in resource(),
+        edits in prop::collection::vec((0usize..3, resource()), 1..8),
+        seed in any::<u64>(),
+    ) {
+        let mut first = new_document(&base, actor(0), 0).unwrap();
+        let saved = first.save();
+        let mut replicas: Vec<AutoCommit> = (0..3u8)
+            .map(|i| AutoCommit::load(&saved).unwrap().with_actor(actor(i + 1)))
+            .collect();
+        let mut changes = Vec::new();
+        for (who, target) in edits {
+            let doc = &mut replicas[who];
+            let current = document_to_json(doc).unwrap();
+            let heads = doc.get_heads();
+            apply_diff(doc, &current, &target).unwrap();
+            doc.commit();
+            changes.extend(doc.get_changes(&heads).into_iter().map(|c| c.raw_bytes().to_vec()));
+        }
+        // Shuffle with duplicates, deterministically from the seed.
+        let mut order: Vec<usize> = (0..changes.len()).chain(0..changes.len() / 2).collect();
+        let mut s = seed | 1;
+        for i in (1..order.len()).rev() {
+            s ^= s << 13; s ^= s >> 7; s ^= s << 17;
+            order.swap(i, (s % (i as u64 + 1)) as usize);
+        }
+        for r in replicas.iter_mut() {
+            for &i in &order {
+                r.load_incremental(&changes[i]).unwrap();
+            }
+        }
+        let first_json = document_to_json(&replicas[0]).unwrap();
+        for r in &replicas[1..] {
+            prop_assert_eq!(&document_to_json(r).unwrap(), &first_json);
+        }
+    }
+}

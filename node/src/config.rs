@@ -11,7 +11,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use libp2p_identity::{Keypair, PeerId};
+use libp2p::identity::{Keypair, PeerId};
 use serde::{Deserialize, Serialize};
 
 /// The config file's name inside a data directory.

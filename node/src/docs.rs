@@ -12,7 +12,7 @@ use fieldmesh_storage::Stats;
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::engine::{Engine, EngineError, Outcome, Served};
+use crate::engine::{Engine, EngineError, Outcome, Served, SyncItems};
 
 /// Commands waiting for the engine thread, at most.
 pub const COMMAND_QUEUE: usize = 1024;
@@ -51,6 +51,17 @@ enum Command {
     },
     Stats {
         reply: Reply<Stats>,
+    },
+    SyncItems {
+        reply: Reply<SyncItems>,
+    },
+    Payloads {
+        ids: Vec<[u8; 16]>,
+        reply: Reply<Vec<fieldmesh_protocol::DocPayload>>,
+    },
+    Merge {
+        docs: Vec<fieldmesh_protocol::DocPayload>,
+        reply: Reply<(usize, usize)>,
     },
 }
 
@@ -123,6 +134,24 @@ impl DocsHandle {
     /// Store counters.
     pub async fn stats(&self) -> Result<Stats, EngineError> {
         self.call(|reply| Command::Stats { reply }).await
+    }
+    /// Every `(document, heads)`, for reconciliation.
+    pub async fn sync_items(&self) -> Result<SyncItems, EngineError> {
+        self.call(|reply| Command::SyncItems { reply }).await
+    }
+    /// Documents to send to a peer.
+    pub async fn payloads(
+        &self,
+        ids: Vec<[u8; 16]>,
+    ) -> Result<Vec<fieldmesh_protocol::DocPayload>, EngineError> {
+        self.call(|reply| Command::Payloads { ids, reply }).await
+    }
+    /// Merges documents from a peer (durable when this returns): (changed, refused).
+    pub async fn merge(
+        &self,
+        docs: Vec<fieldmesh_protocol::DocPayload>,
+    ) -> Result<(usize, usize), EngineError> {
+        self.call(|reply| Command::Merge { docs, reply }).await
     }
 }
 
@@ -216,6 +245,15 @@ fn execute(engine: &mut Engine, cmd: Command, deferred: &mut Vec<Deferred>) {
         }
         Command::Stats { reply } => {
             let _ = reply.send(engine.stats());
+        }
+        Command::SyncItems { reply } => {
+            let _ = reply.send(engine.sync_items());
+        }
+        Command::Payloads { ids, reply } => {
+            let _ = reply.send(engine.payloads(&ids));
+        }
+        Command::Merge { docs, reply } => {
+            let _ = reply.send(engine.merge(docs));
         }
     }
 }

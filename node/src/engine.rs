@@ -680,6 +680,9 @@ impl Engine {
     }
 }
 
+/// `(document, heads)` pairs: what set reconciliation compares.
+pub type SyncItems = Vec<(fieldmesh_storage::DocId, Vec<[u8; 32]>)>;
+
 /// A document prepared off the engine, ready to be staged.
 pub struct PreparedDoc {
     id: DocId,
@@ -855,6 +858,169 @@ impl Engine {
                 Err(e) => Err(e),
             })
             .collect()
+    }
+}
+
+impl Engine {
+    /// Every `(document, heads)` this node holds, for set reconciliation (commits first).
+    pub fn sync_items(&mut self) -> Result<SyncItems, EngineError> {
+        self.flush()?;
+        let mut out = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = self.store.changes_since(after, 4096)?;
+            let Some((last, _)) = page.last() else { break };
+            after = *last;
+            for (_, id) in page {
+                if let Some(meta) = self.store.doc_meta(&id)? {
+                    out.push((id, meta.heads));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The documents `ids` as sent to a peer: type and Automerge bytes.
+    pub fn payloads(
+        &mut self,
+        ids: &[fieldmesh_storage::DocId],
+    ) -> Result<Vec<fieldmesh_protocol::DocPayload>, EngineError> {
+        self.flush()?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let (Some(meta), Some(data)) = (self.store.doc_meta(id)?, self.store.doc_bytes(id)?)
+            {
+                out.push(fieldmesh_protocol::DocPayload {
+                    id: *id,
+                    ty: meta.ty,
+                    data,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Merges documents received from a peer and commits them; returns how many changed here.
+    /// A payload that is not a loadable document of the type it claims is refused (counted in
+    /// the result's second field) and nothing of it is applied.
+    pub fn merge(
+        &mut self,
+        docs: Vec<fieldmesh_protocol::DocPayload>,
+    ) -> Result<(usize, usize), EngineError> {
+        let (mut changed, mut refused) = (0, 0);
+        for p in docs {
+            let id = DocId(uuid::Uuid::from_bytes(p.id));
+            match self.merge_one(id, &p) {
+                Ok(true) => changed += 1,
+                Ok(false) => {}
+                Err(EngineError::Store(e)) => return Err(EngineError::Store(e)),
+                Err(e) => {
+                    tracing::warn!(doc = %id, error = %e, "refused a document from a peer");
+                    refused += 1;
+                }
+            }
+        }
+        self.flush()?;
+        Ok((changed, refused))
+    }
+
+    fn merge_one(
+        &mut self,
+        id: DocId,
+        p: &fieldmesh_protocol::DocPayload,
+    ) -> Result<bool, EngineError> {
+        if let Some(mut live) = self.take(&id)? {
+            let was_dirty = self.has_pending_write(&id);
+            let result = (|| {
+                if live.meta.ty != p.ty {
+                    return Err(EngineError::TypeMismatch {
+                        id: id.to_string(),
+                        actual: live.meta.ty.clone(),
+                        asked: p.ty.clone(),
+                    });
+                }
+                let chunks = live.meta.chunks;
+                let doc = live.doc(&id)?;
+                let before = doc.get_heads();
+                let mut probe = doc.fork();
+                probe.load_incremental(&p.data)?;
+                if probe.get_heads() == before {
+                    return Ok(false);
+                }
+                let json = document_to_json(&probe)?;
+                if json.get("resourceType").and_then(Value::as_str) != Some(p.ty.as_str()) {
+                    return Err(EngineError::Document(
+                        "the merged document changes its resourceType".into(),
+                    ));
+                }
+                *doc = probe;
+                let (data, chunks) = if chunks >= COMPACT_AFTER_CHUNKS {
+                    (DocData::Full(doc.save_nocompress()), 1)
+                } else {
+                    (DocData::Append(doc.save_after(&before)), chunks + 1)
+                };
+                let heads = heads_bytes(&doc.get_heads());
+                live.meta.chunks = chunks;
+                live.meta.heads = heads;
+                live.meta.updated = now();
+                let previous = std::mem::replace(&mut live.entries, entries_of_json(&json));
+                self.pending.push(Write::Doc(DocWrite {
+                    id: *id.as_bytes(),
+                    ty: live.meta.ty.clone(),
+                    origin: live.meta.origin.clone(),
+                    data,
+                    heads: live.meta.heads.clone(),
+                    updated: live.meta.updated,
+                    identifiers: live.entries.identifiers.clone(),
+                    references: live.entries.references.clone(),
+                    previous,
+                }));
+                Ok(true)
+            })();
+            let dirty = was_dirty || matches!(result, Ok(true));
+            self.put_back(id, live, dirty);
+            return result;
+        }
+        let mut doc = AutoCommit::load(&p.data)?.with_actor(self.me.actor.clone());
+        let json = document_to_json(&doc)?;
+        if json.get("resourceType").and_then(Value::as_str) != Some(p.ty.as_str())
+            || !profile::is_supported(&p.ty)
+        {
+            return Err(EngineError::Document(format!(
+                "the document is not a {} this node holds",
+                p.ty
+            )));
+        }
+        let entries = entries_of_json(&json);
+        let own = id.to_string();
+        let origin = entries
+            .identifiers
+            .iter()
+            .find(|(s, v)| *v == own && s.starts_with("urn:fieldmesh:"))
+            .map(|(s, _)| s.clone())
+            .unwrap_or_else(|| "urn:fieldmesh:unknown".into());
+        let meta = DocMeta {
+            ty: p.ty.clone(),
+            origin,
+            chunks: 1,
+            seq: 0,
+            heads: heads_bytes(&doc.get_heads()),
+            updated: now(),
+        };
+        self.pending.push(Write::Doc(DocWrite {
+            id: *id.as_bytes(),
+            ty: meta.ty.clone(),
+            origin: meta.origin.clone(),
+            data: DocData::Full(doc.save_nocompress()),
+            heads: meta.heads.clone(),
+            updated: meta.updated,
+            identifiers: entries.identifiers.clone(),
+            references: entries.references.clone(),
+            previous: IndexEntries::default(),
+        }));
+        let doc = self.keep_flushed.then_some(doc);
+        self.dirty.insert(id, Live { doc, meta, entries });
+        Ok(true)
     }
 }
 

@@ -22,6 +22,7 @@ use serde_json::{Value, json};
 
 use crate::docs::DocsHandle;
 use crate::engine::{EngineError, Outcome, Served, parse_json, searchset};
+use crate::net::{ChangeSender, PeerTable};
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 8 * 1024 * 1024;
@@ -44,13 +45,18 @@ pub struct NodeInfo {
 struct AppState {
     docs: DocsHandle,
     info: Arc<NodeInfo>,
+    peers: PeerTable,
+    changes: ChangeSender,
 }
 
-/// The API's router.
-pub fn router(docs: DocsHandle, info: NodeInfo) -> Router {
+/// The API's router. Successful writes are announced on `changes`, which makes the node sync them
+/// to its connected peers.
+pub fn router(docs: DocsHandle, info: NodeInfo, peers: PeerTable, changes: ChangeSender) -> Router {
     let state = AppState {
         docs,
         info: Arc::new(info),
+        peers,
+        changes,
     };
     Router::new()
         .route("/status", get(status))
@@ -201,6 +207,8 @@ async fn create(
     check_type(&ty)?;
     let json = body_json(body)?;
     let s = st.docs.create(ty.clone(), json).await?;
+    // A full queue means a sync is already pending; it will carry this write too.
+    let _ = st.changes.try_send(None);
     let location = format!(
         "{}/{ty}/{}/_history/{}",
         base_url(&headers),
@@ -232,6 +240,9 @@ async fn update(
         .and_then(|v| v.to_str().ok())
         .map(|v| v.trim_start_matches("W/").trim_matches('"').to_string());
     let (s, outcome) = st.docs.update(ty.clone(), id, json, if_match).await?;
+    if outcome != Outcome::Unchanged {
+        let _ = st.changes.try_send(None);
+    }
     Ok(match outcome {
         Outcome::Created => {
             let location = format!(
@@ -326,14 +337,25 @@ async fn search(
 async fn status(State(st): State<AppState>) -> Result<Response, ApiError> {
     let stats = st.docs.stats().await?;
     let i = &st.info;
+    let peers = st.peers.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let connected: Vec<Value> = peers
+        .iter()
+        .filter(|(_, p)| p.connected)
+        .map(|(id, p)| {
+            let mut v = serde_json::to_value(p).unwrap_or(Value::Null);
+            v["peer_id"] = Value::String(id.clone());
+            v
+        })
+        .collect();
     Ok(Json(json!({
         "name": i.name,
         "role": i.role,
         "system": i.system,
         "peer_id": i.peer_id,
         "documents": stats.documents,
-        "peers": 0,
-        "connected_peers": [],
+        "peers": connected.len(),
+        "connected_peers": connected,
+        "known_peers": peers,
         "quarantined": stats.quarantined,
         "last_seq": stats.last_seq,
         "version": env!("CARGO_PKG_VERSION"),

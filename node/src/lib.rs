@@ -17,6 +17,7 @@ pub mod docs;
 pub mod engine;
 pub mod http;
 pub mod load;
+pub mod net;
 pub mod node;
 
 pub use config::{DataDir, Role};

@@ -50,6 +50,16 @@ enum Command {
         /// Address of the FHIR API [default: http.listen from the config, 127.0.0.1:8080].
         #[arg(long, value_name = "ADDR")]
         http: Option<SocketAddr>,
+        /// libp2p address to listen on (repeatable) [default: /ip4/0.0.0.0/tcp/0].
+        #[arg(long, value_name = "MULTIADDR")]
+        listen: Vec<libp2p::Multiaddr>,
+        /// A peer to connect to and keep reconnecting to (repeatable), e.g.
+        /// /ip4/10.0.0.2/tcp/4040/p2p/12D3KooW...
+        #[arg(long, value_name = "MULTIADDR")]
+        peer: Vec<libp2p::Multiaddr>,
+        /// Do not discover peers on the LAN with mDNS.
+        #[arg(long)]
+        no_mdns: bool,
     },
     /// Load FHIR JSON, Bundles or NDJSON files as local writes (the node must not be running).
     Load {
@@ -162,9 +172,25 @@ fn dispatch(cmd: Command) -> Result<()> {
             println!("start it with: fieldmesh run --data {}", data.display());
             Ok(())
         }
-        Command::Run { data, http } => {
+        Command::Run {
+            data,
+            http,
+            listen,
+            peer,
+            no_mdns,
+        } => {
             let dir = DataDir::open(&data)?;
-            runtime()?.block_on(node::run(dir, http))
+            let listen = if listen.is_empty() {
+                vec!["/ip4/0.0.0.0/tcp/0".parse()?]
+            } else {
+                listen
+            };
+            let net = fieldmesh_node::net::NetConfig {
+                listen,
+                peers: peer,
+                mdns: !no_mdns,
+            };
+            runtime()?.block_on(node::run(dir, http, net))
         }
         Command::Load {
             data,
@@ -355,7 +381,13 @@ fn demo_run(out: &Path, families: u64, serve: bool) -> Result<()> {
     }
     let rt = runtime()?;
     rt.block_on(async move {
-        let server = tokio::spawn(node::run(dir, Some(addr)));
+        // The demo stays on this machine: loopback only, no LAN discovery.
+        let net = fieldmesh_node::net::NetConfig {
+            listen: vec!["/ip4/127.0.0.1/tcp/0".parse()?],
+            peers: vec![],
+            mdns: false,
+        };
+        let server = tokio::spawn(node::run(dir, Some(addr), net));
         let base = format!("http://{addr}");
         let walk = tokio::task::spawn_blocking(move || walkthrough(&base)).await?;
         if let Err(e) = walk {

@@ -9,6 +9,7 @@ use crate::config::DataDir;
 use crate::docs::DocsHandle;
 use crate::engine::{Engine, NodeIdentity};
 use crate::http::{NodeInfo, router};
+use crate::net::{CHANGE_QUEUE, NetConfig, PeerTable};
 
 /// Opens the engine of a data directory (the store is locked while it lives).
 pub fn open_engine(dir: &DataDir) -> Result<Engine> {
@@ -29,7 +30,7 @@ pub fn open_engine(dir: &DataDir) -> Result<Engine> {
 }
 
 /// Runs a node until Ctrl-C or SIGTERM; every acknowledged write is on disk when it returns.
-pub async fn run(dir: DataDir, http: Option<SocketAddr>) -> Result<()> {
+pub async fn run(dir: DataDir, http: Option<SocketAddr>, net: NetConfig) -> Result<()> {
     let addr: SocketAddr = match http {
         Some(a) => a,
         None => dir.config.http.listen.parse().with_context(|| {
@@ -47,6 +48,17 @@ pub async fn run(dir: DataDir, http: Option<SocketAddr>) -> Result<()> {
         system: dir.config.system.clone(),
         peer_id: dir.peer_id().to_string(),
     };
+    let peers = PeerTable::default();
+    let (changes_tx, changes_rx) = tokio::sync::mpsc::channel(CHANGE_QUEUE);
+    let network = tokio::spawn(crate::net::run(
+        dir.keypair.clone(),
+        net,
+        dir.config.name.clone(),
+        docs.clone(),
+        peers.clone(),
+        changes_tx.clone(),
+        changes_rx,
+    ));
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
         format!("cannot listen on {addr} (is another node or program using that port?)")
     })?;
@@ -56,10 +68,16 @@ pub async fn run(dir: DataDir, http: Option<SocketAddr>) -> Result<()> {
         "fieldmesh node {} ({}) serving http://{local}/fhir/",
         info.name, info.role
     );
-    axum::serve(listener, router(docs, info))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("the HTTP server failed")?;
+    let server = axum::serve(listener, router(docs, info, peers, changes_tx))
+        .with_graceful_shutdown(shutdown_signal());
+    tokio::select! {
+        r = server => r.context("the HTTP server failed")?,
+        r = network => match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e.context("the network failed")),
+            Err(e) => anyhow::bail!("the network task failed: {e}"),
+        },
+    }
     // Dropping the router dropped every handle: the engine thread commits what is left and ends.
     tokio::task::spawn_blocking(move || engine_thread.join())
         .await

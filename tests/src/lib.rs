@@ -71,6 +71,8 @@ pub struct Node {
     pub data: PathBuf,
     /// `http://127.0.0.1:PORT`.
     pub base: String,
+    /// Its libp2p address, `/ip4/127.0.0.1/tcp/PORT/p2p/PEER`.
+    pub p2p: String,
     child: Child,
     agent: ureq::Agent,
 }
@@ -93,8 +95,35 @@ impl Node {
         Self::run(data)
     }
 
-    /// Starts `fieldmesh run` on an existing data directory.
+    /// Starts `fieldmesh run` on an existing data directory (loopback only, no mDNS).
     pub fn run(data: PathBuf) -> Result<Self> {
+        Self::run_with(data, &[])
+    }
+
+    /// Like [`Node::start`], with `--peer` addresses.
+    pub fn start_with_peers(dir: &Path, name: &str, role: &str, peers: &[&str]) -> Result<Self> {
+        let data = dir.join(name);
+        if !data.join("fieldmesh.toml").exists() {
+            run_ok(&[
+                "init",
+                "--data",
+                data.to_str().unwrap_or_default(),
+                "--role",
+                role,
+                "--name",
+                name,
+            ])?;
+        }
+        let mut args = Vec::new();
+        for p in peers {
+            args.push("--peer");
+            args.push(*p);
+        }
+        Self::run_with(data, &args)
+    }
+
+    /// Starts `fieldmesh run` with extra arguments.
+    pub fn run_with(data: PathBuf, extra: &[&str]) -> Result<Self> {
         let mut child = Command::new(fieldmesh())
             .args([
                 "run",
@@ -103,17 +132,35 @@ impl Node {
                 "--http",
                 "127.0.0.1:0",
             ])
+            .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()?;
         let stdout = child.stdout.take().context("no stdout")?;
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line)?;
-        let base = line
-            .split_whitespace()
-            .find(|w| w.starts_with("http://"))
-            .map(|u| u.trim_end_matches("/fhir/").to_string())
-            .with_context(|| format!("the node did not say where it serves: {line:?}"))?;
+        let mut reader = BufReader::new(stdout);
+        let (mut base, mut p2p) = (None, None);
+        while base.is_none() || p2p.is_none() {
+            let mut line = String::new();
+            if reader.read_line(&mut line)? == 0 {
+                bail!("the node exited before it was ready");
+            }
+            if let Some(u) = line.split_whitespace().find(|w| w.starts_with("http://")) {
+                base = Some(u.trim_end_matches("/fhir/").to_string());
+            }
+            if let Some(a) = line.strip_prefix("listening on ") {
+                p2p = Some(a.trim().to_string());
+            }
+        }
+        // Keep draining stdout so the node never blocks on a full pipe.
+        std::thread::spawn(move || {
+            let mut sink = String::new();
+            while reader.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
+                sink.clear();
+            }
+        });
+        let base = base.context("no HTTP address")?;
+        let p2p = p2p.context("no libp2p address")?;
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(30)))
@@ -122,6 +169,7 @@ impl Node {
         let node = Self {
             data,
             base,
+            p2p,
             child,
             agent,
         };
@@ -180,6 +228,31 @@ impl Node {
         let mut r = req.send(&serde_json::to_vec(body)?)?;
         let (s, h, b) = split(&mut r)?;
         Ok((s, h, serde_json::from_slice(&b).unwrap_or(Value::Null)))
+    }
+
+    /// `GET /status` → the number of documents.
+    pub fn documents(&self) -> Result<u64> {
+        let (_, st) = self.get("/status")?;
+        st["documents"].as_u64().context("no document count")
+    }
+
+    /// Waits until `cond` holds (polling every 50 ms), up to `secs` seconds.
+    pub fn wait_for(
+        &self,
+        secs: u64,
+        what: &str,
+        mut cond: impl FnMut(&Self) -> Result<bool>,
+    ) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if cond(self)? {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("timed out after {secs} s waiting for {what}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Kills the process with SIGKILL.

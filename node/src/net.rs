@@ -1,0 +1,367 @@
+//! The libp2p side of a node: one task owns the `Swarm`; sync sessions run as tasks on streams.
+//!
+//! Transport: TCP with Noise and Yamux, identify and ping (so any libp2p implementation can
+//! connect, identify and ping the node), mDNS discovery on the LAN (off with `--no-mdns`), explicit
+//! peers dialled and re-dialled with backoff. Sync: a session of [`fieldmesh_protocol`] on a stream
+//! of protocol [`PROTOCOL_ID`], frames prefixed by their length (checked against
+//! [`fieldmesh_protocol::MAX_FRAME`] before anything is allocated).
+//!
+//! When to sync: on every new connection (the peer with the lower id initiates), after a local
+//! write, and after a session brought documents in (towards every *other* connected peer, which
+//! is how a hub passes a phone's change on to phones that never met it). At most one session per
+//! peer runs at a time; a request during a session runs another one after it.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use fieldmesh_protocol::{Action, MAX_FRAME, PROTOCOL_ID, Role, Session, decode, encode, pack};
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, StreamProtocol, identify, mdns, noise, ping, tcp, yamux};
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::docs::DocsHandle;
+
+/// Sync requests waiting for the network task, at most.
+pub const CHANGE_QUEUE: usize = 64;
+/// Documents fetched from the store per batch when sending.
+const SEND_BATCH: usize = 256;
+
+/// Network settings of `fieldmesh run`.
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    /// Addresses to listen on.
+    pub listen: Vec<Multiaddr>,
+    /// Peers to dial and keep dialling.
+    pub peers: Vec<Multiaddr>,
+    /// LAN discovery.
+    pub mdns: bool,
+}
+
+/// What `/status` shows of one peer.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PeerInfo {
+    /// Whether a connection is open now.
+    pub connected: bool,
+    /// Unix time of the last completed session.
+    pub last_sync: Option<i64>,
+    /// Sessions completed.
+    pub sessions: u64,
+    /// Documents sent to the peer.
+    pub docs_sent: u64,
+    /// Documents received from it.
+    pub docs_received: u64,
+    /// Bytes sent on sync streams.
+    pub bytes_sent: u64,
+    /// Bytes received on sync streams.
+    pub bytes_received: u64,
+    /// The last session error, if the last session failed.
+    pub last_error: Option<String>,
+}
+
+/// Peers by peer id, shared with the HTTP API.
+pub type PeerTable = Arc<Mutex<BTreeMap<String, PeerInfo>>>;
+
+/// Why a sync is wanted: a local write (`None`) or documents that came from a peer.
+pub type ChangeSender = mpsc::Sender<Option<PeerId>>;
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    mdns: Toggle<mdns::tokio::Behaviour>,
+    stream: libp2p_stream::Behaviour,
+}
+
+struct Outcome {
+    peer: PeerId,
+    result: Result<SessionTotals>,
+}
+
+#[derive(Default)]
+struct SessionTotals {
+    docs_sent: u64,
+    docs_received: u64,
+    bytes_sent: u64,
+    bytes_received: u64,
+    changed: usize,
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default()
+}
+
+fn protocol() -> StreamProtocol {
+    StreamProtocol::new(PROTOCOL_ID)
+}
+
+async fn write_frame(w: &mut (impl AsyncWriteExt + Unpin), frame: &[u8]) -> Result<u64> {
+    let len = u32::try_from(frame.len()).context("frame too large")?;
+    w.write_all(&len.to_be_bytes()).await?;
+    w.write_all(frame).await?;
+    Ok(frame.len() as u64 + 4)
+}
+
+async fn read_frame(r: &mut (impl AsyncReadExt + Unpin)) -> Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len)
+        .await
+        .context("the peer closed the stream")?;
+    let len = u32::from_be_bytes(len) as usize;
+    anyhow::ensure!(
+        len <= MAX_FRAME,
+        "the peer sent a {len}-byte frame (limit {MAX_FRAME})"
+    );
+    let mut buf = vec![0u8; len];
+    r.read_exact(&mut buf)
+        .await
+        .context("the peer closed the stream mid-frame")?;
+    Ok(buf)
+}
+
+/// Runs one session on `stream`.
+async fn drive(
+    stream: libp2p::Stream,
+    role: Role,
+    name: String,
+    docs: DocsHandle,
+) -> Result<SessionTotals> {
+    let items = docs.sync_items().await?;
+    let mut session = Session::new(role, name, items)?;
+    let (mut r, mut w) = stream.split();
+    let mut totals = SessionTotals::default();
+    let mut actions = session.start()?;
+    loop {
+        for action in std::mem::take(&mut actions) {
+            match action {
+                Action::Send(m) => totals.bytes_sent += write_frame(&mut w, &encode(&m)).await?,
+                Action::SendDocs(ids) => {
+                    for chunk in ids.chunks(SEND_BATCH) {
+                        let payloads = docs.payloads(chunk.to_vec()).await?;
+                        totals.docs_sent += payloads.len() as u64;
+                        for m in pack(payloads) {
+                            totals.bytes_sent += write_frame(&mut w, &encode(&m)).await?;
+                        }
+                    }
+                }
+                Action::Apply(batch) => {
+                    totals.docs_received += batch.len() as u64;
+                    let (changed, refused) = docs.merge(batch).await?;
+                    totals.changed += changed;
+                    if refused > 0 {
+                        tracing::warn!(refused, "documents refused in a sync session");
+                    }
+                }
+                Action::Finished => {
+                    w.flush().await?;
+                    let _ = w.close().await;
+                    return Ok(totals);
+                }
+            }
+        }
+        w.flush().await?;
+        let frame = read_frame(&mut r).await?;
+        totals.bytes_received += frame.len() as u64 + 4;
+        actions = session.handle(decode(&frame)?)?;
+    }
+}
+
+/// Runs the network until the process ends.
+pub async fn run(
+    keypair: libp2p::identity::Keypair,
+    cfg: NetConfig,
+    name: String,
+    docs: DocsHandle,
+    peers: PeerTable,
+    changes_tx: ChangeSender,
+    mut changes: mpsc::Receiver<Option<PeerId>>,
+) -> Result<()> {
+    let mdns_on = cfg.mdns;
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )?
+        .with_behaviour(|key| {
+            let mdns = if mdns_on {
+                Some(mdns::tokio::Behaviour::new(
+                    mdns::Config::default(),
+                    key.public().to_peer_id(),
+                )?)
+            } else {
+                None
+            };
+            Ok(Behaviour {
+                identify: identify::Behaviour::new(identify::Config::new(
+                    "/fieldmesh/1".into(),
+                    key.public(),
+                )),
+                ping: ping::Behaviour::new(ping::Config::new()),
+                mdns: Toggle::from(mdns),
+                stream: libp2p_stream::Behaviour::new(),
+            })
+        })?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(600)))
+        .build();
+    for addr in &cfg.listen {
+        swarm
+            .listen_on(addr.clone())
+            .with_context(|| format!("cannot listen on {addr}"))?;
+    }
+    let local = *swarm.local_peer_id();
+    let mut control = swarm.behaviour().stream.new_control();
+    let mut incoming = control
+        .accept(protocol())
+        .context("the sync protocol is registered twice")?;
+
+    // Responder side: every inbound stream is a session.
+    let (done_tx, mut done_rx) = mpsc::channel::<Outcome>(CHANGE_QUEUE);
+    {
+        let (docs, name, done_tx) = (docs.clone(), name.clone(), done_tx.clone());
+        tokio::spawn(async move {
+            while let Some((peer, stream)) = incoming.next().await {
+                let (docs, name, done_tx) = (docs.clone(), name.clone(), done_tx.clone());
+                tokio::spawn(async move {
+                    let result = drive(stream, Role::Responder, name, docs).await;
+                    let _ = done_tx.send(Outcome { peer, result }).await;
+                });
+            }
+        });
+    }
+
+    // Explicit peers: dial now and again with backoff while disconnected.
+    let mut redial: Vec<(Multiaddr, tokio::time::Instant, Duration)> = cfg
+        .peers
+        .iter()
+        .map(|a| {
+            (
+                a.clone(),
+                tokio::time::Instant::now(),
+                Duration::from_millis(500),
+            )
+        })
+        .collect();
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut connected: HashSet<PeerId> = HashSet::new();
+    let mut running: HashSet<PeerId> = HashSet::new();
+    let mut again: HashSet<PeerId> = HashSet::new();
+    let mut addr_peer: HashMap<Multiaddr, PeerId> = HashMap::new();
+
+    let start_session =
+        |peer: PeerId, running: &mut HashSet<PeerId>, again: &mut HashSet<PeerId>| {
+            if !running.insert(peer) {
+                again.insert(peer);
+                return;
+            }
+            let (mut control, docs, name, done_tx) =
+                (control.clone(), docs.clone(), name.clone(), done_tx.clone());
+            tokio::spawn(async move {
+                let result = async {
+                    let stream = control
+                        .open_stream(peer, protocol())
+                        .await
+                        .map_err(|e| anyhow::anyhow!("{e}"))?;
+                    drive(stream, Role::Initiator, name, docs).await
+                }
+                .await;
+                let _ = done_tx.send(Outcome { peer, result }).await;
+            });
+        };
+
+    loop {
+        tokio::select! {
+            biased;
+            Some(outcome) = done_rx.recv() => {
+                let peer = outcome.peer;
+                let mut table = peers.lock().unwrap_or_else(|p| p.into_inner());
+                let info = table.entry(peer.to_string()).or_default();
+                match outcome.result {
+                    Ok(t) => {
+                        info.last_sync = Some(now());
+                        info.sessions += 1;
+                        info.docs_sent += t.docs_sent;
+                        info.docs_received += t.docs_received;
+                        info.bytes_sent += t.bytes_sent;
+                        info.bytes_received += t.bytes_received;
+                        info.last_error = None;
+                        tracing::info!(%peer, sent = t.docs_sent, received = t.docs_received, bytes_out = t.bytes_sent, bytes_in = t.bytes_received, "sync session done");
+                        if t.changed > 0 {
+                            let _ = changes_tx.try_send(Some(peer));
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(%peer, error = %format!("{e:#}"), "sync session failed");
+                        info.last_error = Some(format!("{e:#}"));
+                    }
+                }
+                drop(table);
+                running.remove(&peer);
+                if again.remove(&peer) && connected.contains(&peer) {
+                    start_session(peer, &mut running, &mut again);
+                }
+            }
+            Some(source) = changes.recv() => {
+                for peer in connected.iter().copied().filter(|p| Some(*p) != source).collect::<Vec<_>>() {
+                    start_session(peer, &mut running, &mut again);
+                }
+            }
+            event = swarm.select_next_some() => match event {
+                SwarmEvent::NewListenAddr { address, .. } => {
+                    println!("listening on {address}/p2p/{local}");
+                    tracing::info!(%address, "listening");
+                }
+                SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
+                    addr_peer.insert(endpoint.get_remote_address().clone(), peer_id);
+                    if connected.insert(peer_id) {
+                        tracing::info!(peer = %peer_id, "connected");
+                        peers.lock().unwrap_or_else(|p| p.into_inner()).entry(peer_id.to_string()).or_default().connected = true;
+                        if local < peer_id {
+                            start_session(peer_id, &mut running, &mut again);
+                        }
+                    }
+                }
+                SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
+                    connected.remove(&peer_id);
+                    tracing::info!(peer = %peer_id, "disconnected");
+                    peers.lock().unwrap_or_else(|p| p.into_inner()).entry(peer_id.to_string()).or_default().connected = false;
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
+                    for (peer, addr) in found {
+                        if peer != local && !connected.contains(&peer) {
+                            let _ = swarm.dial(addr);
+                        }
+                    }
+                }
+                SwarmEvent::OutgoingConnectionError { error, .. } => {
+                    tracing::debug!(%error, "dial failed");
+                }
+                _ => {}
+            },
+            _ = tick.tick() => {
+                let now = tokio::time::Instant::now();
+                for (addr, when, backoff) in redial.iter_mut() {
+                    let up = addr_peer.get(addr).is_some_and(|p| connected.contains(p))
+                        || addr.iter().any(|p| matches!(p, libp2p::multiaddr::Protocol::P2p(id) if connected.contains(&id)));
+                    if up {
+                        *backoff = Duration::from_millis(500);
+                        continue;
+                    }
+                    if now >= *when {
+                        let _ = swarm.dial(addr.clone());
+                        *when = now + *backoff;
+                        *backoff = (*backoff * 2).min(Duration::from_secs(30));
+                    }
+                }
+            }
+        }
+    }
+}

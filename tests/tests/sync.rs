@@ -1,0 +1,194 @@
+//! Peer-to-peer sync between real `fieldmesh` processes over libp2p on loopback.
+#![allow(clippy::unwrap_used)] // tests may panic on unexpected errors
+
+use fieldmesh_tests::{Node, run_ok};
+use serde_json::{Value, json};
+
+/// A resource as both nodes should serve it (node-local metadata aside).
+fn content(mut v: Value) -> Value {
+    v.as_object_mut().unwrap().remove("meta");
+    v
+}
+
+#[test]
+fn a_thousand_resources_reach_the_other_node() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("data.ndjson");
+    run_ok(&[
+        "demo",
+        "generate",
+        "--seed",
+        "5",
+        "--families",
+        "160",
+        "--out",
+        file.to_str().unwrap(),
+    ])?;
+    let a_data = dir.path().join("a");
+    run_ok(&[
+        "init",
+        "--data",
+        a_data.to_str().unwrap(),
+        "--role",
+        "device",
+        "--name",
+        "a",
+    ])?;
+    run_ok(&[
+        "load",
+        "--data",
+        a_data.to_str().unwrap(),
+        file.to_str().unwrap(),
+    ])?;
+    let a = Node::run(a_data)?;
+    let total = a.documents()?;
+    assert!(total >= 1000, "{total}");
+    let b = Node::start_with_peers(dir.path(), "b", "device", &[&a.p2p])?;
+    b.wait_for(60, "all documents on b", |n| Ok(n.documents()? == total))?;
+    // Spot-check content: every 50th line of the file, by its id.
+    for line in std::fs::read_to_string(&file)?.lines().step_by(50) {
+        let v: Value = serde_json::from_str(line)?;
+        let path = format!(
+            "/fhir/{}/{}",
+            v["resourceType"].as_str().unwrap(),
+            v["id"].as_str().unwrap()
+        );
+        let (sa, ra) = a.get(&path)?;
+        let (sb, rb) = b.get(&path)?;
+        assert_eq!((sa, sb), (200, 200), "{path}");
+        assert_eq!(content(ra), content(rb), "{path}");
+    }
+    let (_, st) = b.get("/status")?;
+    assert_eq!(st["peers"], 1);
+    assert!(st["connected_peers"][0]["docs_received"].as_u64().unwrap() >= total);
+    Ok(())
+}
+
+#[test]
+fn a_change_crosses_a_hub_between_phones_that_never_meet() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let hub = Node::start(dir.path(), "hub", "hub")?;
+    let a = Node::start_with_peers(dir.path(), "officer-1", "device", &[&hub.p2p])?;
+    let b = Node::start_with_peers(dir.path(), "officer-2", "device", &[&hub.p2p])?;
+    hub.wait_for(10, "both phones connected", |n| {
+        Ok(n.get("/status")?.1["peers"] == 2)
+    })?;
+    let (status, _, p) = a.post(
+        "/fhir/Patient",
+        &json!({"resourceType": "Patient", "name": [{"family": "Issoufou"}], "birthDate": "1984"}),
+    )?;
+    assert_eq!(status, 201);
+    let path = format!("/fhir/Patient/{}", p["id"].as_str().unwrap());
+    b.wait_for(20, "the patient on officer-2", |n| {
+        Ok(n.get(&path)?.0 == 200)
+    })?;
+    assert_eq!(content(b.get(&path)?.1), content(p));
+    // officer-2 and officer-1 never connected to each other.
+    let (_, st) = b.get("/status")?;
+    let peers: Vec<&str> = st["connected_peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["peer_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(peers.len(), 1);
+    assert!(hub.p2p.ends_with(peers[0]));
+    Ok(())
+}
+
+#[test]
+fn concurrent_offline_edits_merge_alike_on_both_nodes() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let a = Node::start(dir.path(), "a", "device")?;
+    let (_, _, p) = a.post("/fhir/Patient", &json!({"resourceType": "Patient", "name": [{"family": "Sani", "given": ["Hadiza"]}], "birthDate": "1990-01-01"}))?;
+    let id = p["id"].as_str().unwrap().to_string();
+    let path = format!("/fhir/Patient/{id}");
+    let b = Node::start_with_peers(dir.path(), "b", "device", &[&a.p2p])?;
+    b.wait_for(10, "the patient on b", |n| Ok(n.get(&path)?.0 == 200))?;
+    // Apart: each edits one field of its own, and both edit `gender`.
+    let (a_data, b_data) = (a.kill9(), b.kill9());
+    let a = Node::run(a_data)?;
+    let b = Node::run(b_data.clone())?;
+    let mut on_a = a.get(&path)?.1;
+    on_a["telecom"] = json!([{"system": "phone", "value": "+227 90 11 22 33"}]);
+    on_a["gender"] = json!("female");
+    assert_eq!(a.put(&path, &on_a, &[])?.0, 200);
+    let mut on_b = b.get(&path)?.1;
+    on_b["birthDate"] = json!("1990-02-02");
+    on_b["gender"] = json!("other");
+    assert_eq!(b.put(&path, &on_b, &[])?.0, 200);
+    // Together again.
+    drop(b);
+    let b = Node::run_with(b_data, &["--peer", &a.p2p])?;
+    b.wait_for(20, "the merge on both nodes", |n| {
+        let (x, y) = (content(a.get(&path)?.1), content(n.get(&path)?.1));
+        Ok(x == y && x["birthDate"] == "1990-02-02" && x.get("telecom").is_some())
+    })?;
+    let merged = content(b.get(&path)?.1);
+    assert_eq!(merged["telecom"][0]["value"], "+227 90 11 22 33");
+    assert_eq!(merged["birthDate"], "1990-02-02");
+    assert!(merged["gender"] == "female" || merged["gender"] == "other");
+    assert_eq!(merged["name"][0]["family"], "Sani");
+    Ok(())
+}
+
+#[test]
+fn a_sync_killed_midway_resumes_and_loses_nothing() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("data.ndjson");
+    run_ok(&[
+        "demo",
+        "generate",
+        "--seed",
+        "9",
+        "--families",
+        "500",
+        "--out",
+        file.to_str().unwrap(),
+    ])?;
+    let a_data = dir.path().join("a");
+    run_ok(&[
+        "init",
+        "--data",
+        a_data.to_str().unwrap(),
+        "--role",
+        "device",
+        "--name",
+        "a",
+    ])?;
+    run_ok(&[
+        "load",
+        "--data",
+        a_data.to_str().unwrap(),
+        file.to_str().unwrap(),
+    ])?;
+    let a = Node::run(a_data)?;
+    let total = a.documents()?;
+    let b = Node::start_with_peers(dir.path(), "b", "device", &[&a.p2p])?;
+    b.wait_for(60, "the sync to start", |n| Ok(n.documents()? > 0))?;
+    let b_data = b.kill9();
+    // Documents arrive and are committed in batches of 256: the kill fell inside the transfer.
+    let seen = {
+        let out = run_ok(&["check", "--data", b_data.to_str().unwrap()])?;
+        let line = out
+            .lines()
+            .find(|l| l.contains(" documents,"))
+            .unwrap_or_default();
+        line.split_whitespace()
+            .nth(1)
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    assert!(
+        seen > 0 && seen < total,
+        "killed with {seen} of {total} documents"
+    );
+    let b = Node::run_with(b_data.clone(), &["--peer", &a.p2p])?;
+    b.wait_for(90, "all documents after the restart", |n| {
+        Ok(n.documents()? == total)
+    })?;
+    drop(b);
+    let out = run_ok(&["check", "--data", b_data.to_str().unwrap()])?;
+    assert!(out.contains("consistent"), "{out}");
+    Ok(())
+}
