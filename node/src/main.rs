@@ -357,15 +357,20 @@ fn demo_run(out: &Path, families: u64, serve: bool) -> Result<()> {
         println!("setting up a demo deployment in {}", out.display());
         setup(out)?
     };
-    let officer = deployment["nodes"]
-        .as_array()
-        .and_then(|n| n.iter().find(|n| n["name"] == "officer-1"))
-        .context("deployment.json has no officer-1")?;
-    let data = PathBuf::from(officer["data_dir"].as_str().unwrap_or_default());
-    let dir = DataDir::open(&data)?;
-    let addr: SocketAddr = dir.config.http.listen.parse()?;
+    let node_dir = |name: &str| -> Result<DataDir> {
+        let n = deployment["nodes"]
+            .as_array()
+            .and_then(|n| n.iter().find(|n| n["name"] == name))
+            .with_context(|| format!("deployment.json has no {name}"))?;
+        DataDir::open(Path::new(n["data_dir"].as_str().unwrap_or_default()))
+    };
+    let (hub, officer1, officer2) = (
+        node_dir("hub")?,
+        node_dir("officer-1")?,
+        node_dir("officer-2")?,
+    );
     {
-        let mut engine = node::open_engine(&dir)?;
+        let mut engine = node::open_engine(&officer1)?;
         if engine.stats()?.documents == 0 {
             let file = out.join("officer-1-families.ndjson");
             let mut w = std::io::BufWriter::new(std::fs::File::create(&file)?);
@@ -379,32 +384,47 @@ fn demo_run(out: &Path, families: u64, serve: bool) -> Result<()> {
             );
         }
     }
+    let addr1: SocketAddr = officer1.config.http.listen.parse()?;
+    let addr2: SocketAddr = officer2.config.http.listen.parse()?;
+    let hub_p2p: libp2p::Multiaddr =
+        format!("/ip4/127.0.0.1/tcp/{}", DEMO_FIRST_PORT + 1000).parse()?;
     let rt = runtime()?;
     rt.block_on(async move {
-        // The demo stays on this machine: loopback only, no LAN discovery.
-        let net = fieldmesh_node::net::NetConfig {
-            listen: vec!["/ip4/127.0.0.1/tcp/0".parse()?],
-            peers: vec![],
+        // The demo stays on this machine: loopback only, no LAN discovery. The two officers
+        // know only the hub; neither ever connects to the other.
+        let net = |listen: &libp2p::Multiaddr, peers: Vec<libp2p::Multiaddr>| fieldmesh_node::net::NetConfig {
+            listen: vec![listen.clone()],
+            peers,
             mdns: false,
         };
-        let server = tokio::spawn(node::run(dir, Some(addr), net));
-        let base = format!("http://{addr}");
-        let walk = tokio::task::spawn_blocking(move || walkthrough(&base)).await?;
+        let any: libp2p::Multiaddr = "/ip4/127.0.0.1/tcp/0".parse()?;
+        let hub_http: SocketAddr = hub.config.http.listen.parse()?;
+        let nodes = vec![
+            tokio::spawn(node::run(hub, Some(hub_http), net(&hub_p2p, vec![]))),
+            tokio::spawn(node::run(officer1, Some(addr1), net(&any, vec![hub_p2p.clone()]))),
+            tokio::spawn(node::run(officer2, Some(addr2), net(&any, vec![hub_p2p.clone()]))),
+        ];
+        let (b1, b2) = (format!("http://{addr1}"), format!("http://{addr2}"));
+        let walk = tokio::task::spawn_blocking(move || walkthrough(&b1, &b2)).await?;
         if let Err(e) = walk {
             eprintln!("demo walk-through failed: {e:#}");
         }
         if serve {
-            println!("\nofficer-1 keeps serving http://{addr}/fhir/ — press Ctrl-C to stop.");
-            server.await??;
+            println!("\nhub, officer-1 (http://{addr1}/fhir/) and officer-2 (http://{addr2}/fhir/) keep running — press Ctrl-C to stop.");
+            for n in nodes {
+                n.await??;
+            }
         } else {
-            println!("\n(run `fieldmesh demo run --out {} --serve` to keep officer-1 running and try the API yourself)", out.display());
-            server.abort();
+            println!("\n(run `fieldmesh demo run --out {} --serve` to keep the nodes running and try the API yourself)", out.display());
+            for n in nodes {
+                n.abort();
+            }
         }
         Ok(())
     })
 }
 
-fn walkthrough(base: &str) -> Result<()> {
+fn walkthrough(base: &str, other: &str) -> Result<()> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .build()
@@ -498,9 +518,37 @@ fn walkthrough(base: &str) -> Result<()> {
         r.status(),
         oo["issue"][0]["diagnostics"]
     );
+    let t = std::time::Instant::now();
+    let mut arrived = false;
+    while t.elapsed() < std::time::Duration::from_secs(60) {
+        if agent
+            .get(format!("{other}/fhir/Patient/{id}"))
+            .call()?
+            .status()
+            == 200
+        {
+            arrived = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let st: Value = agent
+        .get(format!("{other}/status"))
+        .call()?
+        .body_mut()
+        .read_json()?;
+    if arrived {
+        println!(
+            "7. officer-2, which never connected to officer-1, serves the Patient after {:.1} s: it came through the hub ({} documents there now)",
+            t.elapsed().as_secs_f64(),
+            st["documents"]
+        );
+    } else {
+        println!("7. officer-2 did not receive the Patient within 60 s (status: {st})");
+    }
     println!(
         "\nTry it yourself with curl, e.g. curl -s http://{}/fhir/Patient/{id}",
-        base.trim_start_matches("http://")
+        other.trim_start_matches("http://")
     );
     Ok(())
 }

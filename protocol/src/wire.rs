@@ -55,6 +55,11 @@ const RECONCILE: u8 = 2;
 const WANT: u8 = 3;
 const DOCS: u8 = 4;
 const DONE: u8 = 5;
+/// `Docs`, with the body after the kind byte compressed with zstd.
+const DOCS_ZSTD: u8 = 6;
+/// zstd level for document batches: documents share field names and URLs, which a batch
+/// compresses away.
+const ZSTD_LEVEL: i32 = 3;
 
 /// Why a frame was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -81,6 +86,9 @@ pub enum WireError {
     /// A string that is not UTF-8.
     #[error("text that is not UTF-8")]
     Utf8,
+    /// A compressed body that does not decompress within [`MAX_FRAME`] bytes.
+    #[error("a compressed batch is corrupt or larger than {MAX_FRAME} bytes")]
+    Compression,
 }
 
 struct Reader<'a>(&'a [u8]);
@@ -159,17 +167,40 @@ pub fn encode(m: &Message) -> Vec<u8> {
             }
         }
         Message::Docs(docs) => {
-            out.push(DOCS);
-            put_count(&mut out, docs.len());
+            let mut body = Vec::new();
+            put_count(&mut body, docs.len());
             for d in docs {
-                out.extend_from_slice(&d.id);
-                put_bytes(&mut out, d.ty.as_bytes());
-                put_bytes(&mut out, &d.data);
+                body.extend_from_slice(&d.id);
+                put_bytes(&mut body, d.ty.as_bytes());
+                put_bytes(&mut body, &d.data);
+            }
+            match zstd::bulk::compress(&body, ZSTD_LEVEL) {
+                Ok(packed) if packed.len() < body.len() => {
+                    out.push(DOCS_ZSTD);
+                    out.extend_from_slice(&packed);
+                }
+                _ => {
+                    out.push(DOCS);
+                    out.extend_from_slice(&body);
+                }
             }
         }
         Message::Done => out.push(DONE),
     }
     out
+}
+
+fn decode_docs(r: &mut Reader<'_>) -> Result<Vec<DocPayload>, WireError> {
+    let n = r.count(16 + 4 + 4)?;
+    let mut docs = Vec::with_capacity(n);
+    for _ in 0..n {
+        docs.push(DocPayload {
+            id: r.array::<16>()?,
+            ty: r.string()?,
+            data: r.bytes()?.to_vec(),
+        });
+    }
+    Ok(docs)
 }
 
 /// Decodes one frame. Never panics; refuses frames over [`MAX_FRAME`] before reading them.
@@ -197,14 +228,18 @@ pub fn decode(frame: &[u8]) -> Result<Message, WireError> {
             Message::Want(hashes)
         }
         DOCS => {
-            let n = r.count(16 + 4 + 4)?;
-            let mut docs = Vec::with_capacity(n);
-            for _ in 0..n {
-                docs.push(DocPayload {
-                    id: r.array::<16>()?,
-                    ty: r.string()?,
-                    data: r.bytes()?.to_vec(),
-                });
+            let docs = decode_docs(&mut r)?;
+            Message::Docs(docs)
+        }
+        DOCS_ZSTD => {
+            // Refuse bombs: the decompressed body may not exceed a frame either.
+            let body =
+                zstd::bulk::decompress(r.0, MAX_FRAME).map_err(|_| WireError::Compression)?;
+            r.0 = &[];
+            let mut inner = Reader(&body);
+            let docs = decode_docs(&mut inner)?;
+            if !inner.0.is_empty() {
+                return Err(WireError::Trailing(inner.0.len()));
             }
             Message::Docs(docs)
         }
@@ -276,5 +311,22 @@ mod tests {
         let mut f = encode(&Message::Done);
         f.push(0);
         assert_eq!(decode(&f), Err(WireError::Trailing(1)));
+        // A compressed body that would expand past the frame limit is refused.
+        let bomb = zstd::bulk::compress(&vec![0u8; MAX_FRAME + 10], 3).unwrap();
+        let mut f = vec![WIRE_VERSION, DOCS_ZSTD];
+        f.extend_from_slice(&bomb);
+        assert_eq!(decode(&f), Err(WireError::Compression));
+    }
+
+    #[test]
+    fn batches_of_similar_documents_compress() {
+        let docs: Vec<DocPayload> = (0..100u8)
+            .map(|i| DocPayload { id: [i; 16], ty: "Patient".into(), data: format!("{{\"resourceType\":\"Patient\",\"identifier\":[{{\"system\":\"https://openimis.github.io/openimis_fhir_r4_ig/CodeSystem/openimis-identifiers\",\"value\":\"{i}\"}}]}}").into_bytes() })
+            .collect();
+        let raw: usize = docs.iter().map(|d| d.data.len() + 24).sum();
+        let f = encode(&Message::Docs(docs.clone()));
+        assert_eq!(f[1], DOCS_ZSTD);
+        assert!(f.len() * 4 < raw, "{} vs {raw}", f.len());
+        assert_eq!(decode(&f), Ok(Message::Docs(docs)));
     }
 }
