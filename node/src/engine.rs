@@ -369,6 +369,28 @@ impl Engine {
         result
     }
 
+    /// Queues the store write of a document's current state.
+    fn stage(
+        &mut self,
+        id: &DocId,
+        meta: &DocMeta,
+        entries: &IndexEntries,
+        data: DocData,
+        previous: IndexEntries,
+    ) {
+        self.pending.push(Write::Doc(DocWrite {
+            id: *id.as_bytes(),
+            ty: meta.ty.clone(),
+            origin: meta.origin.clone(),
+            data,
+            heads: meta.heads.clone(),
+            updated: meta.updated,
+            identifiers: entries.identifiers.clone(),
+            references: entries.references.clone(),
+            previous,
+        }));
+    }
+
     /// Whether a taken document still has a write waiting for the next flush.
     fn has_pending_write(&self, id: &DocId) -> bool {
         self.pending
@@ -422,17 +444,13 @@ impl Engine {
             updated: now(),
         };
         let entries = entries_of(&prepared);
-        self.pending.push(Write::Doc(DocWrite {
-            id: *id.as_bytes(),
-            ty: meta.ty.clone(),
-            origin: meta.origin.clone(),
-            data: DocData::Full(doc.save_nocompress()),
-            heads: meta.heads.clone(),
-            updated: meta.updated,
-            identifiers: entries.identifiers.clone(),
-            references: entries.references.clone(),
-            previous: IndexEntries::default(),
-        }));
+        self.stage(
+            &id,
+            &meta,
+            &entries,
+            DocData::Full(doc.save_nocompress()),
+            IndexEntries::default(),
+        );
         // Bulk loads give the live document's memory back at once.
         let doc = self.keep_flushed.then_some(doc);
         self.dirty.insert(id, Live { doc, meta, entries });
@@ -532,17 +550,7 @@ impl Engine {
         live.meta.heads = heads;
         live.meta.updated = now();
         let previous = std::mem::replace(&mut live.entries, entries_of(&prepared));
-        self.pending.push(Write::Doc(DocWrite {
-            id: *doc_id.as_bytes(),
-            ty: live.meta.ty.clone(),
-            origin: live.meta.origin.clone(),
-            data,
-            heads: live.meta.heads.clone(),
-            updated: live.meta.updated,
-            identifiers: live.entries.identifiers.clone(),
-            references: live.entries.references.clone(),
-            previous,
-        }));
+        self.stage(doc_id, &live.meta, &live.entries, data, previous);
         Ok(Outcome::Updated)
     }
 
@@ -834,17 +842,13 @@ impl Engine {
                     self.create(resource, None, false, &|_| None)
                 }
                 Ok(p) => {
-                    self.pending.push(Write::Doc(DocWrite {
-                        id: *p.id.as_bytes(),
-                        ty: p.meta.ty.clone(),
-                        origin: p.meta.origin.clone(),
-                        data: DocData::FullEncoded(p.bytes),
-                        heads: p.meta.heads.clone(),
-                        updated: p.meta.updated,
-                        identifiers: p.entries.identifiers.clone(),
-                        references: p.entries.references.clone(),
-                        previous: IndexEntries::default(),
-                    }));
+                    self.stage(
+                        &p.id,
+                        &p.meta,
+                        &p.entries,
+                        DocData::FullEncoded(p.bytes),
+                        IndexEntries::default(),
+                    );
                     self.dirty.insert(
                         p.id,
                         Live {
@@ -964,17 +968,7 @@ impl Engine {
                 live.meta.heads = heads;
                 live.meta.updated = now();
                 let previous = std::mem::replace(&mut live.entries, entries_of_json(&json));
-                self.pending.push(Write::Doc(DocWrite {
-                    id: *id.as_bytes(),
-                    ty: live.meta.ty.clone(),
-                    origin: live.meta.origin.clone(),
-                    data,
-                    heads: live.meta.heads.clone(),
-                    updated: live.meta.updated,
-                    identifiers: live.entries.identifiers.clone(),
-                    references: live.entries.references.clone(),
-                    previous,
-                }));
+                self.stage(&id, &live.meta, &live.entries, data, previous);
                 Ok(true)
             })();
             let dirty = was_dirty || matches!(result, Ok(true));
@@ -1007,17 +1001,13 @@ impl Engine {
             heads: heads_bytes(&doc.get_heads()),
             updated: now(),
         };
-        self.pending.push(Write::Doc(DocWrite {
-            id: *id.as_bytes(),
-            ty: meta.ty.clone(),
-            origin: meta.origin.clone(),
-            data: DocData::Full(doc.save_nocompress()),
-            heads: meta.heads.clone(),
-            updated: meta.updated,
-            identifiers: entries.identifiers.clone(),
-            references: entries.references.clone(),
-            previous: IndexEntries::default(),
-        }));
+        self.stage(
+            &id,
+            &meta,
+            &entries,
+            DocData::Full(doc.save_nocompress()),
+            IndexEntries::default(),
+        );
         let doc = self.keep_flushed.then_some(doc);
         self.dirty.insert(id, Live { doc, meta, entries });
         Ok(true)

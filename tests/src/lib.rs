@@ -80,19 +80,7 @@ pub struct Node {
 impl Node {
     /// Initialises a node in `dir/name` (if needed) and starts it.
     pub fn start(dir: &Path, name: &str, role: &str) -> Result<Self> {
-        let data = dir.join(name);
-        if !data.join("fieldmesh.toml").exists() {
-            run_ok(&[
-                "init",
-                "--data",
-                data.to_str().unwrap_or_default(),
-                "--role",
-                role,
-                "--name",
-                name,
-            ])?;
-        }
-        Self::run(data)
+        Self::start_with_peers(dir, name, role, &[])
     }
 
     /// Starts `fieldmesh run` on an existing data directory (loopback only, no mDNS).

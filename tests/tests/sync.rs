@@ -4,6 +4,45 @@
 use fieldmesh_tests::{Node, run_ok};
 use serde_json::{Value, json};
 
+/// A node named `a` loaded with `families` synthetic families; returns it, its document count
+/// and the data file.
+fn loaded(
+    dir: &std::path::Path,
+    seed: &str,
+    families: &str,
+) -> anyhow::Result<(Node, u64, std::path::PathBuf)> {
+    let file = dir.join("data.ndjson");
+    run_ok(&[
+        "demo",
+        "generate",
+        "--seed",
+        seed,
+        "--families",
+        families,
+        "--out",
+        file.to_str().unwrap(),
+    ])?;
+    let data = dir.join("a");
+    run_ok(&[
+        "init",
+        "--data",
+        data.to_str().unwrap(),
+        "--role",
+        "device",
+        "--name",
+        "a",
+    ])?;
+    run_ok(&[
+        "load",
+        "--data",
+        data.to_str().unwrap(),
+        file.to_str().unwrap(),
+    ])?;
+    let node = Node::run(data)?;
+    let total = node.documents()?;
+    Ok((node, total, file))
+}
+
 /// A resource as both nodes should serve it (node-local metadata aside).
 fn content(mut v: Value) -> Value {
     v.as_object_mut().unwrap().remove("meta");
@@ -13,35 +52,7 @@ fn content(mut v: Value) -> Value {
 #[test]
 fn a_thousand_resources_reach_the_other_node() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let file = dir.path().join("data.ndjson");
-    run_ok(&[
-        "demo",
-        "generate",
-        "--seed",
-        "5",
-        "--families",
-        "160",
-        "--out",
-        file.to_str().unwrap(),
-    ])?;
-    let a_data = dir.path().join("a");
-    run_ok(&[
-        "init",
-        "--data",
-        a_data.to_str().unwrap(),
-        "--role",
-        "device",
-        "--name",
-        "a",
-    ])?;
-    run_ok(&[
-        "load",
-        "--data",
-        a_data.to_str().unwrap(),
-        file.to_str().unwrap(),
-    ])?;
-    let a = Node::run(a_data)?;
-    let total = a.documents()?;
+    let (a, total, file) = loaded(dir.path(), "5", "160")?;
     assert!(total >= 1000, "{total}");
     let b = Node::start_with_peers(dir.path(), "b", "device", &[&a.p2p])?;
     b.wait_for(60, "all documents on b", |n| Ok(n.documents()? == total))?;
@@ -135,35 +146,7 @@ fn concurrent_offline_edits_merge_alike_on_both_nodes() -> anyhow::Result<()> {
 #[test]
 fn a_sync_killed_midway_resumes_and_loses_nothing() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let file = dir.path().join("data.ndjson");
-    run_ok(&[
-        "demo",
-        "generate",
-        "--seed",
-        "9",
-        "--families",
-        "500",
-        "--out",
-        file.to_str().unwrap(),
-    ])?;
-    let a_data = dir.path().join("a");
-    run_ok(&[
-        "init",
-        "--data",
-        a_data.to_str().unwrap(),
-        "--role",
-        "device",
-        "--name",
-        "a",
-    ])?;
-    run_ok(&[
-        "load",
-        "--data",
-        a_data.to_str().unwrap(),
-        file.to_str().unwrap(),
-    ])?;
-    let a = Node::run(a_data)?;
-    let total = a.documents()?;
+    let (a, total, _) = loaded(dir.path(), "9", "500")?;
     let b = Node::start_with_peers(dir.path(), "b", "device", &[&a.p2p])?;
     b.wait_for(60, "the sync to start", |n| Ok(n.documents()? > 0))?;
     let b_data = b.kill9();
