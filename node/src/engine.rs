@@ -434,16 +434,30 @@ impl Engine {
             &*self,
             bundle_ids,
         )?;
-        let mut doc = new_document(&prepared.json, self.me.actor.clone(), now())?;
+        let doc = new_document(&prepared.json, self.me.actor.clone(), now())?;
+        let ty = prepared.ty.clone();
+        let origin = self.me.system.clone();
+        self.stage_new(id, ty, origin, doc, entries_of(&prepared));
+        Ok(id)
+    }
+
+    /// Stages a document that is new here (created locally or received) and keeps it staged.
+    fn stage_new(
+        &mut self,
+        id: DocId,
+        ty: String,
+        origin: String,
+        mut doc: AutoCommit,
+        entries: IndexEntries,
+    ) {
         let meta = DocMeta {
-            ty: prepared.ty.clone(),
-            origin: self.me.system.clone(),
+            ty,
+            origin,
             chunks: 1,
             seq: 0,
             heads: heads_bytes(&doc.get_heads()),
             updated: now(),
         };
-        let entries = entries_of(&prepared);
         self.stage(
             &id,
             &meta,
@@ -454,7 +468,6 @@ impl Engine {
         // Bulk loads give the live document's memory back at once.
         let doc = self.keep_flushed.then_some(doc);
         self.dirty.insert(id, Live { doc, meta, entries });
-        Ok(id)
     }
 
     /// Updates (or, for an unused UUID, creates) the resource `ty/id` to read as `resource`,
@@ -975,7 +988,7 @@ impl Engine {
             self.put_back(id, live, dirty);
             return result;
         }
-        let mut doc = AutoCommit::load(&p.data)?.with_actor(self.me.actor.clone());
+        let doc = AutoCommit::load(&p.data)?.with_actor(self.me.actor.clone());
         let json = document_to_json(&doc)?;
         if json.get("resourceType").and_then(Value::as_str) != Some(p.ty.as_str())
             || !profile::is_supported(&p.ty)
@@ -993,23 +1006,7 @@ impl Engine {
             .find(|(s, v)| *v == own && s.starts_with("urn:fieldmesh:"))
             .map(|(s, _)| s.clone())
             .unwrap_or_else(|| "urn:fieldmesh:unknown".into());
-        let meta = DocMeta {
-            ty: p.ty.clone(),
-            origin,
-            chunks: 1,
-            seq: 0,
-            heads: heads_bytes(&doc.get_heads()),
-            updated: now(),
-        };
-        self.stage(
-            &id,
-            &meta,
-            &entries,
-            DocData::Full(doc.save_nocompress()),
-            IndexEntries::default(),
-        );
-        let doc = self.keep_flushed.then_some(doc);
-        self.dirty.insert(id, Live { doc, meta, entries });
+        self.stage_new(id, p.ty.clone(), origin, doc, entries);
         Ok(true)
     }
 }
