@@ -93,6 +93,26 @@ fn main() -> anyhow::Result<()> {
         "load(save)        {:6.1} µs",
         t.elapsed().as_secs_f64() * 1e6 / n
     );
+    let loaded: Vec<automerge::AutoCommit> = saves
+        .iter()
+        .map(|s| automerge::AutoCommit::load(s))
+        .collect::<Result<_, _>>()?;
+    let t = Instant::now();
+    for d in &loaded {
+        let _ = fieldmesh_fhir_docs::document_to_json(d)?;
+    }
+    println!(
+        "document_to_json  {:6.1} µs",
+        t.elapsed().as_secs_f64() * 1e6 / n
+    );
+    let t = Instant::now();
+    for d in &loaded {
+        let _ = automerge::ReadDoc::hydrate(d, automerge::ROOT, None);
+    }
+    println!(
+        "hydrate           {:6.1} µs",
+        t.elapsed().as_secs_f64() * 1e6 / n
+    );
     let t = Instant::now();
     for d in built.iter_mut() {
         let _ = d.get_heads();

@@ -63,6 +63,8 @@ enum Command {
         docs: Vec<fieldmesh_protocol::DocPayload>,
         reply: Reply<(usize, usize)>,
     },
+    /// Commit what is waiting, reply, and end the thread.
+    Stop,
 }
 
 /// A handle on the engine thread.
@@ -146,6 +148,10 @@ impl DocsHandle {
     ) -> Result<Vec<fieldmesh_protocol::DocPayload>, EngineError> {
         self.call(|reply| Command::Payloads { ids, reply }).await
     }
+    /// Asks the engine thread to commit what is waiting and end; commands sent after this fail.
+    pub async fn stop(&self) {
+        let _ = self.tx.send(Command::Stop).await;
+    }
     /// Merges documents from a peer (durable when this returns): (changed, refused).
     pub async fn merge(
         &self,
@@ -162,14 +168,23 @@ enum Deferred {
         Reply<(Served, Outcome)>,
         Result<(Served, Outcome), EngineError>,
     ),
+    Merged(Reply<(usize, usize)>, Result<(usize, usize), EngineError>),
 }
 
 fn run(mut engine: Engine, mut rx: mpsc::Receiver<Command>) {
-    while let Some(first) = rx.blocking_recv() {
+    let mut stop = false;
+    while !stop {
+        let Some(first) = rx.blocking_recv() else {
+            break;
+        };
         let mut deferred = Vec::new();
         let mut next = Some(first);
         let mut taken = 0;
         while let Some(cmd) = next.take() {
+            if matches!(cmd, Command::Stop) {
+                stop = true;
+                break;
+            }
             execute(&mut engine, cmd, &mut deferred);
             taken += 1;
             if taken < MAX_BATCH {
@@ -201,6 +216,12 @@ fn run(mut engine: Engine, mut rx: mpsc::Receiver<Command>) {
                     let _ = reply.send(r);
                 }
                 (Deferred::Updated(reply, r), Some(msg)) => {
+                    let _ = reply.send(r.and(Err(not_saved(msg))));
+                }
+                (Deferred::Merged(reply, r), None) => {
+                    let _ = reply.send(r);
+                }
+                (Deferred::Merged(reply, r), Some(msg)) => {
                     let _ = reply.send(r.and(Err(not_saved(msg))));
                 }
             }
@@ -253,7 +274,8 @@ fn execute(engine: &mut Engine, cmd: Command, deferred: &mut Vec<Deferred>) {
             let _ = reply.send(engine.payloads(&ids));
         }
         Command::Merge { docs, reply } => {
-            let _ = reply.send(engine.merge(docs));
+            deferred.push(Deferred::Merged(reply, engine.merge(docs)));
         }
+        Command::Stop => {}
     }
 }

@@ -8,7 +8,7 @@
 //!
 //! The engine is synchronous; the node runs it on a thread of its own ([`crate::docs`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -177,6 +177,8 @@ pub struct Engine {
     pending: Vec<Write>,
     /// Whether written documents stay in memory (false for bulk loads).
     keep_flushed: bool,
+    /// Threads that prepare received documents.
+    threads: usize,
 }
 
 fn now() -> i64 {
@@ -202,6 +204,7 @@ impl Engine {
             dirty: HashMap::new(),
             pending: Vec::new(),
             keep_flushed: true,
+            threads: std::thread::available_parallelism().map_or(1, NonZeroUsize::get),
         }
     }
 
@@ -748,6 +751,84 @@ impl Resolver for View<'_> {
 }
 
 /// Prepares one NDJSON line as a new document (validation, reference translation, Automerge).
+/// Maps `f` over `items` on `threads` threads and returns the results in order, or `None` if a
+/// thread panicked. Work is taken in small slices from a shared counter, so that a thread that
+/// drew heavy items (Contracts) does not leave the others idle.
+pub fn par_map<T: Sync, R: Send>(
+    items: &[T],
+    threads: usize,
+    f: impl Fn(&T) -> R + Sync,
+) -> Option<Vec<R>> {
+    const SLICE: usize = 16;
+    let threads = threads.clamp(1, 16).min(items.len().div_ceil(SLICE).max(1));
+    if threads == 1 {
+        return Some(items.iter().map(f).collect());
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut slices: Vec<(usize, Vec<R>)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                let (next, f) = (&next, &f);
+                scope.spawn(move || {
+                    let mut done = Vec::new();
+                    loop {
+                        let start = next.fetch_add(SLICE, std::sync::atomic::Ordering::Relaxed);
+                        if start >= items.len() {
+                            break done;
+                        }
+                        let end = (start + SLICE).min(items.len());
+                        done.push((start, items[start..end].iter().map(f).collect()));
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_default())
+            .collect()
+    });
+    slices.sort_by_key(|(start, _)| *start);
+    let out: Vec<R> = slices.into_iter().flat_map(|(_, r)| r).collect();
+    (out.len() == items.len()).then_some(out)
+}
+
+/// Prepares a document received from a peer that this node does not hold yet: loads it (which
+/// checks its change hashes), reads it, checks its type and computes its index entries.
+fn prepare_received(p: &fieldmesh_protocol::DocPayload) -> Result<PreparedDoc, EngineError> {
+    let id = DocId(uuid::Uuid::from_bytes(p.id));
+    let mut doc = AutoCommit::load(&p.data)?;
+    let json = document_to_json(&doc)?;
+    if json.get("resourceType").and_then(Value::as_str) != Some(p.ty.as_str())
+        || !profile::is_supported(&p.ty)
+    {
+        return Err(EngineError::Document(format!(
+            "the document is not a {} this node holds",
+            p.ty
+        )));
+    }
+    let entries = entries_of_json(&json);
+    let own = id.to_string();
+    let origin = entries
+        .identifiers
+        .iter()
+        .find(|(s, v)| *v == own && s.starts_with("urn:fieldmesh:"))
+        .map(|(s, _)| s.clone())
+        .unwrap_or_else(|| "urn:fieldmesh:unknown".into());
+    Ok(PreparedDoc {
+        id,
+        meta: DocMeta {
+            ty: p.ty.clone(),
+            origin,
+            chunks: 1,
+            seq: 0,
+            heads: heads_bytes(&doc.get_heads()),
+            updated: now(),
+        },
+        entries,
+        bytes: fieldmesh_storage::codec::encode(&p.data)?,
+    })
+}
+
 fn prepare_line(
     view: &View<'_>,
     me: &NodeIdentity,
@@ -793,11 +874,6 @@ impl Engine {
         lines: &[String],
         threads: usize,
     ) -> Vec<Result<DocId, EngineError>> {
-        let threads = threads.clamp(1, 16);
-        // Work is taken in small slices from a shared counter, so that a thread that drew heavy
-        // resources (Contracts) does not leave the other idle.
-        const SLICE: usize = 16;
-        let next = std::sync::atomic::AtomicUsize::new(0);
         let prepared: Vec<Result<PreparedDoc, EngineError>> = {
             let view = View {
                 store: self.store.as_ref(),
@@ -805,45 +881,15 @@ impl Engine {
                 in_flight: &self.in_flight,
             };
             let me = &self.me;
-            let mut slices: Vec<(usize, Vec<Result<PreparedDoc, EngineError>>)> =
-                std::thread::scope(|scope| {
-                    let handles: Vec<_> = (0..threads)
-                        .map(|_| {
-                            let (view, next) = (&view, &next);
-                            scope.spawn(move || {
-                                let mut done = Vec::new();
-                                loop {
-                                    let start =
-                                        next.fetch_add(SLICE, std::sync::atomic::Ordering::Relaxed);
-                                    if start >= lines.len() {
-                                        break done;
-                                    }
-                                    let end = (start + SLICE).min(lines.len());
-                                    done.push((
-                                        start,
-                                        lines[start..end]
-                                            .iter()
-                                            .map(|l| prepare_line(view, me, l))
-                                            .collect(),
-                                    ));
-                                }
-                            })
-                        })
+            match par_map(lines, threads, |l| prepare_line(&view, me, l)) {
+                Some(out) => out,
+                None => {
+                    return lines
+                        .iter()
+                        .map(|_| Err(EngineError::Document("a preparation thread failed".into())))
                         .collect();
-                    handles
-                        .into_iter()
-                        .flat_map(|h| h.join().unwrap_or_default())
-                        .collect()
-                });
-            slices.sort_by_key(|(start, _)| *start);
-            let out: Vec<_> = slices.into_iter().flat_map(|(_, r)| r).collect();
-            if out.len() != lines.len() {
-                return lines
-                    .iter()
-                    .map(|_| Err(EngineError::Document("a preparation thread failed".into())))
-                    .collect();
+                }
             }
-            out
         };
         prepared
             .into_iter()
@@ -917,15 +963,64 @@ impl Engine {
         Ok(out)
     }
 
-    /// Merges documents received from a peer and commits them; returns how many changed here.
+    /// Merges documents received from a peer and starts committing them in the background (the
+    /// next [`Engine::flush`] waits for it); returns how many changed here.
     /// A payload that is not a loadable document of the type it claims is refused (counted in
     /// the result's second field) and nothing of it is applied.
     pub fn merge(
         &mut self,
         docs: Vec<fieldmesh_protocol::DocPayload>,
     ) -> Result<(usize, usize), EngineError> {
-        let (mut changed, mut refused) = (0, 0);
+        // Documents new to this node (most of a first sync) are prepared on every core; the
+        // received bytes are stored as they came, without a second save.
+        let mut fresh = Vec::new();
+        let mut known = Vec::new();
+        let mut seen = HashSet::new();
         for p in docs {
+            let id = DocId(uuid::Uuid::from_bytes(p.id));
+            if seen.insert(id) && self.meta_of(&id)?.is_none() {
+                fresh.push(p);
+            } else {
+                known.push(p);
+            }
+        }
+        let prepared = par_map(&fresh, self.threads, prepare_received)
+            .ok_or_else(|| EngineError::Document("a preparation thread failed".into()))?;
+        let (mut changed, mut refused) = (0, 0);
+        for (p, prepared) in fresh.iter().zip(prepared) {
+            match prepared {
+                Ok(d) => {
+                    self.stage(
+                        &d.id,
+                        &d.meta,
+                        &d.entries,
+                        DocData::FullEncoded(d.bytes),
+                        IndexEntries::default(),
+                    );
+                    self.dirty.insert(
+                        d.id,
+                        Live {
+                            doc: None,
+                            meta: d.meta,
+                            entries: d.entries,
+                        },
+                    );
+                    changed += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(doc = %uuid::Uuid::from_bytes(p.id), error = %e, "refused a document from a peer");
+                    refused += 1;
+                }
+            }
+        }
+        if known.iter().any(|p| {
+            self.dirty
+                .contains_key(&DocId(uuid::Uuid::from_bytes(p.id)))
+        }) {
+            // The batch carried a document twice: commit the first copy before merging the next.
+            self.flush()?;
+        }
+        for p in known {
             let id = DocId(uuid::Uuid::from_bytes(p.id));
             match self.merge_one(id, &p) {
                 Ok(true) => changed += 1,
@@ -937,7 +1032,8 @@ impl Engine {
                 }
             }
         }
-        self.flush()?;
+        // The commit overlaps the next batch; the engine thread waits for it before replying.
+        self.flush_behind()?;
         Ok((changed, refused))
     }
 

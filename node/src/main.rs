@@ -136,10 +136,12 @@ fn main() {
         Command::Run { .. } | Command::Demo(DemoCommand::Run { .. }) => "info",
         _ => "warn",
     };
+    // Automerge opens a tracing span per load; formatting them costs more than the load.
+    let default_level = format!("{default_level},automerge=warn");
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&default_level)),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -126,6 +126,22 @@ async fn read_frame(r: &mut (impl AsyncReadExt + Unpin)) -> Result<Vec<u8>> {
     Ok(buf)
 }
 
+/// Received batches being merged at once, at most.
+const MERGES_IN_FLIGHT: usize = 2;
+
+/// Takes the result of one merge into the session's totals.
+fn settle(
+    joined: Result<Result<(usize, usize), crate::engine::EngineError>, tokio::task::JoinError>,
+    totals: &mut SessionTotals,
+) -> Result<()> {
+    let (changed, refused) = joined.context("a merge task failed")??;
+    totals.changed += changed;
+    if refused > 0 {
+        tracing::warn!(refused, "documents refused in a sync session");
+    }
+    Ok(())
+}
+
 /// Runs one session on `stream`.
 async fn drive(
     stream: libp2p::Stream,
@@ -137,6 +153,10 @@ async fn drive(
     let mut session = Session::new(role, name, items)?;
     let (mut r, mut w) = stream.split();
     let mut totals = SessionTotals::default();
+    // Received batches merge while the next ones are read and decoded; at most
+    // `MERGES_IN_FLIGHT` wait, and all have finished (durably) before the session ends.
+    let mut merging: std::collections::VecDeque<tokio::task::JoinHandle<_>> =
+        std::collections::VecDeque::new();
     let mut actions = session.start()?;
     loop {
         for action in std::mem::take(&mut actions) {
@@ -153,13 +173,18 @@ async fn drive(
                 }
                 Action::Apply(batch) => {
                     totals.docs_received += batch.len() as u64;
-                    let (changed, refused) = docs.merge(batch).await?;
-                    totals.changed += changed;
-                    if refused > 0 {
-                        tracing::warn!(refused, "documents refused in a sync session");
+                    if merging.len() >= MERGES_IN_FLIGHT {
+                        if let Some(oldest) = merging.pop_front() {
+                            settle(oldest.await, &mut totals)?;
+                        }
                     }
+                    let docs = docs.clone();
+                    merging.push_back(tokio::spawn(async move { docs.merge(batch).await }));
                 }
                 Action::Finished => {
+                    while let Some(next) = merging.pop_front() {
+                        settle(next.await, &mut totals)?;
+                    }
                     w.flush().await?;
                     let _ = w.close().await;
                     return Ok(totals);

@@ -1,5 +1,6 @@
 //! Starting a node: open its data directory and store, start the engine thread, serve the API.
 
+use std::future::IntoFuture;
 use std::net::SocketAddr;
 
 use anyhow::{Context, Result};
@@ -68,22 +69,29 @@ pub async fn run(dir: DataDir, http: Option<SocketAddr>, net: NetConfig) -> Resu
         "fieldmesh node {} ({}) serving http://{local}/fhir/",
         info.name, info.role
     );
-    let server = axum::serve(listener, router(docs, info, peers, changes_tx))
-        .with_graceful_shutdown(shutdown_signal());
-    tokio::select! {
-        r = server => r.context("the HTTP server failed")?,
-        r = network => match r {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(e.context("the network failed")),
-            Err(e) => anyhow::bail!("the network task failed: {e}"),
+    let server = axum::serve(listener, router(docs.clone(), info, peers, changes_tx));
+    let mut network = network;
+    let outcome = tokio::select! {
+        r = server.into_future() => r.context("the HTTP server failed"),
+        r = &mut network => match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.context("the network failed")),
+            Err(e) => Err(anyhow::anyhow!("the network task failed: {e}")),
         },
-    }
-    // Dropping the router dropped every handle: the engine thread commits what is left and ends.
+        () = shutdown_signal() => {
+            tracing::info!("stopping");
+            Ok(())
+        }
+    };
+    // Sessions stop with the network; the engine commits what was sent to it before the stop,
+    // answers it, and ends.
+    network.abort();
+    docs.stop().await;
     tokio::task::spawn_blocking(move || engine_thread.join())
         .await
         .ok();
     tracing::info!("node stopped");
-    Ok(())
+    outcome
 }
 
 async fn shutdown_signal() {

@@ -243,6 +243,24 @@ impl Node {
         }
     }
 
+    /// Stops the process with SIGTERM (as systemd or Ctrl-C would) and waits up to `secs`
+    /// seconds for it to exit; returns its exit status, or an error if it did not stop.
+    pub fn terminate(mut self, secs: u64) -> Result<(std::process::ExitStatus, PathBuf)> {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status()?;
+        anyhow::ensure!(sent.success(), "kill -TERM {pid} failed");
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok((status, self.data.clone()));
+            }
+            if Instant::now() > deadline {
+                bail!("the node did not stop within {secs} s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Kills the process with SIGKILL.
     pub fn kill9(mut self) -> PathBuf {
         let _ = self.child.kill();

@@ -78,3 +78,30 @@ fn a_running_node_locks_its_store_and_says_so() -> anyhow::Result<()> {
     assert_eq!((status, st["documents"].as_u64()), (200, Some(1)));
     Ok(())
 }
+
+/// SIGTERM stops a node that has a peer connected and an HTTP client holding a keep-alive
+/// connection, promptly and cleanly, and what it acknowledged is there after a restart.
+#[test]
+fn sigterm_stops_a_connected_node_and_keeps_its_writes() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let hub = Node::start(dir.path(), "hub", "hub")?;
+    let officer = Node::start_with_peers(dir.path(), "officer", "device", &[&hub.p2p])?;
+    officer.wait_for(20, "the hub to connect", |n| {
+        Ok(n.get("/status")?.1["connected_peers"]
+            .as_array()
+            .is_some_and(|p| !p.is_empty()))
+    })?;
+    let (status, _, body) = officer.post(
+        "/fhir/Patient",
+        &json!({"resourceType": "Patient", "name": [{"family": "Issa"}], "birthDate": "1990-04-02"}),
+    )?;
+    assert_eq!(status, 201, "{body}");
+    let id = body["id"].as_str().unwrap().to_string();
+    let (exit, data) = officer.terminate(10)?;
+    assert!(exit.success(), "the node exited with {exit}");
+    let officer = Node::run(data)?;
+    let (status, got) = officer.get(&format!("/fhir/Patient/{id}"))?;
+    assert_eq!(status, 200);
+    assert_eq!(got["name"][0]["family"], "Issa");
+    Ok(())
+}
