@@ -173,10 +173,10 @@ async fn drive(
                 }
                 Action::Apply(batch) => {
                     totals.docs_received += batch.len() as u64;
-                    if merging.len() >= MERGES_IN_FLIGHT {
-                        if let Some(oldest) = merging.pop_front() {
-                            settle(oldest.await, &mut totals)?;
-                        }
+                    if merging.len() >= MERGES_IN_FLIGHT
+                        && let Some(oldest) = merging.pop_front()
+                    {
+                        settle(oldest.await, &mut totals)?;
                     }
                     let docs = docs.clone();
                     merging.push_back(tokio::spawn(async move { docs.merge(batch).await }));
