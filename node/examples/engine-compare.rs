@@ -129,8 +129,11 @@ impl Store for SledStore {
     fn changes_since(&self, after: u64, limit: usize) -> Result<Vec<(u64, DocId)>, StoreError> {
         ops::changes_since(&Trees(&self.trees), after, limit)
     }
-    fn checkpoint(&self, peer: &str) -> Result<u64, StoreError> {
+    fn checkpoint(&self, peer: &str) -> Result<Option<Vec<u8>>, StoreError> {
         ops::checkpoint(&Trees(&self.trees), peer)
+    }
+    fn store_id(&self) -> Result<[u8; 16], StoreError> {
+        ops::store_id(&Trees(&self.trees))
     }
     fn quarantined(&self, limit: usize) -> Result<Vec<Quarantined>, StoreError> {
         ops::quarantined(&Trees(&self.trees), limit)

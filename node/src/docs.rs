@@ -12,7 +12,7 @@ use fieldmesh_storage::Stats;
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::engine::{Engine, EngineError, Outcome, Served, SyncItems};
+use crate::engine::{Engine, EngineError, Outcome, Served, SyncStart};
 
 /// Commands waiting for the engine thread, at most.
 pub const COMMAND_QUEUE: usize = 1024;
@@ -52,11 +52,17 @@ enum Command {
     Stats {
         reply: Reply<Stats>,
     },
-    SyncItems {
-        reply: Reply<SyncItems>,
+    SyncStart {
+        peer: String,
+        reply: Reply<SyncStart>,
+    },
+    RecordCheckpoint {
+        peer: String,
+        checkpoint: fieldmesh_protocol::Checkpoint,
+        reply: Reply<()>,
     },
     Payloads {
-        ids: Vec<[u8; 16]>,
+        ids: Vec<([u8; 16], fieldmesh_protocol::Heads)>,
         reply: Reply<Vec<fieldmesh_protocol::DocPayload>>,
     },
     Merge {
@@ -137,14 +143,27 @@ impl DocsHandle {
     pub async fn stats(&self) -> Result<Stats, EngineError> {
         self.call(|reply| Command::Stats { reply }).await
     }
-    /// Every `(document, heads)`, for reconciliation.
-    pub async fn sync_items(&self) -> Result<SyncItems, EngineError> {
-        self.call(|reply| Command::SyncItems { reply }).await
+    /// What a session with `peer` starts from: store id, log position, checkpoint, documents.
+    pub async fn sync_start(&self, peer: String) -> Result<SyncStart, EngineError> {
+        self.call(|reply| Command::SyncStart { peer, reply }).await
     }
-    /// Documents to send to a peer.
+    /// Records the checkpoint of a completed session (after every merge before it is durable).
+    pub async fn record_checkpoint(
+        &self,
+        peer: String,
+        checkpoint: fieldmesh_protocol::Checkpoint,
+    ) -> Result<(), EngineError> {
+        self.call(|reply| Command::RecordCheckpoint {
+            peer,
+            checkpoint,
+            reply,
+        })
+        .await
+    }
+    /// Documents to send to a peer, each after the heads the peer holds (whole if none).
     pub async fn payloads(
         &self,
-        ids: Vec<[u8; 16]>,
+        ids: Vec<([u8; 16], fieldmesh_protocol::Heads)>,
     ) -> Result<Vec<fieldmesh_protocol::DocPayload>, EngineError> {
         self.call(|reply| Command::Payloads { ids, reply }).await
     }
@@ -267,8 +286,15 @@ fn execute(engine: &mut Engine, cmd: Command, deferred: &mut Vec<Deferred>) {
         Command::Stats { reply } => {
             let _ = reply.send(engine.stats());
         }
-        Command::SyncItems { reply } => {
-            let _ = reply.send(engine.sync_items());
+        Command::SyncStart { peer, reply } => {
+            let _ = reply.send(engine.sync_start(&peer));
+        }
+        Command::RecordCheckpoint {
+            peer,
+            checkpoint,
+            reply,
+        } => {
+            let _ = reply.send(engine.record_checkpoint(&peer, &checkpoint));
         }
         Command::Payloads { ids, reply } => {
             let _ = reply.send(engine.payloads(&ids));

@@ -705,7 +705,21 @@ impl Engine {
 }
 
 /// `(document, heads)` pairs: what set reconciliation compares.
-pub type SyncItems = Vec<(fieldmesh_storage::DocId, Vec<[u8; 32]>)>;
+pub type SyncItems = Vec<fieldmesh_protocol::Item>;
+
+/// What a sync session starts from: this store's id and log position, the checkpoint recorded
+/// for the peer, and every document as `(id, heads, log sequence)`, all taken at one instant.
+#[derive(Debug, Clone)]
+pub struct SyncStart {
+    /// The store id.
+    pub store: [u8; 16],
+    /// The last log sequence.
+    pub seq: u64,
+    /// The checkpoint recorded for the peer (unreadable ones are ignored).
+    pub checkpoint: Option<fieldmesh_protocol::Checkpoint>,
+    /// The documents.
+    pub items: SyncItems,
+}
 
 /// A document prepared off the engine, ready to be staged.
 pub struct PreparedDoc {
@@ -925,34 +939,83 @@ impl Engine {
 }
 
 impl Engine {
-    /// Every `(document, heads)` this node holds, for set reconciliation (commits first).
-    pub fn sync_items(&mut self) -> Result<SyncItems, EngineError> {
+    /// What a session with `peer` starts from (commits first; see [`SyncStart`]).
+    pub fn sync_start(&mut self, peer: &str) -> Result<SyncStart, EngineError> {
         self.flush()?;
-        let mut out = Vec::new();
+        let mut items = Vec::new();
         let mut after = 0;
         loop {
             let page = self.store.changes_since(after, 4096)?;
             let Some((last, _)) = page.last() else { break };
             after = *last;
-            for (_, id) in page {
+            for (seq, id) in page {
                 if let Some(meta) = self.store.doc_meta(&id)? {
-                    out.push((id, meta.heads));
+                    items.push((id, meta.heads, seq));
                 }
             }
         }
-        Ok(out)
+        Ok(SyncStart {
+            store: self.store.store_id()?,
+            seq: self.store.stats()?.last_seq,
+            checkpoint: self
+                .store
+                .checkpoint(peer)?
+                .and_then(|b| fieldmesh_protocol::Checkpoint::from_bytes(&b)),
+            items,
+        })
+    }
+
+    /// Records the checkpoint of a completed session with `peer`, after every merge it brought
+    /// is durable.
+    pub fn record_checkpoint(
+        &mut self,
+        peer: &str,
+        checkpoint: &fieldmesh_protocol::Checkpoint,
+    ) -> Result<(), EngineError> {
+        self.flush()?;
+        self.store.commit(vec![Write::Checkpoint {
+            peer: peer.to_string(),
+            value: checkpoint.to_bytes(),
+        }])?;
+        Ok(())
     }
 
     /// The documents `ids` as sent to a peer: type and Automerge bytes.
     pub fn payloads(
         &mut self,
-        ids: &[fieldmesh_storage::DocId],
+        wanted: &[(fieldmesh_storage::DocId, fieldmesh_protocol::Heads)],
     ) -> Result<Vec<fieldmesh_protocol::DocPayload>, EngineError> {
         self.flush()?;
-        let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
-            if let (Some(meta), Some(data)) = (self.store.doc_meta(id)?, self.store.doc_bytes(id)?)
-            {
+        let mut out = Vec::with_capacity(wanted.len());
+        for (id, their_heads) in wanted {
+            let Some(meta) = self.store.doc_meta(id)? else {
+                continue;
+            };
+            if !their_heads.is_empty() {
+                // The peer holds the document: send only the changes after its heads, if ours
+                // contains them all.
+                let doc_id = DocId(uuid::Uuid::from_bytes(*id));
+                if let Some(mut live) = self.take(&doc_id)? {
+                    let since = live.doc(&doc_id).map(|doc| {
+                        let heads: Vec<ChangeHash> =
+                            their_heads.iter().map(|h| ChangeHash(*h)).collect();
+                        heads
+                            .iter()
+                            .all(|h| doc.get_change_by_hash(h).is_some())
+                            .then(|| doc.save_after(&heads))
+                    });
+                    self.put_back(doc_id, live, false);
+                    if let Some(data) = since? {
+                        out.push(fieldmesh_protocol::DocPayload {
+                            id: *id,
+                            ty: meta.ty,
+                            data,
+                        });
+                        continue;
+                    }
+                }
+            }
+            if let Some(data) = self.store.doc_bytes(id)? {
                 out.push(fieldmesh_protocol::DocPayload {
                     id: *id,
                     ty: meta.ty,

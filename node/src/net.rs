@@ -16,7 +16,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use fieldmesh_protocol::{Action, MAX_FRAME, PROTOCOL_ID, Role, Session, decode, encode, pack};
+use fieldmesh_protocol::{
+    Action, Local, MAX_FRAME, PROTOCOL_ID, Role, Session, decode, encode, pack,
+};
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
@@ -59,6 +61,9 @@ pub struct PeerInfo {
     pub bytes_sent: u64,
     /// Bytes received on sync streams.
     pub bytes_received: u64,
+    /// How the last session found the differences: `checkpoint` (the fast path of peers that
+    /// synced before) or `reconciliation` (first contact, or a checkpoint one side lost).
+    pub last_path: Option<&'static str>,
     /// The last session error, if the last session failed.
     pub last_error: Option<String>,
 }
@@ -89,6 +94,7 @@ struct SessionTotals {
     bytes_sent: u64,
     bytes_received: u64,
     changed: usize,
+    fast: bool,
 }
 
 fn now() -> i64 {
@@ -145,12 +151,19 @@ fn settle(
 /// Runs one session on `stream`.
 async fn drive(
     stream: libp2p::Stream,
+    peer: PeerId,
     role: Role,
     name: String,
     docs: DocsHandle,
 ) -> Result<SessionTotals> {
-    let items = docs.sync_items().await?;
-    let mut session = Session::new(role, name, items)?;
+    let start = docs.sync_start(peer.to_string()).await?;
+    let local = Local {
+        node: name,
+        store: start.store,
+        seq: start.seq,
+        checkpoint: start.checkpoint,
+    };
+    let mut session = Session::new(role, local, start.items)?;
     let (mut r, mut w) = stream.split();
     let mut totals = SessionTotals::default();
     // Received batches merge while the next ones are read and decoded; at most
@@ -185,6 +198,11 @@ async fn drive(
                     while let Some(next) = merging.pop_front() {
                         settle(next.await, &mut totals)?;
                     }
+                    // Everything received is durable: from now on the peers can start from here.
+                    if let Some(c) = session.checkpoint() {
+                        docs.record_checkpoint(peer.to_string(), c).await?;
+                    }
+                    totals.fast = session.stats().fast;
                     w.flush().await?;
                     let _ = w.close().await;
                     return Ok(totals);
@@ -256,7 +274,7 @@ pub async fn run(
             while let Some((peer, stream)) = incoming.next().await {
                 let (docs, name, done_tx) = (docs.clone(), name.clone(), done_tx.clone());
                 tokio::spawn(async move {
-                    let result = drive(stream, Role::Responder, name, docs).await;
+                    let result = drive(stream, peer, Role::Responder, name, docs).await;
                     let _ = done_tx.send(Outcome { peer, result }).await;
                 });
             }
@@ -295,7 +313,7 @@ pub async fn run(
                         .open_stream(peer, protocol())
                         .await
                         .map_err(|e| anyhow::anyhow!("{e}"))?;
-                    drive(stream, Role::Initiator, name, docs).await
+                    drive(stream, peer, Role::Initiator, name, docs).await
                 }
                 .await;
                 let _ = done_tx.send(Outcome { peer, result }).await;
@@ -318,7 +336,8 @@ pub async fn run(
                         info.bytes_sent += t.bytes_sent;
                         info.bytes_received += t.bytes_received;
                         info.last_error = None;
-                        tracing::info!(%peer, sent = t.docs_sent, received = t.docs_received, bytes_out = t.bytes_sent, bytes_in = t.bytes_received, "sync session done");
+                        info.last_path = Some(if t.fast { "checkpoint" } else { "reconciliation" });
+                        tracing::info!(%peer, fast = t.fast, sent = t.docs_sent, received = t.docs_received, bytes_out = t.bytes_sent, bytes_in = t.bytes_received, "sync session done");
                         if t.changed > 0 {
                             let _ = changes_tx.try_send(Some(peer));
                         }

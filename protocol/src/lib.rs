@@ -16,7 +16,10 @@ pub mod wire;
 /// A document id (the 16 bytes of its UUID).
 pub type DocId = [u8; 16];
 
-pub use session::{Action, Role, Session, SessionError, SessionStats, item_hash, pack};
+pub use session::{
+    Action, Item, Local, Role, Session, SessionError, SessionStats, item_hash, pack,
+};
 pub use wire::{
-    DocPayload, MAX_FRAME, Message, PROTOCOL_ID, WIRE_VERSION, WireError, decode, encode,
+    Checkpoint, DocPayload, Heads, MAX_FRAME, Message, PROTOCOL_ID, WIRE_VERSION, WireError,
+    decode, encode,
 };

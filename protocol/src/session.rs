@@ -4,6 +4,28 @@
 //! message, send documents (read from the host's store), apply received documents. Time and IO stay
 //! with the host; the node wraps a session in a libp2p stream, the simulation in a scheduler.
 //!
+//! Each document is one item: a hash of its id and sorted heads. Two paths:
+//!
+//! **Fast path, for peers that synced before.** At the end of every complete session each side
+//! records a [`Checkpoint`]: the peer's store, how far of the peer's change log it has, and how far
+//! of its own the peer has. When the initiator's record mirrors the responder's, each side only
+//! announces the documents its log shows changed since, with their heads (49 bytes each), and
+//! asks for what differs with its own heads, so that only missing changes travel:
+//!
+//! ```text
+//! initiator                                        responder
+//!   Hello(checkpoint), Have(changed since)  ─────▶  (checks the checkpoint mirrors its own)
+//!                                           ◀─────  Hello(checkpoint), Docs(its copies of what
+//!                                                   differs), Need(what differs), Have(its changes)
+//!                                                   — or just Hello, Done when nothing does
+//!   Docs(wanted, and its copies), Need, Done ─────▶
+//!                                           ◀─────  Docs(wanted), Done
+//! ```
+//!
+//! Equal stores finish in one round trip; any difference takes two.
+//!
+//! **Range reconciliation, for first contact or a lost checkpoint** (negentropy):
+//!
 //! ```text
 //! initiator                                  responder
 //!   Hello, Reconcile(q0)          ─────▶
@@ -14,20 +36,23 @@
 //!                                 ◀─────     Docs(wanted), Done
 //! ```
 //!
-//! The reconciled set holds one item per document: a hash of the document id and its sorted
-//! heads. Equal stores agree in one negentropy exchange whatever their size; a document whose
-//! heads differ shows up on both sides, and each sends its copy (Automerge merges them).
+//! Equal stores agree in one negentropy exchange whatever their size; a document whose heads
+//! differ shows up on both sides, and each sends its copy (Automerge merges them). A proposed
+//! checkpoint that the responder does not hold (it was lost, or the last session did not complete
+//! on its side) costs one more round trip before reconciliation starts. An initiator that holds
+//! nothing (a new device) skips reconciliation: the responder answers its first message with
+//! every document.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use negentropy::{Id, Negentropy, NegentropyStorageVector};
 use sha2::{Digest, Sha256};
 
 use crate::DocId;
-use crate::wire::{DocPayload, MAX_FRAME, Message};
+use crate::wire::{Checkpoint, DocPayload, Heads, MAX_FRAME, Message};
 
 /// Largest negentropy message (leaves room in a frame for its header).
-pub const RECONCILE_FRAME_LIMIT: u64 = 512 * 1024;
+pub const RECONCILE_FRAME_LIMIT: u64 = 4 * 1024 * 1024;
 
 /// The hash under which a `(document, heads)` pair is reconciled.
 pub fn item_hash(doc: &DocId, heads: &[[u8; 32]]) -> [u8; 32] {
@@ -56,11 +81,14 @@ pub enum Role {
 pub enum Action {
     /// Send this message.
     Send(Message),
-    /// Read these documents from the store and send them (see [`pack`]).
-    SendDocs(Vec<DocId>),
+    /// Read these documents from the store and send them (see [`pack`]). Each comes with the
+    /// heads the peer holds of it: if the host's copy contains them all, the changes after them
+    /// suffice; otherwise (or with no heads) the whole document goes.
+    SendDocs(Vec<(DocId, Heads)>),
     /// Merge these received documents into the store.
     Apply(Vec<DocPayload>),
-    /// The session is over; both sides have what the other had.
+    /// The session is over; both sides have what the other had. Once every received document is
+    /// durably merged, the host records [`Session::checkpoint`] for the peer.
     Finished,
 }
 
@@ -79,21 +107,59 @@ pub enum SessionError {
 /// Counters of a session.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SessionStats {
+    /// Whether the checkpoint fast path was taken.
+    pub fast: bool,
     /// Negentropy messages this side received.
     pub reconcile_rounds: u32,
+    /// Items announced by this side on the fast path.
+    pub announced: usize,
     /// Documents this side asked the host to send.
     pub docs_to_send: usize,
     /// Documents received.
     pub docs_received: usize,
 }
 
+/// What this node brings to a session besides its items.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Local {
+    /// Node name (for logs).
+    pub node: String,
+    /// The store id.
+    pub store: [u8; 16],
+    /// The last log sequence covered by the items.
+    pub seq: u64,
+    /// The checkpoint recorded for this peer, if any.
+    pub checkpoint: Option<Checkpoint>,
+}
+
+/// One document as a session sees it: id, heads, and the log sequence of its last change.
+pub type Item = (DocId, Vec<[u8; 32]>, u64);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Before the Hellos are exchanged.
+    Opening,
+    /// Checkpoint fast path.
+    Fast,
+    /// Range reconciliation.
+    Ranges,
+    /// The initiator holds nothing: the responder sends everything, without reconciliation.
+    Dump,
+}
+
 /// One side of a sync session.
 pub struct Session {
     role: Role,
-    node: String,
-    documents: u64,
-    neg: Negentropy<'static, NegentropyStorageVector>,
+    local: Local,
+    /// `(document, item hash, log sequence)`.
+    items: Vec<(DocId, [u8; 32], u64)>,
+    heads: HashMap<DocId, Heads>,
     by_hash: HashMap<[u8; 32], DocId>,
+    by_doc: HashMap<DocId, [u8; 32]>,
+    neg: Option<Negentropy<'static, NegentropyStorageVector>>,
+    mode: Mode,
+    /// The peer's store and log sequence, from its Hello.
+    peer: Option<([u8; 16], u64)>,
     finished: bool,
     stats: SessionStats,
 }
@@ -102,8 +168,9 @@ impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Session")
             .field("role", &self.role)
-            .field("node", &self.node)
-            .field("documents", &self.documents)
+            .field("node", &self.local.node)
+            .field("documents", &self.items.len())
+            .field("mode", &self.mode)
             .field("finished", &self.finished)
             .finish()
     }
@@ -114,44 +181,114 @@ fn neg_err(e: negentropy::Error) -> SessionError {
 }
 
 impl Session {
-    /// A session over the `(document, heads)` items this node may share with the peer.
+    /// A session over the items this node may share with the peer.
     pub fn new(
         role: Role,
-        node: impl Into<String>,
-        items: impl IntoIterator<Item = (DocId, Vec<[u8; 32]>)>,
+        local: Local,
+        items: impl IntoIterator<Item = Item>,
     ) -> Result<Self, SessionError> {
-        let mut storage = NegentropyStorageVector::new();
-        let mut by_hash = HashMap::new();
-        for (doc, heads) in items {
-            let h = item_hash(&doc, &heads);
-            storage.insert(0, Id::from_byte_array(h)).map_err(neg_err)?;
-            by_hash.insert(h, doc);
-        }
-        storage.seal().map_err(neg_err)?;
-        // `initiate()` makes the initiator; marking it before would make initiate refuse.
-        let neg = Negentropy::owned(storage, RECONCILE_FRAME_LIMIT).map_err(neg_err)?;
+        let mut all_heads = HashMap::new();
+        let items: Vec<(DocId, [u8; 32], u64)> = items
+            .into_iter()
+            .map(|(doc, heads, seq)| {
+                let h = item_hash(&doc, &heads);
+                all_heads.insert(doc, heads);
+                (doc, h, seq)
+            })
+            .collect();
+        let by_hash = items.iter().map(|(d, h, _)| (*h, *d)).collect();
+        let by_doc = items.iter().map(|(d, h, _)| (*d, *h)).collect();
         Ok(Self {
             role,
-            node: node.into(),
-            documents: by_hash.len() as u64,
-            neg,
+            local,
+            items,
+            heads: all_heads,
             by_hash,
+            by_doc,
+            neg: None,
+            mode: Mode::Opening,
+            peer: None,
             finished: false,
             stats: SessionStats::default(),
         })
     }
 
-    /// The first actions: the initiator greets and opens reconciliation; the responder waits.
+    /// The negentropy state, built on first use (the fast path never needs it).
+    fn neg(&mut self) -> Result<&mut Negentropy<'static, NegentropyStorageVector>, SessionError> {
+        if self.neg.is_none() {
+            let mut storage = NegentropyStorageVector::new();
+            for (_, h, _) in &self.items {
+                storage
+                    .insert(0, Id::from_byte_array(*h))
+                    .map_err(neg_err)?;
+            }
+            storage.seal().map_err(neg_err)?;
+            // `initiate()` makes the initiator; marking it before would make initiate refuse.
+            self.neg = Some(Negentropy::owned(storage, RECONCILE_FRAME_LIMIT).map_err(neg_err)?);
+        }
+        self.neg
+            .as_mut()
+            .ok_or(SessionError::Reconcile("no reconciliation state".into()))
+    }
+
+    fn hello(&self, checkpoint: Option<Checkpoint>) -> Message {
+        Message::Hello {
+            node: self.local.node.clone(),
+            documents: self.items.len() as u64,
+            store: self.local.store,
+            seq: self.local.seq,
+            checkpoint,
+        }
+    }
+
+    /// `(document, heads)` of the items changed after log sequence `after`, except `skip`.
+    fn changed_since(&self, after: u64, skip: &HashSet<DocId>) -> Vec<(DocId, Heads)> {
+        self.items
+            .iter()
+            .filter(|(d, _, seq)| *seq > after && !skip.contains(d))
+            .map(|(d, _, _)| (*d, self.heads.get(d).cloned().unwrap_or_default()))
+            .collect()
+    }
+
+    /// For documents the peer announced: ours that differ (to send, after the peer's heads) and
+    /// theirs to ask for (with our heads).
+    fn compare(&mut self, theirs: &[(DocId, Heads)]) -> (Vec<(DocId, Heads)>, Vec<(DocId, Heads)>) {
+        let (mut send, mut need) = (Vec::new(), Vec::new());
+        for (doc, their_heads) in theirs {
+            match self.by_doc.get(doc) {
+                Some(mine) if *mine == item_hash(doc, their_heads) => {}
+                Some(_) => {
+                    send.push((*doc, their_heads.clone()));
+                    need.push((*doc, self.heads.get(doc).cloned().unwrap_or_default()));
+                }
+                None => need.push((*doc, Vec::new())),
+            }
+        }
+        self.stats.docs_to_send += send.len();
+        (send, need)
+    }
+
+    /// The first actions: the initiator greets and opens the fast path (if it holds a checkpoint
+    /// for the peer) or reconciliation; the responder waits.
     pub fn start(&mut self) -> Result<Vec<Action>, SessionError> {
-        match self.role {
-            Role::Initiator => Ok(vec![
-                Action::Send(Message::Hello {
-                    node: self.node.clone(),
-                    documents: self.documents,
-                }),
-                Action::Send(Message::Reconcile(self.neg.initiate().map_err(neg_err)?)),
-            ]),
-            Role::Responder => Ok(Vec::new()),
+        match (self.role, self.local.checkpoint) {
+            (Role::Responder, _) => Ok(Vec::new()),
+            (Role::Initiator, Some(c)) => {
+                let have = self.changed_since(c.mine, &HashSet::new());
+                self.stats.announced = have.len();
+                Ok(vec![
+                    Action::Send(self.hello(Some(c))),
+                    Action::Send(Message::Have(have)),
+                ])
+            }
+            (Role::Initiator, None) => {
+                self.mode = Mode::Ranges;
+                let q = self.neg()?.initiate().map_err(neg_err)?;
+                Ok(vec![
+                    Action::Send(self.hello(None)),
+                    Action::Send(Message::Reconcile(q)),
+                ])
+            }
         }
     }
 
@@ -165,33 +302,193 @@ impl Session {
         self.stats
     }
 
+    /// What to record for the peer once the session has finished: from now on this node has the
+    /// peer's log up to the sequence the peer announced, and the peer has this node's log up to
+    /// the sequence this node announced. `None` before the session finished.
+    pub fn checkpoint(&self) -> Option<Checkpoint> {
+        let (store, theirs) = self.peer?;
+        self.finished.then_some(Checkpoint {
+            store,
+            theirs,
+            mine: self.local.seq,
+        })
+    }
+
+    /// Whether `theirs` (the peer's record of us) mirrors our record of the peer.
+    fn mirrors(&self, theirs: &Checkpoint) -> bool {
+        match (self.local.checkpoint, self.peer) {
+            (Some(ours), Some((peer_store, _))) => {
+                theirs.store == self.local.store
+                    && ours.store == peer_store
+                    && theirs.theirs == ours.mine
+                    && theirs.mine == ours.theirs
+            }
+            _ => false,
+        }
+    }
+
+    fn finish(&mut self) -> Action {
+        self.finished = true;
+        Action::Finished
+    }
+
     /// Handles one received message.
     pub fn handle(&mut self, m: Message) -> Result<Vec<Action>, SessionError> {
         if self.finished {
             return Err(SessionError::Unexpected("post-session"));
         }
-        match (self.role, m) {
-            (Role::Responder, Message::Hello { .. }) => Ok(vec![Action::Send(Message::Hello {
-                node: self.node.clone(),
-                documents: self.documents,
-            })]),
-            (Role::Initiator, Message::Hello { .. }) => Ok(Vec::new()),
-            (Role::Responder, Message::Reconcile(q)) => {
+        match (self.role, self.mode, m) {
+            (
+                _,
+                Mode::Opening | Mode::Ranges,
+                Message::Hello {
+                    store,
+                    seq,
+                    checkpoint,
+                    documents,
+                    ..
+                },
+            ) if self.peer.is_none() => {
+                self.peer = Some((store, seq));
+                match self.role {
+                    Role::Responder => {
+                        let accept = checkpoint.is_some_and(|c| self.mirrors(&c));
+                        if accept {
+                            self.mode = Mode::Fast;
+                            self.stats.fast = true;
+                            Ok(vec![Action::Send(self.hello(self.local.checkpoint))])
+                        } else if documents == 0 {
+                            // A new device: everything goes, no reconciliation needed. Its
+                            // first Reconcile is answered with the documents.
+                            self.mode = Mode::Dump;
+                            Ok(vec![Action::Send(self.hello(None))])
+                        } else {
+                            self.mode = Mode::Ranges;
+                            Ok(vec![Action::Send(self.hello(None))])
+                        }
+                    }
+                    Role::Initiator => {
+                        if self.mode == Mode::Ranges {
+                            // We opened with reconciliation already.
+                            return Ok(Vec::new());
+                        }
+                        if checkpoint.is_some_and(|c| self.mirrors(&c)) {
+                            self.mode = Mode::Fast;
+                            self.stats.fast = true;
+                            Ok(Vec::new())
+                        } else {
+                            // The responder does not hold our checkpoint: reconcile ranges.
+                            self.mode = Mode::Ranges;
+                            let q = self.neg()?.initiate().map_err(neg_err)?;
+                            Ok(vec![Action::Send(Message::Reconcile(q))])
+                        }
+                    }
+                }
+            }
+            (_, _, Message::Hello { .. }) => Err(SessionError::Unexpected("second Hello")),
+            (_, Mode::Opening, _) => Err(SessionError::Unexpected("message before Hello")),
+            (_, _, Message::Docs(docs)) => {
+                self.stats.docs_received += docs.len();
+                Ok(vec![Action::Apply(docs)])
+            }
+
+            // Fast path.
+            (Role::Responder, Mode::Fast, Message::Have(theirs)) => {
+                let skip: HashSet<DocId> = theirs.iter().map(|(d, _)| *d).collect();
+                let (send, want) = self.compare(&theirs);
+                let after = self.local.checkpoint.map_or(0, |c| c.mine);
+                let mine = self.changed_since(after, &skip);
+                self.stats.announced = mine.len();
+                let mut actions = Vec::new();
+                if !send.is_empty() {
+                    actions.push(Action::SendDocs(send));
+                }
+                if want.is_empty() && mine.is_empty() {
+                    actions.push(Action::Send(Message::Done));
+                    actions.push(self.finish());
+                    return Ok(actions);
+                }
+                if !want.is_empty() {
+                    actions.push(Action::Send(Message::Need(want)));
+                }
+                actions.push(Action::Send(Message::Have(mine)));
+                Ok(actions)
+            }
+            (Role::Initiator, Mode::Fast, Message::Have(theirs)) => {
+                let (send, want) = self.compare(&theirs);
+                let mut actions = Vec::new();
+                if !send.is_empty() {
+                    actions.push(Action::SendDocs(send));
+                }
+                if !want.is_empty() {
+                    actions.push(Action::Send(Message::Need(want)));
+                }
+                actions.push(Action::Send(Message::Done));
+                Ok(actions)
+            }
+            (_, Mode::Fast, Message::Need(wanted)) => {
+                let docs: Vec<(DocId, Heads)> = wanted
+                    .into_iter()
+                    .filter(|(d, _)| self.by_doc.contains_key(d))
+                    .collect();
+                self.stats.docs_to_send += docs.len();
+                Ok(if docs.is_empty() {
+                    Vec::new()
+                } else {
+                    vec![Action::SendDocs(docs)]
+                })
+            }
+            (_, Mode::Fast, Message::Want(_)) => Err(SessionError::Unexpected("Want")),
+            (_, Mode::Ranges, Message::Need(_)) => Err(SessionError::Unexpected("Need")),
+            (Role::Initiator, Mode::Fast, Message::Done) => Ok(vec![self.finish()]),
+            (Role::Responder, Mode::Fast, Message::Done) => {
+                Ok(vec![Action::Send(Message::Done), self.finish()])
+            }
+            (_, Mode::Fast, Message::Reconcile(_)) => Err(SessionError::Unexpected("Reconcile")),
+
+            // A new device pulls everything.
+            (Role::Responder, Mode::Dump, Message::Reconcile(_)) => {
+                let docs: Vec<(DocId, Heads)> = self
+                    .items
+                    .iter()
+                    .map(|(d, _, _)| (*d, Vec::new()))
+                    .collect();
+                self.stats.docs_to_send += docs.len();
+                let mut actions = Vec::new();
+                if !docs.is_empty() {
+                    actions.push(Action::SendDocs(docs));
+                }
+                actions.push(Action::Send(Message::Done));
+                actions.push(self.finish());
+                Ok(actions)
+            }
+            (Role::Responder, Mode::Dump, Message::Have(_)) => Ok(Vec::new()),
+            (_, Mode::Dump, _) => Err(SessionError::Unexpected("message to a new device")),
+
+            // Range reconciliation.
+            (Role::Responder, Mode::Ranges, Message::Have(_)) => {
+                // Sent before the initiator learnt we do not hold its checkpoint.
+                Ok(Vec::new())
+            }
+            (Role::Initiator, Mode::Ranges, Message::Have(_)) => {
+                Err(SessionError::Unexpected("Have"))
+            }
+            (Role::Responder, Mode::Ranges, Message::Reconcile(q)) => {
                 self.stats.reconcile_rounds += 1;
-                let r = self.neg.reconcile(&q).map_err(neg_err)?;
+                let r = self.neg()?.reconcile(&q).map_err(neg_err)?;
                 Ok(vec![Action::Send(Message::Reconcile(r))])
             }
-            (Role::Initiator, Message::Reconcile(r)) => {
+            (Role::Initiator, Mode::Ranges, Message::Reconcile(r)) => {
                 self.stats.reconcile_rounds += 1;
                 let (mut have, mut need) = (Vec::new(), Vec::new());
                 let next = self
-                    .neg
+                    .neg()?
                     .reconcile_with_ids(&r, &mut have, &mut need)
                     .map_err(neg_err)?;
                 let mut actions = Vec::new();
-                let docs: Vec<DocId> = have
+                let docs: Vec<(DocId, Heads)> = have
                     .iter()
-                    .filter_map(|id| self.by_hash.get(id.as_bytes()).copied())
+                    .filter_map(|id| self.by_hash.get(id.as_bytes()).map(|d| (*d, Vec::new())))
                     .collect();
                 if !docs.is_empty() {
                     self.stats.docs_to_send += docs.len();
@@ -202,16 +499,18 @@ impl Session {
                         need.iter().map(|id| *id.as_bytes()).collect(),
                     )));
                 }
-                actions.push(Action::Send(match next {
-                    Some(q) => Message::Reconcile(q),
-                    None => Message::Done,
-                }));
+                match next {
+                    Some(q) => actions.push(Action::Send(Message::Reconcile(q))),
+                    None => {
+                        actions.push(Action::Send(Message::Done));
+                    }
+                }
                 Ok(actions)
             }
-            (Role::Responder, Message::Want(hashes)) => {
-                let docs: Vec<DocId> = hashes
+            (Role::Responder, Mode::Ranges, Message::Want(hashes)) => {
+                let docs: Vec<(DocId, Heads)> = hashes
                     .iter()
-                    .filter_map(|h| self.by_hash.get(h).copied())
+                    .filter_map(|h| self.by_hash.get(h).map(|d| (*d, Vec::new())))
                     .collect();
                 self.stats.docs_to_send += docs.len();
                 Ok(if docs.is_empty() {
@@ -220,19 +519,13 @@ impl Session {
                     vec![Action::SendDocs(docs)]
                 })
             }
-            (_, Message::Docs(docs)) => {
-                self.stats.docs_received += docs.len();
-                Ok(vec![Action::Apply(docs)])
+            (Role::Initiator, Mode::Ranges, Message::Want(_)) => {
+                Err(SessionError::Unexpected("Want"))
             }
-            (Role::Responder, Message::Done) => {
-                self.finished = true;
-                Ok(vec![Action::Send(Message::Done), Action::Finished])
+            (Role::Responder, Mode::Ranges, Message::Done) => {
+                Ok(vec![Action::Send(Message::Done), self.finish()])
             }
-            (Role::Initiator, Message::Done) => {
-                self.finished = true;
-                Ok(vec![Action::Finished])
-            }
-            (Role::Initiator, Message::Want(_)) => Err(SessionError::Unexpected("Want")),
+            (Role::Initiator, Mode::Ranges, Message::Done) => Ok(vec![self.finish()]),
         }
     }
 }

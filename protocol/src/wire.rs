@@ -12,9 +12,9 @@
 use crate::DocId;
 
 /// libp2p protocol id of this version of the protocol.
-pub const PROTOCOL_ID: &str = "/fieldmesh/sync/1";
+pub const PROTOCOL_ID: &str = "/fieldmesh/sync/2";
 /// First byte of every frame.
-pub const WIRE_VERSION: u8 = 1;
+pub const WIRE_VERSION: u8 = 2;
 /// Largest frame accepted or produced (8 MiB).
 pub const MAX_FRAME: usize = 8 * 1024 * 1024;
 
@@ -30,6 +30,53 @@ pub struct DocPayload {
     pub data: Vec<u8>,
 }
 
+/// What a node recorded about a peer at the end of their last complete session: the peer's
+/// store (sequence numbers mean nothing across stores), the peer's log position it had then
+/// received everything up to (`theirs`), and its own log position the peer had then received
+/// everything up to (`mine`). Two peers whose records mirror each other need only exchange
+/// what changed since.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// The peer's store id.
+    pub store: [u8; 16],
+    /// The peer's log sequence, all of which this node has.
+    pub theirs: u64,
+    /// This node's log sequence, all of which the peer has.
+    pub mine: u64,
+}
+
+impl Checkpoint {
+    /// The checkpoint as stored.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(33);
+        out.push(1);
+        out.extend_from_slice(&self.store);
+        out.extend_from_slice(&self.theirs.to_be_bytes());
+        out.extend_from_slice(&self.mine.to_be_bytes());
+        out
+    }
+
+    /// Reads a stored checkpoint; `None` if it is not one (it is then ignored).
+    pub fn from_bytes(b: &[u8]) -> Option<Self> {
+        let mut r = Reader(b);
+        if r.u8().ok()? != 1 {
+            return None;
+        }
+        let c = Self {
+            store: r.array().ok()?,
+            theirs: r.u64().ok()?,
+            mine: r.u64().ok()?,
+        };
+        r.0.is_empty().then_some(c)
+    }
+
+    fn put(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.store);
+        out.extend_from_slice(&self.theirs.to_be_bytes());
+        out.extend_from_slice(&self.mine.to_be_bytes());
+    }
+}
+
 /// A protocol message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -39,7 +86,21 @@ pub enum Message {
         node: String,
         /// Number of documents the sender will reconcile.
         documents: u64,
+        /// The sender's store id (see [`Checkpoint`]).
+        store: [u8; 16],
+        /// The last sequence number of the sender's change log as of this session.
+        seq: u64,
+        /// From the initiator: the checkpoint it holds for the responder, proposing the fast
+        /// path. From the responder: the checkpoint it holds for the initiator, if it matched
+        /// and the fast path is on.
+        checkpoint: Option<Checkpoint>,
     },
+    /// Documents the sender changed since the checkpoint, with their heads (fast path). The
+    /// receiver asks for those whose heads differ from its own.
+    Have(Vec<(DocId, Heads)>),
+    /// Documents the sender wants, with the heads it holds of each (none if it lacks the
+    /// document), so that only the changes it lacks are sent (fast path).
+    Need(Vec<(DocId, Heads)>),
     /// A set-reconciliation message (negentropy).
     Reconcile(Vec<u8>),
     /// Item hashes whose documents the sender wants (it cannot name the documents: it lacks them).
@@ -57,6 +118,44 @@ const DOCS: u8 = 4;
 const DONE: u8 = 5;
 /// `Docs`, with the body after the kind byte compressed with zstd.
 const DOCS_ZSTD: u8 = 6;
+const HAVE: u8 = 7;
+const NEED: u8 = 8;
+
+/// The heads of a document (Automerge change hashes). At most 255 travel with an item; a
+/// document with more concurrent heads is announced with the first 255, which only costs a
+/// redundant transfer.
+pub type Heads = Vec<[u8; 32]>;
+
+fn put_heads_list(out: &mut Vec<u8>, kind: u8, items: &[(DocId, Heads)]) {
+    out.push(kind);
+    put_count(out, items.len());
+    for (doc, heads) in items {
+        out.extend_from_slice(doc);
+        let n = heads.len().min(255);
+        out.push(n as u8);
+        for h in &heads[..n] {
+            out.extend_from_slice(h);
+        }
+    }
+}
+
+fn read_heads_list(r: &mut Reader<'_>) -> Result<Vec<(DocId, Heads)>, WireError> {
+    let n = r.count(17)?;
+    let mut items = Vec::with_capacity(n);
+    for _ in 0..n {
+        let doc = r.array::<16>()?;
+        let k = r.u8()? as usize;
+        if k * 32 > r.0.len() {
+            return Err(WireError::Truncated);
+        }
+        let mut heads = Vec::with_capacity(k);
+        for _ in 0..k {
+            heads.push(r.array::<32>()?);
+        }
+        items.push((doc, heads));
+    }
+    Ok(items)
+}
 /// zstd level for document batches: documents share field names and URLs, which a batch
 /// compresses away.
 const ZSTD_LEVEL: i32 = 3;
@@ -86,6 +185,9 @@ pub enum WireError {
     /// A string that is not UTF-8.
     #[error("text that is not UTF-8")]
     Utf8,
+    /// A field with a value it cannot have.
+    #[error("malformed {0}")]
+    Malformed(&'static str),
     /// A compressed body that does not decompress within [`MAX_FRAME`] bytes.
     #[error("a compressed batch is corrupt or larger than {MAX_FRAME} bytes")]
     Compression,
@@ -150,11 +252,28 @@ fn put_count(out: &mut Vec<u8>, n: usize) {
 pub fn encode(m: &Message) -> Vec<u8> {
     let mut out = vec![WIRE_VERSION];
     match m {
-        Message::Hello { node, documents } => {
+        Message::Hello {
+            node,
+            documents,
+            store,
+            seq,
+            checkpoint,
+        } => {
             out.push(HELLO);
             put_bytes(&mut out, node.as_bytes());
             out.extend_from_slice(&documents.to_be_bytes());
+            out.extend_from_slice(store);
+            out.extend_from_slice(&seq.to_be_bytes());
+            match checkpoint {
+                None => out.push(0),
+                Some(c) => {
+                    out.push(1);
+                    c.put(&mut out);
+                }
+            }
         }
+        Message::Have(items) => put_heads_list(&mut out, HAVE, items),
+        Message::Need(items) => put_heads_list(&mut out, NEED, items),
         Message::Reconcile(p) => {
             out.push(RECONCILE);
             put_bytes(&mut out, p);
@@ -217,7 +336,20 @@ pub fn decode(frame: &[u8]) -> Result<Message, WireError> {
         HELLO => Message::Hello {
             node: r.string()?,
             documents: r.u64()?,
+            store: r.array()?,
+            seq: r.u64()?,
+            checkpoint: match r.u8()? {
+                0 => None,
+                1 => Some(Checkpoint {
+                    store: r.array()?,
+                    theirs: r.u64()?,
+                    mine: r.u64()?,
+                }),
+                _ => return Err(WireError::Malformed("checkpoint flag")),
+            },
         },
+        HAVE => Message::Have(read_heads_list(&mut r)?),
+        NEED => Message::Need(read_heads_list(&mut r)?),
         RECONCILE => Message::Reconcile(r.bytes()?.to_vec()),
         WANT => {
             let n = r.count(32)?;
@@ -259,8 +391,40 @@ mod tests {
 
     fn message() -> impl Strategy<Value = Message> {
         prop_oneof![
-            ("\\PC{0,20}", any::<u64>())
-                .prop_map(|(node, documents)| Message::Hello { node, documents }),
+            (
+                "\\PC{0,20}",
+                any::<u64>(),
+                any::<[u8; 16]>(),
+                any::<u64>(),
+                prop::option::of((any::<[u8; 16]>(), any::<u64>(), any::<u64>()))
+            )
+                .prop_map(|(node, documents, store, seq, c)| Message::Hello {
+                    node,
+                    documents,
+                    store,
+                    seq,
+                    checkpoint: c.map(|(store, theirs, mine)| Checkpoint {
+                        store,
+                        theirs,
+                        mine
+                    }),
+                }),
+            prop::collection::vec(
+                (
+                    any::<[u8; 16]>(),
+                    prop::collection::vec(any::<[u8; 32]>(), 0..3)
+                ),
+                0..20
+            )
+            .prop_map(Message::Have),
+            prop::collection::vec(
+                (
+                    any::<[u8; 16]>(),
+                    prop::collection::vec(any::<[u8; 32]>(), 0..3)
+                ),
+                0..20
+            )
+            .prop_map(Message::Need),
             prop::collection::vec(any::<u8>(), 0..200).prop_map(Message::Reconcile),
             prop::collection::vec(any::<[u8; 32]>(), 0..20).prop_map(Message::Want),
             prop::collection::vec(
@@ -302,7 +466,7 @@ mod tests {
         // A Want claiming 4 billion hashes in a 10-byte frame is refused before allocation.
         let f = [WIRE_VERSION, WANT, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0];
         assert_eq!(decode(&f), Err(WireError::Truncated));
-        assert_eq!(decode(&[2, DONE]), Err(WireError::Version(2)));
+        assert_eq!(decode(&[1, DONE]), Err(WireError::Version(1)));
         assert_eq!(decode(&[]), Err(WireError::Empty));
         assert_eq!(
             decode(&vec![WIRE_VERSION; MAX_FRAME + 1]),
@@ -316,6 +480,21 @@ mod tests {
         let mut f = vec![WIRE_VERSION, DOCS_ZSTD];
         f.extend_from_slice(&bomb);
         assert_eq!(decode(&f), Err(WireError::Compression));
+    }
+
+    #[test]
+    fn checkpoints_round_trip_and_refuse_garbage() {
+        let c = Checkpoint {
+            store: [7; 16],
+            theirs: 12,
+            mine: 40,
+        };
+        assert_eq!(Checkpoint::from_bytes(&c.to_bytes()), Some(c));
+        assert_eq!(Checkpoint::from_bytes(&[]), None);
+        assert_eq!(Checkpoint::from_bytes(&c.to_bytes()[..20]), None);
+        let mut longer = c.to_bytes();
+        longer.push(0);
+        assert_eq!(Checkpoint::from_bytes(&longer), None);
     }
 
     #[test]

@@ -4,13 +4,76 @@
 //! bounded number of round trips, and unchanged stores exchange only a few bytes.
 #![allow(clippy::unwrap_used)] // tests may panic on unexpected errors
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
-use fieldmesh_protocol::{Action, DocId, DocPayload, Message, Role, Session, decode, encode, pack};
+use fieldmesh_protocol::{
+    Action, Checkpoint, DocId, DocPayload, Local, Message, Role, Session, decode, encode, pack,
+};
 use proptest::prelude::*;
 use sha2::{Digest, Sha256};
 
-type Replica = BTreeMap<DocId, BTreeSet<u64>>;
+/// A replica: documents (grow-only sets), a change log (the sequence of each document's last
+/// change) and the checkpoints it recorded per peer.
+#[derive(Debug, Clone)]
+struct Replica {
+    name: String,
+    store: [u8; 16],
+    docs: BTreeMap<DocId, BTreeSet<u64>>,
+    seq_of: BTreeMap<DocId, u64>,
+    next_seq: u64,
+    checkpoints: HashMap<String, Checkpoint>,
+}
+
+impl Replica {
+    fn new(name: &str, n: u8) -> Self {
+        Self {
+            name: name.into(),
+            store: [n; 16],
+            docs: BTreeMap::new(),
+            seq_of: BTreeMap::new(),
+            next_seq: 1,
+            checkpoints: HashMap::new(),
+        }
+    }
+
+    fn with_docs(
+        name: &str,
+        n: u8,
+        docs: impl IntoIterator<Item = (DocId, BTreeSet<u64>)>,
+    ) -> Self {
+        let mut r = Self::new(name, n);
+        for (d, set) in docs {
+            for v in set {
+                r.edit(d, v);
+            }
+        }
+        r
+    }
+
+    /// A local change: adds `v` to document `d`.
+    fn edit(&mut self, d: DocId, v: u64) {
+        if self.docs.entry(d).or_default().insert(v) {
+            self.seq_of.insert(d, self.next_seq);
+            self.next_seq += 1;
+        }
+    }
+
+    fn items(&self) -> Vec<(DocId, Vec<[u8; 32]>, u64)> {
+        self.docs
+            .iter()
+            .map(|(d, s)| (*d, heads(s), self.seq_of[d]))
+            .collect()
+    }
+
+    fn local(&self, peer: &str) -> Local {
+        Local {
+            node: self.name.clone(),
+            store: self.store,
+            seq: self.next_seq - 1,
+            checkpoint: self.checkpoints.get(peer).copied(),
+        }
+    }
+}
 
 fn heads(set: &BTreeSet<u64>) -> Vec<[u8; 32]> {
     let mut h = Sha256::new();
@@ -20,12 +83,8 @@ fn heads(set: &BTreeSet<u64>) -> Vec<[u8; 32]> {
     vec![h.finalize().into()]
 }
 
-fn items(r: &Replica) -> Vec<(DocId, Vec<[u8; 32]>)> {
-    r.iter().map(|(d, s)| (*d, heads(s))).collect()
-}
-
 fn payload(r: &Replica, id: &DocId) -> DocPayload {
-    let data = r[id].iter().flat_map(|v| v.to_be_bytes()).collect();
+    let data = r.docs[id].iter().flat_map(|v| v.to_be_bytes()).collect();
     DocPayload {
         id: *id,
         ty: "Patient".into(),
@@ -35,9 +94,8 @@ fn payload(r: &Replica, id: &DocId) -> DocPayload {
 
 fn apply(r: &mut Replica, docs: Vec<DocPayload>) {
     for d in docs {
-        let set = r.entry(d.id).or_default();
         for chunk in d.data.chunks(8) {
-            set.insert(u64::from_be_bytes(chunk.try_into().unwrap()));
+            r.edit(d.id, u64::from_be_bytes(chunk.try_into().unwrap()));
         }
     }
 }
@@ -46,19 +104,22 @@ fn apply(r: &mut Replica, docs: Vec<DocPayload>) {
 struct Report {
     /// Times the conversation changed direction, halved: request/response pairs.
     round_trips: u32,
-    reconcile_bytes: usize,
+    /// Bytes of messages that are not documents (hellos, reconciliation, announcements, wants).
+    metadata_bytes: usize,
     total_bytes: usize,
+    fast: bool,
 }
 
-/// Runs one session from `a` (initiator) to `b`, returning what it cost.
-fn sync(a: &mut Replica, b: &mut Replica) -> Report {
-    let mut sa = Session::new(Role::Initiator, "a", items(a)).unwrap();
-    let mut sb = Session::new(Role::Responder, "b", items(b)).unwrap();
+/// Runs one session from `a` (initiator) to `b`, returning what it cost. Frames after the first
+/// `cut` are lost (the link drops); a side that finishes records its checkpoint.
+fn sync_cut(a: &mut Replica, b: &mut Replica, cut: usize) -> Report {
+    let mut sa = Session::new(Role::Initiator, a.local(&b.name), a.items()).unwrap();
+    let mut sb = Session::new(Role::Responder, b.local(&a.name), b.items()).unwrap();
     let mut to_b: VecDeque<Vec<u8>> = VecDeque::new();
     let mut to_a: VecDeque<Vec<u8>> = VecDeque::new();
     let mut report = Report::default();
     let mut flights = 0u32;
-    let mut last_dir = 0u8;
+    let mut delivered = 0;
     let run = |actions: Vec<Action>,
                me: &mut Replica,
                out: &mut VecDeque<Vec<u8>>,
@@ -66,7 +127,7 @@ fn sync(a: &mut Replica, b: &mut Replica) -> Report {
         for act in actions {
             let msgs = match act {
                 Action::Send(m) => vec![m],
-                Action::SendDocs(ids) => pack(ids.iter().map(|id| payload(me, id)).collect()),
+                Action::SendDocs(ids) => pack(ids.iter().map(|(id, _)| payload(me, id)).collect()),
                 Action::Apply(docs) => {
                     apply(me, docs);
                     vec![]
@@ -75,8 +136,8 @@ fn sync(a: &mut Replica, b: &mut Replica) -> Report {
             };
             for m in msgs {
                 let f = encode(&m);
-                if matches!(m, Message::Reconcile(_)) {
-                    report.reconcile_bytes += f.len();
+                if !matches!(m, Message::Docs(_)) {
+                    report.metadata_bytes += f.len();
                 }
                 report.total_bytes += f.len();
                 out.push_back(f);
@@ -85,31 +146,65 @@ fn sync(a: &mut Replica, b: &mut Replica) -> Report {
     };
     let start = sa.start().unwrap();
     run(start, a, &mut to_b, &mut report);
-    for _ in 0..10_000 {
-        if let Some(f) = to_b.pop_front() {
-            if last_dir != 1 {
-                flights += 1;
-                last_dir = 1;
-            }
-            let acts = sb.handle(decode(&f).unwrap()).unwrap();
-            run(acts, b, &mut to_a, &mut report);
-        } else if let Some(f) = to_a.pop_front() {
-            if last_dir != 2 {
-                flights += 1;
-                last_dir = 2;
-            }
-            let acts = sa.handle(decode(&f).unwrap()).unwrap();
-            run(acts, a, &mut to_b, &mut report);
-        } else {
+    // Flights: everything one side sent before hearing back travels together.
+    'flights: loop {
+        let progressed = !to_b.is_empty() || !to_a.is_empty();
+        if !progressed {
             break;
         }
+        if !to_b.is_empty() {
+            flights += 1;
+            for f in std::mem::take(&mut to_b) {
+                if delivered >= cut {
+                    break 'flights;
+                }
+                delivered += 1;
+                let acts = sb.handle(decode(&f).unwrap()).unwrap();
+                run(acts, b, &mut to_a, &mut report);
+            }
+        }
+        if !to_a.is_empty() {
+            flights += 1;
+            for f in std::mem::take(&mut to_a) {
+                if delivered >= cut {
+                    break 'flights;
+                }
+                delivered += 1;
+                let acts = sa.handle(decode(&f).unwrap()).unwrap();
+                run(acts, a, &mut to_b, &mut report);
+            }
+        }
     }
+    if let Some(c) = sa.checkpoint() {
+        a.checkpoints.insert(b.name.clone(), c);
+    }
+    if let Some(c) = sb.checkpoint() {
+        b.checkpoints.insert(a.name.clone(), c);
+    }
+    report.round_trips = flights.div_ceil(2);
+    report.fast = sa.stats().fast;
+    report
+}
+
+/// A complete session.
+fn sync(a: &mut Replica, b: &mut Replica) -> Report {
+    let r = sync_cut(a, b, usize::MAX);
     assert!(
-        sa.is_finished() && sb.is_finished(),
+        a.checkpoints.contains_key(&b.name) && b.checkpoints.contains_key(&a.name),
         "the session did not finish"
     );
-    report.round_trips = flights.div_ceil(2);
-    report
+    r
+}
+
+/// The union of the replicas' documents.
+fn union<'a>(rs: impl IntoIterator<Item = &'a Replica>) -> BTreeMap<DocId, BTreeSet<u64>> {
+    let mut out: BTreeMap<DocId, BTreeSet<u64>> = BTreeMap::new();
+    for r in rs {
+        for (k, v) in &r.docs {
+            out.entry(*k).or_default().extend(v.iter().copied());
+        }
+    }
+    out
 }
 
 fn doc(n: u64) -> DocId {
@@ -118,50 +213,165 @@ fn doc(n: u64) -> DocId {
     id
 }
 
+fn set(vals: &[u64]) -> BTreeSet<u64> {
+    vals.iter().copied().collect()
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
     #[test]
-    fn one_session_makes_replicas_equal(
+    fn one_session_makes_replicas_equal_and_the_next_takes_the_fast_path(
         shared in prop::collection::btree_map(0u64..200, prop::collection::btree_set(0u64..50, 1..4), 0..60),
         only_a in prop::collection::btree_map(0u64..200, prop::collection::btree_set(50u64..100, 1..3), 0..20),
         only_b in prop::collection::btree_map(0u64..200, prop::collection::btree_set(100u64..150, 1..3), 0..20),
+        later_a in prop::collection::btree_map(0u64..260, 150u64..200, 0..10),
+        later_b in prop::collection::btree_map(0u64..260, 200u64..250, 0..10),
     ) {
-        let mut a: Replica = shared.iter().map(|(k, v)| (doc(*k), v.clone())).collect();
-        let mut b = a.clone();
-        for (k, v) in only_a { a.entry(doc(k)).or_default().extend(v); }
-        for (k, v) in only_b { b.entry(doc(k)).or_default().extend(v); }
-        let mut expected = a.clone();
-        for (k, v) in &b { expected.entry(*k).or_default().extend(v.iter().copied()); }
+        let shared: Vec<(DocId, BTreeSet<u64>)> = shared.iter().map(|(k, v)| (doc(*k), v.clone())).collect();
+        let mut a = Replica::with_docs("a", 1, shared.clone());
+        let mut b = Replica::with_docs("b", 2, shared);
+        for (k, v) in only_a { for x in v { a.edit(doc(k), x); } }
+        for (k, v) in only_b { for x in v { b.edit(doc(k), x); } }
+        let expected = union([&a, &b]);
         let r = sync(&mut a, &mut b);
-        prop_assert_eq!(&a, &expected);
-        prop_assert_eq!(&b, &expected);
+        prop_assert!(!r.fast);
+        prop_assert_eq!(&a.docs, &expected);
+        prop_assert_eq!(&b.docs, &expected);
         prop_assert!(r.round_trips <= 3, "{:?}", r);
-        // A second session finds nothing to do.
+        // The next session, with nothing changed, takes the fast path: one round trip, a few
+        // bytes (echoes of what each received last time are announced once, 48 bytes each).
         let again = sync(&mut a, &mut b);
-        prop_assert_eq!(again.total_bytes - again.reconcile_bytes, encode(&Message::Hello { node: "a".into(), documents: a.len() as u64 }).len()
-            + encode(&Message::Hello { node: "b".into(), documents: b.len() as u64 }).len() + 2 * encode(&Message::Done).len());
+        prop_assert!(again.fast);
+        prop_assert!(again.round_trips <= 2, "{:?}", again);
+        let idle = sync(&mut a, &mut b);
+        prop_assert!(idle.fast);
+        prop_assert_eq!(idle.round_trips, 1, "{:?}", idle);
+        prop_assert!(idle.total_bytes <= 200, "{:?}", idle);
+        // Changes on both sides after that: the fast path carries them, in at most 2 round trips.
+        for (k, v) in later_a { a.edit(doc(k), v); }
+        for (k, v) in later_b { b.edit(doc(k), v); }
+        let expected = union([&a, &b]);
+        let r = sync(&mut a, &mut b);
+        prop_assert!(r.fast);
+        prop_assert!(r.round_trips <= 2, "{:?}", r);
+        prop_assert_eq!(&a.docs, &expected);
+        prop_assert_eq!(&b.docs, &expected);
+    }
+
+    /// Several replicas edit and sync in random pairs; sessions are cut at random points (a
+    /// side may record its checkpoint while the other does not) and checkpoints are lost at
+    /// random. After a final round of complete sessions along a line, every replica holds
+    /// everything: the fast path never skips a change.
+    #[test]
+    fn checkpoints_never_lose_a_change(
+        steps in prop::collection::vec((0usize..4, 0usize..4, 0u64..30, 0u64..1000, 0usize..20, 0u8..10), 1..40),
+    ) {
+        let mut rs: Vec<Replica> = (0..4).map(|i| Replica::new(&format!("r{i}"), i as u8 + 1)).collect();
+        for (i, j, d, v, cut, lose) in steps {
+            rs[i].edit(doc(d), v);
+            if lose == 0 {
+                rs[j].checkpoints.clear();
+            }
+            if i != j {
+                let (x, y) = if i < j { (i, j) } else { (j, i) };
+                let (left, right) = rs.split_at_mut(y);
+                sync_cut(&mut left[x], &mut right[0], if cut < 15 { usize::MAX } else { cut });
+            }
+        }
+        let expected = union(&rs);
+        for _ in 0..2 {
+            for k in 0..3 {
+                let (left, right) = rs.split_at_mut(k + 1);
+                sync(&mut left[k], &mut right[0]);
+            }
+        }
+        for k in (0..3).rev() {
+            let (left, right) = rs.split_at_mut(k + 1);
+            sync(&mut left[k], &mut right[0]);
+        }
+        for r in &rs {
+            prop_assert_eq!(&r.docs, &expected, "{}", r.name);
+        }
     }
 }
 
-/// Figures for 10,000 documents differing by d: round trips and bytes (also printed).
+/// A checkpoint one side lost (or never recorded because the session broke before its end)
+/// makes the next session fall back to range reconciliation, which still converges.
+#[test]
+fn a_lost_or_one_sided_checkpoint_falls_back() {
+    let mut a = Replica::with_docs("a", 1, (0..50).map(|n| (doc(n), set(&[n]))));
+    let mut b = Replica::with_docs("b", 2, (25..75).map(|n| (doc(n), set(&[n + 1000]))));
+    sync(&mut a, &mut b);
+    assert!(sync(&mut a, &mut b).fast);
+    b.checkpoints.clear();
+    a.edit(doc(3), 7);
+    let r = sync(&mut a, &mut b);
+    assert!(!r.fast);
+    assert!(r.round_trips <= 4, "{r:?}");
+    assert_eq!(a.docs, b.docs);
+    // The responder finishes, the initiator never hears its final Done.
+    b.edit(doc(4), 9);
+    let mut cut = 1;
+    loop {
+        let before = (a.checkpoints.clone(), b.checkpoints.clone());
+        sync_cut(&mut a, &mut b, cut);
+        if b.checkpoints != before.1 && a.checkpoints == before.0 {
+            break;
+        }
+        a.checkpoints = before.0;
+        b.checkpoints = before.1;
+        cut += 1;
+        assert!(cut < 50, "no cut leaves only the responder finished");
+    }
+    let r = sync(&mut a, &mut b);
+    assert!(
+        !r.fast,
+        "mismatched checkpoints must not take the fast path"
+    );
+    assert_eq!(a.docs, b.docs);
+    assert!(sync(&mut a, &mut b).fast);
+}
+
+/// Figures for 10,000 documents differing by d: round trips and bytes (also printed), at first
+/// contact and for peers that synced before.
 #[test]
 fn ten_thousand_documents() {
-    let base: Replica = (0..10_000).map(|n| (doc(n), BTreeSet::from([n]))).collect();
+    let base: Vec<(DocId, BTreeSet<u64>)> = (0..10_000).map(|n| (doc(n), set(&[n]))).collect();
     for d in [0u64, 1, 10, 100, 1000] {
-        let mut a = base.clone();
-        let mut b = base.clone();
-        for n in 0..d {
-            a.get_mut(&doc(n * 7)).unwrap().insert(1_000_000 + n);
-        }
-        let r = sync(&mut a, &mut b);
-        assert_eq!(a, b);
-        println!(
-            "10k documents, d = {d:>4}: {} round trips, {:>7} B reconciliation, {:>8} B in all",
-            r.round_trips, r.reconcile_bytes, r.total_bytes
-        );
-        assert!(r.round_trips <= 3, "d = {d}: {r:?}");
-        if d == 0 {
-            assert!(r.reconcile_bytes < 1024, "{r:?}");
+        for synced_before in [false, true] {
+            let mut a = Replica::with_docs("a", 1, base.clone());
+            let mut b = Replica::with_docs("b", 2, base.clone());
+            if synced_before {
+                sync(&mut a, &mut b);
+                sync(&mut a, &mut b);
+            }
+            for n in 0..d {
+                a.edit(doc(n * 7), 1_000_000 + n);
+            }
+            let r = sync(&mut a, &mut b);
+            assert_eq!(a.docs, b.docs);
+            assert_eq!(r.fast, synced_before);
+            println!(
+                "10k documents, d = {d:>4}, {}: {} round trips, {:>7} B metadata, {:>8} B in all",
+                if synced_before {
+                    "synced before"
+                } else {
+                    "first contact"
+                },
+                r.round_trips,
+                r.metadata_bytes,
+                r.total_bytes
+            );
+            assert!(r.round_trips <= 3, "d = {d}: {r:?}");
+            if synced_before {
+                assert!(r.metadata_bytes as u64 <= 1024 + 100 * d, "d = {d}: {r:?}");
+                if d == 0 {
+                    assert_eq!(r.round_trips, 1);
+                    assert!(r.total_bytes <= 200, "{r:?}");
+                }
+            } else if d == 0 {
+                assert!(r.metadata_bytes < 1024, "{r:?}");
+            }
         }
     }
 }

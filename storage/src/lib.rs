@@ -123,12 +123,13 @@ pub struct Quarantined {
 pub enum Write {
     /// Create or change a document.
     Doc(DocWrite),
-    /// Record how far of our log a peer has seen.
+    /// Record what a peer and this node had of each other after their last complete sync
+    /// (opaque to the store; the sync protocol defines it).
     Checkpoint {
         /// Peer id.
         peer: String,
-        /// Last sequence the peer has.
-        seq: u64,
+        /// The encoded checkpoint.
+        value: Vec<u8>,
     },
     /// Keep a refused change.
     Quarantine(Quarantined),
@@ -189,8 +190,11 @@ pub trait Store: Send + Sync {
     fn referrers(&self, ty: &str, system: &str, value: &str) -> Result<Vec<DocId>, StoreError>;
     /// Up to `limit` log entries after sequence `after`, in order.
     fn changes_since(&self, after: u64, limit: usize) -> Result<Vec<(u64, DocId)>, StoreError>;
-    /// The checkpoint recorded for a peer (0 if none).
-    fn checkpoint(&self, peer: &str) -> Result<u64, StoreError>;
+    /// The checkpoint recorded for a peer, if any.
+    fn checkpoint(&self, peer: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// A random id given to the store when it was created (all zeros before its first commit):
+    /// sequence numbers are only comparable within one store, so peers key checkpoints by it.
+    fn store_id(&self) -> Result<[u8; 16], StoreError>;
     /// Up to `limit` quarantined changes, oldest first.
     fn quarantined(&self, limit: usize) -> Result<Vec<Quarantined>, StoreError>;
     /// The store's counters.

@@ -163,8 +163,11 @@ impl Store for MemStore {
     fn changes_since(&self, after: u64, limit: usize) -> Result<Vec<(u64, DocId)>, StoreError> {
         ops::changes_since(&*self.read()?, after, limit)
     }
-    fn checkpoint(&self, peer: &str) -> Result<u64, StoreError> {
+    fn checkpoint(&self, peer: &str) -> Result<Option<Vec<u8>>, StoreError> {
         ops::checkpoint(&*self.read()?, peer)
+    }
+    fn store_id(&self) -> Result<[u8; 16], StoreError> {
+        ops::store_id(&*self.read()?)
     }
     fn quarantined(&self, limit: usize) -> Result<Vec<Quarantined>, StoreError> {
         ops::quarantined(&*self.read()?, limit)

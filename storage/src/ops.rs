@@ -121,6 +121,7 @@ fn set_counter(kv: &mut dyn KvWrite, name: &[u8], v: u64) -> Result<(), StoreErr
 /// Applies a batch of writes inside the caller's transaction. Returns, for each write, the log
 /// sequence number it was given (0 for writes that do not enter the log).
 pub fn apply(kv: &mut dyn KvWrite, writes: Vec<Write>) -> Result<Vec<u64>, StoreError> {
+    ensure_store_id(kv)?;
     let mut next_seq = counter(kv, NEXT_SEQ)?.max(1);
     let mut documents = counter(kv, DOCUMENTS)?;
     let mut quarantined = counter(kv, QUARANTINED)?;
@@ -135,8 +136,8 @@ pub fn apply(kv: &mut dyn KvWrite, writes: Vec<Write>) -> Result<Vec<u64>, Store
                 }
                 seqs.push(seq);
             }
-            Write::Checkpoint { peer, seq } => {
-                kv.put(Table::Checkpoints, peer.as_bytes(), &seq.to_be_bytes())?;
+            Write::Checkpoint { peer, value } => {
+                kv.put(Table::Checkpoints, peer.as_bytes(), &value)?;
                 seqs.push(0);
             }
             Write::Quarantine(q) => {
@@ -346,11 +347,27 @@ pub fn changes_since(
 }
 
 /// See [`crate::Store::checkpoint`].
-pub fn checkpoint(kv: &dyn KvRead, peer: &str) -> Result<u64, StoreError> {
-    kv.get(Table::Checkpoints, peer.as_bytes())?
-        .map(|v| be_u64(&v))
-        .transpose()
-        .map(Option::unwrap_or_default)
+pub fn checkpoint(kv: &dyn KvRead, peer: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    kv.get(Table::Checkpoints, peer.as_bytes())
+}
+
+const STORE_ID: &[u8] = b"store_id";
+
+/// See [`crate::Store::store_id`].
+pub fn store_id(kv: &dyn KvRead) -> Result<[u8; 16], StoreError> {
+    match kv.get(Table::Meta, STORE_ID)? {
+        None => Ok([0; 16]),
+        Some(v) => <[u8; 16]>::try_from(v.as_slice())
+            .map_err(|_| StoreError::Corrupt("the store id is malformed".into())),
+    }
+}
+
+/// Gives the store its random id if it has none yet.
+pub fn ensure_store_id(kv: &mut dyn KvWrite) -> Result<(), StoreError> {
+    if kv.get(Table::Meta, STORE_ID)?.is_none() {
+        kv.put(Table::Meta, STORE_ID, uuid::Uuid::new_v4().as_bytes())?;
+    }
+    Ok(())
 }
 
 /// See [`crate::Store::quarantined`].

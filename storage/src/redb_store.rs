@@ -72,6 +72,10 @@ impl RedbStore {
             txn.open_table(def(t)).map_err(|e| store.err(e))?;
         }
         txn.commit().map_err(|e| store.err(e))?;
+        if store.store_id()? == [0; 16] {
+            // An empty commit gives a new store its id.
+            store.commit(Vec::new())?;
+        }
         Ok(store)
     }
 
@@ -257,8 +261,11 @@ impl Store for RedbStore {
     fn changes_since(&self, after: u64, limit: usize) -> Result<Vec<(u64, DocId)>, StoreError> {
         ops::changes_since(&self.read()?, after, limit)
     }
-    fn checkpoint(&self, peer: &str) -> Result<u64, StoreError> {
+    fn checkpoint(&self, peer: &str) -> Result<Option<Vec<u8>>, StoreError> {
         ops::checkpoint(&self.read()?, peer)
+    }
+    fn store_id(&self) -> Result<[u8; 16], StoreError> {
+        ops::store_id(&self.read()?)
     }
     fn quarantined(&self, limit: usize) -> Result<Vec<Quarantined>, StoreError> {
         ops::quarantined(&self.read()?, limit)

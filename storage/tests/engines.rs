@@ -136,11 +136,16 @@ fn exercise(store: &mut dyn Store) {
     store
         .commit(vec![Write::Checkpoint {
             peer: "p".into(),
-            seq: 3,
+            value: vec![3, 4],
         }])
         .unwrap();
-    assert_eq!(store.checkpoint("p").unwrap(), 3);
-    assert_eq!(store.checkpoint("q").unwrap(), 0);
+    assert_eq!(store.checkpoint("p").unwrap(), Some(vec![3, 4]));
+    assert_eq!(store.checkpoint("q").unwrap(), None);
+    // A store has a random id once it has committed anything; it does not change.
+    let sid = store.store_id().unwrap();
+    assert_ne!(sid, [0; 16]);
+    store.commit(Vec::new()).unwrap();
+    assert_eq!(store.store_id().unwrap(), sid);
     store
         .commit(vec![Write::Quarantine(Quarantined {
             reason: "bad signature".into(),

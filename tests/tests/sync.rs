@@ -175,3 +175,54 @@ fn a_sync_killed_midway_resumes_and_loses_nothing() -> anyhow::Result<()> {
     assert!(out.contains("consistent"), "{out}");
     Ok(())
 }
+
+/// Peers that synced before resume from their checkpoints: after a restart, the next session
+/// takes the fast path and carries what changed meanwhile, including an edit of a document the
+/// other side already had (sent as the changes after its heads).
+#[test]
+fn peers_that_synced_before_resume_from_their_checkpoints() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (a, total, file) = loaded(dir.path(), "9", "20")?;
+    let b = Node::start_with_peers(dir.path(), "b", "device", &[&a.p2p])?;
+    b.wait_for(60, "all documents on b", |n| Ok(n.documents()? == total))?;
+    let path = |n: &Node| -> anyhow::Result<Option<String>> {
+        Ok(n.get("/status")?.1["connected_peers"][0]["last_path"]
+            .as_str()
+            .map(str::to_string))
+    };
+    b.wait_for(20, "the first session to end", |n| Ok(path(n)?.is_some()))?;
+    assert_eq!(path(&b)?.as_deref(), Some("reconciliation"));
+    let (_, data_b) = b.terminate(10)?;
+
+    // While b is away, a gets a new Patient and edits an existing one.
+    let (status, _, created) = a.post(
+        "/fhir/Patient",
+        &json!({"resourceType": "Patient", "name": [{"family": "Garba"}], "birthDate": "1988-02-02"}),
+    )?;
+    assert_eq!(status, 201, "{created}");
+    let old_id = std::fs::read_to_string(&file)?
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|v| v["resourceType"] == "Patient")
+        .and_then(|v| v["id"].as_str().map(str::to_string))
+        .unwrap();
+    let (_, mut old) = a.get(&format!("/fhir/Patient/{old_id}"))?;
+    old["gender"] = json!("other");
+    let (status, _, _) = a.put(&format!("/fhir/Patient/{old_id}"), &old, &[])?;
+    assert_eq!(status, 200);
+
+    let b = Node::run_with(data_b, &["--peer", &a.p2p])?;
+    b.wait_for(30, "the new Patient on b", |n| {
+        Ok(n.documents()? == total + 1
+            && n.get(&format!("/fhir/Patient/{old_id}"))?.1["gender"] == "other")
+    })?;
+    b.wait_for(20, "the session to end", |n| {
+        Ok(n.get("/status")?.1["connected_peers"][0]["sessions"].as_u64() >= Some(1))
+    })?;
+    assert_eq!(path(&b)?.as_deref(), Some("checkpoint"));
+    let id = created["id"].as_str().unwrap();
+    let (status, got) = b.get(&format!("/fhir/Patient/{id}"))?;
+    assert_eq!(status, 200);
+    assert_eq!(got["name"][0]["family"], "Garba");
+    Ok(())
+}
