@@ -132,6 +132,9 @@ pub struct Local {
     pub checkpoint: Option<Checkpoint>,
 }
 
+/// Documents, each with the heads one side holds of it.
+type DocsAt = Vec<(DocId, Heads)>;
+
 /// One document as a session sees it: id, heads, and the log sequence of its last change.
 pub type Item = (DocId, Vec<[u8; 32]>, u64);
 
@@ -252,7 +255,7 @@ impl Session {
 
     /// For documents the peer announced: ours that differ (to send, after the peer's heads) and
     /// theirs to ask for (with our heads).
-    fn compare(&mut self, theirs: &[(DocId, Heads)]) -> (Vec<(DocId, Heads)>, Vec<(DocId, Heads)>) {
+    fn compare(&mut self, theirs: &[(DocId, Heads)]) -> (DocsAt, DocsAt) {
         let (mut send, mut need) = (Vec::new(), Vec::new());
         for (doc, their_heads) in theirs {
             match self.by_doc.get(doc) {
