@@ -50,7 +50,9 @@ enum Command {
         /// Address of the FHIR API [default: http.listen from the config, 127.0.0.1:8080].
         #[arg(long, value_name = "ADDR")]
         http: Option<SocketAddr>,
-        /// libp2p address to listen on (repeatable) [default: /ip4/0.0.0.0/tcp/0].
+        /// libp2p address to listen on (repeatable) [default: /ip4/0.0.0.0/tcp/0 and
+        /// /ip4/0.0.0.0/udp/0/quic-v1]. A device behind NAT can also listen through a hub
+        /// that relays: /ip4/HUB-IP/tcp/PORT/p2p/HUB-ID/p2p-circuit.
         #[arg(long, value_name = "MULTIADDR")]
         listen: Vec<libp2p::Multiaddr>,
         /// A peer to connect to and keep reconnecting to (repeatable), e.g.
@@ -183,7 +185,10 @@ fn dispatch(cmd: Command) -> Result<()> {
         } => {
             let dir = DataDir::open(&data)?;
             let listen = if listen.is_empty() {
-                vec!["/ip4/0.0.0.0/tcp/0".parse()?]
+                vec![
+                    "/ip4/0.0.0.0/tcp/0".parse()?,
+                    "/ip4/0.0.0.0/udp/0/quic-v1".parse()?,
+                ]
             } else {
                 listen
             };
@@ -191,6 +196,7 @@ fn dispatch(cmd: Command) -> Result<()> {
                 listen,
                 peers: peer,
                 mdns: !no_mdns,
+                relay_server: matches!(dir.config.role, Role::Hub | Role::Central),
             };
             runtime()?.block_on(node::run(dir, http, net))
         }
@@ -396,6 +402,7 @@ fn demo_run(out: &Path, families: u64, serve: bool) -> Result<()> {
         // know only the hub; neither ever connects to the other.
         let net = |listen: &libp2p::Multiaddr, peers: Vec<libp2p::Multiaddr>| fieldmesh_node::net::NetConfig {
             listen: vec![listen.clone()],
+            relay_server: peers.is_empty(), // the hub
             peers,
             mdns: false,
         };

@@ -1,8 +1,11 @@
 //! The libp2p side of a node: one task owns the `Swarm`; sync sessions run as tasks on streams.
 //!
-//! Transport: TCP with Noise and Yamux, identify and ping (so any libp2p implementation can
-//! connect, identify and ping the node), mDNS discovery on the LAN (off with `--no-mdns`), explicit
-//! peers dialled and re-dialled with backoff. Sync: a session of [`fieldmesh_protocol`] on a stream
+//! Transport: TCP with Noise and Yamux, and QUIC; identify and ping (so any libp2p implementation
+//! can connect, identify and ping the node); mDNS discovery on the LAN (off with `--no-mdns`);
+//! explicit peers dialled and re-dialled with backoff. Hubs and central run a circuit relay (v2)
+//! server; every node is a relay client (it can listen through a hub with a `/p2p-circuit`
+//! address and dial peers that do) and upgrades relayed connections to direct ones with DCUtR
+//! when the NATs allow. Sync: a session of [`fieldmesh_protocol`] on a stream
 //! of protocol [`PROTOCOL_ID`], frames prefixed by their length (checked against
 //! [`fieldmesh_protocol::MAX_FRAME`] before anything is allocated).
 //!
@@ -22,7 +25,9 @@ use fieldmesh_protocol::{
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, StreamProtocol, identify, mdns, noise, ping, tcp, yamux};
+use libp2p::{
+    Multiaddr, PeerId, StreamProtocol, dcutr, identify, mdns, noise, ping, relay, tcp, yamux,
+};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
@@ -42,6 +47,18 @@ pub struct NetConfig {
     pub peers: Vec<Multiaddr>,
     /// LAN discovery.
     pub mdns: bool,
+    /// Relay circuits for devices behind NAT (hubs and central).
+    pub relay_server: bool,
+}
+
+/// Relay circuits of a hub: sync sessions are long, so circuits get more room than the libp2p
+/// defaults (2 minutes, 128 KiB).
+fn relay_config() -> relay::Config {
+    relay::Config {
+        max_circuit_duration: Duration::from_secs(3600),
+        max_circuit_bytes: 1 << 30,
+        ..relay::Config::default()
+    }
 }
 
 /// What `/status` shows of one peer.
@@ -79,6 +96,9 @@ struct Behaviour {
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
+    relay: Toggle<relay::Behaviour>,
+    relay_client: relay::client::Behaviour,
+    dcutr: dcutr::Behaviour,
     stream: libp2p_stream::Behaviour,
 }
 
@@ -226,7 +246,7 @@ pub async fn run(
     changes_tx: ChangeSender,
     mut changes: mpsc::Receiver<Option<PeerId>>,
 ) -> Result<()> {
-    let mdns_on = cfg.mdns;
+    let (mdns_on, relay_on) = (cfg.mdns, cfg.relay_server);
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_tcp(
@@ -234,7 +254,9 @@ pub async fn run(
             noise::Config::new,
             yamux::Config::default,
         )?
-        .with_behaviour(|key| {
+        .with_quic()
+        .with_relay_client(noise::Config::new, yamux::Config::default)?
+        .with_behaviour(|key, relay_client| {
             let mdns = if mdns_on {
                 Some(mdns::tokio::Behaviour::new(
                     mdns::Config::default(),
@@ -250,6 +272,12 @@ pub async fn run(
                 )),
                 ping: ping::Behaviour::new(ping::Config::new()),
                 mdns: Toggle::from(mdns),
+                relay: Toggle::from(
+                    relay_on
+                        .then(|| relay::Behaviour::new(key.public().to_peer_id(), relay_config())),
+                ),
+                relay_client,
+                dcutr: dcutr::Behaviour::new(key.public().to_peer_id()),
                 stream: libp2p_stream::Behaviour::new(),
             })
         })?
@@ -360,7 +388,17 @@ pub async fn run(
             }
             event = swarm.select_next_some() => match event {
                 SwarmEvent::NewListenAddr { address, .. } => {
-                    println!("listening on {address}/p2p/{local}");
+                    if relay_on && !address.iter().any(|p| matches!(p, libp2p::multiaddr::Protocol::P2pCircuit)) {
+                        // A relay serves only on addresses it knows others can reach; a hub's
+                        // own listening addresses are those.
+                        swarm.add_external_address(address.clone());
+                    }
+                    if matches!(address.iter().last(), Some(libp2p::multiaddr::Protocol::P2p(_))) {
+                        // Relay circuits already end with our id.
+                        println!("listening on {address}");
+                    } else {
+                        println!("listening on {address}/p2p/{local}");
+                    }
                     tracing::info!(%address, "listening");
                 }
                 SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {

@@ -71,8 +71,10 @@ pub struct Node {
     pub data: PathBuf,
     /// `http://127.0.0.1:PORT`.
     pub base: String,
-    /// Its libp2p address, `/ip4/127.0.0.1/tcp/PORT/p2p/PEER`.
+    /// Its libp2p TCP address, `/ip4/127.0.0.1/tcp/PORT/p2p/PEER`.
     pub p2p: String,
+    /// Every address it listens on (TCP, QUIC, relay circuits), each ending in `/p2p/PEER`.
+    pub addrs: Vec<String>,
     child: Child,
     agent: ureq::Agent,
 }
@@ -127,8 +129,9 @@ impl Node {
             .spawn()?;
         let stdout = child.stdout.take().context("no stdout")?;
         let mut reader = BufReader::new(stdout);
-        let (mut base, mut p2p) = (None, None);
-        while base.is_none() || p2p.is_none() {
+        let listens = 1 + extra.iter().filter(|a| **a == "--listen").count();
+        let (mut base, mut addrs) = (None, Vec::new());
+        while base.is_none() || addrs.len() < listens {
             let mut line = String::new();
             if reader.read_line(&mut line)? == 0 {
                 bail!("the node exited before it was ready");
@@ -137,9 +140,13 @@ impl Node {
                 base = Some(u.trim_end_matches("/fhir/").to_string());
             }
             if let Some(a) = line.strip_prefix("listening on ") {
-                p2p = Some(a.trim().to_string());
+                addrs.push(a.trim().to_string());
             }
         }
+        let p2p = addrs
+            .iter()
+            .find(|a| a.contains("/tcp/") && !a.contains("p2p-circuit"))
+            .cloned();
         // Keep draining stdout so the node never blocks on a full pipe.
         std::thread::spawn(move || {
             let mut sink = String::new();
@@ -148,7 +155,7 @@ impl Node {
             }
         });
         let base = base.context("no HTTP address")?;
-        let p2p = p2p.context("no libp2p address")?;
+        let p2p = p2p.context("no libp2p TCP address")?;
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(30)))
@@ -158,6 +165,7 @@ impl Node {
             data,
             base,
             p2p,
+            addrs,
             child,
             agent,
         };

@@ -226,3 +226,81 @@ fn peers_that_synced_before_resume_from_their_checkpoints() -> anyhow::Result<()
     assert_eq!(got["name"][0]["family"], "Garba");
     Ok(())
 }
+
+/// The sync runs over QUIC as well as TCP.
+#[test]
+fn sync_runs_over_quic() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let a = Node::start(dir.path(), "a", "device")?;
+    let a = {
+        let data = a.terminate(10)?.1;
+        Node::run_with(data, &["--listen", "/ip4/127.0.0.1/udp/0/quic-v1"])?
+    };
+    let quic = a
+        .addrs
+        .iter()
+        .find(|x| x.contains("/quic-v1/"))
+        .cloned()
+        .unwrap();
+    let (status, _, created) = a.post(
+        "/fhir/Patient",
+        &json!({"resourceType": "Patient", "name": [{"family": "Moussa"}], "birthDate": "1979-09-09"}),
+    )?;
+    assert_eq!(status, 201, "{created}");
+    let b = Node::start_with_peers(dir.path(), "b", "device", &[&quic])?;
+    let id = created["id"].as_str().unwrap();
+    b.wait_for(30, "the Patient on b over QUIC", |n| {
+        Ok(n.get(&format!("/fhir/Patient/{id}"))?.0 == 200)
+    })?;
+    let (_, st) = b.get("/status")?;
+    assert_eq!(
+        st["connected_peers"][0]["peer_id"],
+        quic.rsplit('/').next().unwrap()
+    );
+    Ok(())
+}
+
+/// A device that listens only through a hub's relay (as behind a NAT) is reachable: another
+/// device dials its `/p2p-circuit` address and they sync with each other directly over it.
+#[test]
+fn a_device_behind_a_relay_is_reachable_through_the_hub() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let hub = Node::start(dir.path(), "hub", "hub")?;
+    let circuit = format!("{}/p2p-circuit", hub.p2p);
+    let behind = {
+        let data = dir.path().join("behind");
+        fieldmesh_tests::run_ok(&[
+            "init",
+            "--data",
+            data.to_str().unwrap(),
+            "--role",
+            "device",
+            "--name",
+            "behind",
+        ])?;
+        Node::run_with(data, &["--listen", &circuit])?
+    };
+    let relayed = behind
+        .addrs
+        .iter()
+        .find(|x| x.contains("p2p-circuit"))
+        .cloned()
+        .unwrap();
+    let (status, _, created) = behind.post(
+        "/fhir/Patient",
+        &json!({"resourceType": "Patient", "name": [{"family": "Zara"}], "birthDate": "1995-05-05"}),
+    )?;
+    assert_eq!(status, 201, "{created}");
+    let other = Node::start_with_peers(dir.path(), "other", "device", &[&relayed])?;
+    let behind_id = relayed.rsplit('/').next().unwrap().to_string();
+    other.wait_for(30, "a completed session with the relayed device", |n| {
+        let (_, st) = n.get("/status")?;
+        Ok(st["connected_peers"].as_array().is_some_and(|ps| {
+            ps.iter()
+                .any(|p| p["peer_id"] == behind_id.as_str() && p["sessions"].as_u64() >= Some(1))
+        }))
+    })?;
+    let id = created["id"].as_str().unwrap();
+    assert_eq!(other.get(&format!("/fhir/Patient/{id}"))?.0, 200);
+    Ok(())
+}
