@@ -104,7 +104,7 @@ fn nodes_on_one_lan_find_each_other_with_mdns() -> anyhow::Result<()> {
     let mut node_b = start(&nb, &b, "10.231.0.2")?;
     // b logs each completed session; wait for one that brought a document.
     let stderr = node_b.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
+    let (tx, rx) = std::sync::mpsc::sync_channel(64);
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if line.contains("sync session done") && line.contains("received") {
