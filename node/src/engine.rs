@@ -1053,21 +1053,7 @@ impl Engine {
         for (p, prepared) in fresh.iter().zip(prepared) {
             match prepared {
                 Ok(d) => {
-                    self.stage(
-                        &d.id,
-                        &d.meta,
-                        &d.entries,
-                        DocData::FullEncoded(d.bytes),
-                        IndexEntries::default(),
-                    );
-                    self.dirty.insert(
-                        d.id,
-                        Live {
-                            doc: None,
-                            meta: d.meta,
-                            entries: d.entries,
-                        },
-                    );
+                    self.stage_received(d);
                     changed += 1;
                 }
                 Err(e) => {
@@ -1147,26 +1133,27 @@ impl Engine {
             self.put_back(id, live, dirty);
             return result;
         }
-        let doc = AutoCommit::load(&p.data)?.with_actor(self.me.actor.clone());
-        let json = document_to_json(&doc)?;
-        if json.get("resourceType").and_then(Value::as_str) != Some(p.ty.as_str())
-            || !profile::is_supported(&p.ty)
-        {
-            return Err(EngineError::Document(format!(
-                "the document is not a {} this node holds",
-                p.ty
-            )));
-        }
-        let entries = entries_of_json(&json);
-        let own = id.to_string();
-        let origin = entries
-            .identifiers
-            .iter()
-            .find(|(s, v)| *v == own && s.starts_with("urn:fieldmesh:"))
-            .map(|(s, _)| s.clone())
-            .unwrap_or_else(|| "urn:fieldmesh:unknown".into());
-        self.stage_new(id, p.ty.clone(), origin, doc, entries);
+        self.stage_received(prepare_received(p)?);
         Ok(true)
+    }
+
+    /// Stages a document new to this node, prepared by [`prepare_received`].
+    fn stage_received(&mut self, d: PreparedDoc) {
+        self.stage(
+            &d.id,
+            &d.meta,
+            &d.entries,
+            DocData::FullEncoded(d.bytes),
+            IndexEntries::default(),
+        );
+        self.dirty.insert(
+            d.id,
+            Live {
+                doc: None,
+                meta: d.meta,
+                entries: d.entries,
+            },
+        );
     }
 }
 
