@@ -32,6 +32,7 @@ impl Drop for Namespaces {
 }
 
 #[test]
+#[ignore = "flaky in CI: discovery sometimes misses the 30 s window (libp2p mDNS queries once at start, then every 5 min); run with `cargo test -p fieldmesh-tests --test lan_mdns -- --ignored`"]
 fn nodes_on_one_lan_find_each_other_with_mdns() -> anyhow::Result<()> {
     let tag = format!("fm{}", std::process::id() % 100_000);
     let (na, nb) = (format!("{tag}a"), format!("{tag}b"));
