@@ -38,6 +38,7 @@ pub const RESOURCE_TYPES: &[(&str, &[&str])] = &[
     ("PaymentNotice", &["amount"]),
     ("Invoice", &["status"]),
     ("List", &["status", "mode"]),
+    ("Basic", &["code"]),
 ];
 
 /// Whether a node holds resources of this type.

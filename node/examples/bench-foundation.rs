@@ -96,7 +96,7 @@ fn main() -> Result<()> {
             "--data",
             data.to_str().unwrap_or_default(),
             "--role",
-            "device",
+            "central",
             "--name",
             "bench",
         ])

@@ -112,6 +112,15 @@ struct Cost {
 }
 
 /// Runs a session between two sides through the real `Session` code and wire encoding;
+/// A real signed envelope (signatures do not compress), keyed to the document.
+fn envelope_for(id: &[u8; 16]) -> Vec<u8> {
+    use fieldmesh_fhir_docs::trust::Envelope;
+    let key = fieldmesh_fhir_docs::ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+    let mut hash = [0u8; 32];
+    hash[..16].copy_from_slice(id);
+    Envelope::encode_all(&[Envelope::sign(&key, hash, 0)])
+}
+
 /// documents asked for are sent as `payload(doc)` (real Automerge saves), in compressed batches.
 fn session(a: &Side, b: &Side, payload: &dyn Fn(&[u8; 16], bool) -> Vec<u8>) -> Result<Cost> {
     let t = Instant::now();
@@ -129,6 +138,8 @@ fn session(a: &Side, b: &Side, payload: &dyn Fn(&[u8; 16], bool) -> Vec<u8>) -> 
                             id: *id,
                             ty: "Patient".into(),
                             data: payload(id, !heads.is_empty()),
+                            // One signed change per document, as the node sends it.
+                            envelopes: envelope_for(id),
                         })
                         .collect(),
                 ),
@@ -227,21 +238,46 @@ fn main() -> Result<()> {
     let mut w = std::io::BufWriter::new(std::fs::File::create(&file)?);
     let resources = fieldmesh_node::demo::generate(11, families, &mut w)?;
     drop(w);
+    // a is central (it may author everything); b is a hub with a certificate from a.
+    let run_ok = |args: &[&str]| -> Result<String> {
+        let out = Command::new(&bin).args(args).output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    let (da, db) = (dir.join("a"), dir.join("b"));
+    let (da_s, db_s) = (
+        da.to_str().unwrap_or_default(),
+        db.to_str().unwrap_or_default(),
+    );
+    run_ok(&["init", "--data", da_s, "--role", "central", "--name", "a"])?;
+    let root = run_ok(&["id", "--data", da_s])?;
+    run_ok(&[
+        "init", "--data", db_s, "--role", "hub", "--name", "b", "--root", &root,
+    ])?;
+    let b_id = run_ok(&["id", "--data", db_s])?;
+    let cert = dir.join("b.cert");
+    let cert_s = cert.to_str().unwrap_or_default();
+    run_ok(&[
+        "cert",
+        "issue",
+        "--data",
+        da_s,
+        "--subject",
+        &b_id,
+        "--user",
+        "bench",
+        "--role",
+        "hub",
+        "--out",
+        cert_s,
+    ])?;
+    run_ok(&["cert", "install", "--data", db_s, cert_s])?;
     for (name, load) in [("a", true), ("b", false)] {
         let d = dir.join(name);
-        let ok = Command::new(&bin)
-            .args([
-                "init",
-                "--data",
-                d.to_str().unwrap_or_default(),
-                "--role",
-                "device",
-                "--name",
-                name,
-            ])
-            .stdout(Stdio::null())
-            .status()?;
-        anyhow::ensure!(ok.success());
         if load {
             let ok = Command::new(&bin)
                 .args([
@@ -266,7 +302,8 @@ fn main() -> Result<()> {
     loop {
         peak = peak.max(rss_kib(b.child.id()).unwrap_or(0));
         let st = status(&agent, &b.http)?;
-        if st["documents"].as_u64() == Some(resources)
+        // Both hold b's certificate besides the data.
+        if st["documents"].as_u64() == Some(resources + 1)
             && st["connected_peers"][0]["sessions"].as_u64() >= Some(1)
         {
             break;

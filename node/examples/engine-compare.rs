@@ -15,7 +15,6 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use fieldmesh_fhir_docs::actor_for_key;
 use fieldmesh_node::engine::{Engine, NodeIdentity};
 use fieldmesh_storage::kv::{KvRead, KvWrite, Table};
 use fieldmesh_storage::{
@@ -132,6 +131,12 @@ impl Store for SledStore {
     fn checkpoint(&self, peer: &str) -> Result<Option<Vec<u8>>, StoreError> {
         ops::checkpoint(&Trees(&self.trees), peer)
     }
+    fn of_type(&self, ty: &str) -> Result<Vec<DocId>, StoreError> {
+        ops::of_type(&Trees(&self.trees), ty)
+    }
+    fn envelopes(&self, id: &DocId) -> Result<Vec<u8>, StoreError> {
+        ops::envelopes(&Trees(&self.trees), id)
+    }
     fn store_id(&self) -> Result<[u8; 16], StoreError> {
         ops::store_id(&Trees(&self.trees))
     }
@@ -197,10 +202,13 @@ fn main() -> Result<()> {
         )?),
         other => anyhow::bail!("unknown engine {other}"),
     };
-    let me = NodeIdentity {
-        system: "urn:fieldmesh:node:compare".into(),
-        actor: actor_for_key(&[9; 32]),
-    };
+    // A central node: its own root of trust, so it may write everything.
+    let key = fieldmesh_fhir_docs::ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+    let me = NodeIdentity::new(
+        "urn:fieldmesh:node:compare".into(),
+        &[9; 32],
+        key.verifying_key().to_bytes(),
+    );
     let mut engine = Engine::new(store, me, 256);
     let t = Instant::now();
     let summary = fieldmesh_node::load::load_files(&mut engine, &[&file], false)?;

@@ -3,7 +3,9 @@
 //! ```text
 //! DIR/fieldmesh.toml   configuration (name, role, identifier system, HTTP address, cache sizes)
 //! DIR/node.key         the node's ed25519 secret key (32 bytes, readable by its owner only)
+//! DIR/api.token        the bearer token of the local FHIR API (readable by its owner only)
 //! DIR/store.redb       the document store
+//! DIR/api.addr         the address of the running node's API (written at start)
 //! ```
 
 use std::fs;
@@ -18,6 +20,10 @@ use serde::{Deserialize, Serialize};
 pub const CONFIG_FILE: &str = "fieldmesh.toml";
 /// The key file's name inside a data directory.
 pub const KEY_FILE: &str = "node.key";
+/// The API token file's name inside a data directory.
+pub const TOKEN_FILE: &str = "api.token";
+/// Where a running node records the address its API listens on.
+pub const ADDR_FILE: &str = "api.addr";
 /// The store file's name inside a data directory.
 pub const STORE_FILE: &str = "store.redb";
 /// Where the local FHIR API listens unless told otherwise.
@@ -60,6 +66,28 @@ pub struct Config {
     /// Store tuning.
     #[serde(default)]
     pub storage: StorageConfig,
+    /// The deployment's root of trust.
+    pub trust: TrustConfig,
+}
+
+/// `[trust]` section.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrustConfig {
+    /// Central's peer id: the key whose certificates this node accepts.
+    pub root: String,
+}
+
+/// Reads a root of trust given as a peer id (`12D3KooW…`) or a hex ed25519 key.
+pub fn parse_root(text: &str) -> Result<[u8; 32]> {
+    let text = text.trim();
+    if let Some(k) = crate::engine::peer_key(text) {
+        return Ok(k);
+    }
+    fieldmesh_fhir_docs::trust::parse_key(text).map_err(|_| {
+        anyhow::anyhow!(
+            "{text:?} is not central's peer id (print it with `fieldmesh id --data CENTRAL-DIR`)"
+        )
+    })
 }
 
 /// `[http]` section.
@@ -108,7 +136,22 @@ pub struct DataDir {
 
 impl DataDir {
     /// Creates a new node in `path` (which must not hold one already).
-    pub fn init(path: &Path, name: &str, role: Role, system: Option<String>) -> Result<Self> {
+    ///
+    /// `root` is central's peer id; a central node is its own root and needs none.
+    pub fn init(
+        path: &Path,
+        name: &str,
+        role: Role,
+        system: Option<String>,
+        root: Option<&str>,
+    ) -> Result<Self> {
+        if let Some(r) = root {
+            parse_root(r)?;
+        } else if role != Role::Central {
+            bail!(
+                "a {role} needs the deployment's root of trust: --root CENTRAL-PEER-ID (print it with `fieldmesh id --data CENTRAL-DIR`)"
+            );
+        }
         if path.join(CONFIG_FILE).exists() {
             bail!(
                 "{} already holds a node ({}); choose another directory or remove it first",
@@ -131,7 +174,24 @@ impl DataDir {
             .context("generated key is not ed25519")?
             .secret();
         write_private(&path.join(KEY_FILE), secret.as_ref())?;
+        // Two random UUIDs: 244 bits from the system's randomness.
+        let token = format!(
+            "{}{}",
+            uuid::Uuid::new_v4().simple(),
+            uuid::Uuid::new_v4().simple()
+        );
+        write_private(&path.join(TOKEN_FILE), token.as_bytes())?;
+        let root = match root {
+            Some(r) => PeerId::from_public_key(
+                &libp2p::identity::ed25519::PublicKey::try_from_bytes(&parse_root(r)?)
+                    .context("the root is not an ed25519 key")?
+                    .into(),
+            )
+            .to_string(),
+            None => keypair.public().to_peer_id().to_string(),
+        };
         let config = Config {
+            trust: TrustConfig { root },
             name: name.into(),
             role,
             system: system.unwrap_or_else(|| fieldmesh_fhir_docs::node_system(name)),
@@ -188,6 +248,41 @@ impl DataDir {
             .try_into_ed25519()
             .map(|k| k.to_bytes())
             .unwrap_or_default()
+    }
+
+    /// The node's ed25519 secret key.
+    pub fn secret(&self) -> [u8; 32] {
+        self.keypair
+            .clone()
+            .try_into_ed25519()
+            .map(|k| {
+                let mut out = [0u8; 32];
+                out.copy_from_slice(k.secret().as_ref());
+                out
+            })
+            .unwrap_or_default()
+    }
+
+    /// Central's public key, the root of trust.
+    pub fn root_key(&self) -> Result<[u8; 32]> {
+        parse_root(&self.config.trust.root)
+            .with_context(|| format!("trust.root in {}", self.path.join(CONFIG_FILE).display()))
+    }
+
+    /// The bearer token of the local API.
+    pub fn token(&self) -> Result<String> {
+        let path = self.path.join(TOKEN_FILE);
+        let t = fs::read_to_string(&path)
+            .with_context(|| format!("cannot read the API token {}", path.display()))?;
+        Ok(t.trim().to_string())
+    }
+
+    /// The address of the API of the node running on this directory (recorded at its start),
+    /// or the configured one.
+    pub fn api_addr(&self) -> String {
+        fs::read_to_string(self.path.join(ADDR_FILE))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| self.config.http.listen.clone())
     }
 
     /// The store file.

@@ -308,16 +308,70 @@ fn date(rng: &mut Rng, from_year: u64, years: u64) -> String {
     )
 }
 
+/// What [`generate_with`] writes.
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    /// The reference data (locations, facilities, items, services, product, officers, price
+    /// lists): central's to author.
+    pub reference: bool,
+    /// Families, insurees and policies: an enrolment officer's.
+    pub enrolment: bool,
+    /// Claims: a claim administrator's.
+    pub claims: bool,
+    /// Place families only in these villages (codes such as `R1D0W0V0`); all when empty.
+    pub villages: Vec<String>,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        Self {
+            reference: true,
+            enrolment: true,
+            claims: true,
+            villages: Vec::new(),
+        }
+    }
+}
+
 /// Writes `families` synthetic families (and the reference data first) as NDJSON to `out`.
 /// Returns the number of resources written.
 pub fn generate(seed: u64, families: u64, out: &mut impl Write) -> std::io::Result<u64> {
+    generate_with(seed, families, &GenerateOptions::default(), out)
+}
+
+/// [`generate`] with a choice of what to write and where families live.
+pub fn generate_with(
+    seed: u64,
+    families: u64,
+    opts: &GenerateOptions,
+    out: &mut impl Write,
+) -> std::io::Result<u64> {
     let mut rng = Rng::new(seed);
     let refdata = reference_data(&mut rng);
+    let villages: Vec<_> = refdata
+        .villages
+        .iter()
+        .filter(|v| opts.villages.is_empty() || opts.villages.contains(&v.1))
+        .cloned()
+        .collect();
+    if villages.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "none of the villages asked for exists (codes look like R1D0W0V0)",
+        ));
+    }
     let mut written = 0u64;
     let mut emit = |v: &Value, out: &mut dyn Write| -> std::io::Result<()> {
-        serde_json::to_writer(&mut *out, v)?;
-        out.write_all(b"\n")?;
-        written += 1;
+        let keep = match v["resourceType"].as_str() {
+            Some("Patient" | "Group" | "Contract") => opts.enrolment,
+            Some("Claim") => opts.claims,
+            _ => opts.reference,
+        };
+        if keep {
+            serde_json::to_writer(&mut *out, v)?;
+            out.write_all(b"\n")?;
+            written += 1;
+        }
         Ok(())
     };
     for r in &refdata.resources {
@@ -325,7 +379,7 @@ pub fn generate(seed: u64, families: u64, out: &mut impl Write) -> std::io::Resu
     }
     let mut insuree_no = seed.wrapping_mul(7919) % 1_000_000;
     for f in 0..families {
-        let village = rng.pick(&refdata.villages).clone();
+        let village = rng.pick(&villages).clone();
         let group = rng.uuid();
         let family_name = *rng.pick(FAMILY_NAMES);
         let size = 1 + rng.below(7);
@@ -483,6 +537,34 @@ mod tests {
         ] {
             assert!(types.contains(t), "{t} missing");
         }
+    }
+
+    #[test]
+    fn parts_and_villages_can_be_chosen() {
+        let mut out = Vec::new();
+        let opts = GenerateOptions {
+            reference: false,
+            claims: false,
+            villages: vec!["R1D0W0V1".into()],
+            ..Default::default()
+        };
+        generate_with(3, 20, &opts, &mut out).unwrap();
+        let village = reference_data(&mut Rng::new(3)).villages[1].0.clone();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.lines().count() > 40);
+        for line in text.lines() {
+            let v: Value = serde_json::from_str(line).unwrap();
+            let ty = v["resourceType"].as_str().unwrap();
+            assert!(["Patient", "Group", "Contract"].contains(&ty), "{ty}");
+            if ty == "Patient" {
+                assert!(line.contains(&format!("Location/{village}")), "{line}");
+            }
+        }
+        let bad = GenerateOptions {
+            villages: vec!["nowhere".into()],
+            ..Default::default()
+        };
+        assert!(generate_with(3, 1, &bad, &mut Vec::new()).is_err());
     }
 
     #[test]

@@ -62,11 +62,17 @@ enum Command {
         reply: Reply<()>,
     },
     Payloads {
+        peer: String,
         ids: Vec<([u8; 16], fieldmesh_protocol::Heads)>,
         reply: Reply<Vec<fieldmesh_protocol::DocPayload>>,
     },
+    Quarantined {
+        limit: usize,
+        reply: Reply<Vec<fieldmesh_storage::Quarantined>>,
+    },
     Merge {
         docs: Vec<fieldmesh_protocol::DocPayload>,
+        from: String,
         reply: Reply<(usize, usize)>,
     },
     /// Commit what is waiting, reply, and end the thread.
@@ -163,9 +169,19 @@ impl DocsHandle {
     /// Documents to send to a peer, each after the heads the peer holds (whole if none).
     pub async fn payloads(
         &self,
+        peer: String,
         ids: Vec<([u8; 16], fieldmesh_protocol::Heads)>,
     ) -> Result<Vec<fieldmesh_protocol::DocPayload>, EngineError> {
-        self.call(|reply| Command::Payloads { ids, reply }).await
+        self.call(|reply| Command::Payloads { peer, ids, reply })
+            .await
+    }
+    /// Up to `limit` quarantined changes, oldest first.
+    pub async fn quarantined(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<fieldmesh_storage::Quarantined>, EngineError> {
+        self.call(|reply| Command::Quarantined { limit, reply })
+            .await
     }
     /// Asks the engine thread to commit what is waiting and end; commands sent after this fail.
     pub async fn stop(&self) {
@@ -175,8 +191,10 @@ impl DocsHandle {
     pub async fn merge(
         &self,
         docs: Vec<fieldmesh_protocol::DocPayload>,
+        from: String,
     ) -> Result<(usize, usize), EngineError> {
-        self.call(|reply| Command::Merge { docs, reply }).await
+        self.call(|reply| Command::Merge { docs, from, reply })
+            .await
     }
 }
 
@@ -296,11 +314,14 @@ fn execute(engine: &mut Engine, cmd: Command, deferred: &mut Vec<Deferred>) {
         } => {
             let _ = reply.send(engine.record_checkpoint(&peer, &checkpoint));
         }
-        Command::Payloads { ids, reply } => {
-            let _ = reply.send(engine.payloads(&ids));
+        Command::Payloads { peer, ids, reply } => {
+            let _ = reply.send(engine.payloads(&peer, &ids));
         }
-        Command::Merge { docs, reply } => {
-            deferred.push(Deferred::Merged(reply, engine.merge(docs)));
+        Command::Quarantined { limit, reply } => {
+            let _ = reply.send(engine.store().quarantined(limit).map_err(EngineError::from));
+        }
+        Command::Merge { docs, from, reply } => {
+            deferred.push(Deferred::Merged(reply, engine.merge(docs, &from)));
         }
         Command::Stop => {}
     }

@@ -16,6 +16,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use automerge::{ActorId, AutoCommit, ChangeHash};
 use fieldmesh_fhir_docs::Prepared;
 use fieldmesh_fhir_docs::resource::format_instant;
+use fieldmesh_fhir_docs::trust::{Envelope, PublicKey, Rejection, Trust, token_of};
 use fieldmesh_fhir_docs::{
     DocId, IdentKey, IdentifierQuery, Resolver, ValidationError, apply_diff, document_to_json,
     new_document, prepare, profile, render, version_id,
@@ -71,6 +72,9 @@ pub enum EngineError {
     /// A stored document could not be read.
     #[error("a stored document could not be read: {0}")]
     Document(String),
+    /// This node's certificate does not allow the write.
+    #[error("this device may not make this write: {0}")]
+    Forbidden(Rejection),
 }
 
 impl From<fieldmesh_fhir_docs::ConvertError> for EngineError {
@@ -92,6 +96,35 @@ pub struct NodeIdentity {
     pub system: String,
     /// Automerge actor id (the node's public key).
     pub actor: ActorId,
+    /// The node's signing key (its libp2p identity too).
+    pub key: fieldmesh_fhir_docs::ed25519_dalek::SigningKey,
+    /// The deployment's root of trust: central's public key.
+    pub root: PublicKey,
+}
+
+impl NodeIdentity {
+    /// The identity of the node with secret key `secret`, in the deployment rooted at `root`.
+    pub fn new(system: String, secret: &[u8; 32], root: PublicKey) -> Self {
+        let key = fieldmesh_fhir_docs::ed25519_dalek::SigningKey::from_bytes(secret);
+        Self {
+            system,
+            actor: fieldmesh_fhir_docs::actor_for_key(&key.verifying_key().to_bytes()),
+            key,
+            root,
+        }
+    }
+
+    /// The node's public key.
+    pub fn public(&self) -> PublicKey {
+        self.key.verifying_key().to_bytes()
+    }
+}
+
+/// The ed25519 key behind a libp2p peer id, if it is one.
+pub fn peer_key(peer: &str) -> Option<PublicKey> {
+    let id: libp2p::PeerId = peer.parse().ok()?;
+    let key = libp2p::identity::PublicKey::try_decode_protobuf(id.as_ref().digest()).ok()?;
+    Some(key.try_into_ed25519().ok()?.to_bytes())
 }
 
 /// A live document with what the store knows about it.
@@ -179,6 +212,13 @@ pub struct Engine {
     keep_flushed: bool,
     /// Threads that prepare received documents.
     threads: usize,
+    /// Certificates and revocations known here.
+    trust: Trust,
+    /// Changes quarantined since start (so that a peer offering them again adds nothing).
+    quarantined: HashSet<[u8; 32]>,
+    /// Whether local writes are checked against this node's certificate (always, except to
+    /// play a modified, byzantine device in tests: its peers still check everything).
+    check_local: bool,
 }
 
 fn now() -> i64 {
@@ -188,6 +228,30 @@ fn now() -> i64 {
         .unwrap_or_default()
 }
 
+/// Whether `me`'s certificate allows writing a `ty` that reads `before` and then `after`.
+fn authorize(
+    trust: &Trust,
+    me: &NodeIdentity,
+    ty: &str,
+    before: Option<&Map<String, Value>>,
+    after: &Map<String, Value>,
+) -> Result<(), EngineError> {
+    trust
+        .authority(&me.public(), now(), trust.revocations_held())
+        .and_then(|a| a.permits(ty, before, after))
+        .map_err(EngineError::Forbidden)
+}
+
+/// Signs the change a local commit just made (the document's single head).
+fn sign_heads(me: &NodeIdentity, trust: &Trust, doc: &mut AutoCommit) -> Vec<u8> {
+    let seen = trust.revocations_held();
+    let mut out = Vec::new();
+    for h in doc.get_heads() {
+        Envelope::sign(&me.key, h.0, seen).encode_into(&mut out);
+    }
+    out
+}
+
 fn heads_bytes(heads: &[ChangeHash]) -> Vec<[u8; 32]> {
     heads.iter().map(|h| h.0).collect()
 }
@@ -195,7 +259,11 @@ fn heads_bytes(heads: &[ChangeHash]) -> Vec<[u8; 32]> {
 impl Engine {
     /// An engine over `store` keeping up to `cache_documents` live documents.
     pub fn new(store: Box<dyn Store>, me: NodeIdentity, cache_documents: usize) -> Self {
-        Self {
+        let trust = Trust::new(me.root);
+        let mut engine = Self {
+            trust,
+            quarantined: HashSet::new(),
+            check_local: true,
             store: Arc::from(store),
             in_flight: HashMap::new(),
             behind: None,
@@ -205,6 +273,84 @@ impl Engine {
             pending: Vec::new(),
             keep_flushed: true,
             threads: std::thread::available_parallelism().map_or(1, NonZeroUsize::get),
+        };
+        if let Err(e) = engine.load_trust() {
+            tracing::error!(error = %e, "cannot read the certificates in the store");
+        }
+        engine
+    }
+
+    /// Reads every certificate and revocation document of the store into the trust state.
+    fn load_trust(&mut self) -> Result<(), EngineError> {
+        for id in self.store.of_type("Basic")? {
+            let Some(bytes) = self.store.doc_bytes(&id)? else {
+                continue;
+            };
+            let json = document_to_json(&AutoCommit::load(&bytes)?)?;
+            if let Some(token) = token_of(&json)
+                && let Err(e) = self.trust.add_token(token)
+            {
+                tracing::warn!(doc = %uuid::Uuid::from_bytes(id), error = %e, "ignored a trust document");
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops checking local writes against this node's certificate: the node then behaves like
+    /// a modified device that writes what it likes (its peers still refuse it). For tests only.
+    pub fn play_byzantine(&mut self) {
+        self.check_local = false;
+    }
+
+    /// The trust state (certificates and revocations known here).
+    pub fn trust(&self) -> &Trust {
+        &self.trust
+    }
+
+    /// Whether `peer` (a libp2p peer id) holds a certificate valid now and not revoked.
+    pub fn peer_certified(&self, peer: &str) -> bool {
+        peer_key(peer).is_some_and(|k| {
+            self.trust
+                .authority(&k, now(), self.trust.revocations_held())
+                .is_ok()
+        })
+    }
+
+    /// Refuses a local write this node's own certificate does not allow.
+    fn authorize_local(
+        &self,
+        ty: &str,
+        before: Option<&Map<String, Value>>,
+        after: &Map<String, Value>,
+    ) -> Result<(), EngineError> {
+        if !self.check_local {
+            return Ok(());
+        }
+        authorize(&self.trust, &self.me, ty, before, after)
+    }
+
+    /// The envelope of this node's latest change to `doc` (the document's single head after a
+    /// local commit).
+    fn sign_head(&self, doc: &mut AutoCommit) -> Vec<u8> {
+        sign_heads(&self.me, &self.trust, doc)
+    }
+
+    /// Adds the token a trust document carries; forgets every checkpoint when it is new, so that
+    /// changes refused before are offered again and decided anew.
+    fn learn(&mut self, json: &Map<String, Value>) {
+        if let Some(token) = token_of(json) {
+            self.learn_token(token);
+        }
+    }
+
+    fn learn_token(&mut self, token: &str) {
+        match self.trust.add_token(token) {
+            Ok(true) => {
+                tracing::info!("learned a new certificate or revocation");
+                self.pending.push(Write::ForgetCheckpoints);
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "a trust document carries an invalid token"),
         }
     }
 
@@ -380,8 +526,10 @@ impl Engine {
         entries: &IndexEntries,
         data: DocData,
         previous: IndexEntries,
+        envelopes: Vec<u8>,
     ) {
         self.pending.push(Write::Doc(DocWrite {
+            envelopes,
             id: *id.as_bytes(),
             ty: meta.ty.clone(),
             origin: meta.origin.clone(),
@@ -437,9 +585,13 @@ impl Engine {
             &*self,
             bundle_ids,
         )?;
+        self.authorize_local(&prepared.ty, None, &prepared.json)?;
         let doc = new_document(&prepared.json, self.me.actor.clone(), now())?;
         let ty = prepared.ty.clone();
         let origin = self.me.system.clone();
+        if ty == "Basic" {
+            self.learn(&prepared.json);
+        }
         self.stage_new(id, ty, origin, doc, entries_of(&prepared));
         Ok(id)
     }
@@ -461,12 +613,14 @@ impl Engine {
             heads: heads_bytes(&doc.get_heads()),
             updated: now(),
         };
+        let envelopes = self.sign_head(&mut doc);
         self.stage(
             &id,
             &meta,
             &entries,
             DocData::Full(doc.save_nocompress()),
             IndexEntries::default(),
+            envelopes,
         );
         // Bulk loads give the live document's memory back at once.
         let doc = self.keep_flushed.then_some(doc);
@@ -551,11 +705,18 @@ impl Engine {
             .as_mut()
             .ok_or_else(|| EngineError::Document(format!("document {doc_id} is not in memory")))?;
         let old = document_to_json(doc)?;
+        if old == prepared.json {
+            return Ok(Outcome::Unchanged);
+        }
+        if self.check_local {
+            authorize(&self.trust, &self.me, ty, Some(&old), &prepared.json)?;
+        }
         let heads_before = doc.get_heads();
         if apply_diff(doc, &old, &prepared.json)? == 0 {
             return Ok(Outcome::Unchanged);
         }
         doc.commit_with(automerge::transaction::CommitOptions::default().with_time(now()));
+        let envelopes = sign_heads(&self.me, &self.trust, doc);
         let (data, chunks) = if chunks >= COMPACT_AFTER_CHUNKS {
             (DocData::Full(doc.save_nocompress()), 1)
         } else {
@@ -566,7 +727,7 @@ impl Engine {
         live.meta.heads = heads;
         live.meta.updated = now();
         let previous = std::mem::replace(&mut live.entries, entries_of(&prepared));
-        self.stage(doc_id, &live.meta, &live.entries, data, previous);
+        self.stage(doc_id, &live.meta, &live.entries, data, previous, envelopes);
         Ok(Outcome::Updated)
     }
 
@@ -719,6 +880,8 @@ pub struct SyncStart {
     pub checkpoint: Option<fieldmesh_protocol::Checkpoint>,
     /// The documents.
     pub items: SyncItems,
+    /// The peer has no valid certificate: `items` holds only certificates and revocations.
+    pub restricted: bool,
 }
 
 /// A document prepared off the engine, ready to be staged.
@@ -727,6 +890,20 @@ pub struct PreparedDoc {
     meta: DocMeta,
     entries: IndexEntries,
     bytes: Vec<u8>,
+    /// Signed envelopes of its changes.
+    envelopes: Vec<u8>,
+    /// The certificate or revocation token it carries, if it is a trust document.
+    token: Option<String>,
+}
+
+/// Refused changes: hash and reason.
+pub type Refused = Vec<([u8; 32], Rejection)>;
+
+/// A received document new to this node, checked: what to stage (if any change was accepted)
+/// and what to quarantine.
+pub struct Received {
+    doc: Option<PreparedDoc>,
+    rejected: Refused,
 }
 
 /// Read-only reference resolution for parallel preparation: the store plus the documents staged
@@ -807,10 +984,15 @@ pub fn par_map<T: Sync, R: Send>(
 }
 
 /// Prepares a document received from a peer that this node does not hold yet: loads it (which
-/// checks its change hashes), reads it, checks its type and computes its index entries.
-fn prepare_received(p: &fieldmesh_protocol::DocPayload) -> Result<PreparedDoc, EngineError> {
+/// checks its change hashes), checks every change's signature and authority, reads it, checks its
+/// type and computes its index entries.
+fn prepare_received(
+    p: &fieldmesh_protocol::DocPayload,
+    trust: &Trust,
+    uncertified: Option<&str>,
+) -> Result<Received, EngineError> {
     let id = DocId(uuid::Uuid::from_bytes(p.id));
-    let mut doc = AutoCommit::load(&p.data)?;
+    let doc = AutoCommit::load(&p.data)?;
     let json = document_to_json(&doc)?;
     if json.get("resourceType").and_then(Value::as_str) != Some(p.ty.as_str())
         || !profile::is_supported(&p.ty)
@@ -820,6 +1002,21 @@ fn prepare_received(p: &fieldmesh_protocol::DocPayload) -> Result<PreparedDoc, E
             p.ty
         )));
     }
+    let envelopes =
+        Envelope::decode_all(&p.envelopes).map_err(|e| EngineError::Document(e.to_string()))?;
+    let mut checked = crate::verify::check(trust, &p.ty, doc, json, None, &envelopes, uncertified)?;
+    if checked.accepted == 0 {
+        return Ok(Received {
+            doc: None,
+            rejected: checked.rejected,
+        });
+    }
+    let bytes = if checked.rejected.is_empty() {
+        fieldmesh_storage::codec::encode(&p.data)?
+    } else {
+        fieldmesh_storage::codec::encode(&checked.doc.save_nocompress())?
+    };
+    let json = checked.json;
     let entries = entries_of_json(&json);
     let own = id.to_string();
     let origin = entries
@@ -828,24 +1025,31 @@ fn prepare_received(p: &fieldmesh_protocol::DocPayload) -> Result<PreparedDoc, E
         .find(|(s, v)| *v == own && s.starts_with("urn:fieldmesh:"))
         .map(|(s, _)| s.clone())
         .unwrap_or_else(|| "urn:fieldmesh:unknown".into());
-    Ok(PreparedDoc {
-        id,
-        meta: DocMeta {
-            ty: p.ty.clone(),
-            origin,
-            chunks: 1,
-            seq: 0,
-            heads: heads_bytes(&doc.get_heads()),
-            updated: now(),
-        },
-        entries,
-        bytes: fieldmesh_storage::codec::encode(&p.data)?,
+    Ok(Received {
+        doc: Some(PreparedDoc {
+            id,
+            meta: DocMeta {
+                ty: p.ty.clone(),
+                origin,
+                chunks: 1,
+                seq: 0,
+                heads: heads_bytes(&checked.doc.get_heads()),
+                updated: now(),
+            },
+            entries,
+            bytes,
+            envelopes: checked.envelopes,
+            token: token_of(&json).map(String::from),
+        }),
+        rejected: checked.rejected,
     })
 }
 
 fn prepare_line(
     view: &View<'_>,
     me: &NodeIdentity,
+    trust: &Trust,
+    check_local: bool,
     line: &str,
 ) -> Result<PreparedDoc, EngineError> {
     let resource = parse_json(line.as_bytes())?;
@@ -863,8 +1067,14 @@ fn prepare_line(
         _ => DocId::new(),
     };
     let prepared = prepare(resource, None, &me.system, &id, view, &|_| None)?;
+    if check_local {
+        authorize(trust, me, &prepared.ty, None, &prepared.json)?;
+    }
     let mut doc = new_document(&prepared.json, me.actor.clone(), now())?;
+    let envelopes = sign_heads(me, trust, &mut doc);
     Ok(PreparedDoc {
+        envelopes,
+        token: token_of(&prepared.json).map(String::from),
         id,
         meta: DocMeta {
             ty: prepared.ty.clone(),
@@ -894,8 +1104,8 @@ impl Engine {
                 staged: &self.dirty,
                 in_flight: &self.in_flight,
             };
-            let me = &self.me;
-            match par_map(lines, threads, |l| prepare_line(&view, me, l)) {
+            let (me, trust, check) = (&self.me, &self.trust, self.check_local);
+            match par_map(lines, threads, |l| prepare_line(&view, me, trust, check, l)) {
                 Some(out) => out,
                 None => {
                     return lines
@@ -915,22 +1125,9 @@ impl Engine {
                     self.create(resource, None, false, &|_| None)
                 }
                 Ok(p) => {
-                    self.stage(
-                        &p.id,
-                        &p.meta,
-                        &p.entries,
-                        DocData::FullEncoded(p.bytes),
-                        IndexEntries::default(),
-                    );
-                    self.dirty.insert(
-                        p.id,
-                        Live {
-                            doc: None,
-                            meta: p.meta,
-                            entries: p.entries,
-                        },
-                    );
-                    Ok(p.id)
+                    let id = p.id;
+                    self.stage_received(p);
+                    Ok(id)
                 }
                 Err(e) => Err(e),
             })
@@ -940,8 +1137,15 @@ impl Engine {
 
 impl Engine {
     /// What a session with `peer` starts from (commits first; see [`SyncStart`]).
+    ///
+    /// A peer without a valid certificate is served nothing: its session starts from an empty
+    /// set of documents.
     pub fn sync_start(&mut self, peer: &str) -> Result<SyncStart, EngineError> {
         self.flush()?;
+        let restricted = peer_key(peer).is_some() && !self.peer_certified(peer);
+        if restricted {
+            tracing::warn!(peer = %peer, "the peer has no valid certificate: offering it only certificates");
+        }
         let mut items = Vec::new();
         let mut after = 0;
         loop {
@@ -949,7 +1153,9 @@ impl Engine {
             let Some((last, _)) = page.last() else { break };
             after = *last;
             for (seq, id) in page {
-                if let Some(meta) = self.store.doc_meta(&id)? {
+                if let Some(meta) = self.store.doc_meta(&id)?
+                    && (!restricted || meta.ty == "Basic")
+                {
                     items.push((id, meta.heads, seq));
                 }
             }
@@ -957,11 +1163,15 @@ impl Engine {
         Ok(SyncStart {
             store: self.store.store_id()?,
             seq: self.store.stats()?.last_seq,
-            checkpoint: self
-                .store
-                .checkpoint(peer)?
-                .and_then(|b| fieldmesh_protocol::Checkpoint::from_bytes(&b)),
+            checkpoint: if restricted {
+                None
+            } else {
+                self.store
+                    .checkpoint(peer)?
+                    .and_then(|b| fieldmesh_protocol::Checkpoint::from_bytes(&b))
+            },
             items,
+            restricted,
         })
     }
 
@@ -980,17 +1190,24 @@ impl Engine {
         Ok(())
     }
 
-    /// The documents `ids` as sent to a peer: type and Automerge bytes.
+    /// The documents `ids` as sent to `peer`: type, Automerge bytes (whole, or the changes
+    /// after the peer's heads) and the envelopes of the changes sent. Nothing for a peer without
+    /// a valid certificate.
     pub fn payloads(
         &mut self,
+        peer: &str,
         wanted: &[(fieldmesh_storage::DocId, fieldmesh_protocol::Heads)],
     ) -> Result<Vec<fieldmesh_protocol::DocPayload>, EngineError> {
         self.flush()?;
+        let restricted = peer_key(peer).is_some() && !self.peer_certified(peer);
         let mut out = Vec::with_capacity(wanted.len());
         for (id, their_heads) in wanted {
             let Some(meta) = self.store.doc_meta(id)? else {
                 continue;
             };
+            if restricted && meta.ty != "Basic" {
+                continue;
+            }
             if !their_heads.is_empty() {
                 // The peer holds the document: send only the changes after its heads, if ours
                 // contains them all.
@@ -1004,12 +1221,30 @@ impl Engine {
                             .all(|h| doc.get_change_by_hash(h).is_some())
                             .then(|| doc.save_after(&heads))
                     });
+                    let hashes: Option<HashSet<[u8; 32]>> = live.doc.as_mut().map(|doc| {
+                        let heads: Vec<ChangeHash> =
+                            their_heads.iter().map(|h| ChangeHash(*h)).collect();
+                        doc.get_changes_meta(&heads)
+                            .into_iter()
+                            .map(|m| m.hash.0)
+                            .collect()
+                    });
                     self.put_back(doc_id, live, false);
-                    if let Some(data) = since? {
+                    if let (Some(data), Some(hashes)) = (since?, hashes) {
+                        let all = self.store.envelopes(id)?;
+                        let envelopes: Vec<u8> = all
+                            .chunks_exact(Envelope::LEN)
+                            .filter(|e| {
+                                <[u8; 32]>::try_from(&e[..32]).is_ok_and(|h| hashes.contains(&h))
+                            })
+                            .flatten()
+                            .copied()
+                            .collect();
                         out.push(fieldmesh_protocol::DocPayload {
                             id: *id,
                             ty: meta.ty,
                             data,
+                            envelopes,
                         });
                         continue;
                     }
@@ -1020,19 +1255,50 @@ impl Engine {
                     id: *id,
                     ty: meta.ty,
                     data,
+                    envelopes: self.store.envelopes(id)?,
                 });
             }
         }
         Ok(out)
     }
 
-    /// Merges documents received from a peer and starts committing them in the background (the
-    /// next [`Engine::flush`] waits for it); returns how many changed here.
-    /// A payload that is not a loadable document of the type it claims is refused (counted in
-    /// the result's second field) and nothing of it is applied.
+    /// Merges documents received from `from` (a peer id, or a file) and starts committing them
+    /// in the background (the next [`Engine::flush`] waits for it); returns how many documents
+    /// changed here and how many were refused or quarantined.
+    ///
+    /// Every new change is checked first (signature, certificate, capability, scope; see
+    /// [`fieldmesh_fhir_docs::trust`]): refused changes go to quarantine and are never applied.
+    /// Certificates and revocations in the batch are taken in before anything else, so that a
+    /// batch carrying a new device's certificate and its writes is decided as if they had come
+    /// in order. A payload that is not a loadable document of the type it claims is refused and
+    /// nothing of it is applied.
     pub fn merge(
         &mut self,
         docs: Vec<fieldmesh_protocol::DocPayload>,
+        from: &str,
+    ) -> Result<(usize, usize), EngineError> {
+        let (trust_docs, docs): (Vec<_>, Vec<_>) = docs.into_iter().partition(|p| p.ty == "Basic");
+        let (mut changed, mut refused) = (0, 0);
+        for (is_trust, batch) in [(true, trust_docs), (false, docs)] {
+            // Certificates and revocations are central's changes, checked as such whoever relays
+            // them: a new device brings its own certificate. Everything else from a peer is
+            // decided after them, and quarantined whole if the peer has no valid certificate.
+            let uncertified = (!is_trust && peer_key(from).is_some() && !self.peer_certified(from))
+                .then(|| from.to_string());
+            let (c, r) = self.merge_batch(batch, from, uncertified.as_deref())?;
+            changed += c;
+            refused += r;
+        }
+        // The commit overlaps the next batch; the engine thread waits for it before replying.
+        self.flush_behind()?;
+        Ok((changed, refused))
+    }
+
+    fn merge_batch(
+        &mut self,
+        docs: Vec<fieldmesh_protocol::DocPayload>,
+        from: &str,
+        uncertified: Option<&str>,
     ) -> Result<(usize, usize), EngineError> {
         // Documents new to this node (most of a first sync) are prepared on every core; the
         // received bytes are stored as they came, without a second save.
@@ -1047,14 +1313,23 @@ impl Engine {
                 known.push(p);
             }
         }
-        let prepared = par_map(&fresh, self.threads, prepare_received)
-            .ok_or_else(|| EngineError::Document("a preparation thread failed".into()))?;
+        let trust = &self.trust;
+        let prepared = par_map(&fresh, self.threads, |p| {
+            prepare_received(p, trust, uncertified)
+        })
+        .ok_or_else(|| EngineError::Document("a preparation thread failed".into()))?;
         let (mut changed, mut refused) = (0, 0);
         for (p, prepared) in fresh.iter().zip(prepared) {
             match prepared {
-                Ok(d) => {
-                    self.stage_received(d);
-                    changed += 1;
+                Ok(r) => {
+                    if !r.rejected.is_empty() {
+                        refused += 1;
+                        self.quarantine(p, from, r.rejected);
+                    }
+                    if let Some(d) = r.doc {
+                        self.stage_received(d);
+                        changed += 1;
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(doc = %uuid::Uuid::from_bytes(p.id), error = %e, "refused a document from a peer");
@@ -1071,9 +1346,14 @@ impl Engine {
         }
         for p in known {
             let id = DocId(uuid::Uuid::from_bytes(p.id));
-            match self.merge_one(id, &p) {
-                Ok(true) => changed += 1,
-                Ok(false) => {}
+            match self.merge_one(id, &p, uncertified) {
+                Ok((doc_changed, rejected)) => {
+                    changed += usize::from(doc_changed);
+                    if !rejected.is_empty() {
+                        refused += 1;
+                        self.quarantine(&p, from, rejected);
+                    }
+                }
                 Err(EngineError::Store(e)) => return Err(EngineError::Store(e)),
                 Err(e) => {
                     tracing::warn!(doc = %id, error = %e, "refused a document from a peer");
@@ -1081,16 +1361,49 @@ impl Engine {
                 }
             }
         }
-        // The commit overlaps the next batch; the engine thread waits for it before replying.
-        self.flush_behind()?;
         Ok((changed, refused))
     }
 
+    /// Keeps refused changes of a payload in quarantine (once per change per run).
+    fn quarantine(
+        &mut self,
+        p: &fieldmesh_protocol::DocPayload,
+        from: &str,
+        rejected: Vec<([u8; 32], Rejection)>,
+    ) {
+        let doc = uuid::Uuid::from_bytes(p.id);
+        for (hash, why) in rejected {
+            let key = if hash == [0; 32] {
+                let mut k = [0u8; 32];
+                k[..16].copy_from_slice(&p.id);
+                k
+            } else {
+                hash
+            };
+            if !self.quarantined.insert(key) {
+                continue;
+            }
+            let change = hex::encode(&hash[..6]);
+            tracing::warn!(peer = %from, doc = %doc, ty = %p.ty, change = %change, reason = %why, "quarantined a change");
+            let mut data = p.data.clone();
+            data.extend_from_slice(&p.envelopes);
+            self.pending
+                .push(Write::Quarantine(fieldmesh_storage::Quarantined {
+                    reason: format!("{} {doc}, change {change}: {why}", p.ty),
+                    from: from.to_string(),
+                    data,
+                }));
+        }
+    }
+
+    /// Merges a payload into a document this node holds; returns whether it changed and the
+    /// changes refused.
     fn merge_one(
         &mut self,
         id: DocId,
         p: &fieldmesh_protocol::DocPayload,
-    ) -> Result<bool, EngineError> {
+        uncertified: Option<&str>,
+    ) -> Result<(bool, Refused), EngineError> {
         if let Some(mut live) = self.take(&id)? {
             let was_dirty = self.has_pending_write(&id);
             let result = (|| {
@@ -1105,9 +1418,15 @@ impl Engine {
                 let doc = live.doc(&id)?;
                 let before = doc.get_heads();
                 let mut probe = doc.fork();
-                probe.load_incremental(&p.data)?;
+                if let Err(e) = probe.load_incremental(&p.data) {
+                    if let automerge::AutomergeError::DuplicateSeqNumber(seq, _) = e {
+                        // The author signed two different changes with one sequence number.
+                        return Ok((false, vec![([0; 32], Rejection::Equivocation { seq })]));
+                    }
+                    return Err(e.into());
+                }
                 if probe.get_heads() == before {
-                    return Ok(false);
+                    return Ok((false, Vec::new()));
                 }
                 let json = document_to_json(&probe)?;
                 if json.get("resourceType").and_then(Value::as_str) != Some(p.ty.as_str()) {
@@ -1115,7 +1434,22 @@ impl Engine {
                         "the merged document changes its resourceType".into(),
                     ));
                 }
-                *doc = probe;
+                let envelopes = Envelope::decode_all(&p.envelopes)
+                    .map_err(|e| EngineError::Document(e.to_string()))?;
+                let old_json = document_to_json(doc)?;
+                let checked = crate::verify::check(
+                    &self.trust,
+                    &p.ty,
+                    probe,
+                    json,
+                    Some((doc, &old_json)),
+                    &envelopes,
+                    uncertified,
+                )?;
+                if checked.accepted == 0 {
+                    return Ok((false, checked.rejected));
+                }
+                *doc = checked.doc;
                 let (data, chunks) = if chunks >= COMPACT_AFTER_CHUNKS {
                     (DocData::Full(doc.save_nocompress()), 1)
                 } else {
@@ -1125,26 +1459,44 @@ impl Engine {
                 live.meta.chunks = chunks;
                 live.meta.heads = heads;
                 live.meta.updated = now();
-                let previous = std::mem::replace(&mut live.entries, entries_of_json(&json));
-                self.stage(&id, &live.meta, &live.entries, data, previous);
-                Ok(true)
+                let previous = std::mem::replace(&mut live.entries, entries_of_json(&checked.json));
+                if p.ty == "Basic" {
+                    self.learn(&checked.json);
+                }
+                self.stage(
+                    &id,
+                    &live.meta,
+                    &live.entries,
+                    data,
+                    previous,
+                    checked.envelopes,
+                );
+                Ok((true, checked.rejected))
             })();
-            let dirty = was_dirty || matches!(result, Ok(true));
+            let dirty = was_dirty || matches!(result, Ok((true, _)));
             self.put_back(id, live, dirty);
             return result;
         }
-        self.stage_received(prepare_received(p)?);
-        Ok(true)
+        let r = prepare_received(p, &self.trust, uncertified)?;
+        let changed = r.doc.is_some();
+        if let Some(d) = r.doc {
+            self.stage_received(d);
+        }
+        Ok((changed, r.rejected))
     }
 
-    /// Stages a document new to this node, prepared by [`prepare_received`].
+    /// Stages a document new to this node, prepared by [`prepare_received`] or [`prepare_line`].
     fn stage_received(&mut self, d: PreparedDoc) {
+        if let Some(token) = &d.token {
+            self.learn_token(token);
+        }
         self.stage(
             &d.id,
             &d.meta,
             &d.entries,
             DocData::FullEncoded(d.bytes),
             IndexEntries::default(),
+            d.envelopes,
         );
         self.dirty.insert(
             d.id,

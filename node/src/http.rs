@@ -3,7 +3,13 @@
 //! Routes (base `http://<addr>/fhir`): `POST /<Type>` (201 with `Location`), `GET /<Type>/<id>`,
 //! `PUT /<Type>/<id>` (update; update-as-create for an unused UUID; `If-Match` honoured),
 //! `GET /<Type>?identifier=…` and `?_id=…` (searchset Bundles), `GET /<Type>/<id>/$automerge` (the
-//! saved Automerge document), `GET /metadata` (CapabilityStatement). `GET /status` reports the node.
+//! saved Automerge document), `GET /metadata` (CapabilityStatement). `GET /status` reports the node
+//! and `GET /quarantine` lists refused changes.
+//!
+//! The API is for the apps of the device's own user: every route but `/status` and
+//! `/fhir/metadata` (which carry no resource content) needs `Authorization: Bearer <token>`, the
+//! token made at `init` (`fieldmesh token --data DIR`); without it the answer is 401. A write the
+//! node's certificate does not allow is refused with 403, naming the missing capability or scope.
 //! Every error is an OperationOutcome with the matching HTTP status; every resource is served as
 //! `application/fhir+json` with an ETag from the document's heads.
 
@@ -11,8 +17,9 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -47,19 +54,29 @@ struct AppState {
     info: Arc<NodeInfo>,
     peers: PeerTable,
     changes: ChangeSender,
+    token: Arc<str>,
 }
 
 /// The API's router. Successful writes are announced on `changes`, which makes the node sync them
 /// to its connected peers.
-pub fn router(docs: DocsHandle, info: NodeInfo, peers: PeerTable, changes: ChangeSender) -> Router {
+/// Every request but to the open routes must carry `token`.
+pub fn router(
+    docs: DocsHandle,
+    info: NodeInfo,
+    peers: PeerTable,
+    changes: ChangeSender,
+    token: String,
+) -> Router {
     let state = AppState {
         docs,
         info: Arc::new(info),
         peers,
         changes,
+        token: Arc::from(token),
     };
     Router::new()
         .route("/status", get(status))
+        .route("/quarantine", get(quarantine))
         .route("/fhir/metadata", get(metadata))
         .route("/fhir/{ty}", get(search).post(create))
         .route("/fhir/{ty}/{id}", get(read).put(update))
@@ -67,7 +84,43 @@ pub fn router(docs: DocsHandle, info: NodeInfo, peers: PeerTable, changes: Chang
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_token,
+        ))
         .with_state(state)
+}
+
+/// Compares in time independent of where the strings differ.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn require_token(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    if path == "/status" || path == "/fhir/metadata" {
+        return next.run(req).await;
+    }
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match given {
+        Some(t) if same_secret(t.as_bytes(), st.token.as_bytes()) => next.run(req).await,
+        _ => {
+            let why = if given.is_some() {
+                "the bearer token is not this node's"
+            } else {
+                "this API needs the node's bearer token: send `Authorization: Bearer <token>`; print the token with `fieldmesh token --data DIR`"
+            };
+            let mut r = ApiError::new(StatusCode::UNAUTHORIZED, "login", why).into_response();
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            r
+        }
+    }
 }
 
 /// An error response: an OperationOutcome with a status.
@@ -126,6 +179,9 @@ impl From<EngineError> for ApiError {
             }
             EngineError::VersionConflict { .. } => {
                 ApiError::new(StatusCode::PRECONDITION_FAILED, "conflict", e.to_string())
+            }
+            EngineError::Forbidden(_) => {
+                ApiError::new(StatusCode::FORBIDDEN, "forbidden", e.to_string())
             }
             EngineError::Store(StoreError::DiskFull(_)) => {
                 ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "exception", e.to_string())
@@ -361,6 +417,15 @@ async fn status(State(st): State<AppState>) -> Result<Response, ApiError> {
         "version": env!("CARGO_PKG_VERSION"),
     }))
     .into_response())
+}
+
+async fn quarantine(State(st): State<AppState>) -> Result<Response, ApiError> {
+    let items = st.docs.quarantined(1000).await?;
+    let list: Vec<Value> = items
+        .iter()
+        .map(|q| json!({"reason": q.reason, "from": q.from, "bytes": q.data.len()}))
+        .collect();
+    Ok(Json(json!({"quarantined": list.len(), "changes": list})).into_response())
 }
 
 async fn metadata() -> Response {

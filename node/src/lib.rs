@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //!
+//! - [`certs`]: certificate files, installing them, revocations (`fieldmesh cert`).
 //! - [`config`]: the data directory (config file, node key, store) and `init`.
 //! - [`engine`]: FHIR resources ⇄ Automerge documents in the store, with a bounded cache and
 //!   group commit; synchronous.
@@ -10,7 +11,10 @@
 //! - [`load`]: `fieldmesh load` of JSON, Bundles and NDJSON.
 //! - [`demo`]: synthetic openIMIS data and demo deployments.
 //! - [`node`]: starting a node (`fieldmesh run`).
+//! - [`verify`]: checking received changes against certificates before applying them.
+//! - [`net`]: libp2p transports, discovery, relays and sync sessions.
 
+pub mod certs;
 pub mod config;
 pub mod demo;
 pub mod docs;
@@ -19,6 +23,7 @@ pub mod http;
 pub mod load;
 pub mod net;
 pub mod node;
+pub mod verify;
 
 pub use config::{DataDir, Role};
 pub use engine::{Engine, EngineError};

@@ -104,6 +104,8 @@ struct Behaviour {
 
 struct Outcome {
     peer: PeerId,
+    /// Whether the peer opened the session.
+    inbound: bool,
     result: Result<SessionTotals>,
 }
 
@@ -115,6 +117,9 @@ struct SessionTotals {
     bytes_received: u64,
     changed: usize,
     fast: bool,
+    /// The peer had no valid certificate when the session started: it was offered only
+    /// certificates and revocations, and no checkpoint was recorded.
+    restricted: bool,
 }
 
 fn now() -> i64 {
@@ -185,7 +190,10 @@ async fn drive(
     };
     let mut session = Session::new(role, local, start.items)?;
     let (mut r, mut w) = stream.split();
-    let mut totals = SessionTotals::default();
+    let mut totals = SessionTotals {
+        restricted: start.restricted,
+        ..SessionTotals::default()
+    };
     // Received batches merge while the next ones are read and decoded; at most
     // `MERGES_IN_FLIGHT` wait, and all have finished (durably) before the session ends.
     let mut merging: std::collections::VecDeque<tokio::task::JoinHandle<_>> =
@@ -197,7 +205,7 @@ async fn drive(
                 Action::Send(m) => totals.bytes_sent += write_frame(&mut w, &encode(&m)).await?,
                 Action::SendDocs(ids) => {
                     for chunk in ids.chunks(SEND_BATCH) {
-                        let payloads = docs.payloads(chunk.to_vec()).await?;
+                        let payloads = docs.payloads(peer.to_string(), chunk.to_vec()).await?;
                         totals.docs_sent += payloads.len() as u64;
                         for m in pack(payloads) {
                             totals.bytes_sent += write_frame(&mut w, &encode(&m)).await?;
@@ -212,14 +220,17 @@ async fn drive(
                         settle(oldest.await, &mut totals)?;
                     }
                     let docs = docs.clone();
-                    merging.push_back(tokio::spawn(async move { docs.merge(batch).await }));
+                    let from = peer.to_string();
+                    merging.push_back(tokio::spawn(async move { docs.merge(batch, from).await }));
                 }
                 Action::Finished => {
                     while let Some(next) = merging.pop_front() {
                         settle(next.await, &mut totals)?;
                     }
                     // Everything received is durable: from now on the peers can start from here.
-                    if let Some(c) = session.checkpoint() {
+                    if let Some(c) = session.checkpoint()
+                        && !totals.restricted
+                    {
                         docs.record_checkpoint(peer.to_string(), c).await?;
                     }
                     totals.fast = session.stats().fast;
@@ -294,20 +305,17 @@ pub async fn run(
         .accept(protocol())
         .context("the sync protocol is registered twice")?;
 
-    // Responder side: every inbound stream is a session.
+    // Responder side: every inbound stream is a session, admitted by the loop below (at most
+    // one session per pair of peers at a time).
     let (done_tx, mut done_rx) = mpsc::channel::<Outcome>(CHANGE_QUEUE);
-    {
-        let (docs, name, done_tx) = (docs.clone(), name.clone(), done_tx.clone());
-        tokio::spawn(async move {
-            while let Some((peer, stream)) = incoming.next().await {
-                let (docs, name, done_tx) = (docs.clone(), name.clone(), done_tx.clone());
-                tokio::spawn(async move {
-                    let result = drive(stream, peer, Role::Responder, name, docs).await;
-                    let _ = done_tx.send(Outcome { peer, result }).await;
-                });
+    let (inbound_tx, mut inbound_rx) = mpsc::channel::<(PeerId, libp2p::Stream)>(CHANGE_QUEUE);
+    tokio::spawn(async move {
+        while let Some(s) = incoming.next().await {
+            if inbound_tx.send(s).await.is_err() {
+                break;
             }
-        });
-    }
+        }
+    });
 
     // Explicit peers: dial now and again with backoff while disconnected.
     let mut redial: Vec<(Multiaddr, tokio::time::Instant, Duration)> = cfg
@@ -324,35 +332,64 @@ pub async fn run(
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut connected: HashSet<PeerId> = HashSet::new();
     let mut running: HashSet<PeerId> = HashSet::new();
+    let mut running_in: HashSet<PeerId> = HashSet::new();
     let mut again: HashSet<PeerId> = HashSet::new();
     let mut addr_peer: HashMap<Multiaddr, PeerId> = HashMap::new();
 
-    let start_session =
-        |peer: PeerId, running: &mut HashSet<PeerId>, again: &mut HashSet<PeerId>| {
-            if !running.insert(peer) {
-                again.insert(peer);
-                return;
+    let start_session = |peer: PeerId,
+                         running: &mut HashSet<PeerId>,
+                         running_in: &HashSet<PeerId>,
+                         again: &mut HashSet<PeerId>| {
+        if running_in.contains(&peer) || !running.insert(peer) {
+            again.insert(peer);
+            return;
+        }
+        let (mut control, docs, name, done_tx) =
+            (control.clone(), docs.clone(), name.clone(), done_tx.clone());
+        tokio::spawn(async move {
+            let result = async {
+                let stream = control
+                    .open_stream(peer, protocol())
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                drive(stream, peer, Role::Initiator, name, docs).await
             }
-            let (mut control, docs, name, done_tx) =
-                (control.clone(), docs.clone(), name.clone(), done_tx.clone());
-            tokio::spawn(async move {
-                let result = async {
-                    let stream = control
-                        .open_stream(peer, protocol())
-                        .await
-                        .map_err(|e| anyhow::anyhow!("{e}"))?;
-                    drive(stream, peer, Role::Initiator, name, docs).await
-                }
+            .await;
+            let _ = done_tx
+                .send(Outcome {
+                    peer,
+                    inbound: false,
+                    result,
+                })
                 .await;
-                let _ = done_tx.send(Outcome { peer, result }).await;
-            });
-        };
+        });
+    };
 
     loop {
         tokio::select! {
             biased;
+            Some((peer, stream)) = inbound_rx.recv() => {
+                if running.contains(&peer) && local < peer {
+                    // Both sides opened a session at once: the lower peer id's goes on (it
+                    // syncs both ways); the other is closed.
+                    tracing::debug!(%peer, "closing a duplicate session");
+                    drop(stream);
+                    continue;
+                }
+                running_in.insert(peer);
+                let (docs, name, done_tx) = (docs.clone(), name.clone(), done_tx.clone());
+                tokio::spawn(async move {
+                    let result = drive(stream, peer, Role::Responder, name, docs).await;
+                    let _ = done_tx.send(Outcome { peer, inbound: true, result }).await;
+                });
+            }
             Some(outcome) = done_rx.recv() => {
                 let peer = outcome.peer;
+                if outcome.inbound {
+                    running_in.remove(&peer);
+                } else {
+                    running.remove(&peer);
+                }
                 let mut table = peers.lock().unwrap_or_else(|p| p.into_inner());
                 let info = table.entry(peer.to_string()).or_default();
                 match outcome.result {
@@ -368,7 +405,14 @@ pub async fn run(
                         tracing::info!(%peer, fast = t.fast, sent = t.docs_sent, received = t.docs_received, bytes_out = t.bytes_sent, bytes_in = t.bytes_received, "sync session done");
                         if t.changed > 0 {
                             let _ = changes_tx.try_send(Some(peer));
+                            if t.restricted {
+                                // Certificates came in: the peer may be entitled to more now.
+                                again.insert(peer);
+                            }
                         }
+                    }
+                    Err(e) if !outcome.inbound && running_in.contains(&peer) && local > peer => {
+                        tracing::debug!(%peer, error = %format!("{e:#}"), "session superseded by the peer's");
                     }
                     Err(e) => {
                         tracing::warn!(%peer, error = %format!("{e:#}"), "sync session failed");
@@ -376,14 +420,17 @@ pub async fn run(
                     }
                 }
                 drop(table);
-                running.remove(&peer);
-                if again.remove(&peer) && connected.contains(&peer) {
-                    start_session(peer, &mut running, &mut again);
+                if !running.contains(&peer)
+                    && !running_in.contains(&peer)
+                    && again.remove(&peer)
+                    && connected.contains(&peer)
+                {
+                    start_session(peer, &mut running, &running_in, &mut again);
                 }
             }
             Some(source) = changes.recv() => {
                 for peer in connected.iter().copied().filter(|p| Some(*p) != source).collect::<Vec<_>>() {
-                    start_session(peer, &mut running, &mut again);
+                    start_session(peer, &mut running, &running_in, &mut again);
                 }
             }
             event = swarm.select_next_some() => match event {
@@ -407,7 +454,7 @@ pub async fn run(
                         tracing::info!(peer = %peer_id, "connected");
                         peers.lock().unwrap_or_else(|p| p.into_inner()).entry(peer_id.to_string()).or_default().connected = true;
                         if local < peer_id {
-                            start_session(peer_id, &mut running, &mut again);
+                            start_session(peer_id, &mut running, &running_in, &mut again);
                         }
                     }
                 }

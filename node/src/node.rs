@@ -22,16 +22,30 @@ pub fn open_engine(dir: &DataDir) -> Result<Engine> {
     )?;
     Ok(Engine::new(
         Box::new(store),
-        NodeIdentity {
-            system: dir.config.system.clone(),
-            actor: fieldmesh_fhir_docs::actor_for_key(&dir.public_key()),
-        },
+        NodeIdentity::new(dir.config.system.clone(), &dir.secret(), dir.root_key()?),
         dir.config.storage.cache_documents,
     ))
 }
 
+/// Options of [`run_with`] beyond the network.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Play a modified device that skips its own write checks (tests of the trust model).
+    pub byzantine: bool,
+}
+
 /// Runs a node until Ctrl-C or SIGTERM; every acknowledged write is on disk when it returns.
 pub async fn run(dir: DataDir, http: Option<SocketAddr>, net: NetConfig) -> Result<()> {
+    run_with(dir, http, net, RunOptions::default()).await
+}
+
+/// [`run`] with options.
+pub async fn run_with(
+    dir: DataDir,
+    http: Option<SocketAddr>,
+    net: NetConfig,
+    options: RunOptions,
+) -> Result<()> {
     let addr: SocketAddr = match http {
         Some(a) => a,
         None => dir.config.http.listen.parse().with_context(|| {
@@ -41,7 +55,11 @@ pub async fn run(dir: DataDir, http: Option<SocketAddr>, net: NetConfig) -> Resu
             )
         })?,
     };
-    let engine = open_engine(&dir)?;
+    let mut engine = open_engine(&dir)?;
+    if options.byzantine {
+        tracing::warn!("playing a byzantine device: local writes are not checked");
+        engine.play_byzantine();
+    }
     let (docs, engine_thread) = DocsHandle::spawn(engine)?;
     let info = NodeInfo {
         name: dir.config.name.clone(),
@@ -64,12 +82,19 @@ pub async fn run(dir: DataDir, http: Option<SocketAddr>, net: NetConfig) -> Resu
         format!("cannot listen on {addr} (is another node or program using that port?)")
     })?;
     let local = listener.local_addr()?;
+    // Tools on this machine (`fieldmesh quarantine`) find the API of the running node here.
+    if let Err(e) = std::fs::write(dir.path.join(crate::config::ADDR_FILE), local.to_string()) {
+        tracing::warn!(error = %e, "cannot record the API address in the data directory");
+    }
     tracing::info!(name = %info.name, role = %info.role, peer_id = %info.peer_id, %local, "node running; FHIR API at http://{local}/fhir/");
     println!(
         "fieldmesh node {} ({}) serving http://{local}/fhir/",
         info.name, info.role
     );
-    let server = axum::serve(listener, router(docs.clone(), info, peers, changes_tx));
+    let server = axum::serve(
+        listener,
+        router(docs.clone(), info, peers, changes_tx, dir.token()?),
+    );
     let mut network = network;
     let outcome = tokio::select! {
         r = server.into_future() => r.context("the HTTP server failed"),

@@ -12,9 +12,9 @@
 use crate::DocId;
 
 /// libp2p protocol id of this version of the protocol.
-pub const PROTOCOL_ID: &str = "/fieldmesh/sync/2";
+pub const PROTOCOL_ID: &str = "/fieldmesh/sync/3";
 /// First byte of every frame.
-pub const WIRE_VERSION: u8 = 2;
+pub const WIRE_VERSION: u8 = 3;
 /// Largest frame accepted or produced (8 MiB).
 pub const MAX_FRAME: usize = 8 * 1024 * 1024;
 
@@ -28,6 +28,8 @@ pub struct DocPayload {
     pub ty: String,
     /// Automerge bytes.
     pub data: Vec<u8>,
+    /// The signed envelopes of the changes in `data` (100 bytes each; see the trust model).
+    pub envelopes: Vec<u8>,
 }
 
 /// What a node recorded about a peer at the end of their last complete session: the peer's
@@ -292,6 +294,7 @@ pub fn encode(m: &Message) -> Vec<u8> {
                 body.extend_from_slice(&d.id);
                 put_bytes(&mut body, d.ty.as_bytes());
                 put_bytes(&mut body, &d.data);
+                put_bytes(&mut body, &d.envelopes);
             }
             match zstd::bulk::compress(&body, ZSTD_LEVEL) {
                 Ok(packed) if packed.len() < body.len() => {
@@ -310,13 +313,14 @@ pub fn encode(m: &Message) -> Vec<u8> {
 }
 
 fn decode_docs(r: &mut Reader<'_>) -> Result<Vec<DocPayload>, WireError> {
-    let n = r.count(16 + 4 + 4)?;
+    let n = r.count(16 + 4 + 4 + 4)?;
     let mut docs = Vec::with_capacity(n);
     for _ in 0..n {
         docs.push(DocPayload {
             id: r.array::<16>()?,
             ty: r.string()?,
             data: r.bytes()?.to_vec(),
+            envelopes: r.bytes()?.to_vec(),
         });
     }
     Ok(docs)
@@ -433,7 +437,12 @@ mod tests {
                     "[A-Za-z]{1,12}",
                     prop::collection::vec(any::<u8>(), 0..100)
                 )
-                    .prop_map(|(id, ty, data)| DocPayload { id, ty, data }),
+                    .prop_map(|(id, ty, data)| DocPayload {
+                        envelopes: data.iter().rev().copied().collect(),
+                        id,
+                        ty,
+                        data
+                    }),
                 0..10
             )
             .prop_map(Message::Docs),
@@ -500,7 +509,7 @@ mod tests {
     #[test]
     fn batches_of_similar_documents_compress() {
         let docs: Vec<DocPayload> = (0..100u8)
-            .map(|i| DocPayload { id: [i; 16], ty: "Patient".into(), data: format!("{{\"resourceType\":\"Patient\",\"identifier\":[{{\"system\":\"https://openimis.github.io/openimis_fhir_r4_ig/CodeSystem/openimis-identifiers\",\"value\":\"{i}\"}}]}}").into_bytes() })
+            .map(|i| DocPayload { id: [i; 16], ty: "Patient".into(), envelopes: vec![i; 100], data: format!("{{\"resourceType\":\"Patient\",\"identifier\":[{{\"system\":\"https://openimis.github.io/openimis_fhir_r4_ig/CodeSystem/openimis-identifiers\",\"value\":\"{i}\"}}]}}").into_bytes() })
             .collect();
         let raw: usize = docs.iter().map(|d| d.data.len() + 24).sum();
         let f = encode(&Message::Docs(docs.clone()));

@@ -89,6 +89,7 @@ fn payload(r: &Replica, id: &DocId) -> DocPayload {
         id: *id,
         ty: "Patient".into(),
         data,
+        envelopes: Vec::new(),
     }
 }
 

@@ -27,11 +27,14 @@ pub enum Table {
     Quarantine,
     /// `name` → u64 BE counters (`next_seq`, `documents`).
     Meta,
+    /// `doc id` → the signed envelopes of the document's changes, concatenated (opaque to the
+    /// store; appended to as changes arrive).
+    Envelopes,
 }
 
 impl Table {
     /// Every table, in a fixed order.
-    pub const ALL: [Table; 8] = [
+    pub const ALL: [Table; 9] = [
         Table::Docs,
         Table::Chunks,
         Table::Ident,
@@ -40,6 +43,7 @@ impl Table {
         Table::Checkpoints,
         Table::Quarantine,
         Table::Meta,
+        Table::Envelopes,
     ];
 
     /// The table's name on disk.
@@ -53,6 +57,7 @@ impl Table {
             Table::Checkpoints => "checkpoints",
             Table::Quarantine => "quarantine",
             Table::Meta => "meta",
+            Table::Envelopes => "envelopes",
         }
     }
 }

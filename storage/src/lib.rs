@@ -96,6 +96,9 @@ pub struct DocWrite {
     /// document). The writer knows them from the document it changed; the store removes the index
     /// entries that are no longer true and adds the new ones.
     pub previous: IndexEntries,
+    /// Signed envelopes of the changes this write adds, appended to the document's envelopes
+    /// (opaque to the store; empty when there are none).
+    pub envelopes: Vec<u8>,
 }
 
 /// A document's index entries.
@@ -133,6 +136,9 @@ pub enum Write {
     },
     /// Keep a refused change.
     Quarantine(Quarantined),
+    /// Forget every per-peer checkpoint, so that the next session with each peer reconciles
+    /// everything (after the trust state changed, changes refused before may now be accepted).
+    ForgetCheckpoints,
 }
 
 /// The stored record of a document.
@@ -186,10 +192,15 @@ pub trait Store: Send + Sync {
     fn find(&self, ty: &str, system: &str, value: &str) -> Result<Vec<DocId>, StoreError>;
     /// Documents of type `ty` carrying an identifier with this value, in any system.
     fn find_value(&self, ty: &str, value: &str) -> Result<Vec<DocId>, StoreError>;
+    /// Documents of type `ty` that carry at least one identifier (every document a node writes
+    /// does); a full scan of that type's index, for small types such as certificates.
+    fn of_type(&self, ty: &str) -> Result<Vec<DocId>, StoreError>;
     /// Documents that point at the identity `ty, system|value`.
     fn referrers(&self, ty: &str, system: &str, value: &str) -> Result<Vec<DocId>, StoreError>;
     /// Up to `limit` log entries after sequence `after`, in order.
     fn changes_since(&self, after: u64, limit: usize) -> Result<Vec<(u64, DocId)>, StoreError>;
+    /// The signed envelopes of a document's changes, as appended by its writes (empty if none).
+    fn envelopes(&self, id: &DocId) -> Result<Vec<u8>, StoreError>;
     /// The checkpoint recorded for a peer, if any.
     fn checkpoint(&self, peer: &str) -> Result<Option<Vec<u8>>, StoreError>;
     /// A random id given to the store when it was created (all zeros before its first commit):

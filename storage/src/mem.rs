@@ -163,6 +163,12 @@ impl Store for MemStore {
     fn changes_since(&self, after: u64, limit: usize) -> Result<Vec<(u64, DocId)>, StoreError> {
         ops::changes_since(&*self.read()?, after, limit)
     }
+    fn of_type(&self, ty: &str) -> Result<Vec<DocId>, StoreError> {
+        ops::of_type(&*self.read()?, ty)
+    }
+    fn envelopes(&self, id: &DocId) -> Result<Vec<u8>, StoreError> {
+        ops::envelopes(&*self.read()?, id)
+    }
     fn checkpoint(&self, peer: &str) -> Result<Option<Vec<u8>>, StoreError> {
         ops::checkpoint(&*self.read()?, peer)
     }

@@ -140,6 +140,17 @@ pub fn apply(kv: &mut dyn KvWrite, writes: Vec<Write>) -> Result<Vec<u64>, Store
                 kv.put(Table::Checkpoints, peer.as_bytes(), &value)?;
                 seqs.push(0);
             }
+            Write::ForgetCheckpoints => {
+                let mut peers = Vec::new();
+                kv.scan(Table::Checkpoints, b"", &mut |k, _| {
+                    peers.push(k.to_vec());
+                    true
+                })?;
+                for p in peers {
+                    kv.del(Table::Checkpoints, &p)?;
+                }
+                seqs.push(0);
+            }
             Write::Quarantine(q) => {
                 let seq = next_seq;
                 next_seq += 1;
@@ -235,6 +246,15 @@ fn write_doc(kv: &mut dyn KvWrite, d: DocWrite, seq: u64) -> Result<bool, StoreE
         kv.put(Table::Refs, &ref_key(t, s, v, &d.id), &[])?;
     }
     kv.put(Table::Log, &seq.to_be_bytes(), &d.id)?;
+    if !d.envelopes.is_empty() {
+        let mut all = if is_new {
+            Vec::new()
+        } else {
+            kv.get(Table::Envelopes, &d.id)?.unwrap_or_default()
+        };
+        all.extend_from_slice(&d.envelopes);
+        kv.put(Table::Envelopes, &d.id, &all)?;
+    }
     let meta = DocMeta {
         ty,
         origin: old.map_or(d.origin, |m| m.origin),
@@ -245,6 +265,11 @@ fn write_doc(kv: &mut dyn KvWrite, d: DocWrite, seq: u64) -> Result<bool, StoreE
     };
     kv.put(Table::Docs, &d.id, &encode_meta(&meta))?;
     Ok(is_new)
+}
+
+/// See [`crate::Store::envelopes`].
+pub fn envelopes(kv: &dyn KvRead, id: &DocId) -> Result<Vec<u8>, StoreError> {
+    Ok(kv.get(Table::Envelopes, id)?.unwrap_or_default())
 }
 
 /// See [`crate::Store::doc_meta`].
@@ -299,6 +324,14 @@ pub fn find(
         Table::Ident,
         key(&[ty.as_bytes(), &enc_value(value), system.as_bytes()]),
     )
+}
+
+/// See [`crate::Store::of_type`].
+pub fn of_type(kv: &dyn KvRead, ty: &str) -> Result<Vec<DocId>, StoreError> {
+    let mut ids = collect_ids(kv, Table::Ident, key(&[ty.as_bytes()]))?;
+    ids.sort_unstable();
+    ids.dedup();
+    Ok(ids)
 }
 
 /// See [`crate::Store::find_value`].

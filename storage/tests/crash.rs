@@ -97,6 +97,7 @@ fn child(dir: &str) {
                         identifiers: identifiers(n, chunks),
                         references: refs(chunks),
                     },
+                    envelopes: vec![chunks as u8],
                 }));
                 acks.push(format!("A {chunks} {n}"));
             } else {
@@ -112,6 +113,7 @@ fn child(dir: &str) {
                     identifiers: identifiers(n, 1),
                     references: refs(1),
                     previous: IndexEntries::default(),
+                    envelopes: vec![0],
                 }));
                 acks.push(format!("C 0 {n}"));
             }

@@ -38,6 +38,7 @@ fn doc_after(
 ) -> Write {
     Write::Doc(DocWrite {
         previous,
+        envelopes: vec![n],
         id: id(n),
         ty: "Patient".into(),
         origin: "urn:fieldmesh:node:a".into(),
@@ -93,6 +94,12 @@ fn exercise(store: &mut dyn Store) {
         )])
         .unwrap();
     assert_eq!(store.doc_bytes(&id(1)).unwrap().unwrap(), b"one+1");
+    // Envelopes are appended per write, across compactions too.
+    assert_eq!(store.envelopes(&id(1)).unwrap(), vec![1, 1]);
+    assert_eq!(store.envelopes(&id(2)).unwrap(), vec![2]);
+    assert!(store.envelopes(&id(99)).unwrap().is_empty());
+    assert_eq!(store.of_type("Patient").unwrap(), vec![id(1), id(2)]);
+    assert!(store.of_type("Group").unwrap().is_empty());
     assert!(store.find("Patient", "chfid", "C1").unwrap().is_empty());
     assert_eq!(store.find("Patient", "chfid", "C9").unwrap(), vec![id(1)]);
     assert_eq!(store.referrers("Group", "sys", "g").unwrap(), vec![id(2)]);

@@ -62,6 +62,108 @@ pub fn run_ok(args: &[&str]) -> Result<String> {
     Ok(String::from_utf8(out.stdout)?)
 }
 
+/// The central node every test node of this test binary trusts: its data directory and peer id.
+/// It is never started; it only issues certificates.
+pub fn test_root() -> &'static (PathBuf, String) {
+    static ROOT: OnceLock<(PathBuf, String)> = OnceLock::new();
+    ROOT.get_or_init(|| {
+        let dir = tempfile::Builder::new()
+            .prefix("fieldmesh-test-root")
+            .tempdir()
+            .expect("temp dir")
+            .keep();
+        let data = dir.join("central");
+        run_ok(&[
+            "init",
+            "--data",
+            data.to_str().unwrap_or_default(),
+            "--role",
+            "central",
+            "--name",
+            "test-central",
+        ])
+        .expect("init of the test root");
+        let id = run_ok(&["id", "--data", data.to_str().unwrap_or_default()])
+            .expect("id of the test root")
+            .trim()
+            .to_string();
+        (data, id)
+    })
+}
+
+/// Issues, with the test root, a certificate for the node in `data` and installs it there.
+/// `grant` is the `cert issue` arguments after `--subject` (e.g. `["--role", "central"]`).
+pub fn certify(data: &Path, grant: &[&str]) -> Result<()> {
+    static ISSUING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let (root, _) = test_root();
+    let d = data.to_str().unwrap_or_default();
+    let id = run_ok(&["id", "--data", d])?.trim().to_string();
+    let file = data.with_extension("cert.json");
+    let f = file.to_str().unwrap_or_default();
+    {
+        let _one_at_a_time = ISSUING.lock().unwrap_or_else(|p| p.into_inner());
+        let mut args = vec![
+            "cert",
+            "issue",
+            "--data",
+            root.to_str().unwrap_or_default(),
+            "--subject",
+            &id,
+            "--user",
+            "tester",
+            "--out",
+            f,
+        ];
+        args.extend_from_slice(grant);
+        run_ok(&args)?;
+    }
+    run_ok(&["cert", "install", "--data", d, f])?;
+    Ok(())
+}
+
+/// Initialises a node in `data` that trusts the test root and holds a certificate with full
+/// authority (role `central`), whatever its configured `role` (tests of the trust model issue
+/// narrower certificates themselves). Returns what `init` printed.
+pub fn init(data: &Path, name: &str, role: &str) -> Result<String> {
+    let (_, root) = test_root();
+    let out = run_ok(&[
+        "init",
+        "--data",
+        data.to_str().unwrap_or_default(),
+        "--role",
+        role,
+        "--name",
+        name,
+        "--root",
+        root,
+    ])?;
+    certify(data, &["--role", "central"])?;
+    Ok(out)
+}
+
+/// Initialises a node in `data` that trusts the test root but holds no certificate.
+pub fn init_uncertified(data: &Path, name: &str, role: &str) -> Result<String> {
+    let (_, root) = test_root();
+    run_ok(&[
+        "init",
+        "--data",
+        data.to_str().unwrap_or_default(),
+        "--role",
+        role,
+        "--name",
+        name,
+        "--root",
+        root,
+    ])
+}
+
+/// The bearer token of the node in `data`.
+pub fn token(data: &Path) -> Result<String> {
+    Ok(std::fs::read_to_string(data.join("api.token"))?
+        .trim()
+        .to_string())
+}
+
 /// Response headers as `(name, value)` pairs.
 pub type Headers = Vec<(String, String)>;
 
@@ -75,6 +177,8 @@ pub struct Node {
     pub p2p: String,
     /// Every address it listens on (TCP, QUIC, relay circuits), each ending in `/p2p/PEER`.
     pub addrs: Vec<String>,
+    /// `Bearer <token>` of its API.
+    pub auth: String,
     child: Child,
     agent: ureq::Agent,
 }
@@ -94,15 +198,7 @@ impl Node {
     pub fn start_with_peers(dir: &Path, name: &str, role: &str, peers: &[&str]) -> Result<Self> {
         let data = dir.join(name);
         if !data.join("fieldmesh.toml").exists() {
-            run_ok(&[
-                "init",
-                "--data",
-                data.to_str().unwrap_or_default(),
-                "--role",
-                role,
-                "--name",
-                name,
-            ])?;
+            init(&data, name, role)?;
         }
         let mut args = Vec::new();
         for p in peers {
@@ -162,6 +258,7 @@ impl Node {
             .build()
             .into();
         let node = Self {
+            auth: format!("Bearer {}", token(&data)?),
             data,
             base,
             p2p,
@@ -181,7 +278,11 @@ impl Node {
 
     /// `GET path` → (status, headers as (name, value), body bytes).
     pub fn get_raw(&self, path: &str) -> Result<(u16, Headers, Vec<u8>)> {
-        let mut r = self.agent.get(format!("{}{path}", self.base)).call()?;
+        let mut r = self
+            .agent
+            .get(format!("{}{path}", self.base))
+            .header("Authorization", &self.auth)
+            .call()?;
         split(&mut r)
     }
 
@@ -197,6 +298,7 @@ impl Node {
             .agent
             .post(format!("{}{path}", self.base))
             .header("Content-Type", "application/fhir+json")
+            .header("Authorization", &self.auth)
             .send(body)?;
         let (s, h, b) = split(&mut r)?;
         Ok((s, h, serde_json::from_slice(&b).unwrap_or(Value::Null)))
@@ -217,7 +319,8 @@ impl Node {
         let mut req = self
             .agent
             .put(format!("{}{path}", self.base))
-            .header("Content-Type", "application/fhir+json");
+            .header("Content-Type", "application/fhir+json")
+            .header("Authorization", &self.auth);
         for (k, v) in headers {
             req = req.header(*k, *v);
         }

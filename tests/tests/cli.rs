@@ -38,15 +38,7 @@ fn generate_load_and_check() -> anyhow::Result<()> {
     let lines = std::fs::read_to_string(&file)?.lines().count();
 
     let data = d.join("n");
-    run_ok(&[
-        "init",
-        "--data",
-        data.to_str().unwrap(),
-        "--role",
-        "device",
-        "--name",
-        "n",
-    ])?;
+    fieldmesh_tests::init(data.as_ref(), "n", "device")?;
     let out = run_ok(&[
         "load",
         "--data",
@@ -57,7 +49,8 @@ fn generate_load_and_check() -> anyhow::Result<()> {
     assert!(out.contains("rejected 0"), "{out}");
     let out = run_ok(&["check", "--data", data.to_str().unwrap()])?;
     assert!(
-        out.contains(&format!("{lines} documents")) && out.contains("consistent"),
+        // The node's certificate is a document too.
+        out.contains(&format!("{} documents", lines + 1)) && out.contains("consistent"),
         "{out}"
     );
 
@@ -95,7 +88,7 @@ fn generate_load_and_check() -> anyhow::Result<()> {
         "{out}"
     );
     let out = run_ok(&["check", "--data", data.to_str().unwrap()])?;
-    assert!(out.contains(&format!("{} documents", lines + 3)), "{out}");
+    assert!(out.contains(&format!("{} documents", lines + 4)), "{out}");
 
     // The store is locked while in use; the error says what to do.
     let missing = run(&[
@@ -135,6 +128,45 @@ fn demo_setup_describes_the_deployment() -> anyhow::Result<()> {
         assert_eq!(id.trim(), n["peer_id"].as_str().unwrap());
     }
     assert_eq!(nodes[0]["role"], "central");
+    assert_eq!(dep["root"], nodes[0]["peer_id"]);
+    // The scopes: two officers of one team share a village and each have one of their own; the
+    // claim administrator has a facility; each node holds the certificate central issued.
+    let villages = |i: usize| -> Vec<String> {
+        nodes[i]["scope"]["villages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["code"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let (v1, v2) = (villages(2), villages(3));
+    assert_eq!((v1.len(), v2.len()), (2, 2));
+    assert_eq!(
+        v1.iter().filter(|v| v2.contains(v)).count(),
+        1,
+        "{v1:?} {v2:?}"
+    );
+    assert_eq!(nodes[2]["scope"]["roles"][0], "enrolment-officer");
+    assert_eq!(nodes[4]["scope"]["roles"][0], "claim-administrator");
+    assert_eq!(nodes[4]["scope"]["facilities"][0]["code"], "HF000");
+    assert_eq!(nodes[1]["scope"]["roles"][0], "hub");
+    for (i, n) in nodes.iter().enumerate() {
+        let shown = run_ok(&[
+            "cert",
+            "show",
+            "--data",
+            n["data_dir"].as_str().unwrap(),
+            "--all",
+        ])?;
+        if i == 0 {
+            assert!(shown.contains("this node is central"), "{shown}");
+        }
+        assert!(
+            shown.contains(n["scope"]["certificate"].as_str().unwrap()),
+            "{shown}"
+        );
+        assert!(shown.contains("5 certificate(s)"), "{shown}");
+    }
     let again = run(&["demo", "setup", "--out", out.to_str().unwrap()])?;
     assert!(
         !again.status.success(),
@@ -144,8 +176,10 @@ fn demo_setup_describes_the_deployment() -> anyhow::Result<()> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let key = std::path::Path::new(nodes[2]["data_dir"].as_str().unwrap()).join("node.key");
-        assert_eq!(std::fs::metadata(key)?.permissions().mode() & 0o777, 0o600);
+        for file in ["node.key", "api.token"] {
+            let path = std::path::Path::new(nodes[2]["data_dir"].as_str().unwrap()).join(file);
+            assert_eq!(std::fs::metadata(path)?.permissions().mode() & 0o777, 0o600);
+        }
     }
     Ok(())
 }

@@ -120,7 +120,7 @@ fn create_read_update_search_and_automerge() -> anyhow::Result<()> {
     ] {
         assert!(st.get(field).is_some(), "/status lacks {field}: {st}");
     }
-    assert_eq!(st["documents"], 1);
+    assert_eq!(st["documents"], 2, "the Patient and the node's certificate");
     assert_eq!(st["system"], "urn:fieldmesh:node:officer-1");
     assert!(st["peer_id"].as_str().unwrap().starts_with("12D3KooW"));
     let (status, cap) = node.get("/fhir/metadata")?;
@@ -233,6 +233,6 @@ fn errors_are_operation_outcomes_with_the_right_status() -> anyhow::Result<()> {
     check(s, &b, 422, "URL names");
     // The node kept running and kept its data.
     let (s, st) = node.get("/status")?;
-    assert_eq!((s, st["documents"].as_u64()), (200, Some(1)));
+    assert_eq!((s, st["documents"].as_u64()), (200, Some(2)));
     Ok(())
 }

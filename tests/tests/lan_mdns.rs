@@ -62,15 +62,7 @@ fn nodes_on_one_lan_find_each_other_with_mdns() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let (a, b) = (dir.path().join("a"), dir.path().join("b"));
     for (d, name) in [(&a, "a"), (&b, "b")] {
-        run_ok(&[
-            "init",
-            "--data",
-            d.to_str().unwrap(),
-            "--role",
-            "device",
-            "--name",
-            name,
-        ])?;
+        fieldmesh_tests::init(d.as_ref(), name, "device")?;
     }
     let patient = dir.path().join("patient.json");
     std::fs::write(
@@ -135,6 +127,9 @@ fn nodes_on_one_lan_find_each_other_with_mdns() -> anyhow::Result<()> {
         "the nodes did not find each other and sync within 30 s"
     );
     let check = run_ok(&["check", "--data", b.to_str().unwrap()])?;
-    assert!(check.contains("b: 1 documents"), "{check}");
+    assert!(
+        check.contains("b: 3 documents"),
+        "the Patient and both certificates: {check}"
+    );
     Ok(())
 }

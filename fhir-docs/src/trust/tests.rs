@@ -1,0 +1,430 @@
+//! One case per reason a change is refused, each a distinct [`Rejection`] variant, decided on real
+//! Automerge changes signed with real keys.
+
+use super::*;
+use crate::{actor_for_key, new_document};
+
+const VILLAGE_A: &str = "village-a";
+const VILLAGE_B: &str = "village-b";
+const FACILITY: &str = "HF001";
+const DAY: i64 = 86_400;
+const T0: i64 = 1_790_000_000;
+
+fn key(n: u8) -> SigningKey {
+    SigningKey::from_bytes(&[n; 32])
+}
+
+fn public(k: &SigningKey) -> PublicKey {
+    k.verifying_key().to_bytes()
+}
+
+fn cert(
+    subject: &SigningKey,
+    roles: &[Role],
+    locations: &[&str],
+    facilities: &[&str],
+) -> Certificate {
+    Certificate {
+        serial: format!("serial-{}", hex::encode(&public(subject)[..4])),
+        subject: hex::encode(public(subject)),
+        user: "EO0001".into(),
+        roles: roles.to_vec(),
+        locations: locations.iter().map(|s| s.to_string()).collect(),
+        facilities: facilities.iter().map(|s| s.to_string()).collect(),
+        not_before: T0,
+        not_after: T0 + 365 * DAY,
+    }
+}
+
+fn patient(village: &str) -> Map<String, Value> {
+    json!({"resourceType": "Patient", "name": [{"family": "Maïga"}], "birthDate": "1990-01-01",
+        "address": [{"extension": [{"url": LOCATION_EXTENSION,
+            "valueReference": {"type": "Location", "identifier": {"system": "urn:fieldmesh:node:central", "value": village}}}]}]})
+    .as_object()
+    .cloned()
+    .unwrap_or_default()
+}
+
+fn claim(facility: &str) -> Map<String, Value> {
+    json!({"resourceType": "Claim", "patient": {"identifier": {"value": "1"}}, "created": "2026-01-01",
+        "billablePeriod": {"start": "2026-01-01"}, "provider": {"type": "Organization", "identifier": {"value": facility}}})
+    .as_object()
+    .cloned()
+    .unwrap_or_default()
+}
+
+fn location() -> Map<String, Value> {
+    json!({"resourceType": "Location", "name": "Forged village"})
+        .as_object()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// A real change creating `json`, authored by `author` at `time`.
+fn change(author: &SigningKey, json: &Map<String, Value>, time: i64) -> ChangeFacts {
+    let mut doc = new_document(json, actor_for_key(&public(author)), time).expect("document");
+    let meta = doc.get_changes_meta(&[]).pop().expect("one change");
+    ChangeFacts {
+        hash: meta.hash.0,
+        actor: meta.actor.to_bytes().to_vec(),
+        seq: meta.seq,
+        time: meta.timestamp,
+        deps: meta.deps.iter().map(|d| d.0).collect(),
+    }
+}
+
+struct World {
+    root: SigningKey,
+    trust: Trust,
+    officer: SigningKey,
+    claims: SigningKey,
+    hub: SigningKey,
+}
+
+fn world() -> World {
+    let root = key(1);
+    let (officer, claims, hub) = (key(2), key(3), key(4));
+    let mut trust = Trust::new(public(&root));
+    for c in [
+        cert(&officer, &[Role::EnrolmentOfficer], &[VILLAGE_A], &[]),
+        cert(&claims, &[Role::ClaimAdministrator], &[], &[FACILITY]),
+        cert(&hub, &[Role::Hub], &[], &[]),
+    ] {
+        assert!(
+            trust
+                .add_token(&issue_certificate(&root, &c))
+                .expect("valid")
+        );
+    }
+    World {
+        root,
+        trust,
+        officer,
+        claims,
+        hub,
+    }
+}
+
+fn decide_signed(
+    w: &World,
+    author: &SigningKey,
+    signer: &SigningKey,
+    json: &Map<String, Value>,
+    time: i64,
+    seen: u32,
+) -> Result<(), Rejection> {
+    let c = change(author, json, time);
+    let env = Envelope::sign(signer, c.hash, seen);
+    let ty = json["resourceType"].as_str().unwrap_or_default();
+    w.trust.decide(ty, &c, Some(&env), &|_| false, None, json)
+}
+
+fn variant(r: &Result<(), Rejection>) -> String {
+    match r {
+        Ok(()) => "accepted".into(),
+        Err(e) => format!("{e:?}")
+            .split([' ', '{', '('])
+            .next()
+            .unwrap_or("")
+            .to_string(),
+    }
+}
+
+#[test]
+fn each_rejection_reason_is_its_own_variant() {
+    let mut w = world();
+    let now = T0 + DAY;
+    let stranger = key(9);
+    let cases: Vec<(&str, Result<(), Rejection>, &str)> = vec![
+        (
+            "an officer enrols an insuree in their own village",
+            decide_signed(&w, &w.officer, &w.officer, &patient(VILLAGE_A), now, 0),
+            "accepted",
+        ),
+        (
+            "a claim administrator enters a claim at their facility",
+            decide_signed(&w, &w.claims, &w.claims, &claim(FACILITY), now, 0),
+            "accepted",
+        ),
+        (
+            "central authors a Location",
+            decide_signed(&w, &w.root, &w.root, &location(), now, 0),
+            "accepted",
+        ),
+        (
+            "a signature by another key",
+            decide_signed(&w, &w.officer, &stranger, &patient(VILLAGE_A), now, 0),
+            "BadSignature",
+        ),
+        (
+            "a key without a certificate",
+            decide_signed(&w, &stranger, &stranger, &patient(VILLAGE_A), now, 0),
+            "UnknownKey",
+        ),
+        (
+            "an officer creates a Claim",
+            decide_signed(&w, &w.officer, &w.officer, &claim(FACILITY), now, 0),
+            "NotPermitted",
+        ),
+        (
+            "an officer creates a Location",
+            decide_signed(&w, &w.officer, &w.officer, &location(), now, 0),
+            "NotPermitted",
+        ),
+        (
+            "a hub authors anything",
+            decide_signed(&w, &w.hub, &w.hub, &patient(VILLAGE_A), now, 0),
+            "NotPermitted",
+        ),
+        (
+            "an officer enrols an insuree in another village",
+            decide_signed(&w, &w.officer, &w.officer, &patient(VILLAGE_B), now, 0),
+            "OutOfScope",
+        ),
+        (
+            "a claim at another facility",
+            decide_signed(&w, &w.claims, &w.claims, &claim("HF999"), now, 0),
+            "OutOfScope",
+        ),
+        (
+            "a change dated after the certificate expired",
+            decide_signed(
+                &w,
+                &w.officer,
+                &w.officer,
+                &patient(VILLAGE_A),
+                T0 + 400 * DAY,
+                0,
+            ),
+            "Expired",
+        ),
+        (
+            "a change dated before the certificate starts",
+            decide_signed(&w, &w.officer, &w.officer, &patient(VILLAGE_A), T0 - DAY, 0),
+            "NotYetValid",
+        ),
+        (
+            "the author had seen a revocation this node lacks",
+            decide_signed(&w, &w.officer, &w.officer, &patient(VILLAGE_A), now, 1),
+            "MissingRevocations",
+        ),
+    ];
+    // Revocation of the officer, #1.
+    let rev = Revocation {
+        number: 1,
+        subject: hex::encode(public(&w.officer)),
+        reason: "phone lost".into(),
+        issued: now,
+    };
+    w.trust
+        .add_token(&issue_revocation(&w.root, &rev))
+        .expect("valid revocation");
+    let mut cases = cases;
+    cases.push((
+        "a change made after its author had seen its own revocation",
+        decide_signed(&w, &w.officer, &w.officer, &patient(VILLAGE_A), now, 1),
+        "Revoked",
+    ));
+    cases.push((
+        "a change made before the revocation was known to its author",
+        decide_signed(&w, &w.officer, &w.officer, &patient(VILLAGE_A), now, 0),
+        "accepted",
+    ));
+    // A change without an envelope, and one building on a rejected change.
+    let c = change(&w.claims, &claim(FACILITY), now);
+    cases.push((
+        "a change without an envelope",
+        w.trust
+            .decide("Claim", &c, None, &|_| false, None, &claim(FACILITY)),
+        "Unsigned",
+    ));
+    let mut dependent = c.clone();
+    dependent.deps = vec![[7; 32]];
+    let env = Envelope::sign(&w.claims, dependent.hash, 0);
+    cases.push((
+        "a change depending on a rejected change",
+        w.trust.decide(
+            "Claim",
+            &dependent,
+            Some(&env),
+            &|d| *d == [7; 32],
+            None,
+            &claim(FACILITY),
+        ),
+        "DependsOnRejected",
+    ));
+    // An edit that moves an insuree out of the officer's villages is out of scope even if the
+    // insuree was in scope before.
+    let officer2 = key(5);
+    w.trust
+        .add_token(&issue_certificate(
+            &w.root,
+            &cert(&officer2, &[Role::EnrolmentOfficer], &[VILLAGE_A], &[]),
+        ))
+        .expect("valid");
+    let c = change(&officer2, &patient(VILLAGE_B), now);
+    let env = Envelope::sign(&officer2, c.hash, 1);
+    cases.push((
+        "an edit moving an insuree to another village",
+        w.trust.decide(
+            "Patient",
+            &c,
+            Some(&env),
+            &|_| false,
+            Some(&patient(VILLAGE_A)),
+            &patient(VILLAGE_B),
+        ),
+        "OutOfScope",
+    ));
+
+    let mut failures = Vec::new();
+    for (what, got, want) in &cases {
+        if variant(got) != *want {
+            failures.push(format!("{what}: expected {want}, got {got:?}"));
+        }
+        if let Err(e) = got {
+            assert!(!e.to_string().is_empty());
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+    // Every variant is exercised.
+    let seen: HashSet<String> = cases.iter().map(|(_, g, _)| variant(g)).collect();
+    for v in [
+        "Unsigned",
+        "BadSignature",
+        "UnknownKey",
+        "NotYetValid",
+        "Expired",
+        "Revoked",
+        "MissingRevocations",
+        "NotPermitted",
+        "OutOfScope",
+        "DependsOnRejected",
+    ] {
+        assert!(seen.contains(v), "{v} not exercised");
+    }
+}
+
+#[test]
+fn messages_name_the_missing_capability_and_scope() {
+    let w = world();
+    let e = decide_signed(&w, &w.officer, &w.officer, &location(), T0 + DAY, 0).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "an enrolment-officer may not author reference data (Location)"
+    );
+    let e =
+        decide_signed(&w, &w.officer, &w.officer, &patient(VILLAGE_B), T0 + DAY, 0).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "Patient at village-b is outside the author's scope (village-a)"
+    );
+}
+
+#[test]
+fn decisions_do_not_depend_on_the_order_certificates_arrive_in() {
+    let w = world();
+    let root = &w.root;
+    let tokens = [
+        issue_certificate(
+            root,
+            &cert(&w.officer, &[Role::EnrolmentOfficer], &[VILLAGE_A], &[]),
+        ),
+        issue_certificate(
+            root,
+            &cert(&w.claims, &[Role::ClaimAdministrator], &[], &[FACILITY]),
+        ),
+        issue_revocation(
+            root,
+            &Revocation {
+                number: 1,
+                subject: hex::encode(public(&w.claims)),
+                reason: "left".into(),
+                issued: T0,
+            },
+        ),
+        issue_revocation(
+            root,
+            &Revocation {
+                number: 2,
+                subject: hex::encode(public(&key(8))),
+                reason: "lost".into(),
+                issued: T0,
+            },
+        ),
+    ];
+    let probes: Vec<(SigningKey, Map<String, Value>, u32)> = vec![
+        (key(2), patient(VILLAGE_A), 2),
+        (key(3), claim(FACILITY), 0),
+        (key(3), claim(FACILITY), 1),
+        (key(2), patient(VILLAGE_B), 0),
+    ];
+    let decide_all = |order: &[usize]| -> Vec<String> {
+        let mut t = Trust::new(public(root));
+        for &i in order {
+            t.add_token(&tokens[i]).expect("valid");
+        }
+        probes
+            .iter()
+            .map(|(k, json, seen)| {
+                let c = change(k, json, T0 + DAY);
+                let env = Envelope::sign(k, c.hash, *seen);
+                let ty = json["resourceType"].as_str().unwrap_or_default();
+                variant(&t.decide(ty, &c, Some(&env), &|_| false, None, json))
+            })
+            .collect()
+    };
+    let first = decide_all(&[0, 1, 2, 3]);
+    assert_eq!(first, vec!["accepted", "accepted", "Revoked", "OutOfScope"]);
+    for order in [[3, 2, 1, 0], [2, 0, 3, 1], [1, 3, 0, 2]] {
+        assert_eq!(decide_all(&order), first);
+    }
+}
+
+#[test]
+fn tokens_not_signed_by_the_root_are_refused() {
+    let w = world();
+    let forged = issue_certificate(&key(9), &cert(&key(9), &[Role::Central], &[], &[]));
+    let mut t = Trust::new(public(&w.root));
+    assert_eq!(
+        t.add_token(&forged),
+        Err(TrustError::NotSignedByRoot("certificate"))
+    );
+    assert_eq!(
+        t.add_token("fmc1.bm9wZQ"),
+        Err(TrustError::Malformed("certificate"))
+    );
+    // A tampered payload.
+    let good = issue_certificate(&w.root, &cert(&w.officer, &[Role::Hub], &[], &[]));
+    let mut parts: Vec<String> = good.split('.').map(String::from).collect();
+    let payload = String::from_utf8(B64.decode(&parts[1]).expect("b64")).expect("utf8");
+    parts[1] = B64.encode(payload.replace("hub", "central"));
+    assert_eq!(
+        t.add_token(&parts.join(".")),
+        Err(TrustError::NotSignedByRoot("certificate"))
+    );
+}
+
+#[test]
+fn envelopes_round_trip_and_truncation_is_an_error() {
+    let k = key(2);
+    let envs: Vec<Envelope> = (0..3u8)
+        .map(|i| Envelope::sign(&k, [i; 32], u32::from(i)))
+        .collect();
+    let bytes = Envelope::encode_all(&envs);
+    assert_eq!(bytes.len(), 3 * Envelope::LEN);
+    let back = Envelope::decode_all(&bytes).expect("whole");
+    for e in &envs {
+        assert_eq!(back.get(&e.hash), Some(e));
+        assert!(e.verify(&public(&k)));
+        assert!(!e.verify(&public(&key(3))));
+    }
+    assert_eq!(
+        Envelope::decode_all(&bytes[..150]),
+        Err(TrustError::TruncatedEnvelopes(150))
+    );
+    // A flipped bit in the revocation count breaks the signature.
+    let mut e = envs[0];
+    e.revocations_seen += 1;
+    assert!(!e.verify(&public(&k)));
+}

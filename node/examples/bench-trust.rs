@@ -1,0 +1,182 @@
+//! What verifying received changes costs, on one core.
+//!
+//! ```text
+//! cargo run --release -p fieldmesh-node --example bench-trust [-- --changes 20000]
+//! ```
+//!
+//! Builds `--changes` real Automerge documents (openIMIS Patients from `demo generate`, one change
+//! each) authored by an enrolment officer's key, with their signed envelopes, and measures on one
+//! thread:
+//! - the signature check alone (`verify_strict` over the domain-separated change hash);
+//! - the whole decision per change (signature, certificate chain and validity, revocations,
+//!   capability, scope of the document);
+//! - preparing a received document (Automerge load, read, index entries) with and without the
+//!   trust check ([`fieldmesh_node::verify::check`]), which is what a cold sync does per document.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use anyhow::Result;
+use fieldmesh_fhir_docs::ed25519_dalek::SigningKey;
+use fieldmesh_fhir_docs::trust::{
+    Certificate, ChangeFacts, Envelope, Role, Trust, issue_certificate,
+};
+use fieldmesh_fhir_docs::{actor_for_key, document_to_json, new_document};
+use serde_json::Value;
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() -> Result<()> {
+    let n = arg("--changes", 20_000);
+    let root = SigningKey::from_bytes(&[1; 32]);
+    let officer = SigningKey::from_bytes(&[2; 32]);
+    let officer_pk = officer.verifying_key().to_bytes();
+    // The demo data's families, all placed in one village the officer's certificate covers.
+    let mut rng = fieldmesh_node::demo::Rng::new(1);
+    let villages = fieldmesh_node::demo::reference_data(&mut rng).villages;
+    let opts = fieldmesh_node::demo::GenerateOptions {
+        reference: false,
+        claims: false,
+        villages: vec![villages[0].1.clone()],
+        ..Default::default()
+    };
+    let mut ndjson = Vec::new();
+    fieldmesh_node::demo::generate_with(1, (n / 4 + 10) as u64, &opts, &mut ndjson)?;
+    let resources: Vec<Value> = String::from_utf8(ndjson)?
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|v: &Value| v["resourceType"] == "Patient" || v["resourceType"] == "Group")
+        .take(n)
+        .collect();
+    let now = 1_790_000_000;
+    let mut trust = Trust::new(root.verifying_key().to_bytes());
+    trust.add_token(&issue_certificate(
+        &root,
+        &Certificate {
+            serial: "bench".into(),
+            subject: hex::encode(officer_pk),
+            user: "EO0001".into(),
+            roles: vec![Role::EnrolmentOfficer],
+            locations: vec![villages[0].0.clone(), villages[0].1.clone()],
+            facilities: vec![],
+            not_before: now - 86_400,
+            not_after: now + 86_400 * 365,
+        },
+    ))?;
+    // Documents as the officer's node saves and sends them.
+    let t = Instant::now();
+    let mut docs = Vec::with_capacity(resources.len());
+    for r in &resources {
+        let mut doc = new_document(
+            r.as_object().expect("object"),
+            actor_for_key(&officer_pk),
+            now,
+        )?;
+        let head = doc.get_heads()[0].0;
+        let env = Envelope::sign(&officer, head, 0);
+        docs.push((
+            r["resourceType"].as_str().unwrap_or_default().to_string(),
+            doc.save_nocompress(),
+            env,
+        ));
+    }
+    let n = docs.len();
+    println!(
+        "{n} documents (Patients and Groups from demo generate, one change each) built and signed in {:.2} s ({:.0} signatures/s while building)",
+        t.elapsed().as_secs_f64(),
+        n as f64 / t.elapsed().as_secs_f64()
+    );
+    // Facts and JSON per document, outside the timings that do not include them.
+    let prepared: Vec<(
+        String,
+        ChangeFacts,
+        Envelope,
+        serde_json::Map<String, Value>,
+    )> = docs
+        .iter()
+        .map(|(ty, bytes, env)| {
+            let mut doc = automerge::AutoCommit::load(bytes).expect("load");
+            let m = doc.get_changes_meta(&[]).pop().expect("a change");
+            let facts = ChangeFacts {
+                hash: m.hash.0,
+                actor: m.actor.to_bytes().to_vec(),
+                seq: m.seq,
+                time: m.timestamp,
+                deps: vec![],
+            };
+            (
+                ty.clone(),
+                facts,
+                *env,
+                document_to_json(&doc).expect("json"),
+            )
+        })
+        .collect();
+
+    let t = Instant::now();
+    let ok = prepared
+        .iter()
+        .filter(|(_, f, e, _)| e.verify(&f.actor))
+        .count();
+    let s = t.elapsed().as_secs_f64();
+    assert_eq!(ok, n);
+    println!(
+        "| signature check (verify_strict), one core | {:.0} changes/s | {:.1} µs each |",
+        n as f64 / s,
+        s * 1e6 / n as f64
+    );
+
+    let t = Instant::now();
+    let accepted = prepared
+        .iter()
+        .filter(|(ty, f, e, json)| trust.decide(ty, f, Some(e), &|_| false, None, json).is_ok())
+        .count();
+    let s = t.elapsed().as_secs_f64();
+    assert_eq!(accepted, n, "every change is in the officer's scope");
+    println!(
+        "| whole decision (signature, certificate, revocations, capability, scope), one core | {:.0} changes/s | {:.1} µs each; target ≥ 20,000/s |",
+        n as f64 / s,
+        s * 1e6 / n as f64
+    );
+
+    // What a receiving node does per new document, with and without the trust check.
+    let mut envs: Vec<HashMap<[u8; 32], Envelope>> = Vec::with_capacity(n);
+    for (_, _, e) in &docs {
+        envs.push(HashMap::from([(e.hash, *e)]));
+    }
+    let t = Instant::now();
+    for (_, bytes, _) in &docs {
+        let doc = automerge::AutoCommit::load(bytes)?;
+        let json = document_to_json(&doc)?;
+        std::hint::black_box(fieldmesh_node::engine::entries_of_json(&json));
+    }
+    let without = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    for ((ty, bytes, _), env) in docs.iter().zip(&envs) {
+        let doc = automerge::AutoCommit::load(bytes)?;
+        let json = document_to_json(&doc)?;
+        let checked = fieldmesh_node::verify::check(&trust, ty, doc, json, None, env, None)?;
+        assert!(checked.rejected.is_empty());
+        std::hint::black_box(fieldmesh_node::engine::entries_of_json(&checked.json));
+    }
+    let with = t.elapsed().as_secs_f64();
+    println!(
+        "| preparing a received document, one core: without / with the trust check | {:.0} / {:.0} µs | the check adds {:.0} µs ({:.0}%) per document |",
+        without * 1e6 / n as f64,
+        with * 1e6 / n as f64,
+        (with - without) * 1e6 / n as f64,
+        (with - without) / without * 100.0
+    );
+    println!(
+        "| estimated addition to a cold sync of 100,000 documents on 2 cores | {:.1} s | |",
+        (with - without) / n as f64 * 100_000.0 / 2.0
+    );
+    Ok(())
+}

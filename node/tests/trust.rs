@@ -1,0 +1,407 @@
+//! The trust model inside one node: what a node does with changes that fail authorization, with
+//! replays and equivocations, and with local writes its certificate does not allow. Real engines
+//! over in-memory stores, real Automerge changes, real signatures.
+#![allow(clippy::unwrap_used)] // tests may panic on unexpected errors
+
+use fieldmesh_fhir_docs::ed25519_dalek::SigningKey;
+use fieldmesh_fhir_docs::trust::{
+    Certificate, Envelope, LOCATION_EXTENSION, Revocation, Role, certificate_resource,
+    issue_certificate, issue_revocation, revocation_resource,
+};
+use fieldmesh_fhir_docs::{DocId, actor_for_key, new_document};
+use fieldmesh_node::engine::{Engine, EngineError, NodeIdentity};
+use fieldmesh_protocol::DocPayload;
+use fieldmesh_storage::MemStore;
+use serde_json::{Value, json};
+
+const VILLAGE: &str = "village-a";
+
+fn key(n: u8) -> SigningKey {
+    SigningKey::from_bytes(&[n; 32])
+}
+
+fn public(k: &SigningKey) -> [u8; 32] {
+    k.verifying_key().to_bytes()
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// An engine for the node with secret `n`, in the deployment rooted at `root`.
+fn engine(n: u8, root: &SigningKey) -> Engine {
+    Engine::new(
+        Box::new(MemStore::new()),
+        NodeIdentity::new(format!("urn:fieldmesh:node:n{n}"), &[n; 32], public(root)),
+        64,
+    )
+}
+
+/// A document authored and signed by `author` (bypassing every local check).
+fn forge(author: &SigningKey, json: &Value, id: DocId, time: i64) -> DocPayload {
+    let mut doc = new_document(
+        json.as_object().unwrap(),
+        actor_for_key(&public(author)),
+        time,
+    )
+    .unwrap();
+    let head = doc.get_heads()[0].0;
+    DocPayload {
+        id: *id.as_bytes(),
+        ty: json["resourceType"].as_str().unwrap().into(),
+        data: doc.save_nocompress(),
+        envelopes: Envelope::encode_all(&[Envelope::sign(author, head, 0)]),
+    }
+}
+
+fn cert_doc(
+    root: &SigningKey,
+    subject: &SigningKey,
+    roles: &[Role],
+    villages: &[&str],
+) -> DocPayload {
+    let cert = Certificate {
+        serial: uuid::Uuid::new_v4().to_string(),
+        subject: hex::encode(public(subject)),
+        user: "EO0001".into(),
+        roles: roles.to_vec(),
+        locations: villages.iter().map(|s| s.to_string()).collect(),
+        facilities: vec![],
+        not_before: now() - 3600,
+        not_after: now() + 86_400,
+    };
+    forge(
+        root,
+        &certificate_resource(&issue_certificate(root, &cert), &cert),
+        DocId::new(),
+        now(),
+    )
+}
+
+fn patient(village: &str) -> Value {
+    json!({"resourceType": "Patient", "name": [{"family": "Maïga"}], "birthDate": "1990-01-01",
+        "address": [{"extension": [{"url": LOCATION_EXTENSION,
+            "valueReference": {"reference": format!("Location/{village}")}}]}]})
+}
+
+fn reasons(e: &Engine) -> Vec<String> {
+    e.store()
+        .quarantined(100)
+        .unwrap()
+        .into_iter()
+        .map(|q| q.reason)
+        .collect()
+}
+
+/// A deployment: central (root), an officer certified for `VILLAGE`, and a receiving node, all
+/// holding the officer's certificate.
+struct Setup {
+    root: SigningKey,
+    officer: SigningKey,
+    officer_engine: Engine,
+    receiver: Engine,
+}
+
+fn setup() -> Setup {
+    let root = key(1);
+    let officer = key(2);
+    let cert = cert_doc(&root, &officer, &[Role::EnrolmentOfficer], &[VILLAGE]);
+    let mut officer_engine = engine(2, &root);
+    let mut receiver = engine(3, &root);
+    for e in [&mut officer_engine, &mut receiver] {
+        assert_eq!(e.merge(vec![cert.clone()], "setup").unwrap(), (1, 0));
+        e.flush().unwrap();
+    }
+    Setup {
+        root,
+        officer,
+        officer_engine,
+        receiver,
+    }
+}
+
+/// What the officer's node would send for its document `id` to a peer holding `heads`.
+fn sent(e: &mut Engine, id: DocId, heads: Vec<[u8; 32]>) -> DocPayload {
+    e.payloads("", &[(*id.as_bytes(), heads)])
+        .unwrap()
+        .remove(0)
+}
+
+#[test]
+fn signed_writes_in_scope_are_applied_and_replays_are_harmless() {
+    let mut s = setup();
+    let id = s
+        .officer_engine
+        .create(patient(VILLAGE), None, false, &|_| None)
+        .unwrap();
+    s.officer_engine.flush().unwrap();
+    let p = sent(&mut s.officer_engine, id, vec![]);
+    assert_eq!(p.envelopes.len(), Envelope::LEN, "one signed change");
+    assert_eq!(s.receiver.merge(vec![p.clone()], "peer").unwrap(), (1, 0));
+    s.receiver.flush().unwrap();
+    // The same message again (a replay of an old valid change) changes nothing.
+    assert_eq!(s.receiver.merge(vec![p.clone()], "peer").unwrap(), (0, 0));
+    s.receiver.flush().unwrap();
+    assert!(reasons(&s.receiver).is_empty());
+    // The receiver passes the document on with its signature.
+    let relayed = sent(&mut s.receiver, id, vec![]);
+    assert_eq!(relayed.envelopes, p.envelopes);
+}
+
+#[test]
+fn refused_changes_are_quarantined_never_applied_never_forwarded() {
+    let mut s = setup();
+    let before = s.receiver.stats().unwrap().documents;
+    // A forged signature, a key without a certificate, a Location from an officer, a Patient
+    // in another village.
+    let mut forged = forge(&s.officer, &patient(VILLAGE), DocId::new(), now());
+    forged.envelopes[40] ^= 1;
+    let stranger = forge(&key(9), &patient(VILLAGE), DocId::new(), now());
+    let location = forge(
+        &s.officer,
+        &json!({"resourceType": "Location", "name": "Forged"}),
+        DocId::new(),
+        now(),
+    );
+    let elsewhere = forge(&s.officer, &patient("village-b"), DocId::new(), now());
+    let ids: Vec<[u8; 16]> = [&forged, &stranger, &location, &elsewhere]
+        .iter()
+        .map(|p| p.id)
+        .collect();
+    let (changed, refused) = s
+        .receiver
+        .merge(vec![forged, stranger, location, elsewhere], "peer-x")
+        .unwrap();
+    s.receiver.flush().unwrap();
+    assert_eq!((changed, refused), (0, 4));
+    assert_eq!(s.receiver.stats().unwrap().documents, before);
+    assert_eq!(s.receiver.stats().unwrap().quarantined, 4);
+    let r = reasons(&s.receiver).join("\n");
+    for expected in [
+        "signature does not match",
+        "has no certificate from central",
+        "may not author reference data (Location)",
+        "is outside the author's scope",
+    ] {
+        assert!(r.contains(expected), "{expected:?} not in\n{r}");
+    }
+    // Nothing of them is served to anyone.
+    let wanted: Vec<([u8; 16], Vec<[u8; 32]>)> = ids.iter().map(|i| (*i, vec![])).collect();
+    assert!(s.receiver.payloads("", &wanted).unwrap().is_empty());
+    // Offered again, they are not quarantined twice.
+    let again = forge(
+        &key(9),
+        &patient(VILLAGE),
+        DocId(uuid::Uuid::from_bytes(ids[1])),
+        now(),
+    );
+    s.receiver.merge(vec![again], "peer-x").unwrap();
+    s.receiver.flush().unwrap();
+    assert_eq!(s.receiver.stats().unwrap().quarantined, 4);
+}
+
+#[test]
+fn a_change_built_on_a_refused_change_is_refused_and_the_rest_applies() {
+    let mut s = setup();
+    // The officer creates a Patient (valid); a stranger edits it; the officer edits on top.
+    let id = s
+        .officer_engine
+        .create(patient(VILLAGE), None, false, &|_| None)
+        .unwrap();
+    s.officer_engine.flush().unwrap();
+    let base = sent(&mut s.officer_engine, id, vec![]);
+    let mut doc = fieldmesh_fhir_docs::automerge::AutoCommit::load(&base.data).unwrap();
+    let mut envelopes = base.envelopes.clone();
+    let stranger = key(9);
+    for (author, family) in [(&stranger, "Forged"), (&s.officer, "Maïga-Diallo")] {
+        doc.set_actor(actor_for_key(&public(author)));
+        let names = match fieldmesh_fhir_docs::automerge::ReadDoc::get(
+            &doc,
+            fieldmesh_fhir_docs::automerge::ROOT,
+            "name",
+        )
+        .unwrap()
+        {
+            Some((_, obj)) => obj,
+            None => panic!("no name"),
+        };
+        let first =
+            match fieldmesh_fhir_docs::automerge::ReadDoc::get(&doc, &names, 0usize).unwrap() {
+                Some((_, obj)) => obj,
+                None => panic!("no name[0]"),
+            };
+        fieldmesh_fhir_docs::automerge::transaction::Transactable::put(
+            &mut doc, &first, "family", family,
+        )
+        .unwrap();
+        doc.commit_with(
+            fieldmesh_fhir_docs::automerge::transaction::CommitOptions::default().with_time(now()),
+        );
+        let head = doc.get_heads()[0].0;
+        Envelope::sign(author, head, 0).encode_into(&mut envelopes);
+    }
+    let p = DocPayload {
+        data: doc.save_nocompress(),
+        envelopes,
+        ..base
+    };
+    let (changed, refused) = s.receiver.merge(vec![p], "peer").unwrap();
+    s.receiver.flush().unwrap();
+    assert_eq!((changed, refused), (1, 1));
+    let r = reasons(&s.receiver).join("\n");
+    assert!(r.contains("has no certificate"), "{r}");
+    assert!(r.contains("builds on change"), "{r}");
+    // Only the officer's creation is applied.
+    let served = s.receiver.read("Patient", &id.to_string()).unwrap();
+    assert_eq!(served.resource["name"][0]["family"], "Maïga");
+}
+
+#[test]
+fn equivocation_is_quarantined() {
+    let mut s = setup();
+    let id = DocId::new();
+    let p = forge(&s.officer, &patient(VILLAGE), id, now());
+    s.receiver.merge(vec![p.clone()], "peer").unwrap();
+    s.receiver.flush().unwrap();
+    // The same author, the same sequence number (1), different content.
+    let mut other = patient(VILLAGE);
+    other["birthDate"] = json!("1991-01-01");
+    let twin = forge(&s.officer, &other, id, now());
+    let (changed, refused) = s.receiver.merge(vec![twin], "peer").unwrap();
+    s.receiver.flush().unwrap();
+    assert_eq!((changed, refused), (0, 1));
+    assert!(
+        reasons(&s.receiver).join("\n").contains("equivocation"),
+        "{:?}",
+        reasons(&s.receiver)
+    );
+    let served = s.receiver.read("Patient", &id.to_string()).unwrap();
+    assert_eq!(served.resource["birthDate"], "1990-01-01");
+}
+
+#[test]
+fn revocations_refuse_what_the_author_made_after_seeing_them() {
+    let mut s = setup();
+    let rev = Revocation {
+        number: 1,
+        subject: hex::encode(public(&s.officer)),
+        reason: "phone reported stolen".into(),
+        issued: now(),
+    };
+    let rev_doc = forge(
+        &s.root,
+        &revocation_resource(&issue_revocation(&s.root, &rev), &rev),
+        DocId::new(),
+        now(),
+    );
+    // The officer's node learns of its own revocation, then writes anyway (byzantine).
+    s.officer_engine
+        .merge(vec![rev_doc.clone()], "central")
+        .unwrap();
+    s.officer_engine.flush().unwrap();
+    assert!(matches!(
+        s.officer_engine
+            .create(patient(VILLAGE), None, false, &|_| None),
+        Err(EngineError::Forbidden(_))
+    ));
+    s.officer_engine.play_byzantine();
+    let id = s
+        .officer_engine
+        .create(patient(VILLAGE), None, false, &|_| None)
+        .unwrap();
+    s.officer_engine.flush().unwrap();
+    let p = sent(&mut s.officer_engine, id, vec![]);
+    // Without the revocation the receiver cannot decide yet; with it, it refuses.
+    let (_, refused) = s.receiver.merge(vec![p.clone()], "peer").unwrap();
+    s.receiver.flush().unwrap();
+    assert_eq!(refused, 1);
+    assert!(reasons(&s.receiver)[0].contains("revocations up to #1"));
+    let mut fresh = setup().receiver;
+    fresh.merge(vec![rev_doc, p], "peer").unwrap();
+    fresh.flush().unwrap();
+    let r = reasons(&fresh).join("\n");
+    assert!(
+        r.contains("revoked (revocation #1: phone reported stolen)"),
+        "{r}"
+    );
+}
+
+#[test]
+fn local_writes_outside_the_certificate_are_refused_at_once() {
+    let mut s = setup();
+    for (resource, expected) in [
+        (
+            json!({"resourceType": "Location", "name": "Mine"}),
+            "may not author reference data (Location)",
+        ),
+        (patient("village-b"), "outside the author's scope"),
+        (
+            json!({"resourceType": "Claim", "patient": {"reference": "Patient/1"}, "created": "2026-01-01",
+                   "billablePeriod": {"start": "2026-01-01"}, "provider": {"reference": "Organization/HF000"}}),
+            "may not write claims (Claim)",
+        ),
+    ] {
+        match s.officer_engine.create(resource, None, false, &|_| None) {
+            Err(EngineError::Forbidden(r)) => {
+                assert!(r.to_string().contains(expected), "{r}")
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+    // Moving an insuree out of the officer's villages is refused too.
+    let id = s
+        .officer_engine
+        .create(patient(VILLAGE), None, false, &|_| None)
+        .unwrap();
+    let moved = patient("village-b");
+    assert!(matches!(
+        s.officer_engine
+            .update("Patient", &id.to_string(), moved, None),
+        Err(EngineError::Forbidden(_))
+    ));
+    // A node without any certificate may write nothing.
+    let mut nobody = engine(7, &s.root);
+    assert!(matches!(
+        nobody.create(patient(VILLAGE), None, false, &|_| None),
+        Err(EngineError::Forbidden(_))
+    ));
+}
+
+#[test]
+fn an_uncertified_peer_is_served_only_certificates_and_its_changes_are_quarantined() {
+    let mut s = setup();
+    let id = s
+        .officer_engine
+        .create(patient(VILLAGE), None, false, &|_| None)
+        .unwrap();
+    s.officer_engine.flush().unwrap();
+    // A libp2p peer id for a key without a certificate.
+    let stranger = key(9);
+    let pk = libp2p_peer_id(&public(&stranger));
+    let start = s.officer_engine.sync_start(&pk).unwrap();
+    assert!(start.restricted);
+    assert!(start.items.iter().all(|(i, _, _)| *i != *id.as_bytes()));
+    assert!(
+        s.officer_engine
+            .payloads(&pk, &[(*id.as_bytes(), vec![])])
+            .unwrap()
+            .is_empty()
+    );
+    // Even a valid change relayed by the uncertified peer is quarantined.
+    let p = sent(&mut s.officer_engine, id, vec![]);
+    let (changed, refused) = s.receiver.merge(vec![p], &pk).unwrap();
+    s.receiver.flush().unwrap();
+    assert_eq!((changed, refused), (0, 1));
+    assert!(reasons(&s.receiver)[0].contains("which has no valid certificate"));
+    // The officer itself is certified.
+    let officer_peer = libp2p_peer_id(&public(&s.officer));
+    assert!(!s.receiver.sync_start(&officer_peer).unwrap().restricted);
+}
+
+fn libp2p_peer_id(key: &[u8; 32]) -> String {
+    let public = libp2p::identity::ed25519::PublicKey::try_from_bytes(key).unwrap();
+    libp2p::PeerId::from_public_key(&public.into()).to_string()
+}
