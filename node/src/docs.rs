@@ -52,6 +52,9 @@ enum Command {
     Stats {
         reply: Reply<Stats>,
     },
+    TrustSummary {
+        reply: Reply<Value>,
+    },
     SyncStart {
         peer: String,
         reply: Reply<SyncStart>,
@@ -148,6 +151,10 @@ impl DocsHandle {
     /// Store counters.
     pub async fn stats(&self) -> Result<Stats, EngineError> {
         self.call(|reply| Command::Stats { reply }).await
+    }
+    /// What this node's certificates say about it (for `/status`).
+    pub async fn trust_summary(&self) -> Result<Value, EngineError> {
+        self.call(|reply| Command::TrustSummary { reply }).await
     }
     /// What a session with `peer` starts from: store id, log position, checkpoint, documents.
     pub async fn sync_start(&self, peer: String) -> Result<SyncStart, EngineError> {
@@ -303,6 +310,9 @@ fn execute(engine: &mut Engine, cmd: Command, deferred: &mut Vec<Deferred>) {
         }
         Command::Stats { reply } => {
             let _ = reply.send(engine.stats());
+        }
+        Command::TrustSummary { reply } => {
+            let _ = reply.send(Ok(engine.trust_summary()));
         }
         Command::SyncStart { peer, reply } => {
             let _ = reply.send(engine.sync_start(&peer));

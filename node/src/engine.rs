@@ -307,6 +307,28 @@ impl Engine {
         &self.trust
     }
 
+    /// This node's standing, for `/status`: the root, whether it may write (and as what, where),
+    /// and how many certificates and revocations it knows.
+    pub fn trust_summary(&self) -> Value {
+        let held = self.trust.revocations_held();
+        let me = self.me.public();
+        let (certs, revs) = self.trust.all();
+        let standing = match self.trust.authority(&me, now(), held) {
+            Ok(a) => serde_json::json!({
+                "certified": true,
+                "roles": a.roles.iter().map(|r| r.name()).collect::<Vec<_>>(),
+                "scope": a.scope,
+            }),
+            Err(why) => serde_json::json!({"certified": false, "why": why.to_string()}),
+        };
+        serde_json::json!({
+            "root": hex::encode(self.trust.root()),
+            "this_node": standing,
+            "certificates": certs.len(),
+            "revocations": revs.len(),
+        })
+    }
+
     /// Whether `peer` (a libp2p peer id) holds a certificate valid now and not revoked.
     pub fn peer_certified(&self, peer: &str) -> bool {
         peer_key(peer).is_some_and(|k| {

@@ -392,6 +392,7 @@ async fn search(
 
 async fn status(State(st): State<AppState>) -> Result<Response, ApiError> {
     let stats = st.docs.stats().await?;
+    let trust = st.docs.trust_summary().await?;
     let i = &st.info;
     let peers = st.peers.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let connected: Vec<Value> = peers
@@ -413,6 +414,7 @@ async fn status(State(st): State<AppState>) -> Result<Response, ApiError> {
         "connected_peers": connected,
         "known_peers": peers,
         "quarantined": stats.quarantined,
+        "trust": trust,
         "last_seq": stats.last_seq,
         "version": env!("CARGO_PKG_VERSION"),
     }))

@@ -56,6 +56,10 @@ fn the_api_needs_the_nodes_token_but_status_is_open() -> anyhow::Result<()> {
         .send_json(patient("X"))?;
     assert_eq!(r.status(), 401);
     assert_eq!(node.documents()?, 1, "nothing written without the token");
+    // /status says whether the node may write, and as what.
+    let (_, st) = node.get("/status")?;
+    assert_eq!(st["trust"]["this_node"]["certified"], true, "{st}");
+    assert_eq!(st["trust"]["this_node"]["roles"][0], "central", "{st}");
     // /status and the CapabilityStatement stay open, without resource content.
     assert_eq!(
         agent.get(format!("{}/status", node.base)).call()?.status(),
@@ -94,6 +98,15 @@ fn an_uncertified_nodes_writes_never_reach_certified_nodes() -> anyhow::Result<(
         u_data,
         &["--byzantine", "--peer", &hub.p2p, "--peer", &a.p2p],
     )?;
+    let (_, st) = u.get("/status")?;
+    assert_eq!(st["trust"]["this_node"]["certified"], false, "{st}");
+    assert!(
+        st["trust"]["this_node"]["why"]
+            .as_str()
+            .unwrap()
+            .contains("no certificate"),
+        "{st}"
+    );
     let mut ids = Vec::new();
     for i in 0..5 {
         let (status, _, created) = u.post("/fhir/Patient", &patient(&format!("Forged{i}")))?;

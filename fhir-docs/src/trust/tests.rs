@@ -428,3 +428,30 @@ fn envelopes_round_trip_and_truncation_is_an_error() {
     e.revocations_seen += 1;
     assert!(!e.verify(&public(&k)));
 }
+
+mod arbitrary_input {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Decoders of envelopes and tokens take any bytes without panicking, and nothing but
+        /// the root's own tokens is accepted.
+        #[test]
+        fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..400), text in ".{0,300}") {
+            let _ = Envelope::decode_all(&bytes);
+            let root = public(&key(1));
+            for t in [text.clone(), format!("fmc1.{text}"), format!("fmr1.{text}.{text}"),
+                      format!("fmc1.{}.{}", B64.encode(&bytes), B64.encode(&bytes))] {
+                prop_assert!(verify_certificate(&root, &t).is_err());
+                prop_assert!(verify_revocation(&root, &t).is_err());
+                prop_assert!(Trust::new(root).add_token(&t).is_err());
+            }
+            let e = Envelope::decode_all(&bytes);
+            if let Ok(map) = e {
+                for env in map.values() {
+                    prop_assert!(!env.verify(&root));
+                }
+            }
+        }
+    }
+}
