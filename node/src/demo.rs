@@ -377,9 +377,36 @@ pub fn generate_with(
     for r in &refdata.resources {
         emit(r, out)?;
     }
-    let mut insuree_no = seed.wrapping_mul(7919) % 1_000_000;
+    let mut emit_one = |v: &Value| emit(v, out);
+    write_families(
+        &refdata,
+        &mut rng,
+        families,
+        &villages,
+        &seed.to_string(),
+        seed.wrapping_mul(7919) % 1_000_000,
+        &mut emit_one,
+    )?;
+    Ok(written)
+}
+
+/// A village: `(uuid, code, name, ward name, district name, region name)`.
+pub type Village = (String, String, String, String, String, String);
+
+/// Writes `families` families living in `villages` (of `refdata`) through `emit`: each a Group,
+/// its insurees, a policy with its contribution, and a claim for every third. `tag` makes receipt
+/// and claim codes unique; CHFIDs count up from `insuree_no`.
+pub fn write_families(
+    refdata: &Reference,
+    rng: &mut Rng,
+    families: u64,
+    villages: &[Village],
+    tag: &str,
+    mut insuree_no: u64,
+    emit: &mut dyn FnMut(&Value) -> std::io::Result<()>,
+) -> std::io::Result<()> {
     for f in 0..families {
-        let village = rng.pick(&villages).clone();
+        let village = rng.pick(villages).clone();
         let group = rng.uuid();
         let family_name = *rng.pick(FAMILY_NAMES);
         let size = 1 + rng.below(7);
@@ -403,9 +430,9 @@ pub fn generate_with(
                 *rng.pick(GIVEN_FEMALE)
             };
             let birth = if m == 0 {
-                date(&mut rng, 1960, 40)
+                date(rng, 1960, 40)
             } else {
-                date(&mut rng, 1975, 50)
+                date(rng, 1975, 50)
             };
             let mut patient = json!({"resourceType": "Patient", "id": id,
                 "identifier": [identifier("Code", &number)],
@@ -435,12 +462,12 @@ pub fn generate_with(
             "extension": [{"url": format!("{IG}/StructureDefinition/group-address"), "valueAddress": address("home")},
                           {"url": format!("{IG}/StructureDefinition/group-poverty-status"), "valueBoolean": rng.below(4) == 0},
                           {"url": format!("{IG}/StructureDefinition/group-type"), "valueCodeableConcept": {"coding": [{"code": "H"}]}}]});
-        emit(&group_res, out)?;
+        emit(&group_res)?;
         for (_, p) in &members {
-            emit(p, out)?;
+            emit(p)?;
         }
         // Policy with its contribution: lump sum for up to 4 members, adults above it.
-        let enrolled = date(&mut rng, 2026, 1);
+        let enrolled = date(rng, 2026, 1);
         let extra = size.saturating_sub(4);
         let value = format!("{}.00", 10_000 + extra * 2_500 + size * 500);
         let officer = rng.pick(&refdata.officers).clone();
@@ -458,15 +485,14 @@ pub fn generate_with(
                         {"url": "payer", "valueCodeableConcept": {"coding": [{"code": "beneficiary"}]}},
                         {"url": "category", "valueCodeableConcept": {"coding": [{"code": "C"}]}},
                         {"url": "amount", "valueMoney": money(&value)},
-                        {"url": "receipt", "valueString": format!("RC-{seed}-{f}")},
+                        {"url": "receipt", "valueString": format!("RC-{tag}-{f}")},
                         {"url": "date", "valueDate": enrolled},
                         {"url": "type", "valueCodeableConcept": {"coding": [{"code": "C"}]}}]}]}]}]}),
-            out,
         )?;
         if f % 3 == 0 {
             let (hf, hf_code) = rng.pick(&refdata.facilities).clone();
             let (patient_id, _) = rng.pick(&members).clone();
-            let day = date(&mut rng, 2026, 1);
+            let day = date(rng, 2026, 1);
             let mut lines = Vec::new();
             let mut total = 0f64;
             for seq in 1..=1 + rng.below(3) {
@@ -489,17 +515,16 @@ pub fn generate_with(
             }
             emit(
                 &json!({"resourceType": "Claim", "id": rng.uuid(), "status": "active", "use": "claim",
-                "identifier": [identifier("Code", &format!("CLM-{hf_code}-{seed}-{f}"))],
+                "identifier": [identifier("Code", &format!("CLM-{hf_code}-{tag}-{f}"))],
                 "type": {"coding": [{"system": format!("{IG}/CodeSystem-claim-visit-type.html"), "code": "O", "display": "Other"}]},
                 "patient": reference("Patient", &patient_id), "provider": reference("Organization", &hf),
                 "created": day, "billablePeriod": {"start": day, "end": day},
                 "diagnosis": [{"sequence": 1, "diagnosisCodeableConcept": {"coding": [{"system": format!("{IG}/CodeSystem/diagnosis-ICD10-level1"), "code": "B54"}]}}],
                 "total": money(&format!("{total:.2}")), "item": lines}),
-                out,
             )?;
         }
     }
-    Ok(written)
+    Ok(())
 }
 
 #[cfg(test)]

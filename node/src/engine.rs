@@ -100,6 +100,8 @@ pub struct NodeIdentity {
     pub key: fieldmesh_fhir_docs::ed25519_dalek::SigningKey,
     /// The deployment's root of trust: central's public key.
     pub root: PublicKey,
+    /// A fixed time (Unix seconds) instead of the system clock, for simulations.
+    pub clock: Option<i64>,
 }
 
 impl NodeIdentity {
@@ -111,7 +113,13 @@ impl NodeIdentity {
             actor: fieldmesh_fhir_docs::actor_for_key(&key.verifying_key().to_bytes()),
             key,
             root,
+            clock: None,
         }
+    }
+
+    /// The time of this node's changes and certificate checks: its clock.
+    pub fn time(&self) -> i64 {
+        self.clock.unwrap_or_else(now)
     }
 
     /// The node's public key.
@@ -237,7 +245,7 @@ fn authorize(
     after: &Map<String, Value>,
 ) -> Result<(), EngineError> {
     trust
-        .authority(&me.public(), now(), trust.revocations_held())
+        .authority(&me.public(), me.time(), trust.revocations_held())
         .and_then(|a| a.permits(ty, before, after))
         .map_err(EngineError::Forbidden)
 }
@@ -296,6 +304,20 @@ impl Engine {
         Ok(())
     }
 
+    /// Sets this node's clock (simulations): its changes are dated `t` and its certificate is
+    /// checked at `t`.
+    pub fn set_clock(&mut self, t: i64) {
+        self.me.clock = Some(t);
+    }
+
+    /// Ends the engine as a crash would: writes staged but not yet committed are lost (what was
+    /// acknowledged is already in the store).
+    pub fn crash(mut self) {
+        let _ = self.wait_behind();
+        self.pending.clear();
+        self.dirty.clear();
+    }
+
     /// Stops checking local writes against this node's certificate: the node then behaves like
     /// a modified device that writes what it likes (its peers still refuse it). For tests only.
     pub fn play_byzantine(&mut self) {
@@ -313,7 +335,7 @@ impl Engine {
         let held = self.trust.revocations_held();
         let me = self.me.public();
         let (certs, revs) = self.trust.all();
-        let standing = match self.trust.authority(&me, now(), held) {
+        let standing = match self.trust.authority(&me, self.me.time(), held) {
             Ok(a) => serde_json::json!({
                 "certified": true,
                 "roles": a.roles.iter().map(|r| r.name()).collect::<Vec<_>>(),
@@ -333,7 +355,7 @@ impl Engine {
     pub fn peer_certified(&self, peer: &str) -> bool {
         peer_key(peer).is_some_and(|k| {
             self.trust
-                .authority(&k, now(), self.trust.revocations_held())
+                .authority(&k, self.me.time(), self.trust.revocations_held())
                 .is_ok()
         })
     }
@@ -608,7 +630,7 @@ impl Engine {
             bundle_ids,
         )?;
         self.authorize_local(&prepared.ty, None, &prepared.json)?;
-        let doc = new_document(&prepared.json, self.me.actor.clone(), now())?;
+        let doc = new_document(&prepared.json, self.me.actor.clone(), self.me.time())?;
         let ty = prepared.ty.clone();
         let origin = self.me.system.clone();
         if ty == "Basic" {
@@ -633,7 +655,7 @@ impl Engine {
             chunks: 1,
             seq: 0,
             heads: heads_bytes(&doc.get_heads()),
-            updated: now(),
+            updated: self.me.time(),
         };
         let envelopes = self.sign_head(&mut doc);
         self.stage(
@@ -737,7 +759,7 @@ impl Engine {
         if apply_diff(doc, &old, &prepared.json)? == 0 {
             return Ok(Outcome::Unchanged);
         }
-        doc.commit_with(automerge::transaction::CommitOptions::default().with_time(now()));
+        doc.commit_with(automerge::transaction::CommitOptions::default().with_time(self.me.time()));
         let envelopes = sign_heads(&self.me, &self.trust, doc);
         let (data, chunks) = if chunks >= COMPACT_AFTER_CHUNKS {
             (DocData::Full(doc.save_nocompress()), 1)
@@ -747,7 +769,7 @@ impl Engine {
         let heads = heads_bytes(&doc.get_heads());
         live.meta.chunks = chunks;
         live.meta.heads = heads;
-        live.meta.updated = now();
+        live.meta.updated = self.me.time();
         let previous = std::mem::replace(&mut live.entries, entries_of(&prepared));
         self.stage(doc_id, &live.meta, &live.entries, data, previous, envelopes);
         Ok(Outcome::Updated)
@@ -956,7 +978,10 @@ impl Resolver for View<'_> {
     }
 
     fn find(&self, ty: &str, key: &IdentKey) -> Option<String> {
-        let ids = self.store.find(ty, &key.system, &key.value).ok()?;
+        let mut ids = self.store.find(ty, &key.system, &key.value).ok()?;
+        if ids.is_empty() && uuid::Uuid::parse_str(&key.value).is_ok() {
+            ids = self.store.find_value(ty, &key.value).ok()?;
+        }
         ids.into_iter()
             .min()
             .map(|b| uuid::Uuid::from_bytes(b).to_string())
@@ -1092,7 +1117,7 @@ fn prepare_line(
     if check_local {
         authorize(trust, me, &prepared.ty, None, &prepared.json)?;
     }
-    let mut doc = new_document(&prepared.json, me.actor.clone(), now())?;
+    let mut doc = new_document(&prepared.json, me.actor.clone(), me.time())?;
     let envelopes = sign_heads(me, trust, &mut doc);
     Ok(PreparedDoc {
         envelopes,
@@ -1104,7 +1129,7 @@ fn prepare_line(
             chunks: 1,
             seq: 0,
             heads: heads_bytes(&doc.get_heads()),
-            updated: now(),
+            updated: me.time(),
         },
         entries: entries_of(&prepared),
         bytes: fieldmesh_storage::codec::encode(&doc.save_nocompress())?,
@@ -1480,7 +1505,7 @@ impl Engine {
                 let heads = heads_bytes(&doc.get_heads());
                 live.meta.chunks = chunks;
                 live.meta.heads = heads;
-                live.meta.updated = now();
+                live.meta.updated = self.me.time();
                 let previous = std::mem::replace(&mut live.entries, entries_of_json(&checked.json));
                 if p.ty == "Basic" {
                     self.learn(&checked.json);
@@ -1547,9 +1572,16 @@ impl Resolver for Engine {
     }
 
     fn find(&self, ty: &str, key: &IdentKey) -> Option<String> {
-        let ids = self
+        let mut ids = self
             .find_ids(ty, &IdentifierQuery::Exact(key.clone()))
             .ok()?;
+        if ids.is_empty() && uuid::Uuid::parse_str(&key.value).is_ok() {
+            // A reference made by id before its target arrived names the referring node's
+            // system; the id is a UUID, unique whatever system created it.
+            ids = self
+                .find_ids(ty, &IdentifierQuery::ValueOnly(key.value.clone()))
+                .ok()?;
+        }
         // A duplicate registration shows its first (oldest id) copy; both stay readable by id.
         ids.into_iter().min().map(|id| id.to_string())
     }

@@ -132,6 +132,10 @@ pub struct Local {
     pub checkpoint: Option<Checkpoint>,
 }
 
+/// An initiator holding at most this many documents and no checkpoint is treated as a new
+/// device: it sends them unasked and is sent everything, without reconciliation.
+pub const DUMP_BELOW: usize = 16;
+
 /// Documents, each with the heads one side holds of it.
 type DocsAt = Vec<(DocId, Heads)>;
 
@@ -287,10 +291,20 @@ impl Session {
             (Role::Initiator, None) => {
                 self.mode = Mode::Ranges;
                 let q = self.neg()?.initiate().map_err(neg_err)?;
-                Ok(vec![
-                    Action::Send(self.hello(None)),
-                    Action::Send(Message::Reconcile(q)),
-                ])
+                let mut actions = vec![Action::Send(self.hello(None))];
+                if self.items.len() <= DUMP_BELOW && !self.items.is_empty() {
+                    // A (nearly) new device: the responder will send it everything without
+                    // reconciliation, so it sends its few documents (its certificate…) at once.
+                    let mine: Vec<(DocId, Heads)> = self
+                        .items
+                        .iter()
+                        .map(|(d, _, _)| (*d, Vec::new()))
+                        .collect();
+                    self.stats.docs_to_send += mine.len();
+                    actions.push(Action::SendDocs(mine));
+                }
+                actions.push(Action::Send(Message::Reconcile(q)));
+                Ok(actions)
             }
         }
     }
@@ -360,9 +374,10 @@ impl Session {
                             self.mode = Mode::Fast;
                             self.stats.fast = true;
                             Ok(vec![Action::Send(self.hello(self.local.checkpoint))])
-                        } else if documents == 0 {
-                            // A new device: everything goes, no reconciliation needed. Its
-                            // first Reconcile is answered with the documents.
+                        } else if documents <= DUMP_BELOW as u64 && checkpoint.is_none() {
+                            // A new device (nothing, or only its certificate and a few writes,
+                            // which it sends unasked): everything goes, no reconciliation
+                            // needed. Its first Reconcile is answered with the documents.
                             self.mode = Mode::Dump;
                             Ok(vec![Action::Send(self.hello(None))])
                         } else {

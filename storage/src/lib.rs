@@ -219,3 +219,53 @@ pub trait Store: Send + Sync {
     /// `(target type, system, value, source doc)` references, for consistency checks.
     fn index_entries(&self) -> Result<IndexDump, StoreError>;
 }
+
+/// A shared store is a store: a simulation keeps its node's store while the node's engine
+/// "crashes" and restarts.
+impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
+    fn commit(&self, writes: Vec<Write>) -> Result<Vec<u64>, StoreError> {
+        (**self).commit(writes)
+    }
+    fn doc_meta(&self, id: &DocId) -> Result<Option<DocMeta>, StoreError> {
+        (**self).doc_meta(id)
+    }
+    fn doc_bytes(&self, id: &DocId) -> Result<Option<Vec<u8>>, StoreError> {
+        (**self).doc_bytes(id)
+    }
+    fn find(&self, ty: &str, system: &str, value: &str) -> Result<Vec<DocId>, StoreError> {
+        (**self).find(ty, system, value)
+    }
+    fn find_value(&self, ty: &str, value: &str) -> Result<Vec<DocId>, StoreError> {
+        (**self).find_value(ty, value)
+    }
+    fn of_type(&self, ty: &str) -> Result<Vec<DocId>, StoreError> {
+        (**self).of_type(ty)
+    }
+    fn referrers(&self, ty: &str, system: &str, value: &str) -> Result<Vec<DocId>, StoreError> {
+        (**self).referrers(ty, system, value)
+    }
+    fn changes_since(&self, after: u64, limit: usize) -> Result<Vec<(u64, DocId)>, StoreError> {
+        (**self).changes_since(after, limit)
+    }
+    fn envelopes(&self, id: &DocId) -> Result<Vec<u8>, StoreError> {
+        (**self).envelopes(id)
+    }
+    fn checkpoint(&self, peer: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        (**self).checkpoint(peer)
+    }
+    fn store_id(&self) -> Result<[u8; 16], StoreError> {
+        (**self).store_id()
+    }
+    fn quarantined(&self, limit: usize) -> Result<Vec<Quarantined>, StoreError> {
+        (**self).quarantined(limit)
+    }
+    fn stats(&self) -> Result<Stats, StoreError> {
+        (**self).stats()
+    }
+    fn verify(&self) -> Result<Vec<String>, StoreError> {
+        (**self).verify()
+    }
+    fn index_entries(&self) -> Result<IndexDump, StoreError> {
+        (**self).index_entries()
+    }
+}
