@@ -405,3 +405,51 @@ fn libp2p_peer_id(key: &[u8; 32]) -> String {
     let public = libp2p::identity::ed25519::PublicKey::try_from_bytes(key).unwrap();
     libp2p::PeerId::from_public_key(&public.into()).to_string()
 }
+
+/// Regression (found by the simulation): a document merged from a peer was kept as an Automerge
+/// fork, whose actor is random, so this node's next edit of it was authored by a random actor and
+/// every peer refused its signature.
+#[test]
+fn an_edit_after_a_merge_is_authored_and_signed_by_this_node() {
+    let mut s = setup();
+    let officer2 = key(4);
+    let cert = cert_doc(&s.root, &officer2, &[Role::EnrolmentOfficer], &[VILLAGE]);
+    let mut b = engine(4, &s.root);
+    let officer_cert = cert_doc(&s.root, &s.officer, &[Role::EnrolmentOfficer], &[VILLAGE]);
+    b.merge(vec![cert.clone(), officer_cert], "setup").unwrap();
+    s.officer_engine.merge(vec![cert], "setup").unwrap();
+    let id = s
+        .officer_engine
+        .create(patient(VILLAGE), None, false, &|_| None)
+        .unwrap();
+    s.officer_engine.flush().unwrap();
+    b.merge(vec![sent(&mut s.officer_engine, id, vec![])], "a")
+        .unwrap();
+    b.flush().unwrap();
+    // A edits; B merges the edit into the document it holds, then edits it itself.
+    let sid = id.to_string();
+    let mut r = s.officer_engine.read("Patient", &sid).unwrap().resource;
+    r["gender"] = json!("female");
+    s.officer_engine.update("Patient", &sid, r, None).unwrap();
+    s.officer_engine.flush().unwrap();
+    b.merge(vec![sent(&mut s.officer_engine, id, vec![])], "a")
+        .unwrap();
+    b.flush().unwrap();
+    let mut r = b.read("Patient", &sid).unwrap().resource;
+    r["telecom"] = json!([{"system": "phone", "value": "+227 90 00 00 00"}]);
+    b.update("Patient", &sid, r, None).unwrap();
+    b.flush().unwrap();
+    let (changed, refused) = s
+        .officer_engine
+        .merge(vec![sent(&mut b, id, vec![])], "b")
+        .unwrap();
+    s.officer_engine.flush().unwrap();
+    assert_eq!(
+        (changed, refused),
+        (1, 0),
+        "{:?}",
+        reasons(&s.officer_engine)
+    );
+    let merged = s.officer_engine.read("Patient", &sid).unwrap().resource;
+    assert_eq!(merged["telecom"][0]["value"], "+227 90 00 00 00");
+}

@@ -1,0 +1,103 @@
+//! Scenarios: data files describing a field deployment, its connectivity and its faults.
+
+use serde::{Deserialize, Serialize};
+
+/// Message faults injected into sessions, as probabilities per frame.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Faults {
+    /// A frame is lost (the session stalls and is abandoned).
+    #[serde(default)]
+    pub drop: f64,
+    /// A frame arrives twice.
+    #[serde(default)]
+    pub duplicate: f64,
+    /// A frame overtakes the one before it.
+    #[serde(default)]
+    pub reorder: f64,
+    /// A frame arrives after the other side's next flight.
+    #[serde(default)]
+    pub delay: f64,
+    /// A frame captured from an earlier session is injected.
+    #[serde(default)]
+    pub replay: f64,
+}
+
+/// Hubs cut off from central between two days.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Partition {
+    /// Indexes of the hubs cut off.
+    pub hubs: Vec<usize>,
+    /// First day of the cut.
+    pub from_day: u32,
+    /// First day it is healed; `null`: never (not even in the heal phase).
+    pub to_day: Option<u32>,
+}
+
+/// A deployment and its month.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    /// Name (used for reports).
+    pub name: String,
+    /// Default seed.
+    pub seed: u64,
+    /// Health-facility hubs.
+    pub hubs: usize,
+    /// Enrolment officers' phones per hub.
+    pub officers_per_hub: usize,
+    /// Simulated days.
+    pub days: u32,
+    /// Families an officer enrols per day, on average.
+    pub families_per_officer_day: f64,
+    /// Probability that an officer edits an insuree of their villages on a day.
+    #[serde(default)]
+    pub edit_probability: f64,
+    /// Probability that two officers of one hub meet on a day.
+    pub meet_probability: f64,
+    /// Probability that an officer passes by their hub on a day.
+    pub hub_visit_probability: f64,
+    /// Days between a hub's links to central, by hub (cycled): 1 = daily, 7 = weekly.
+    pub hub_central_every_days: Vec<u32>,
+    /// Probability that a day has no link at all.
+    #[serde(default)]
+    pub no_link_day_probability: f64,
+    /// Probability that an officer hands a bundle to the hub by hand (no network) on a day.
+    #[serde(default)]
+    pub bundle_probability: f64,
+    /// Message faults (not applied in the heal phase).
+    #[serde(default)]
+    pub faults: Faults,
+    /// Probability that an officer's phone crashes on a day, losing what it had not flushed.
+    #[serde(default)]
+    pub crash_probability: f64,
+    /// Officers whose clock is wrong: the first is 3 days behind (still valid), the next two
+    /// years ahead (outside its certificate: its writes are refused).
+    #[serde(default)]
+    pub wrong_clock_officers: usize,
+    /// Byzantine officers: they forge Locations, write outside their villages and corrupt
+    /// signatures in what they send.
+    #[serde(default)]
+    pub byzantine_officers: usize,
+    /// A partition between hubs and central.
+    #[serde(default)]
+    pub partition: Option<Partition>,
+    /// Rounds of full connectivity after the last day within which honest nodes must converge.
+    pub heal_rounds: u32,
+}
+
+impl Scenario {
+    /// Reads a scenario file (JSON).
+    pub fn from_file(path: &std::path::Path) -> Result<Self, crate::SimError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| crate::SimError::Scenario(format!("{}: {e}", path.display())))?;
+        serde_json::from_str(&text)
+            .map_err(|e| crate::SimError::Scenario(format!("{}: {e}", path.display())))
+    }
+
+    /// Number of officers.
+    pub fn officers(&self) -> usize {
+        self.hubs * self.officers_per_hub
+    }
+}
