@@ -132,6 +132,17 @@ pub struct Local {
     pub checkpoint: Option<Checkpoint>,
 }
 
+/// Documents to send, in document order: the same inputs give the same frames (simulations
+/// replay runs by seed).
+fn send_docs(docs: Vec<(DocId, Heads)>) -> Action {
+    Action::SendDocs(sorted(docs))
+}
+
+fn sorted(mut docs: Vec<(DocId, Heads)>) -> Vec<(DocId, Heads)> {
+    docs.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    docs
+}
+
 /// An initiator holding at most this many documents and no checkpoint is treated as a new
 /// device: it sends them unasked and is sent everything, without reconciliation.
 pub const DUMP_BELOW: usize = 16;
@@ -301,7 +312,7 @@ impl Session {
                         .map(|(d, _, _)| (*d, Vec::new()))
                         .collect();
                     self.stats.docs_to_send += mine.len();
-                    actions.push(Action::SendDocs(mine));
+                    actions.push(send_docs(mine));
                 }
                 actions.push(Action::Send(Message::Reconcile(q)));
                 Ok(actions)
@@ -419,7 +430,7 @@ impl Session {
                 self.stats.announced = mine.len();
                 let mut actions = Vec::new();
                 if !send.is_empty() {
-                    actions.push(Action::SendDocs(send));
+                    actions.push(send_docs(send));
                 }
                 if want.is_empty() && mine.is_empty() {
                     actions.push(Action::Send(Message::Done));
@@ -427,7 +438,7 @@ impl Session {
                     return Ok(actions);
                 }
                 if !want.is_empty() {
-                    actions.push(Action::Send(Message::Need(want)));
+                    actions.push(Action::Send(Message::Need(sorted(want))));
                 }
                 actions.push(Action::Send(Message::Have(mine)));
                 Ok(actions)
@@ -436,10 +447,10 @@ impl Session {
                 let (send, want) = self.compare(&theirs);
                 let mut actions = Vec::new();
                 if !send.is_empty() {
-                    actions.push(Action::SendDocs(send));
+                    actions.push(send_docs(send));
                 }
                 if !want.is_empty() {
-                    actions.push(Action::Send(Message::Need(want)));
+                    actions.push(Action::Send(Message::Need(sorted(want))));
                 }
                 actions.push(Action::Send(Message::Done));
                 Ok(actions)
@@ -453,7 +464,7 @@ impl Session {
                 Ok(if docs.is_empty() {
                     Vec::new()
                 } else {
-                    vec![Action::SendDocs(docs)]
+                    vec![send_docs(docs)]
                 })
             }
             (_, Mode::Fast, Message::Want(_)) => Err(SessionError::Unexpected("Want")),
@@ -474,7 +485,7 @@ impl Session {
                 self.stats.docs_to_send += docs.len();
                 let mut actions = Vec::new();
                 if !docs.is_empty() {
-                    actions.push(Action::SendDocs(docs));
+                    actions.push(send_docs(docs));
                 }
                 actions.push(Action::Send(Message::Done));
                 actions.push(self.finish());
@@ -510,7 +521,7 @@ impl Session {
                     .collect();
                 if !docs.is_empty() {
                     self.stats.docs_to_send += docs.len();
-                    actions.push(Action::SendDocs(docs));
+                    actions.push(send_docs(docs));
                 }
                 if !need.is_empty() {
                     actions.push(Action::Send(Message::Want(
@@ -534,7 +545,7 @@ impl Session {
                 Ok(if docs.is_empty() {
                     Vec::new()
                 } else {
-                    vec![Action::SendDocs(docs)]
+                    vec![send_docs(docs)]
                 })
             }
             (Role::Initiator, Mode::Ranges, Message::Want(_)) => {
