@@ -294,6 +294,10 @@ pub fn encode(m: &Message) -> Vec<u8> {
                 body.extend_from_slice(&d.id);
                 put_bytes(&mut body, d.ty.as_bytes());
                 put_bytes(&mut body, &d.data);
+            }
+            // Signatures do not compress: kept apart, they do not break up the documents, which
+            // compress well together.
+            for d in docs {
                 put_bytes(&mut body, &d.envelopes);
             }
             match zstd::bulk::compress(&body, ZSTD_LEVEL) {
@@ -320,8 +324,11 @@ fn decode_docs(r: &mut Reader<'_>) -> Result<Vec<DocPayload>, WireError> {
             id: r.array::<16>()?,
             ty: r.string()?,
             data: r.bytes()?.to_vec(),
-            envelopes: r.bytes()?.to_vec(),
+            envelopes: Vec::new(),
         });
+    }
+    for d in &mut docs {
+        d.envelopes = r.bytes()?.to_vec();
     }
     Ok(docs)
 }
