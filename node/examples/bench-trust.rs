@@ -13,7 +13,6 @@
 //! - preparing a received document (Automerge load, read, index entries) with and without the
 //!   trust check ([`fieldmesh_node::verify::check`]), which is what a cold sync does per document.
 
-use std::collections::HashMap;
 use std::time::Instant;
 
 use anyhow::Result;
@@ -170,10 +169,10 @@ fn main() -> Result<()> {
     );
 
     // What a receiving node does per new document, with and without the trust check.
-    let mut envs: Vec<HashMap<[u8; 32], Envelope>> = Vec::with_capacity(n);
-    for (_, _, e) in &docs {
-        envs.push(HashMap::from([(e.hash, *e)]));
-    }
+    let envs: Vec<Vec<u8>> = docs
+        .iter()
+        .map(|(_, _, e)| Envelope::encode_wire(&[*e]))
+        .collect();
     let t = Instant::now();
     for (_, bytes, _) in &docs {
         let doc = automerge::AutoCommit::load(bytes)?;

@@ -154,9 +154,11 @@ pub fn install(engine: &mut Engine, file: &CertFile, from: &str) -> Result<Certi
         data: B64
             .decode(&file.automerge)
             .context("the certificate document is damaged")?,
-        envelopes: B64
-            .decode(&file.envelopes)
-            .context("the certificate signatures are damaged")?,
+        envelopes: Envelope::stored_to_wire(
+            &B64.decode(&file.envelopes)
+                .context("the certificate signatures are damaged")?,
+            |_| true,
+        ),
     };
     let (_, refused) = engine.merge(vec![payload], from)?;
     engine.flush()?;

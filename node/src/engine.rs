@@ -1053,9 +1053,8 @@ fn prepare_received(
             p.ty
         )));
     }
-    let envelopes =
-        Envelope::decode_all(&p.envelopes).map_err(|e| EngineError::Document(e.to_string()))?;
-    let mut checked = crate::verify::check(trust, &p.ty, doc, json, None, &envelopes, uncertified)?;
+    let mut checked =
+        crate::verify::check(trust, &p.ty, doc, json, None, &p.envelopes, uncertified)?;
     if checked.accepted == 0 {
         return Ok(Received {
             doc: None,
@@ -1282,15 +1281,9 @@ impl Engine {
                     });
                     self.put_back(doc_id, live, false);
                     if let (Some(data), Some(hashes)) = (since?, hashes) {
-                        let all = self.store.envelopes(id)?;
-                        let envelopes: Vec<u8> = all
-                            .chunks_exact(Envelope::LEN)
-                            .filter(|e| {
-                                <[u8; 32]>::try_from(&e[..32]).is_ok_and(|h| hashes.contains(&h))
-                            })
-                            .flatten()
-                            .copied()
-                            .collect();
+                        let envelopes = Envelope::stored_to_wire(&self.store.envelopes(id)?, |h| {
+                            hashes.contains(h)
+                        });
                         out.push(fieldmesh_protocol::DocPayload {
                             id: *id,
                             ty: meta.ty,
@@ -1306,7 +1299,7 @@ impl Engine {
                     id: *id,
                     ty: meta.ty,
                     data,
-                    envelopes: self.store.envelopes(id)?,
+                    envelopes: Envelope::stored_to_wire(&self.store.envelopes(id)?, |_| true),
                 });
             }
         }
@@ -1485,8 +1478,6 @@ impl Engine {
                         "the merged document changes its resourceType".into(),
                     ));
                 }
-                let envelopes = Envelope::decode_all(&p.envelopes)
-                    .map_err(|e| EngineError::Document(e.to_string()))?;
                 let old_json = document_to_json(doc)?;
                 let checked = crate::verify::check(
                     &self.trust,
@@ -1494,7 +1485,7 @@ impl Engine {
                     probe,
                     json,
                     Some((doc, &old_json)),
-                    &envelopes,
+                    &p.envelopes,
                     uncertified,
                 )?;
                 if checked.accepted == 0 {

@@ -7,7 +7,7 @@
 //! own causal past (not as of whatever else arrived). If any is refused, the document is rebuilt
 //! from the accepted changes only: refused changes and everything built on them are never applied.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use automerge::{AutoCommit, ChangeHash};
 use fieldmesh_fhir_docs::document_to_json;
@@ -35,7 +35,8 @@ fn json_at(doc: &mut AutoCommit, heads: &[ChangeHash]) -> Result<Map<String, Val
     Ok(document_to_json(&fork)?)
 }
 
-/// Checks the changes `merged` holds beyond `before_heads`. `before` is the document this node
+/// Checks the changes `merged` holds beyond `before_heads`, with the envelopes that came with
+/// them (wire form, [`Envelope::match_wire`]). `before` is the document this node
 /// held (`None` for a document new here); `uncertified` names the sending peer if it has no valid
 /// certificate (then everything it sent is refused).
 pub fn check(
@@ -44,7 +45,7 @@ pub fn check(
     mut merged: AutoCommit,
     merged_json: Map<String, Value>,
     before: Option<(&mut AutoCommit, &Map<String, Value>)>,
-    envelopes: &HashMap<[u8; 32], Envelope>,
+    wire_envelopes: &[u8],
     uncertified: Option<&str>,
 ) -> Result<Checked, EngineError> {
     let mut before = before;
@@ -63,6 +64,11 @@ pub fn check(
             deps: m.deps.iter().map(|d| d.0).collect(),
         })
         .collect();
+    let pairs: Vec<([u8; 32], &[u8])> =
+        facts.iter().map(|f| (f.hash, f.actor.as_slice())).collect();
+    let envelopes = Envelope::match_wire(wire_envelopes, &pairs)
+        .map_err(|e| EngineError::Document(e.to_string()))?;
+    let envelopes = &envelopes;
     // Causal order: a change after every new change it depends on.
     let new: HashSet<[u8; 32]> = facts.iter().map(|f| f.hash).collect();
     let mut order: Vec<usize> = Vec::with_capacity(facts.len());

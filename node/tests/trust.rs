@@ -53,7 +53,7 @@ fn forge(author: &SigningKey, json: &Value, id: DocId, time: i64) -> DocPayload 
         id: *id.as_bytes(),
         ty: json["resourceType"].as_str().unwrap().into(),
         data: doc.save_nocompress(),
-        envelopes: Envelope::encode_all(&[Envelope::sign(author, head, 0)]),
+        envelopes: Envelope::encode_wire(&[Envelope::sign(author, head, 0)]),
     }
 }
 
@@ -139,7 +139,7 @@ fn signed_writes_in_scope_are_applied_and_replays_are_harmless() {
         .unwrap();
     s.officer_engine.flush().unwrap();
     let p = sent(&mut s.officer_engine, id, vec![]);
-    assert_eq!(p.envelopes.len(), Envelope::LEN, "one signed change");
+    assert_eq!(p.envelopes.len(), Envelope::WIRE_LEN, "one signed change");
     assert_eq!(s.receiver.merge(vec![p.clone()], "peer").unwrap(), (1, 0));
     s.receiver.flush().unwrap();
     // The same message again (a replay of an old valid change) changes nothing.
@@ -241,7 +241,7 @@ fn a_change_built_on_a_refused_change_is_refused_and_the_rest_applies() {
             fieldmesh_fhir_docs::automerge::transaction::CommitOptions::default().with_time(now()),
         );
         let head = doc.get_heads()[0].0;
-        Envelope::sign(author, head, 0).encode_into(&mut envelopes);
+        Envelope::sign(author, head, 0).encode_wire_into(&mut envelopes);
     }
     let p = DocPayload {
         data: doc.save_nocompress(),

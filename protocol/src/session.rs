@@ -139,7 +139,7 @@ fn send_docs(docs: Vec<(DocId, Heads)>) -> Action {
 }
 
 fn sorted(mut docs: Vec<(DocId, Heads)>) -> Vec<(DocId, Heads)> {
-    docs.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    docs.sort_unstable_by_key(|d| d.0);
     docs
 }
 

@@ -455,3 +455,32 @@ mod arbitrary_input {
         }
     }
 }
+
+#[test]
+fn wire_envelopes_find_their_changes_by_prefix_even_when_prefixes_collide() {
+    let k = key(2);
+    let author = public(&k);
+    let a = Envelope::sign(&k, [1; 32], 0);
+    let mut colliding = [1; 32];
+    colliding[31] = 9; // same 8-byte prefix, another change
+    let b = Envelope::sign(&k, colliding, 3);
+    let wire = Envelope::encode_wire(&[b, a]);
+    assert_eq!(wire.len(), 2 * Envelope::WIRE_LEN);
+    let found = Envelope::match_wire(&wire, &[([1; 32], &author[..]), (colliding, &author[..])])
+        .expect("whole");
+    assert_eq!(found.get(&[1; 32]), Some(&a));
+    assert_eq!(found.get(&colliding), Some(&b));
+    // A change without an envelope is absent (and then refused as unsigned).
+    let none = Envelope::match_wire(&wire, &[([2; 32], &author[..])]).expect("whole");
+    assert!(none.is_empty());
+    assert_eq!(
+        Envelope::match_wire(&wire[..100], &[]),
+        Err(TrustError::TruncatedEnvelopes(100))
+    );
+    // Stored envelopes convert to the wire form, filtered.
+    let stored = Envelope::encode_all(&[a, b]);
+    assert_eq!(
+        Envelope::stored_to_wire(&stored, |h| *h == [1; 32]),
+        Envelope::encode_wire(&[a])
+    );
+}
