@@ -125,18 +125,7 @@ pub fn certify(data: &Path, grant: &[&str]) -> Result<()> {
 /// authority (role `central`), whatever its configured `role` (tests of the trust model issue
 /// narrower certificates themselves). Returns what `init` printed.
 pub fn init(data: &Path, name: &str, role: &str) -> Result<String> {
-    let (_, root) = test_root();
-    let out = run_ok(&[
-        "init",
-        "--data",
-        data.to_str().unwrap_or_default(),
-        "--role",
-        role,
-        "--name",
-        name,
-        "--root",
-        root,
-    ])?;
+    let out = init_uncertified(data, name, role)?;
     certify(data, &["--role", "central"])?;
     Ok(out)
 }
