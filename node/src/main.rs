@@ -500,9 +500,21 @@ fn cmd_cert(cmd: CertCommand) -> Result<()> {
                     certs::install(&mut engine, &file, "cert issue")?;
                     println!("central holds it and will sync it to every node");
                 }
-                Err(_) => println!(
-                    "central is running; it receives the certificate when the device syncs"
-                ),
+                Err(e)
+                    if matches!(
+                        e.downcast_ref::<fieldmesh_storage::StoreError>(),
+                        Some(fieldmesh_storage::StoreError::InUse(_))
+                    ) =>
+                {
+                    println!(
+                        "central is running; it receives the certificate when the device syncs"
+                    )
+                }
+                Err(e) => {
+                    return Err(e.context(
+                        "the certificate file is written, but central's store could not take it",
+                    ));
+                }
             }
             println!(
                 "install it on the device: fieldmesh cert install --data DEVICE-DIR {}",
