@@ -13,22 +13,24 @@
 //! - [`profile`]: the openIMIS resource set and validation with errors that name the field.
 //! - [`resource`]: the write and read paths that tie these together (prepare for storage, render
 //!   for a client), version ids and conflicts.
-//! - [`trust`]: certificates, signed change envelopes, the capability matrix and the decision on
-//!   every received change.
+//! - [`openimis`]: the openIMIS roles and capability matrix, where a document is, and the
+//!   synthetic data generator.
+//!
+//! Certificates, signed changes and the trust decision are in `fieldmesh-trust`, which takes the
+//! [`openimis`] policy as a parameter.
 
 pub mod convert;
 pub mod diff;
 pub mod error;
 pub mod identifiers;
+pub mod openimis;
 pub mod profile;
 pub mod references;
 pub mod resource;
-pub mod trust;
 
 pub use automerge;
 pub use convert::{document_to_json, new_document};
 pub use diff::apply_diff;
-pub use ed25519_dalek;
 pub use error::{ConvertError, Invalid, ValidationError};
 pub use identifiers::{IdentKey, IdentifierQuery, node_system, parse_identifier_query};
 pub use references::{RefTarget, Resolver};

@@ -65,14 +65,13 @@ fn split_literal(reference: &str) -> Option<(&str, &str)> {
 
 /// Translates every literal relative reference in `value` (at any depth, `contained` included) to a
 /// logical reference. `bundle_ids` maps bundle-local `urn:uuid:` full URLs to `(type, local id)`.
-/// Absolute URLs and `#contained` references are kept as they are. Returns the targets.
+/// Absolute URLs and `#contained` references are kept as they are.
 pub fn to_logical(
     value: &mut Value,
     resolver: &dyn Resolver,
     fallback_system: &str,
     bundle_ids: &dyn Fn(&str) -> Option<(String, String)>,
-) -> Vec<RefTarget> {
-    let mut targets = Vec::new();
+) {
     walk_mut(value, &mut |obj| {
         let Some(reference) = obj.get("reference").and_then(Value::as_str) else {
             return;
@@ -85,32 +84,24 @@ pub fn to_logical(
             return;
         };
         let ident = logical_for(resolver, &ty, &id, fallback_system);
-        if ident.is_empty() {
-            return;
-        }
-        if let Some(key) = keys_of_identifier(&ident).pop() {
-            targets.push(RefTarget {
-                ty: ty.clone(),
-                key,
-            });
-        }
         obj.remove("reference");
         obj.insert("type".into(), Value::String(ty));
         obj.insert("identifier".into(), Value::Object(ident));
     });
-    targets.sort();
-    targets.dedup();
-    targets
 }
 
 /// The logical targets stored in a resource (for the reference index).
-pub fn targets(value: &Value) -> Vec<RefTarget> {
+pub fn targets_in(resource: &Map<String, Value>) -> Vec<RefTarget> {
     let mut out = Vec::new();
-    walk(value, &mut |obj| {
+    let mut add = |obj: &Map<String, Value>| {
         if let Some((ty, key)) = logical_target(obj) {
             out.push(RefTarget { ty, key });
         }
-    });
+    };
+    add(resource);
+    for v in resource.values() {
+        walk(v, &mut add);
+    }
     out.sort();
     out.dedup();
     out
@@ -217,13 +208,13 @@ mod tests {
             "x":{"reference":format!("Group/{id}")},
             "y":{"reference":"#contained1"},
             "z":{"reference":"http://example.org/fhir/Patient/1"}});
-        let targets = to_logical(&mut v, &r, "urn:fieldmesh:node:a", &|_| None);
+        to_logical(&mut v, &r, "urn:fieldmesh:node:a", &|_| None);
+        let targets = targets_in(v.as_object().unwrap());
         assert_eq!(targets.len(), 2);
         assert!(v["patient"].get("reference").is_none());
         assert_eq!(v["x"]["identifier"]["system"], "urn:fieldmesh:node:a");
         assert_eq!(v["y"]["reference"], "#contained1");
         assert_eq!(v["z"]["reference"], "http://example.org/fhir/Patient/1");
-        assert_eq!(super::targets(&v), targets);
         render(&mut v, &r);
         assert_eq!(v["patient"]["reference"], "Patient/p1");
         assert_eq!(v["x"]["reference"], format!("Group/{id}"));

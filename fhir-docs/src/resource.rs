@@ -7,14 +7,14 @@
 
 use std::fmt;
 
-use automerge::{ActorId, AutoCommit, ChangeHash, ReadDoc};
+use automerge::{ActorId, ChangeHash, ReadDoc};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use crate::error::ValidationError;
 use crate::identifiers::{IdentKey, ensure_identifier, identifier_keys};
 use crate::profile::validate;
-use crate::references::{RefTarget, Resolver, render as render_refs, to_logical};
+use crate::references::{RefTarget, Resolver, render as render_refs, targets_in, to_logical};
 
 /// The id of a document: a UUID made where the resource was first created.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -81,7 +81,7 @@ pub fn prepare(
 ) -> Result<Prepared, ValidationError> {
     validate(&resource, expected_type)?;
     let mut resource = resource;
-    let references = to_logical(&mut resource, resolver, origin_system, bundle_ids);
+    to_logical(&mut resource, resolver, origin_system, bundle_ids);
     let Value::Object(mut json) = resource else {
         return Err(ValidationError::one("(root)", "must be a JSON object"));
     };
@@ -99,6 +99,9 @@ pub fn prepare(
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_string();
+    // Index entries come from the whole resulting document, whichever form each reference was
+    // sent in (a literal one translated here, or a logical one as the node served it).
+    let references = targets_in(&json);
     Ok(Prepared {
         identifiers: identifier_keys(&json),
         ty,
@@ -167,17 +170,6 @@ pub fn format_instant(secs: i64) -> String {
         rem % 3600 / 60,
         rem % 60
     )
-}
-
-/// The latest commit time among the document's heads, as a FHIR instant.
-pub fn last_updated(doc: &mut AutoCommit) -> Option<String> {
-    let heads = doc.get_heads();
-    heads
-        .iter()
-        .filter_map(|h| doc.get_change_by_hash(h).map(|c| c.timestamp()))
-        .max()
-        .filter(|t| *t > 0)
-        .map(format_instant)
 }
 
 /// A field whose value was set concurrently on different replicas.

@@ -7,7 +7,7 @@ use serde_json::Value;
 
 fn main() -> anyhow::Result<()> {
     let mut nd = Vec::new();
-    fieldmesh_node::demo::generate(3, 2000, &mut nd)?;
+    fieldmesh_fhir_docs::openimis::demo::generate(3, 2000, &mut nd)?;
     let docs: Vec<serde_json::Map<String, Value>> = String::from_utf8(nd)?
         .lines()
         .map(|l| {

@@ -16,8 +16,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use fieldmesh_fhir_docs::IdentifierQuery;
 use fieldmesh_fhir_docs::identifiers::IdentKey;
+use fieldmesh_fhir_docs::openimis::demo;
 use fieldmesh_node::config::DataDir;
-use fieldmesh_node::{demo, node};
+use fieldmesh_node::node;
 
 fn rss_kib(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -176,9 +177,10 @@ fn main() -> Result<()> {
     let dropped = std::fs::write("/proc/sys/vm/drop_caches", "3").is_ok();
     let t = Instant::now();
     let dir_ = DataDir::open(&data)?;
-    let mut engine = node::open_engine(&dir_)?;
+    let engine = node::open_engine(&dir_)?;
+    let reader = engine.reader();
     let q = IdentifierQuery::Exact(IdentKey::openimis_code(chfids[chfids.len() / 2].clone()));
-    let found = engine.search_identifier("Patient", &q)?;
+    let found = reader.search_identifier("Patient", &q)?;
     let open_first = t.elapsed();
     anyhow::ensure!(found.len() == 1, "the first search found {}", found.len());
 
@@ -190,11 +192,11 @@ fn main() -> Result<()> {
         let c = rng.pick(&chfids).clone();
         let q = IdentifierQuery::Exact(IdentKey::openimis_code(c));
         let t = Instant::now();
-        let ids = engine.find_ids("Patient", &q)?;
+        let ids = reader.find_ids("Patient", &q)?;
         lookups.push(t.elapsed());
         anyhow::ensure!(ids.len() == 1);
         let t = Instant::now();
-        let r = engine.search_identifier("Patient", &q)?;
+        let r = reader.search_identifier("Patient", &q)?;
         searches.push(t.elapsed());
         anyhow::ensure!(r.len() == 1);
     }

@@ -114,8 +114,8 @@ struct Cost {
 /// Runs a session between two sides through the real `Session` code and wire encoding;
 /// A real signed envelope (signatures do not compress), keyed to the document.
 fn envelope_for(id: &[u8; 16]) -> Vec<u8> {
-    use fieldmesh_fhir_docs::trust::Envelope;
-    let key = fieldmesh_fhir_docs::ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+    use fieldmesh_trust::Envelope;
+    let key = fieldmesh_trust::ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
     let mut hash = [0u8; 32];
     hash[..16].copy_from_slice(id);
     Envelope::encode_wire(&[Envelope::sign(&key, hash, 0)])
@@ -236,7 +236,7 @@ fn main() -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let file = dir.join("data.ndjson");
     let mut w = std::io::BufWriter::new(std::fs::File::create(&file)?);
-    let resources = fieldmesh_node::demo::generate(11, families, &mut w)?;
+    let resources = fieldmesh_fhir_docs::openimis::demo::generate(11, families, &mut w)?;
     drop(w);
     // a is central (it may author everything); b is a hub with a certificate from a.
     let run_ok = |args: &[&str]| -> Result<String> {
@@ -347,7 +347,7 @@ fn warm() -> Result<()> {
     const N: u64 = 100_000;
     // Real documents for what is transferred: d edited Patients as Automerge saves.
     let mut nd = Vec::new();
-    fieldmesh_node::demo::generate(5, 300, &mut nd)?;
+    fieldmesh_fhir_docs::openimis::demo::generate(5, 300, &mut nd)?;
     let patients: Vec<serde_json::Map<String, serde_json::Value>> = String::from_utf8(nd)?
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())

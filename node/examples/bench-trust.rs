@@ -11,16 +11,15 @@
 //! - the whole decision per change (signature, certificate chain and validity, revocations,
 //!   capability, scope of the document);
 //! - preparing a received document (Automerge load, read, index entries) with and without the
-//!   trust check ([`fieldmesh_node::verify::check`]), which is what a cold sync does per document.
+//!   trust check ([`fieldmesh_trust::check`]), which is what a cold sync does per document.
 
 use std::time::Instant;
 
 use anyhow::Result;
-use fieldmesh_fhir_docs::ed25519_dalek::SigningKey;
-use fieldmesh_fhir_docs::trust::{
-    Certificate, ChangeFacts, Envelope, Role, Trust, issue_certificate,
-};
+use fieldmesh_fhir_docs::openimis::OpenImis;
 use fieldmesh_fhir_docs::{actor_for_key, document_to_json, new_document};
+use fieldmesh_trust::ed25519_dalek::SigningKey;
+use fieldmesh_trust::{Certificate, ChangeFacts, Envelope, Role, Trust, issue_certificate};
 use serde_json::Value;
 
 fn arg(name: &str, default: usize) -> usize {
@@ -38,16 +37,16 @@ fn main() -> Result<()> {
     let officer = SigningKey::from_bytes(&[2; 32]);
     let officer_pk = officer.verifying_key().to_bytes();
     // The demo data's families, all placed in one village the officer's certificate covers.
-    let mut rng = fieldmesh_node::demo::Rng::new(1);
-    let villages = fieldmesh_node::demo::reference_data(&mut rng).villages;
-    let opts = fieldmesh_node::demo::GenerateOptions {
+    let mut rng = fieldmesh_fhir_docs::openimis::demo::Rng::new(1);
+    let villages = fieldmesh_fhir_docs::openimis::demo::reference_data(&mut rng).villages;
+    let opts = fieldmesh_fhir_docs::openimis::demo::GenerateOptions {
         reference: false,
         claims: false,
         villages: vec![villages[0].1.clone()],
         ..Default::default()
     };
     let mut ndjson = Vec::new();
-    fieldmesh_node::demo::generate_with(1, (n / 4 + 10) as u64, &opts, &mut ndjson)?;
+    fieldmesh_fhir_docs::openimis::demo::generate_with(1, (n / 4 + 10) as u64, &opts, &mut ndjson)?;
     let resources: Vec<Value> = String::from_utf8(ndjson)?
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
@@ -136,7 +135,9 @@ fn main() -> Result<()> {
     let t = Instant::now();
     for (_, f, _, _) in &prepared {
         let k: [u8; 32] = f.actor.as_slice().try_into()?;
-        std::hint::black_box(fieldmesh_fhir_docs::ed25519_dalek::VerifyingKey::from_bytes(&k)?);
+        std::hint::black_box(fieldmesh_trust::ed25519_dalek::VerifyingKey::from_bytes(
+            &k,
+        )?);
     }
     let decompress = t.elapsed().as_secs_f64() * 1e6 / n as f64;
     println!("| of which decompressing the author's key | {decompress:.1} µs | |");
@@ -144,7 +145,11 @@ fn main() -> Result<()> {
     let t = Instant::now();
     let accepted = prepared
         .iter()
-        .filter(|(ty, f, e, json)| trust.decide(ty, f, Some(e), &|_| false, None, json).is_ok())
+        .filter(|(ty, f, e, json)| {
+            trust
+                .decide(&OpenImis, ty, f, Some(e), &|_| false, None, json)
+                .is_ok()
+        })
         .count();
     let s = t.elapsed().as_secs_f64();
     assert_eq!(accepted, n, "every change is in the officer's scope");
@@ -157,8 +162,10 @@ fn main() -> Result<()> {
     // A receiving node checks on every core (documents are prepared in parallel).
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let t = Instant::now();
-    let decided = fieldmesh_node::engine::par_map(&prepared, threads, |(ty, f, e, json)| {
-        trust.decide(ty, f, Some(e), &|_| false, None, json).is_ok()
+    let decided = fieldmesh_engine::par_map(&prepared, threads, |(ty, f, e, json)| {
+        trust
+            .decide(&OpenImis, ty, f, Some(e), &|_| false, None, json)
+            .is_ok()
     })
     .unwrap_or_default();
     let s = t.elapsed().as_secs_f64();
@@ -177,16 +184,16 @@ fn main() -> Result<()> {
     for (_, bytes, _) in &docs {
         let doc = automerge::AutoCommit::load(bytes)?;
         let json = document_to_json(&doc)?;
-        std::hint::black_box(fieldmesh_node::engine::entries_of_json(&json));
+        std::hint::black_box(fieldmesh_engine::entries_of_json(&json));
     }
     let without = t.elapsed().as_secs_f64();
     let t = Instant::now();
     for ((ty, bytes, _), env) in docs.iter().zip(&envs) {
         let doc = automerge::AutoCommit::load(bytes)?;
         let json = document_to_json(&doc)?;
-        let checked = fieldmesh_node::verify::check(&trust, ty, doc, json, None, env, None)?;
+        let checked = fieldmesh_trust::check(&trust, &OpenImis, ty, doc, json, None, env, None)?;
         assert!(checked.rejected.is_empty());
-        std::hint::black_box(fieldmesh_node::engine::entries_of_json(&checked.json));
+        std::hint::black_box(fieldmesh_engine::entries_of_json(&checked.json));
     }
     let with = t.elapsed().as_secs_f64();
     println!(

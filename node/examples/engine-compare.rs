@@ -15,7 +15,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use fieldmesh_node::engine::{Engine, NodeIdentity};
+use fieldmesh_engine::{Engine, NodeIdentity};
 use fieldmesh_storage::kv::{KvRead, KvWrite, Table};
 use fieldmesh_storage::{
     DocId, DocMeta, IndexDump, Quarantined, RedbStore, Stats, Store, StoreError, StoreOptions,
@@ -203,7 +203,7 @@ fn main() -> Result<()> {
         other => anyhow::bail!("unknown engine {other}"),
     };
     // A central node: its own root of trust, so it may write everything.
-    let key = fieldmesh_fhir_docs::ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+    let key = fieldmesh_trust::ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
     let me = NodeIdentity::new(
         "urn:fieldmesh:node:compare".into(),
         &[9; 32],

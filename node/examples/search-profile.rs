@@ -10,13 +10,14 @@ fn main() -> Result<()> {
     let dir = args.next().context("usage: search-profile DIR CHFID...")?;
     let codes: Vec<String> = args.collect();
     let data = fieldmesh_node::config::DataDir::open(std::path::Path::new(&dir))?;
-    let mut engine = fieldmesh_node::node::open_engine(&data)?;
+    let engine = fieldmesh_node::node::open_engine(&data)?;
+    let reader = engine.reader();
     let t = std::time::Instant::now();
     let mut n = 0;
     for _ in 0..200 {
         for c in &codes {
             let q = IdentifierQuery::Exact(IdentKey::openimis_code(c.clone()));
-            n += engine.search_identifier("Patient", &q)?.len();
+            n += reader.search_identifier("Patient", &q)?.len();
         }
     }
     println!(

@@ -24,7 +24,7 @@ fn main() -> Result<()> {
         .nth(1)
         .context("usage: train-dict OUT_FILE")?;
     let mut ndjson = Vec::new();
-    fieldmesh_node::demo::generate(999, 3000, &mut ndjson)?;
+    fieldmesh_fhir_docs::openimis::demo::generate(999, 3000, &mut ndjson)?;
     let mut samples = Vec::new();
     for (i, line) in String::from_utf8(ndjson)?.lines().enumerate() {
         let v: Value = serde_json::from_str(line)?;

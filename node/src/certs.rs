@@ -10,16 +10,17 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use base64::Engine as _;
-use fieldmesh_fhir_docs::trust::{
-    Certificate, Envelope, Revocation, Role, certificate_resource, issue_certificate,
+use fieldmesh_engine::{Engine, Source, now};
+use fieldmesh_fhir_docs::{DocId, new_document};
+use fieldmesh_trust::ed25519_dalek::SigningKey;
+use fieldmesh_trust::{
+    Certificate, Envelope, PeerKey, Revocation, Role, certificate_resource, issue_certificate,
     issue_revocation, revocation_resource, verify_certificate,
 };
-use fieldmesh_fhir_docs::{DocId, new_document};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::config::DataDir;
-use crate::engine::{Engine, peer_key};
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
@@ -57,16 +58,9 @@ pub struct IssueRequest {
     pub days: u32,
 }
 
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or_default()
-}
-
 /// A document authored and signed by `central` holding `resource`.
 fn signed_document(central: &DataDir, resource: &Value) -> Result<(DocId, Vec<u8>, Vec<u8>)> {
-    let key = fieldmesh_fhir_docs::ed25519_dalek::SigningKey::from_bytes(&central.secret());
+    let key = SigningKey::from_bytes(&central.secret());
     let json = resource
         .as_object()
         .context("a trust resource is an object")?;
@@ -90,12 +84,14 @@ pub fn issue(central: &DataDir, req: &IssueRequest) -> Result<CertFile> {
             central.path.display()
         );
     }
-    let subject = peer_key(&req.subject).with_context(|| {
-        format!(
-            "{:?} is not a peer id (print a device's with `fieldmesh id --data DIR`)",
-            req.subject
-        )
-    })?;
+    let subject = PeerKey::from_peer_id(&req.subject)
+        .map(|k| k.0)
+        .with_context(|| {
+            format!(
+                "{:?} is not a peer id (print a device's with `fieldmesh id --data DIR`)",
+                req.subject
+            )
+        })?;
     if req.roles.is_empty() {
         bail!("a certificate needs at least one --role");
     }
@@ -118,7 +114,7 @@ pub fn issue(central: &DataDir, req: &IssueRequest) -> Result<CertFile> {
         not_before: start,
         not_after: start + i64::from(req.days) * 86_400,
     };
-    let key = fieldmesh_fhir_docs::ed25519_dalek::SigningKey::from_bytes(&central.secret());
+    let key = SigningKey::from_bytes(&central.secret());
     let token = issue_certificate(&key, &cert);
     let (id, bytes, envelopes) = signed_document(central, &certificate_resource(&token, &cert))?;
     Ok(CertFile {
@@ -143,7 +139,7 @@ pub fn read_file(path: &Path) -> Result<CertFile> {
 }
 
 /// Merges a certificate file into a node's store, checked like a change from a peer; returns the
-/// certificate.
+/// certificate. `from` names the file for the quarantine and the logs.
 pub fn install(engine: &mut Engine, file: &CertFile, from: &str) -> Result<Certificate> {
     let cert = verify_certificate(engine.trust().root(), &file.token)
         .context("this certificate was not issued by this node's central (check --root at init)")?;
@@ -160,9 +156,9 @@ pub fn install(engine: &mut Engine, file: &CertFile, from: &str) -> Result<Certi
             |_| true,
         ),
     };
-    let (_, refused) = engine.merge(vec![payload], from)?;
+    let report = engine.merge(vec![payload], &Source::File(from.to_string()))?;
     engine.flush()?;
-    if refused > 0 {
+    if report.refused > 0 {
         bail!("the certificate document was refused (see `fieldmesh quarantine`)");
     }
     Ok(cert)
@@ -175,7 +171,9 @@ pub fn revoke(
     subject: &str,
     reason: &str,
 ) -> Result<Revocation> {
-    let key = peer_key(subject).with_context(|| format!("{subject:?} is not a peer id"))?;
+    let key = PeerKey::from_peer_id(subject)
+        .map(|k| k.0)
+        .with_context(|| format!("{subject:?} is not a peer id"))?;
     let (_, revs) = engine.trust().all();
     let number = revs.iter().map(|r| r.number).max().unwrap_or(0) + 1;
     let rev = Revocation {
@@ -184,7 +182,7 @@ pub fn revoke(
         reason: reason.into(),
         issued: now(),
     };
-    let root = fieldmesh_fhir_docs::ed25519_dalek::SigningKey::from_bytes(&central.secret());
+    let root = SigningKey::from_bytes(&central.secret());
     let token = issue_revocation(&root, &rev);
     engine.create(
         revocation_resource(&token, &rev),
@@ -224,9 +222,5 @@ pub fn describe(c: &Certificate) -> String {
 
 /// The peer id of a hex key, or the hex itself.
 pub fn short_peer(hex_key: &str) -> String {
-    hex::decode(hex_key)
-        .ok()
-        .and_then(|b| libp2p::identity::ed25519::PublicKey::try_from_bytes(&b).ok())
-        .map(|k| libp2p::PeerId::from_public_key(&k.into()).to_string())
-        .unwrap_or_else(|| hex_key.to_string())
+    PeerKey::parse(hex_key).map_or_else(|| hex_key.to_string(), |k| k.peer_id())
 }

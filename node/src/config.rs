@@ -66,6 +66,9 @@ pub struct Config {
     /// Store tuning.
     #[serde(default)]
     pub storage: StorageConfig,
+    /// Sync deadlines and periods.
+    #[serde(default)]
+    pub sync: SyncConfig,
     /// The deployment's root of trust.
     pub trust: TrustConfig,
 }
@@ -79,15 +82,14 @@ pub struct TrustConfig {
 
 /// Reads a root of trust given as a peer id (`12D3KooW…`) or a hex ed25519 key.
 pub fn parse_root(text: &str) -> Result<[u8; 32]> {
-    let text = text.trim();
-    if let Some(k) = crate::engine::peer_key(text) {
-        return Ok(k);
-    }
-    fieldmesh_fhir_docs::trust::parse_key(text).map_err(|_| {
-        anyhow::anyhow!(
-            "{text:?} is not central's peer id (print it with `fieldmesh id --data CENTRAL-DIR`)"
-        )
-    })
+    fieldmesh_trust::PeerKey::parse(text)
+        .map(|k| k.0)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "{:?} is not central's peer id (print it with `fieldmesh id --data CENTRAL-DIR`)",
+                text.trim()
+            )
+        })
 }
 
 /// `[http]` section.
@@ -119,6 +121,42 @@ impl Default for StorageConfig {
         Self {
             cache_documents: 256,
             cache_mib: 16,
+        }
+    }
+}
+
+/// `[sync]` section: deadlines and periods of sync sessions.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SyncConfig {
+    /// Seconds a session waits for the peer's next frame before it ends with an error.
+    pub frame_timeout_secs: u64,
+    /// Seconds a session may last in all.
+    pub session_timeout_secs: u64,
+    /// Seconds between sessions with a connected peer when nothing changed (the cheap checkpoint
+    /// path: one round trip).
+    pub resync_secs: u64,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        let l = fieldmesh_protocol::Limits::default();
+        Self {
+            frame_timeout_secs: l.frame / 1000,
+            session_timeout_secs: l.session / 1000,
+            resync_secs: l.resync / 1000,
+        }
+    }
+}
+
+impl SyncConfig {
+    /// The scheduler's limits these settings give.
+    pub fn limits(&self) -> fieldmesh_protocol::Limits {
+        fieldmesh_protocol::Limits {
+            frame: self.frame_timeout_secs.max(1) * 1000,
+            session: self.session_timeout_secs.max(1) * 1000,
+            resync: self.resync_secs.max(1) * 1000,
+            ..fieldmesh_protocol::Limits::default()
         }
     }
 }
@@ -197,6 +235,7 @@ impl DataDir {
             system: system.unwrap_or_else(|| fieldmesh_fhir_docs::node_system(name)),
             http: HttpConfig::default(),
             storage: StorageConfig::default(),
+            sync: SyncConfig::default(),
         };
         let text = toml::to_string_pretty(&config).context("cannot write the config")?;
         fs::write(path.join(CONFIG_FILE), text)

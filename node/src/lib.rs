@@ -1,29 +1,24 @@
-//! The fieldmesh node: daemon, CLI commands and the local FHIR API.
+//! The fieldmesh node: the daemon around the engine, its local FHIR API and its network.
 //!
 //! # Layout
 //!
+//! - [`node`]: starting a node (`fieldmesh run`): engine thread, API, network.
+//! - [`engine_thread`]: the engine ([`fieldmesh_engine`]) on a thread of its own behind a
+//!   bounded channel, reads beside it, and its event stream.
+//! - [`api`]: the local FHIR R4 REST API (axum).
+//! - [`net`]: libp2p transports, discovery, relays, the sync scheduler and sessions.
+//! - [`config`]: the data directory (config file, node key, API token, store) and `init`.
 //! - [`certs`]: certificate files, installing them, revocations (`fieldmesh cert`).
-//! - [`config`]: the data directory (config file, node key, store) and `init`.
-//! - [`engine`]: FHIR resources ⇄ Automerge documents in the store, with a bounded cache and
-//!   group commit; synchronous.
-//! - [`docs`]: the engine on a thread of its own behind a bounded channel, and its async handle.
-//! - [`http`]: the local FHIR R4 REST API (axum).
 //! - [`load`]: `fieldmesh load` of JSON, Bundles and NDJSON.
-//! - [`demo`]: synthetic openIMIS data and demo deployments.
-//! - [`node`]: starting a node (`fieldmesh run`).
-//! - [`verify`]: checking received changes against certificates before applying them.
-//! - [`net`]: libp2p transports, discovery, relays and sync sessions.
+//!
+//! The commands of the `fieldmesh` binary are in `src/cli/`, one file each.
 
+pub mod api;
 pub mod certs;
 pub mod config;
-pub mod demo;
-pub mod docs;
-pub mod engine;
-pub mod http;
+pub mod engine_thread;
 pub mod load;
 pub mod net;
 pub mod node;
-pub mod verify;
 
 pub use config::{DataDir, Role};
-pub use engine::{Engine, EngineError};

@@ -17,7 +17,7 @@ use fieldmesh_fhir_docs::DocId;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
 
-use crate::engine::{Engine, EngineError};
+use fieldmesh_engine::{Engine, WriteError};
 
 /// Resources per commit.
 pub const BATCH: usize = 1000;
@@ -77,7 +77,7 @@ impl Loader<'_> {
                     self.summary.loaded += 1;
                     self.in_batch += 1;
                 }
-                Err(EngineError::Invalid(e)) => self.summary.rejected.push((at, e.to_string())),
+                Err(WriteError::Invalid(e)) => self.summary.rejected.push((at, e.to_string())),
                 Err(e) => return Err(e).context(format!("storing the resource at {at}")),
             }
         }
@@ -101,7 +101,7 @@ impl Loader<'_> {
                 self.summary.loaded += 1;
                 self.in_batch += 1;
             }
-            Err(EngineError::Invalid(e)) => self.summary.rejected.push((at, e.to_string())),
+            Err(WriteError::Invalid(e)) => self.summary.rejected.push((at, e.to_string())),
             Err(e) => return Err(e).context(format!("storing the resource at {at}")),
         }
         if self.in_batch >= BATCH {

@@ -1,16 +1,17 @@
-//! Starting a node: open its data directory and store, start the engine thread, serve the API.
+//! Starting a node: open its data directory and store, start the engine thread, serve the API,
+//! run the network.
 
 use std::future::IntoFuture;
 use std::net::SocketAddr;
 
 use anyhow::{Context, Result};
+use fieldmesh_engine::{Engine, NodeIdentity};
 use fieldmesh_storage::{RedbStore, StoreOptions};
 
+use crate::api::{NodeInfo, router};
 use crate::config::DataDir;
-use crate::docs::DocsHandle;
-use crate::engine::{Engine, NodeIdentity};
-use crate::http::{NodeInfo, router};
-use crate::net::{CHANGE_QUEUE, NetConfig, PeerTable};
+use crate::engine_thread::EngineHandle;
+use crate::net::{NetConfig, PeerTable};
 
 /// Opens the engine of a data directory (the store is locked while it lives).
 pub fn open_engine(dir: &DataDir) -> Result<Engine> {
@@ -60,7 +61,7 @@ pub async fn run_with(
         tracing::warn!("playing a byzantine device: local writes are not checked");
         engine.play_byzantine();
     }
-    let (docs, engine_thread) = DocsHandle::spawn(engine)?;
+    let (handle, engine_thread) = EngineHandle::spawn(engine)?;
     let info = NodeInfo {
         name: dir.config.name.clone(),
         role: dir.config.role.to_string(),
@@ -68,15 +69,12 @@ pub async fn run_with(
         peer_id: dir.peer_id().to_string(),
     };
     let peers = PeerTable::default();
-    let (changes_tx, changes_rx) = tokio::sync::mpsc::channel(CHANGE_QUEUE);
     let network = tokio::spawn(crate::net::run(
         dir.keypair.clone(),
         net,
         dir.config.name.clone(),
-        docs.clone(),
+        handle.clone(),
         peers.clone(),
-        changes_tx.clone(),
-        changes_rx,
     ));
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
         format!("cannot listen on {addr} (is another node or program using that port?)")
@@ -91,10 +89,7 @@ pub async fn run_with(
         "fieldmesh node {} ({}) serving http://{local}/fhir/",
         info.name, info.role
     );
-    let server = axum::serve(
-        listener,
-        router(docs.clone(), info, peers, changes_tx, dir.token()?),
-    );
+    let server = axum::serve(listener, router(handle.clone(), info, peers, dir.token()?));
     let mut network = network;
     let outcome = tokio::select! {
         r = server.into_future() => r.context("the HTTP server failed"),
@@ -111,7 +106,7 @@ pub async fn run_with(
     // Sessions stop with the network; the engine commits what was sent to it before the stop,
     // answers it, and ends.
     network.abort();
-    docs.stop().await;
+    handle.stop().await;
     tokio::task::spawn_blocking(move || engine_thread.join())
         .await
         .ok();

@@ -102,6 +102,10 @@ pub enum SessionError {
     /// A message arrived that this side does not expect now.
     #[error("unexpected {0} message")]
     Unexpected(&'static str),
+    /// The peer ended the session without sending documents this side asked for: nothing is
+    /// recorded, the next session asks again.
+    #[error("the peer ended the session without {0} document(s) it was asked for")]
+    Incomplete(usize),
 }
 
 /// Counters of a session.
@@ -180,6 +184,10 @@ pub struct Session {
     peer: Option<([u8; 16], u64)>,
     finished: bool,
     stats: SessionStats,
+    /// Documents this side asked for by id (fast path) and has not received yet.
+    expected: HashSet<DocId>,
+    /// Documents this side asked for by item hash (reconciliation) and has not received yet.
+    expected_count: usize,
 }
 
 impl std::fmt::Debug for Session {
@@ -228,6 +236,8 @@ impl Session {
             peer: None,
             finished: false,
             stats: SessionStats::default(),
+            expected: HashSet::new(),
+            expected_count: 0,
         })
     }
 
@@ -355,6 +365,11 @@ impl Session {
         }
     }
 
+    /// Documents this side asked for and has not received.
+    fn missing(&self) -> usize {
+        self.expected.len() + self.expected_count
+    }
+
     fn finish(&mut self) -> Action {
         self.finished = true;
         Action::Finished
@@ -418,6 +433,10 @@ impl Session {
             (_, Mode::Opening, _) => Err(SessionError::Unexpected("message before Hello")),
             (_, _, Message::Docs(docs)) => {
                 self.stats.docs_received += docs.len();
+                for d in &docs {
+                    self.expected.remove(&d.id);
+                }
+                self.expected_count = self.expected_count.saturating_sub(docs.len());
                 Ok(vec![Action::Apply(docs)])
             }
 
@@ -438,6 +457,7 @@ impl Session {
                     return Ok(actions);
                 }
                 if !want.is_empty() {
+                    self.expected.extend(want.iter().map(|(d, _)| *d));
                     actions.push(Action::Send(Message::Need(sorted(want))));
                 }
                 actions.push(Action::Send(Message::Have(mine)));
@@ -450,6 +470,7 @@ impl Session {
                     actions.push(send_docs(send));
                 }
                 if !want.is_empty() {
+                    self.expected.extend(want.iter().map(|(d, _)| *d));
                     actions.push(Action::Send(Message::Need(sorted(want))));
                 }
                 actions.push(Action::Send(Message::Done));
@@ -469,6 +490,9 @@ impl Session {
             }
             (_, Mode::Fast, Message::Want(_)) => Err(SessionError::Unexpected("Want")),
             (_, Mode::Ranges, Message::Need(_)) => Err(SessionError::Unexpected("Need")),
+            (_, Mode::Fast | Mode::Ranges, Message::Done) if self.missing() > 0 => {
+                Err(SessionError::Incomplete(self.missing()))
+            }
             (Role::Initiator, Mode::Fast, Message::Done) => Ok(vec![self.finish()]),
             (Role::Responder, Mode::Fast, Message::Done) => {
                 Ok(vec![Action::Send(Message::Done), self.finish()])
@@ -524,6 +548,7 @@ impl Session {
                     actions.push(send_docs(docs));
                 }
                 if !need.is_empty() {
+                    self.expected_count += need.len();
                     actions.push(Action::Send(Message::Want(
                         need.iter().map(|id| *id.as_bytes()).collect(),
                     )));

@@ -1,9 +1,10 @@
 //! A seeded, deterministic simulation of a fieldmesh field deployment.
 //!
-//! The simulator runs the real node engine ([`fieldmesh_node::engine::Engine`]: Automerge
-//! documents, signatures, certificates, quarantine) over in-memory stores, and connects nodes
-//! through the real sans-IO sync [`fieldmesh_protocol::Session`], shuttling encoded frames between
-//! them instead of sockets. The world: enrolment officers' phones that enrol families from the
+//! The simulator runs the real engine ([`fieldmesh_engine::Engine`]: Automerge documents,
+//! signatures, certificates, quarantine) over in-memory stores, and the real sync rules of the
+//! node: each node's [`fieldmesh_protocol::Scheduler`] decides when to sync and with whom, and
+//! sessions run the real [`fieldmesh_protocol::Driver`], encoded frames carried between nodes
+//! instead of sockets. Only time, randomness and the wire are simulated. The world: enrolment officers' phones that enrol families from the
 //! demo generator every day, meet each other at random and pass by their health-facility hub;
 //! hubs that reach central daily or weekly; days without any link; bundles handed over by hand;
 //! message faults, partitions, crashes, wrong clocks and byzantine devices, all drawn from one
@@ -18,7 +19,7 @@ pub mod scenario;
 pub mod world;
 
 pub use scenario::Scenario;
-pub use world::{Outcome, run};
+pub use world::{Outcome, run, summary};
 
 /// Errors of the simulator itself (not invariant violations, which are results).
 #[derive(Debug, thiserror::Error)]

@@ -43,14 +43,17 @@ fn main() -> Result<()> {
                 .unwrap_or_else(|| PathBuf::from(format!("sim-report-{}-{seed}", sc.name)));
             report::write(&dir, &sc, &o)?;
             println!(
-                "{} seed {seed}: {} in {:.1} s; {} writes, {} sessions ({} abandoned), converged after {:?} heal rounds, {} quarantined; trace {}",
+                "{} seed {seed}: {} in {:.1} s; {} writes, {} sessions ({} abandoned), {}, {} quarantined; trace {}",
                 sc.name,
                 if o.passed() { "passed" } else { "FAILED" },
                 o.seconds,
                 o.acknowledged,
                 o.sessions,
                 o.aborted,
-                o.converged_after,
+                o.converged_after
+                    .map_or("never converged".to_string(), |r| format!(
+                        "converged after {r} heal round(s)"
+                    )),
                 o.quarantined,
                 &o.trace[..16]
             );

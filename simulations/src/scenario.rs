@@ -2,23 +2,29 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Message faults injected into sessions, as probabilities per frame.
+/// Network faults during sessions, as probabilities per frame.
+///
+/// Sessions run on an ordered, authenticated stream (Yamux over Noise over TCP or QUIC), so the
+/// network cannot deliver a frame twice, out of order or from another session: Noise rejects
+/// such a frame and the connection closes. Every fault therefore ends the session at the frame
+/// it hits, on both sides; what each side completed before stays. The kinds are kept apart so
+/// that a scenario says what it models.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Faults {
-    /// A frame is lost (the session stalls and is abandoned).
+    /// The connection drops (Wi-Fi lost, phone out of range).
     #[serde(default)]
     pub drop: f64,
-    /// A frame arrives twice.
+    /// The network duplicates a frame (Noise refuses it: the connection closes).
     #[serde(default)]
     pub duplicate: f64,
-    /// A frame overtakes the one before it.
+    /// The network reorders frames (same).
     #[serde(default)]
     pub reorder: f64,
-    /// A frame arrives after the other side's next flight.
+    /// A frame arrives after the receiver's frame deadline (the session ends in a timeout).
     #[serde(default)]
     pub delay: f64,
-    /// A frame captured from an earlier session is injected.
+    /// A frame captured from another session is injected (Noise refuses it).
     #[serde(default)]
     pub replay: f64,
 }

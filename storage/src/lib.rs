@@ -36,7 +36,7 @@ pub use redb_store::{RedbStore, StoreOptions};
 pub type DocId = [u8; 16];
 
 /// Errors of the store.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
     /// Another process (usually a running node) has the store open.

@@ -1,8 +1,16 @@
 //! One case per reason a change is refused, each a distinct [`Rejection`] variant, decided on real
 //! Automerge changes signed with real keys.
 
+use std::collections::HashSet;
+
+use base64::Engine as _;
+
 use super::*;
-use crate::{actor_for_key, new_document};
+use crate::token::B64;
+use ed25519_dalek::SigningKey;
+use fieldmesh_fhir_docs::openimis::{LOCATION_EXTENSION, OpenImis};
+use fieldmesh_fhir_docs::{actor_for_key, new_document};
+use serde_json::{Map, Value, json};
 
 const VILLAGE_A: &str = "village-a";
 const VILLAGE_B: &str = "village-b";
@@ -116,7 +124,8 @@ fn decide_signed(
     let c = change(author, json, time);
     let env = Envelope::sign(signer, c.hash, seen);
     let ty = json["resourceType"].as_str().unwrap_or_default();
-    w.trust.decide(ty, &c, Some(&env), &|_| false, None, json)
+    w.trust
+        .decide(&OpenImis, ty, &c, Some(&env), &|_| false, None, json)
 }
 
 fn variant(r: &Result<(), Rejection>) -> String {
@@ -234,8 +243,15 @@ fn each_rejection_reason_is_its_own_variant() {
     let c = change(&w.claims, &claim(FACILITY), now);
     cases.push((
         "a change without an envelope",
-        w.trust
-            .decide("Claim", &c, None, &|_| false, None, &claim(FACILITY)),
+        w.trust.decide(
+            &OpenImis,
+            "Claim",
+            &c,
+            None,
+            &|_| false,
+            None,
+            &claim(FACILITY),
+        ),
         "Unsigned",
     ));
     let mut dependent = c.clone();
@@ -244,6 +260,7 @@ fn each_rejection_reason_is_its_own_variant() {
     cases.push((
         "a change depending on a rejected change",
         w.trust.decide(
+            &OpenImis,
             "Claim",
             &dependent,
             Some(&env),
@@ -267,6 +284,7 @@ fn each_rejection_reason_is_its_own_variant() {
     cases.push((
         "an edit moving an insuree to another village",
         w.trust.decide(
+            &OpenImis,
             "Patient",
             &c,
             Some(&env),
@@ -370,7 +388,7 @@ fn decisions_do_not_depend_on_the_order_certificates_arrive_in() {
                 let c = change(k, json, T0 + DAY);
                 let env = Envelope::sign(k, c.hash, *seen);
                 let ty = json["resourceType"].as_str().unwrap_or_default();
-                variant(&t.decide(ty, &c, Some(&env), &|_| false, None, json))
+                variant(&t.decide(&OpenImis, ty, &c, Some(&env), &|_| false, None, json))
             })
             .collect()
     };

@@ -1,4 +1,4 @@
-//! Demo deployments and synthetic openIMIS data.
+//! Synthetic openIMIS data for demos, tests, benchmarks and simulations.
 //!
 //! [`generate`] writes realistic openIMIS data as NDJSON: a location hierarchy (a region, its
 //! districts, wards and villages), health facilities, items and services with prices, a product,
@@ -11,8 +11,8 @@ use std::io::Write;
 
 use serde_json::{Value, json};
 
-/// The openIMIS FHIR IG base URL (extensions and code systems).
-pub const IG: &str = "https://openimis.github.io/openimis_fhir_r4_ig";
+use super::IG;
+use crate::profile::{PRICE_LIST_PROFILE, PRICE_OVERRIDE_EXTENSION};
 
 /// SplitMix64: deterministic across platforms and crate upgrades, which "the same data for the
 /// same seed" needs more than statistical quality.
@@ -279,14 +279,16 @@ pub fn reference_data(rng: &mut Rng) -> Reference {
             if i == 0 {
                 // This facility charges its own price for consultations.
                 let over: f64 = price.parse().unwrap_or(0.0) * 1.2;
-                e["extension"] = json!([{"url": fieldmesh_fhir_docs::profile::PRICE_OVERRIDE_EXTENSION, "valueMoney": money(&format!("{over:.2}"))}]);
+                e["extension"] = json!([{"url": PRICE_OVERRIDE_EXTENSION, "valueMoney": money(&format!("{over:.2}"))}]);
             }
             e
         }));
-        resources.push(json!({"resourceType": "List", "id": rng.uuid(), "status": "current", "mode": "working",
-            "title": format!("Liste de prix {hf_code}"), "meta": {"profile": [fieldmesh_fhir_docs::profile::PRICE_LIST_PROFILE]},
+        resources.push(
+            json!({"resourceType": "List", "id": rng.uuid(), "status": "current", "mode": "working",
+            "title": format!("Liste de prix {hf_code}"), "meta": {"profile": [PRICE_LIST_PROFILE]},
             "identifier": [identifier("Code", &format!("PL-{hf_code}"))],
-            "subject": reference("Organization", hf), "entry": entries}));
+            "subject": reference("Organization", hf), "entry": entries}),
+        );
     }
     Reference {
         villages,
@@ -543,8 +545,7 @@ mod tests {
         let mut types = std::collections::BTreeSet::new();
         for line in text.lines() {
             let v: Value = serde_json::from_str(line).unwrap();
-            fieldmesh_fhir_docs::profile::validate(&v, None)
-                .unwrap_or_else(|e| panic!("{e}: {line}"));
+            crate::profile::validate(&v, None).unwrap_or_else(|e| panic!("{e}: {line}"));
             types.insert(v["resourceType"].as_str().unwrap().to_string());
         }
         for t in [

@@ -3,18 +3,35 @@
 //! A payload from a peer (or a certificate file) brings Automerge changes and their signed
 //! envelopes. [`check`] merges them into a scratch copy of the document, takes every change the
 //! copy has beyond what this node held, in causal order, and asks
-//! [`fieldmesh_fhir_docs::trust::Trust::decide`] about each, reading the document as of that change's
+//! [`Trust::decide`] about each, reading the document as of that change's
 //! own causal past (not as of whatever else arrived). If any is refused, the document is rebuilt
 //! from the accepted changes only: refused changes and everything built on them are never applied.
 
 use std::collections::HashSet;
 
 use automerge::{AutoCommit, ChangeHash};
-use fieldmesh_fhir_docs::document_to_json;
-use fieldmesh_fhir_docs::trust::{ChangeFacts, Envelope, Rejection, Trust};
+use fieldmesh_fhir_docs::{ConvertError, document_to_json};
 use serde_json::{Map, Value};
 
-use crate::engine::EngineError;
+use crate::{ChangeFacts, Envelope, Policy, Rejection, Trust, TrustError};
+
+/// Why a received document could not be checked at all (nothing of it is applied).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CheckError {
+    /// Automerge could not read or rebuild the document.
+    #[error("the document cannot be read: {0}")]
+    Automerge(#[from] automerge::AutomergeError),
+    /// The document holds values FHIR JSON cannot express.
+    #[error("the document is not FHIR JSON: {0}")]
+    Convert(#[from] ConvertError),
+    /// The changes' dependencies form a cycle.
+    #[error("the changes form a cycle")]
+    Cycle,
+    /// The envelopes that came with the changes are malformed.
+    #[error(transparent)]
+    Envelopes(#[from] TrustError),
+}
 
 /// What checking a document's new changes found.
 pub struct Checked {
@@ -30,7 +47,7 @@ pub struct Checked {
     pub rejected: Vec<([u8; 32], Rejection)>,
 }
 
-fn json_at(doc: &mut AutoCommit, heads: &[ChangeHash]) -> Result<Map<String, Value>, EngineError> {
+fn json_at(doc: &mut AutoCommit, heads: &[ChangeHash]) -> Result<Map<String, Value>, CheckError> {
     let fork = doc.fork_at(heads)?;
     Ok(document_to_json(&fork)?)
 }
@@ -39,15 +56,17 @@ fn json_at(doc: &mut AutoCommit, heads: &[ChangeHash]) -> Result<Map<String, Val
 /// them (wire form, [`Envelope::match_wire`]). `before` is the document this node
 /// held (`None` for a document new here); `uncertified` names the sending peer if it has no valid
 /// certificate (then everything it sent is refused).
+#[allow(clippy::too_many_arguments)]
 pub fn check(
     trust: &Trust,
+    policy: &dyn Policy,
     ty: &str,
     mut merged: AutoCommit,
     merged_json: Map<String, Value>,
     before: Option<(&mut AutoCommit, &Map<String, Value>)>,
     wire_envelopes: &[u8],
     uncertified: Option<&str>,
-) -> Result<Checked, EngineError> {
+) -> Result<Checked, CheckError> {
     let mut before = before;
     let before_heads: Vec<ChangeHash> = match &mut before {
         Some((doc, _)) => doc.get_heads(),
@@ -66,8 +85,7 @@ pub fn check(
         .collect();
     let pairs: Vec<([u8; 32], &[u8])> =
         facts.iter().map(|f| (f.hash, f.actor.as_slice())).collect();
-    let envelopes = Envelope::match_wire(wire_envelopes, &pairs)
-        .map_err(|e| EngineError::Document(e.to_string()))?;
+    let envelopes = Envelope::match_wire(wire_envelopes, &pairs)?;
     let envelopes = &envelopes;
     // Causal order: a change after every new change it depends on.
     let new: HashSet<[u8; 32]> = facts.iter().map(|f| f.hash).collect();
@@ -86,7 +104,7 @@ pub fn check(
             }
         }
         if order.len() == before_round {
-            return Err(EngineError::Document("the changes form a cycle".into()));
+            return Err(CheckError::Cycle);
         }
     }
     let merged_heads = merged.get_heads();
@@ -117,6 +135,7 @@ pub fn check(
                 None
             };
             trust.decide(
+                policy,
                 ty,
                 f,
                 envelopes.get(&f.hash),

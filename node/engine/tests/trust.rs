@@ -3,58 +3,20 @@
 //! over in-memory stores, real Automerge changes, real signatures.
 #![allow(clippy::unwrap_used)] // tests may panic on unexpected errors
 
-use fieldmesh_fhir_docs::ed25519_dalek::SigningKey;
-use fieldmesh_fhir_docs::trust::{
-    Certificate, Envelope, LOCATION_EXTENSION, Revocation, Role, certificate_resource,
-    issue_certificate, issue_revocation, revocation_resource,
-};
-use fieldmesh_fhir_docs::{DocId, actor_for_key, new_document};
-use fieldmesh_node::engine::{Engine, EngineError, NodeIdentity};
+use fieldmesh_engine::test_support::{certificate, certificate_doc, forge, key, peer, public};
+use fieldmesh_engine::{Engine, MergeReport, Source, WriteError, now};
+use fieldmesh_fhir_docs::openimis::LOCATION_EXTENSION;
+use fieldmesh_fhir_docs::{DocId, actor_for_key};
 use fieldmesh_protocol::DocPayload;
-use fieldmesh_storage::MemStore;
+use fieldmesh_trust::ed25519_dalek::SigningKey;
+use fieldmesh_trust::{Envelope, Revocation, Role, issue_revocation, revocation_resource};
 use serde_json::{Value, json};
 
 const VILLAGE: &str = "village-a";
 
-fn key(n: u8) -> SigningKey {
-    SigningKey::from_bytes(&[n; 32])
-}
-
-fn public(k: &SigningKey) -> [u8; 32] {
-    k.verifying_key().to_bytes()
-}
-
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
-
-/// An engine for the node with secret `n`, in the deployment rooted at `root`.
+/// An engine for the node with secret `[n; 32]`, in the deployment rooted at `root`.
 fn engine(n: u8, root: &SigningKey) -> Engine {
-    Engine::new(
-        Box::new(MemStore::new()),
-        NodeIdentity::new(format!("urn:fieldmesh:node:n{n}"), &[n; 32], public(root)),
-        64,
-    )
-}
-
-/// A document authored and signed by `author` (bypassing every local check).
-fn forge(author: &SigningKey, json: &Value, id: DocId, time: i64) -> DocPayload {
-    let mut doc = new_document(
-        json.as_object().unwrap(),
-        actor_for_key(&public(author)),
-        time,
-    )
-    .unwrap();
-    let head = doc.get_heads()[0].0;
-    DocPayload {
-        id: *id.as_bytes(),
-        ty: json["resourceType"].as_str().unwrap().into(),
-        data: doc.save_nocompress(),
-        envelopes: Envelope::encode_wire(&[Envelope::sign(author, head, 0)]),
-    }
+    fieldmesh_engine::test_support::engine(&[n; 32], &format!("n{n}"), &public(root))
 }
 
 fn cert_doc(
@@ -63,22 +25,15 @@ fn cert_doc(
     roles: &[Role],
     villages: &[&str],
 ) -> DocPayload {
-    let cert = Certificate {
-        serial: uuid::Uuid::new_v4().to_string(),
-        subject: hex::encode(public(subject)),
-        user: "EO0001".into(),
-        roles: roles.to_vec(),
-        locations: villages.iter().map(|s| s.to_string()).collect(),
-        facilities: vec![],
-        not_before: now() - 3600,
-        not_after: now() + 86_400,
-    };
-    forge(
-        root,
-        &certificate_resource(&issue_certificate(root, &cert), &cert),
-        DocId::new(),
-        now(),
-    )
+    let cert = certificate(
+        subject,
+        "EO0001",
+        roles,
+        villages,
+        &[],
+        (now() - 3600, now() + 86_400),
+    );
+    certificate_doc(root, &cert, now())
 }
 
 fn patient(village: &str) -> Value {
@@ -94,6 +49,15 @@ fn reasons(e: &Engine) -> Vec<String> {
         .into_iter()
         .map(|q| q.reason)
         .collect()
+}
+
+fn report(changed: usize, refused: usize) -> MergeReport {
+    MergeReport { changed, refused }
+}
+
+/// A peer source for a key.
+fn from(k: &SigningKey) -> Source {
+    Source::Peer(peer(k))
 }
 
 /// A deployment: central (root), an officer certified for `VILLAGE`, and a receiving node, all
@@ -112,7 +76,10 @@ fn setup() -> Setup {
     let mut officer_engine = engine(2, &root);
     let mut receiver = engine(3, &root);
     for e in [&mut officer_engine, &mut receiver] {
-        assert_eq!(e.merge(vec![cert.clone()], "setup").unwrap(), (1, 0));
+        assert_eq!(
+            e.merge(vec![cert.clone()], &Source::Local).unwrap(),
+            report(1, 0)
+        );
         e.flush().unwrap();
     }
     Setup {
@@ -124,8 +91,9 @@ fn setup() -> Setup {
 }
 
 /// What the officer's node would send for its document `id` to a peer holding `heads`.
+/// (Asked as by central, which every node serves.)
 fn sent(e: &mut Engine, id: DocId, heads: Vec<[u8; 32]>) -> DocPayload {
-    e.payloads("", &[(*id.as_bytes(), heads)])
+    e.payloads(&peer(&key(1)), &[(*id.as_bytes(), heads)])
         .unwrap()
         .remove(0)
 }
@@ -140,10 +108,20 @@ fn signed_writes_in_scope_are_applied_and_replays_are_harmless() {
     s.officer_engine.flush().unwrap();
     let p = sent(&mut s.officer_engine, id, vec![]);
     assert_eq!(p.envelopes.len(), Envelope::WIRE_LEN, "one signed change");
-    assert_eq!(s.receiver.merge(vec![p.clone()], "peer").unwrap(), (1, 0));
+    assert_eq!(
+        s.receiver
+            .merge(vec![p.clone()], &from(&s.officer))
+            .unwrap(),
+        report(1, 0)
+    );
     s.receiver.flush().unwrap();
     // The same message again (a replay of an old valid change) changes nothing.
-    assert_eq!(s.receiver.merge(vec![p.clone()], "peer").unwrap(), (0, 0));
+    assert_eq!(
+        s.receiver
+            .merge(vec![p.clone()], &from(&s.officer))
+            .unwrap(),
+        report(0, 0)
+    );
     s.receiver.flush().unwrap();
     assert!(reasons(&s.receiver).is_empty());
     // The receiver passes the document on with its signature.
@@ -171,9 +149,12 @@ fn refused_changes_are_quarantined_never_applied_never_forwarded() {
         .iter()
         .map(|p| p.id)
         .collect();
-    let (changed, refused) = s
+    let MergeReport { changed, refused } = s
         .receiver
-        .merge(vec![forged, stranger, location, elsewhere], "peer-x")
+        .merge(
+            vec![forged, stranger, location, elsewhere],
+            &from(&s.officer),
+        )
         .unwrap();
     s.receiver.flush().unwrap();
     assert_eq!((changed, refused), (0, 4));
@@ -190,7 +171,12 @@ fn refused_changes_are_quarantined_never_applied_never_forwarded() {
     }
     // Nothing of them is served to anyone.
     let wanted: Vec<([u8; 16], Vec<[u8; 32]>)> = ids.iter().map(|i| (*i, vec![])).collect();
-    assert!(s.receiver.payloads("", &wanted).unwrap().is_empty());
+    assert!(
+        s.receiver
+            .payloads(&peer(&key(1)), &wanted)
+            .unwrap()
+            .is_empty()
+    );
     // Offered again, they are not quarantined twice.
     let again = forge(
         &key(9),
@@ -198,7 +184,7 @@ fn refused_changes_are_quarantined_never_applied_never_forwarded() {
         DocId(uuid::Uuid::from_bytes(ids[1])),
         now(),
     );
-    s.receiver.merge(vec![again], "peer-x").unwrap();
+    s.receiver.merge(vec![again], &from(&s.officer)).unwrap();
     s.receiver.flush().unwrap();
     assert_eq!(s.receiver.stats().unwrap().quarantined, 4);
 }
@@ -213,33 +199,21 @@ fn a_change_built_on_a_refused_change_is_refused_and_the_rest_applies() {
         .unwrap();
     s.officer_engine.flush().unwrap();
     let base = sent(&mut s.officer_engine, id, vec![]);
-    let mut doc = fieldmesh_fhir_docs::automerge::AutoCommit::load(&base.data).unwrap();
+    let mut doc = automerge::AutoCommit::load(&base.data).unwrap();
     let mut envelopes = base.envelopes.clone();
     let stranger = key(9);
     for (author, family) in [(&stranger, "Forged"), (&s.officer, "Maïga-Diallo")] {
         doc.set_actor(actor_for_key(&public(author)));
-        let names = match fieldmesh_fhir_docs::automerge::ReadDoc::get(
-            &doc,
-            fieldmesh_fhir_docs::automerge::ROOT,
-            "name",
-        )
-        .unwrap()
-        {
+        let names = match automerge::ReadDoc::get(&doc, automerge::ROOT, "name").unwrap() {
             Some((_, obj)) => obj,
             None => panic!("no name"),
         };
-        let first =
-            match fieldmesh_fhir_docs::automerge::ReadDoc::get(&doc, &names, 0usize).unwrap() {
-                Some((_, obj)) => obj,
-                None => panic!("no name[0]"),
-            };
-        fieldmesh_fhir_docs::automerge::transaction::Transactable::put(
-            &mut doc, &first, "family", family,
-        )
-        .unwrap();
-        doc.commit_with(
-            fieldmesh_fhir_docs::automerge::transaction::CommitOptions::default().with_time(now()),
-        );
+        let first = match automerge::ReadDoc::get(&doc, &names, 0usize).unwrap() {
+            Some((_, obj)) => obj,
+            None => panic!("no name[0]"),
+        };
+        automerge::transaction::Transactable::put(&mut doc, &first, "family", family).unwrap();
+        doc.commit_with(automerge::transaction::CommitOptions::default().with_time(now()));
         let head = doc.get_heads()[0].0;
         Envelope::sign(author, head, 0).encode_wire_into(&mut envelopes);
     }
@@ -248,14 +222,18 @@ fn a_change_built_on_a_refused_change_is_refused_and_the_rest_applies() {
         envelopes,
         ..base
     };
-    let (changed, refused) = s.receiver.merge(vec![p], "peer").unwrap();
+    let MergeReport { changed, refused } = s.receiver.merge(vec![p], &from(&s.officer)).unwrap();
     s.receiver.flush().unwrap();
     assert_eq!((changed, refused), (1, 1));
     let r = reasons(&s.receiver).join("\n");
     assert!(r.contains("has no certificate"), "{r}");
     assert!(r.contains("builds on change"), "{r}");
     // Only the officer's creation is applied.
-    let served = s.receiver.read("Patient", &id.to_string()).unwrap();
+    let served = s
+        .receiver
+        .reader()
+        .read("Patient", &id.to_string())
+        .unwrap();
     assert_eq!(served.resource["name"][0]["family"], "Maïga");
 }
 
@@ -264,13 +242,15 @@ fn equivocation_is_quarantined() {
     let mut s = setup();
     let id = DocId::new();
     let p = forge(&s.officer, &patient(VILLAGE), id, now());
-    s.receiver.merge(vec![p.clone()], "peer").unwrap();
+    s.receiver
+        .merge(vec![p.clone()], &from(&s.officer))
+        .unwrap();
     s.receiver.flush().unwrap();
     // The same author, the same sequence number (1), different content.
     let mut other = patient(VILLAGE);
     other["birthDate"] = json!("1991-01-01");
     let twin = forge(&s.officer, &other, id, now());
-    let (changed, refused) = s.receiver.merge(vec![twin], "peer").unwrap();
+    let MergeReport { changed, refused } = s.receiver.merge(vec![twin], &from(&s.officer)).unwrap();
     s.receiver.flush().unwrap();
     assert_eq!((changed, refused), (0, 1));
     assert!(
@@ -278,7 +258,11 @@ fn equivocation_is_quarantined() {
         "{:?}",
         reasons(&s.receiver)
     );
-    let served = s.receiver.read("Patient", &id.to_string()).unwrap();
+    let served = s
+        .receiver
+        .reader()
+        .read("Patient", &id.to_string())
+        .unwrap();
     assert_eq!(served.resource["birthDate"], "1990-01-01");
 }
 
@@ -299,13 +283,13 @@ fn revocations_refuse_what_the_author_made_after_seeing_them() {
     );
     // The officer's node learns of its own revocation, then writes anyway (byzantine).
     s.officer_engine
-        .merge(vec![rev_doc.clone()], "central")
+        .merge(vec![rev_doc.clone()], &Source::Local)
         .unwrap();
     s.officer_engine.flush().unwrap();
     assert!(matches!(
         s.officer_engine
             .create(patient(VILLAGE), None, false, &|_| None),
-        Err(EngineError::Forbidden(_))
+        Err(WriteError::Forbidden(_))
     ));
     s.officer_engine.play_byzantine();
     let id = s
@@ -315,12 +299,15 @@ fn revocations_refuse_what_the_author_made_after_seeing_them() {
     s.officer_engine.flush().unwrap();
     let p = sent(&mut s.officer_engine, id, vec![]);
     // Without the revocation the receiver cannot decide yet; with it, it refuses.
-    let (_, refused) = s.receiver.merge(vec![p.clone()], "peer").unwrap();
+    let MergeReport { refused, .. } = s
+        .receiver
+        .merge(vec![p.clone()], &from(&s.officer))
+        .unwrap();
     s.receiver.flush().unwrap();
     assert_eq!(refused, 1);
     assert!(reasons(&s.receiver)[0].contains("revocations up to #1"));
     let mut fresh = setup().receiver;
-    fresh.merge(vec![rev_doc, p], "peer").unwrap();
+    fresh.merge(vec![rev_doc, p], &from(&s.root)).unwrap();
     fresh.flush().unwrap();
     let r = reasons(&fresh).join("\n");
     assert!(
@@ -345,7 +332,7 @@ fn local_writes_outside_the_certificate_are_refused_at_once() {
         ),
     ] {
         match s.officer_engine.create(resource, None, false, &|_| None) {
-            Err(EngineError::Forbidden(r)) => {
+            Err(WriteError::Forbidden(r)) => {
                 assert!(r.to_string().contains(expected), "{r}")
             }
             other => panic!("expected a refusal, got {other:?}"),
@@ -360,13 +347,13 @@ fn local_writes_outside_the_certificate_are_refused_at_once() {
     assert!(matches!(
         s.officer_engine
             .update("Patient", &id.to_string(), moved, None),
-        Err(EngineError::Forbidden(_))
+        Err(WriteError::Forbidden(_))
     ));
     // A node without any certificate may write nothing.
     let mut nobody = engine(7, &s.root);
     assert!(matches!(
         nobody.create(patient(VILLAGE), None, false, &|_| None),
-        Err(EngineError::Forbidden(_))
+        Err(WriteError::Forbidden(_))
     ));
 }
 
@@ -378,10 +365,10 @@ fn an_uncertified_peer_is_served_only_certificates_and_its_changes_are_quarantin
         .create(patient(VILLAGE), None, false, &|_| None)
         .unwrap();
     s.officer_engine.flush().unwrap();
-    // A libp2p peer id for a key without a certificate.
+    // A key without a certificate.
     let stranger = key(9);
-    let pk = libp2p_peer_id(&public(&stranger));
-    let start = s.officer_engine.sync_start(&pk).unwrap();
+    let pk = peer(&stranger);
+    let start = s.officer_engine.sync_start(&pk, "officer").unwrap();
     assert!(start.restricted);
     assert!(start.items.iter().all(|(i, _, _)| *i != *id.as_bytes()));
     assert!(
@@ -392,18 +379,18 @@ fn an_uncertified_peer_is_served_only_certificates_and_its_changes_are_quarantin
     );
     // Even a valid change relayed by the uncertified peer is quarantined.
     let p = sent(&mut s.officer_engine, id, vec![]);
-    let (changed, refused) = s.receiver.merge(vec![p], &pk).unwrap();
+    let MergeReport { changed, refused } = s.receiver.merge(vec![p], &Source::Peer(pk)).unwrap();
     s.receiver.flush().unwrap();
     assert_eq!((changed, refused), (0, 1));
     assert!(reasons(&s.receiver)[0].contains("which has no valid certificate"));
     // The officer itself is certified.
-    let officer_peer = libp2p_peer_id(&public(&s.officer));
-    assert!(!s.receiver.sync_start(&officer_peer).unwrap().restricted);
-}
-
-fn libp2p_peer_id(key: &[u8; 32]) -> String {
-    let public = libp2p::identity::ed25519::PublicKey::try_from_bytes(key).unwrap();
-    libp2p::PeerId::from_public_key(&public.into()).to_string()
+    let officer_peer = peer(&s.officer);
+    assert!(
+        !s.receiver
+            .sync_start(&officer_peer, "receiver")
+            .unwrap()
+            .restricted
+    );
 }
 
 /// Regression (found by the simulation): a document merged from a peer was kept as an Automerge
@@ -416,32 +403,44 @@ fn an_edit_after_a_merge_is_authored_and_signed_by_this_node() {
     let cert = cert_doc(&s.root, &officer2, &[Role::EnrolmentOfficer], &[VILLAGE]);
     let mut b = engine(4, &s.root);
     let officer_cert = cert_doc(&s.root, &s.officer, &[Role::EnrolmentOfficer], &[VILLAGE]);
-    b.merge(vec![cert.clone(), officer_cert], "setup").unwrap();
-    s.officer_engine.merge(vec![cert], "setup").unwrap();
+    b.merge(vec![cert.clone(), officer_cert], &Source::Local)
+        .unwrap();
+    s.officer_engine.merge(vec![cert], &Source::Local).unwrap();
     let id = s
         .officer_engine
         .create(patient(VILLAGE), None, false, &|_| None)
         .unwrap();
     s.officer_engine.flush().unwrap();
-    b.merge(vec![sent(&mut s.officer_engine, id, vec![])], "a")
-        .unwrap();
+    b.merge(
+        vec![sent(&mut s.officer_engine, id, vec![])],
+        &from(&s.officer),
+    )
+    .unwrap();
     b.flush().unwrap();
     // A edits; B merges the edit into the document it holds, then edits it itself.
     let sid = id.to_string();
-    let mut r = s.officer_engine.read("Patient", &sid).unwrap().resource;
+    let mut r = s
+        .officer_engine
+        .reader()
+        .read("Patient", &sid)
+        .unwrap()
+        .resource;
     r["gender"] = json!("female");
     s.officer_engine.update("Patient", &sid, r, None).unwrap();
     s.officer_engine.flush().unwrap();
-    b.merge(vec![sent(&mut s.officer_engine, id, vec![])], "a")
-        .unwrap();
+    b.merge(
+        vec![sent(&mut s.officer_engine, id, vec![])],
+        &from(&s.officer),
+    )
+    .unwrap();
     b.flush().unwrap();
-    let mut r = b.read("Patient", &sid).unwrap().resource;
+    let mut r = b.reader().read("Patient", &sid).unwrap().resource;
     r["telecom"] = json!([{"system": "phone", "value": "+227 90 00 00 00"}]);
     b.update("Patient", &sid, r, None).unwrap();
     b.flush().unwrap();
-    let (changed, refused) = s
+    let MergeReport { changed, refused } = s
         .officer_engine
-        .merge(vec![sent(&mut b, id, vec![])], "b")
+        .merge(vec![sent(&mut b, id, vec![])], &from(&s.officer))
         .unwrap();
     s.officer_engine.flush().unwrap();
     assert_eq!(
@@ -450,6 +449,11 @@ fn an_edit_after_a_merge_is_authored_and_signed_by_this_node() {
         "{:?}",
         reasons(&s.officer_engine)
     );
-    let merged = s.officer_engine.read("Patient", &sid).unwrap().resource;
+    let merged = s
+        .officer_engine
+        .reader()
+        .read("Patient", &sid)
+        .unwrap()
+        .resource;
     assert_eq!(merged["telecom"][0]["value"], "+227 90 00 00 00");
 }

@@ -1,0 +1,545 @@
+//! The engine's core: the store, the bounded cache of live documents, staging and group commit.
+//!
+//! Writes are *staged*: a create, an update or a merge edits the document in memory and queues a
+//! store write; [`Engine::flush`] commits every queued write in one durable transaction, and only
+//! then may the caller acknowledge them. [`Engine::flush_behind`] commits on a thread of its own
+//! while the caller prepares the next batch (bulk loads, received batches).
+
+use std::collections::{HashMap, HashSet};
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+
+use automerge::{AutoCommit, ChangeHash};
+use fieldmesh_fhir_docs::openimis::OpenImis;
+use fieldmesh_fhir_docs::{DocId, IdentKey, IdentifierQuery, Resolver, document_to_json, profile};
+use fieldmesh_storage::{DocMeta, DocWrite, IndexEntries, Stats, Store, StoreError, Write};
+use fieldmesh_trust::{Policy, Trust, token_of};
+use lru::LruCache;
+use serde_json::{Map, Value};
+
+use crate::error::{CommitError, DocError, ReadError};
+use crate::events::Stored;
+use crate::identity::NodeIdentity;
+use crate::read::Reader;
+use crate::source::Source;
+
+/// Incremental chunks a document may collect before it is saved whole again.
+pub(crate) const COMPACT_AFTER_CHUNKS: u32 = 16;
+
+/// A live document with what the store knows about it.
+pub(crate) struct Live {
+    /// The document; `None` for a staged bulk-loaded or received document whose memory was
+    /// given back (it is read from the store again once committed).
+    pub doc: Option<AutoCommit>,
+    pub meta: DocMeta,
+    /// Its current index entries (writes see staged documents before they are committed).
+    pub entries: IndexEntries,
+}
+
+impl Live {
+    pub fn doc(&mut self, id: &DocId) -> Result<&mut AutoCommit, DocError> {
+        self.doc
+            .as_mut()
+            .ok_or_else(|| DocError::Missing(format!("{id} (not in memory)")))
+    }
+}
+
+/// The index entries a stored resource carries (its identities and the targets it points at),
+/// taken from the whole document.
+pub fn entries_of_json(json: &Map<String, Value>) -> IndexEntries {
+    IndexEntries {
+        identifiers: fieldmesh_fhir_docs::identifiers::identifier_keys(json)
+            .into_iter()
+            .map(|k| (k.system, k.value))
+            .collect(),
+        references: fieldmesh_fhir_docs::references::targets_in(json)
+            .into_iter()
+            .map(|r| (r.ty, r.key.system, r.key.value))
+            .collect(),
+    }
+}
+
+pub(crate) fn heads_bytes(heads: &[ChangeHash]) -> Vec<[u8; 32]> {
+    heads.iter().map(|h| h.0).collect()
+}
+
+/// What a staged document write was, for the event stream.
+pub(crate) struct StagedDoc {
+    pub id: DocId,
+    pub ty: String,
+    pub source: Source,
+}
+
+/// A commit running on a thread of its own, and what its document writes were.
+type Behind = (
+    std::thread::JoinHandle<Result<Vec<u64>, StoreError>>,
+    Vec<Option<StagedDoc>>,
+);
+
+/// The engine. See the crate docs.
+pub struct Engine {
+    pub(crate) store: Arc<dyn Store>,
+    /// Documents of the batch being committed in the background.
+    pub(crate) in_flight: HashMap<DocId, Live>,
+    /// That commit, and what its document writes were.
+    behind: Option<Behind>,
+    pub(crate) me: NodeIdentity,
+    pub(crate) policy: Box<dyn Policy + Send>,
+    cache: LruCache<DocId, Live>,
+    /// Documents changed since the last flush (never evicted before it).
+    pub(crate) dirty: HashMap<DocId, Live>,
+    pending: Vec<Write>,
+    /// For each pending write, the document write it is (for events).
+    pending_docs: Vec<Option<StagedDoc>>,
+    /// Whether written documents stay in memory (false for bulk loads).
+    pub(crate) keep_flushed: bool,
+    /// Threads that prepare received or loaded documents.
+    pub(crate) threads: usize,
+    /// Certificates and revocations known here.
+    pub(crate) trust: Trust,
+    /// Changes quarantined since start (so that a peer offering them again adds nothing).
+    pub(crate) quarantined: HashSet<[u8; 32]>,
+    /// Whether local writes are checked against this node's certificate (always, except to
+    /// play a modified, byzantine device in tests: its peers still check everything).
+    pub(crate) check_local: bool,
+    /// Documents stored since the last [`Engine::take_events`].
+    events: Vec<Stored>,
+    reader: Reader,
+}
+
+impl Engine {
+    /// An engine over `store` keeping up to `cache_documents` live documents.
+    pub fn new(store: Box<dyn Store>, me: NodeIdentity, cache_documents: usize) -> Self {
+        let store: Arc<dyn Store> = Arc::from(store);
+        let trust = Trust::new(me.root);
+        let mut engine = Self {
+            trust,
+            quarantined: HashSet::new(),
+            check_local: true,
+            reader: Reader::new(Arc::clone(&store), cache_documents),
+            store,
+            in_flight: HashMap::new(),
+            behind: None,
+            me,
+            policy: Box::new(OpenImis),
+            cache: LruCache::new(NonZeroUsize::new(cache_documents).unwrap_or(NonZeroUsize::MIN)),
+            dirty: HashMap::new(),
+            pending: Vec::new(),
+            pending_docs: Vec::new(),
+            keep_flushed: true,
+            threads: std::thread::available_parallelism().map_or(1, NonZeroUsize::get),
+            events: Vec::new(),
+        };
+        if let Err(e) = engine.load_trust() {
+            tracing::error!(error = %e, "cannot read the certificates in the store");
+        }
+        engine
+    }
+
+    /// Reads every certificate and revocation document of the store into the trust state.
+    fn load_trust(&mut self) -> Result<(), ReadError> {
+        for id in self.store.of_type("Basic")? {
+            let Some(bytes) = self.store.doc_bytes(&id)? else {
+                continue;
+            };
+            let json = document_to_json(&AutoCommit::load(&bytes)?)?;
+            if let Some(token) = token_of(&json)
+                && let Err(e) = self.trust.add_token(token)
+            {
+                tracing::warn!(doc = %uuid::Uuid::from_bytes(id), error = %e, "ignored a trust document");
+            }
+        }
+        Ok(())
+    }
+
+    /// A handle for reads and searches of committed (durable) data, usable from other threads
+    /// while this engine writes.
+    pub fn reader(&self) -> Reader {
+        self.reader.clone()
+    }
+
+    /// Sets this node's clock (simulations): its changes are dated `t` and its certificate is
+    /// checked at `t`.
+    pub fn set_clock(&mut self, t: i64) {
+        self.me.clock = Some(t);
+    }
+
+    /// This node's identity.
+    pub fn identity(&self) -> &NodeIdentity {
+        &self.me
+    }
+
+    /// Ends the engine as a crash would: writes staged but not yet committed are lost (what was
+    /// acknowledged is already in the store).
+    pub fn crash(mut self) {
+        let _ = self.wait_behind();
+        self.pending.clear();
+        self.pending_docs.clear();
+        self.dirty.clear();
+    }
+
+    /// Stops checking local writes against this node's certificate: the node then behaves like
+    /// a modified device that writes what it likes (its peers still refuse it). For tests only.
+    pub fn play_byzantine(&mut self) {
+        self.check_local = false;
+    }
+
+    /// The trust state (certificates and revocations known here).
+    pub fn trust(&self) -> &Trust {
+        &self.trust
+    }
+
+    /// This node's standing, for `/status`: the root, whether it may write (and as what, where),
+    /// and how many certificates and revocations it knows.
+    pub fn trust_summary(&self) -> Value {
+        let held = self.trust.revocations_held();
+        let me = self.me.public();
+        let (certs, revs) = self.trust.all();
+        let standing = match self.trust.authority(&me, self.me.time(), held) {
+            Ok(a) => serde_json::json!({
+                "certified": true,
+                "roles": a.roles.iter().map(|r| r.name()).collect::<Vec<_>>(),
+                "scope": a.scope,
+            }),
+            Err(why) => serde_json::json!({"certified": false, "why": why.to_string()}),
+        };
+        serde_json::json!({
+            "root": hex::encode(self.trust.root()),
+            "this_node": standing,
+            "certificates": certs.len(),
+            "revocations": revs.len(),
+        })
+    }
+
+    /// Whether `source` may hand in more than certificates: it is this node or a file, or a
+    /// peer holding a certificate that no known revocation revokes.
+    ///
+    /// This decides only whom to serve and whose documents to take; it does not read this
+    /// node's clock (a device whose clock is wrong would otherwise cut itself off). Every change
+    /// is still checked against its author's certificate at the change's time.
+    pub fn certified(&self, source: &Source) -> bool {
+        match source {
+            Source::Peer(k) => {
+                k.0 == *self.trust.root()
+                    || (!self.trust.certificates(&k.0).is_empty()
+                        && self.trust.revoked(&k.0, u32::MAX).is_none())
+            }
+            Source::Local | Source::File(_) => true,
+        }
+    }
+
+    /// Adds the token a trust document carries; forgets every checkpoint when it is new, so that
+    /// changes refused before are offered again and decided anew.
+    pub(crate) fn learn(&mut self, json: &Map<String, Value>) {
+        if let Some(token) = token_of(json) {
+            self.learn_token(token);
+        }
+    }
+
+    pub(crate) fn learn_token(&mut self, token: &str) {
+        match self.trust.add_token(token) {
+            Ok(true) => {
+                tracing::info!("learned a new certificate or revocation");
+                self.push(Write::ForgetCheckpoints, None);
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "a trust document carries an invalid token"),
+        }
+    }
+
+    /// Whether written documents stay in memory (turn off for bulk loads).
+    pub fn set_keep_flushed(&mut self, keep: bool) {
+        self.keep_flushed = keep;
+    }
+
+    /// The store's counters (committed state).
+    pub fn stats(&self) -> Result<Stats, StoreError> {
+        self.store.stats()
+    }
+
+    /// The store (for checks and tools).
+    pub fn store(&self) -> &dyn Store {
+        self.store.as_ref()
+    }
+
+    /// Number of staged writes.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// What was stored since the last call, by source, once durable.
+    pub fn take_events(&mut self) -> Vec<Stored> {
+        std::mem::take(&mut self.events)
+    }
+
+    pub(crate) fn push(&mut self, write: Write, doc: Option<StagedDoc>) {
+        self.pending.push(write);
+        self.pending_docs.push(doc);
+    }
+
+    fn note_stored(&mut self, seqs: &[u64], docs: Vec<Option<StagedDoc>>) {
+        for (seq, d) in seqs.iter().zip(docs) {
+            let Some(d) = d else { continue };
+            match self.events.last_mut() {
+                Some(e) if e.source == d.source => {
+                    e.seq = e.seq.max(*seq);
+                    e.docs.push((d.id, d.ty));
+                }
+                _ => self.events.push(Stored {
+                    source: d.source,
+                    seq: *seq,
+                    docs: vec![(d.id, d.ty)],
+                }),
+            }
+        }
+    }
+
+    /// Commits every staged write durably. On failure nothing staged is kept: the affected
+    /// documents are dropped from memory and read again from disk when next needed.
+    pub fn flush(&mut self) -> Result<usize, CommitError> {
+        self.wait_behind()?;
+        if self.pending.is_empty() {
+            return Ok(0);
+        }
+        let writes = std::mem::take(&mut self.pending);
+        let docs = std::mem::take(&mut self.pending_docs);
+        let n = writes.len();
+        match self.store.commit(writes) {
+            Ok(seqs) => {
+                let last = seqs.iter().copied().max().unwrap_or_default();
+                for (id, mut live) in self.dirty.drain() {
+                    live.meta.seq = last;
+                    if self.keep_flushed && live.doc.is_some() {
+                        self.cache.put(id, live);
+                    }
+                }
+                self.note_stored(&seqs, docs);
+                Ok(n)
+            }
+            Err(e) => {
+                self.dirty.clear();
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Starts committing every staged write on a thread of its own and returns at once, so the
+    /// next batch can be prepared meanwhile. At most one batch is in flight; nothing is
+    /// acknowledged until [`Engine::flush`] (or the next call) has waited for it.
+    pub fn flush_behind(&mut self) -> Result<(), CommitError> {
+        self.wait_behind()?;
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let writes = std::mem::take(&mut self.pending);
+        let docs = std::mem::take(&mut self.pending_docs);
+        self.in_flight = std::mem::take(&mut self.dirty);
+        let store = Arc::clone(&self.store);
+        let handle = std::thread::Builder::new()
+            .name("fieldmesh-commit".into())
+            .spawn(move || store.commit(writes))
+            .map_err(|e| CommitError::Thread(format!("cannot start a commit thread: {e}")))?;
+        self.behind = Some((handle, docs));
+        Ok(())
+    }
+
+    /// Waits for the background commit, if any.
+    pub(crate) fn wait_behind(&mut self) -> Result<(), CommitError> {
+        let Some((handle, docs)) = self.behind.take() else {
+            return Ok(());
+        };
+        let result = handle
+            .join()
+            .map_err(|_| CommitError::Thread("the commit thread panicked".into()))?;
+        let in_flight = std::mem::take(&mut self.in_flight);
+        let seqs = result?;
+        self.note_stored(&seqs, docs);
+        if self.keep_flushed {
+            for (id, live) in in_flight {
+                if live.doc.is_some() {
+                    self.cache.put(id, live);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn meta_of(&self, id: &DocId) -> Result<Option<DocMeta>, StoreError> {
+        if let Some(l) = self
+            .dirty
+            .get(id)
+            .or_else(|| self.in_flight.get(id))
+            .or_else(|| self.cache.peek(id))
+        {
+            return Ok(Some(l.meta.clone()));
+        }
+        self.store.doc_meta(id.as_bytes())
+    }
+
+    /// Takes a document out of memory or the store, for editing or reading.
+    pub(crate) fn take(&mut self, id: &DocId) -> Result<Option<Live>, ReadError> {
+        if self.in_flight.contains_key(id) {
+            self.wait_behind()?;
+        }
+        if self.dirty.get(id).is_some_and(|l| l.doc.is_none()) {
+            // A bulk-loaded or received document no longer in memory: commit it, then read it
+            // back.
+            self.flush()?;
+        }
+        if let Some(l) = self.dirty.remove(id) {
+            return Ok(Some(l));
+        }
+        if let Some(l) = self.cache.pop(id) {
+            return Ok(Some(l));
+        }
+        let Some(meta) = self.store.doc_meta(id.as_bytes())? else {
+            return Ok(None);
+        };
+        let bytes = self
+            .store
+            .doc_bytes(id.as_bytes())?
+            .ok_or_else(|| DocError::Missing(id.to_string()))?;
+        let doc = AutoCommit::load(&bytes)?.with_actor(self.me.actor.clone());
+        let entries = entries_of_json(&document_to_json(&doc)?);
+        Ok(Some(Live {
+            doc: Some(doc),
+            meta,
+            entries,
+        }))
+    }
+
+    /// Puts a document back after using it.
+    pub(crate) fn put_back(&mut self, id: DocId, live: Live, dirty: bool) {
+        if dirty {
+            self.dirty.insert(id, live);
+        } else {
+            self.cache.put(id, live);
+        }
+    }
+
+    /// Runs `f` on the live document `id` of type `ty`, then puts it back where it was.
+    pub(crate) fn with_doc<T>(
+        &mut self,
+        ty: &str,
+        id: &str,
+        f: impl FnOnce(&Self, &DocId, &mut Live) -> Result<T, ReadError>,
+    ) -> Result<T, ReadError> {
+        let not_found = || ReadError::NotFound {
+            ty: ty.into(),
+            id: id.into(),
+        };
+        if !profile::is_supported(ty) {
+            return Err(ReadError::Unsupported(ty.into()));
+        }
+        let doc_id = DocId::parse(id).ok_or_else(not_found)?;
+        let mut live = self.take(&doc_id)?.ok_or_else(not_found)?;
+        let was_dirty = self.has_pending_write(&doc_id);
+        let result = if live.meta.ty == ty {
+            f(self, &doc_id, &mut live)
+        } else {
+            Err(not_found())
+        };
+        self.put_back(doc_id, live, was_dirty);
+        result
+    }
+
+    /// Queues the store write of a document's current state.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn stage(
+        &mut self,
+        id: &DocId,
+        meta: &DocMeta,
+        entries: &IndexEntries,
+        data: fieldmesh_storage::DocData,
+        previous: IndexEntries,
+        envelopes: Vec<u8>,
+        source: Source,
+    ) {
+        let staged = StagedDoc {
+            id: *id,
+            ty: meta.ty.clone(),
+            source,
+        };
+        self.push(
+            Write::Doc(DocWrite {
+                envelopes,
+                id: *id.as_bytes(),
+                ty: meta.ty.clone(),
+                origin: meta.origin.clone(),
+                data,
+                heads: meta.heads.clone(),
+                updated: meta.updated,
+                identifiers: entries.identifiers.clone(),
+                references: entries.references.clone(),
+                previous,
+            }),
+            Some(staged),
+        );
+    }
+
+    /// Whether a taken document still has a write waiting for the next flush.
+    pub(crate) fn has_pending_write(&self, id: &DocId) -> bool {
+        self.pending
+            .iter()
+            .any(|w| matches!(w, Write::Doc(d) if d.id == *id.as_bytes()))
+    }
+
+    /// Document ids of type `ty` matching an identifier query, committed and staged (what a
+    /// write resolves references against).
+    pub(crate) fn find_ids(
+        &self,
+        ty: &str,
+        query: &IdentifierQuery,
+    ) -> Result<Vec<DocId>, StoreError> {
+        let mut ids: Vec<DocId> = match query {
+            IdentifierQuery::Exact(k) => self.store.find(ty, &k.system, &k.value)?,
+            IdentifierQuery::ValueOnly(v) => self.store.find_value(ty, v)?,
+        }
+        .into_iter()
+        .map(|b| DocId(uuid::Uuid::from_bytes(b)))
+        .collect();
+        for (id, live) in self.dirty.iter().chain(&self.in_flight) {
+            let hit = live.meta.ty == ty
+                && live.entries.identifiers.iter().any(|(s, v)| match query {
+                    IdentifierQuery::Exact(k) => *s == k.system && *v == k.value,
+                    IdentifierQuery::ValueOnly(val) => v == val,
+                });
+            if hit && !ids.contains(id) {
+                ids.push(*id);
+            }
+        }
+        Ok(ids)
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if let Err(e) = self.wait_behind() {
+            tracing::error!(error = %e, "a background commit failed while the engine closed");
+        }
+    }
+}
+
+/// References a write makes resolve against what this node holds, staged documents included.
+impl Resolver for Engine {
+    fn local(&self, ty: &str, id: &str) -> Option<IdentKey> {
+        let doc_id = DocId::parse(id)?;
+        let meta = self.meta_of(&doc_id).ok()??;
+        (meta.ty == ty).then(|| IdentKey::new(meta.origin, id))
+    }
+
+    fn find(&self, ty: &str, key: &IdentKey) -> Option<String> {
+        let mut ids = self
+            .find_ids(ty, &IdentifierQuery::Exact(key.clone()))
+            .ok()?;
+        if ids.is_empty() && uuid::Uuid::parse_str(&key.value).is_ok() {
+            // A reference made by id before its target arrived names the referring node's
+            // system; the id is a UUID, unique whatever system created it.
+            ids = self
+                .find_ids(ty, &IdentifierQuery::ValueOnly(key.value.clone()))
+                .ok()?;
+        }
+        // A duplicate registration shows its first (oldest id) copy; both stay readable by id.
+        ids.into_iter().min().map(|id| id.to_string())
+    }
+}

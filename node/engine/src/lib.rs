@@ -1,0 +1,50 @@
+//! The fieldmesh document engine: FHIR resources in, signed Automerge documents in the store,
+//! FHIR resources out. Synchronous: no async runtime, no network, no HTTP; the node runs it on a
+//! thread of its own, the simulation calls it directly.
+//!
+//! # Layout
+//!
+//! - [`core`]: the [`Engine`] itself: the store, a bounded cache of live documents (a live
+//!   Automerge document costs ~20× its saved size), staging and group commit
+//!   ([`Engine::flush`], [`Engine::flush_behind`]).
+//! - [`write`]: local creates and updates: validated, references translated, checked against this
+//!   node's own certificate, signed.
+//! - [`load`]: bulk loads, prepared on every core.
+//! - [`receive`]: documents from peers and files: every new change checked before it is applied,
+//!   refused changes quarantined.
+//! - [`serve`]: what a sync session starts from, the documents it sends, its checkpoint.
+//! - [`sync`]: carrying out a session's steps against an engine, synchronously.
+//! - [`read`]: [`Reader`], reads and searches of committed data, off the write path.
+//! - [`check`]: the index check of `fieldmesh check`.
+//! - [`events`]: what was stored, by source, once durable.
+//! - [`source`]: [`Source`], where a change comes from; [`identity`]: who this node is and its
+//!   clock; [`error`]: one error enum per operation.
+//!
+//! The feature `test-support` adds [`test_support`]: certificate builders, forged documents and
+//! in-memory sessions between engines, for tests, benchmarks and the simulation.
+
+pub mod check;
+pub mod core;
+pub mod error;
+pub mod events;
+pub mod identity;
+pub mod load;
+pub mod read;
+pub mod receive;
+pub mod serve;
+pub mod source;
+pub mod sync;
+#[cfg(feature = "test-support")]
+pub mod test_support;
+pub mod write;
+
+pub use crate::core::{Engine, entries_of_json};
+pub use error::{CommitError, DocError, MergeError, ReadError, Refusal, SyncError, WriteError};
+pub use events::Stored;
+pub use identity::{NodeIdentity, now};
+pub use load::{par_map, parse_json};
+pub use read::{Reader, Served};
+pub use receive::MergeReport;
+pub use source::Source;
+pub use sync::{StepError, carry_out, carry_out_with};
+pub use write::Outcome;

@@ -1,0 +1,208 @@
+//! Bulk loads: many local creates prepared on every core at once.
+//!
+//! `fieldmesh load` hands the engine NDJSON lines in batches; each batch is prepared on every core
+//! (parse, validate, translate references against a read-only view of the store plus what is
+//! staged, check against this node's certificate, build, sign and encode the Automerge document),
+//! staged in order, and committed on a background thread while the next batch is prepared.
+
+use std::collections::HashMap;
+use std::num::NonZeroUsize;
+
+use fieldmesh_fhir_docs::{DocId, IdentKey, Resolver, ValidationError, new_document, prepare};
+use fieldmesh_storage::{DocMeta, Store};
+use fieldmesh_trust::{Policy, Trust, token_of};
+use serde_json::Value;
+
+use crate::Engine;
+use crate::core::{Live, heads_bytes};
+use crate::error::WriteError;
+use crate::identity::NodeIdentity;
+use crate::receive::PreparedDoc;
+use crate::source::Source;
+use crate::write::{authorize, entries_of, sign_heads};
+
+/// Parses a JSON body into a resource, naming where it breaks.
+pub fn parse_json(body: &[u8]) -> Result<Value, ValidationError> {
+    serde_json::from_slice::<Value>(body).map_err(|e| {
+        ValidationError::one(
+            "(body)",
+            format!(
+                "is not valid JSON: {e} (line {}, column {})",
+                e.line(),
+                e.column()
+            ),
+        )
+    })
+}
+
+/// Maps `f` over `items` on `threads` threads and returns the results in order, or `None` if a
+/// thread panicked. Work is taken in small slices from a shared counter, so that a thread that
+/// drew heavy items (Contracts) does not leave the others idle.
+pub fn par_map<T: Sync, R: Send>(
+    items: &[T],
+    threads: usize,
+    f: impl Fn(&T) -> R + Sync,
+) -> Option<Vec<R>> {
+    const SLICE: usize = 16;
+    let threads = threads.clamp(1, 16).min(items.len().div_ceil(SLICE).max(1));
+    if threads == 1 {
+        return Some(items.iter().map(f).collect());
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut slices: Vec<(usize, Vec<R>)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                let (next, f) = (&next, &f);
+                scope.spawn(move || {
+                    let mut done = Vec::new();
+                    loop {
+                        let start = next.fetch_add(SLICE, std::sync::atomic::Ordering::Relaxed);
+                        if start >= items.len() {
+                            break done;
+                        }
+                        let end = (start + SLICE).min(items.len());
+                        done.push((start, items[start..end].iter().map(f).collect()));
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_default())
+            .collect()
+    });
+    slices.sort_by_key(|(start, _)| *start);
+    let out: Vec<R> = slices.into_iter().flat_map(|(_, r)| r).collect();
+    (out.len() == items.len()).then_some(out)
+}
+
+/// Read-only reference resolution for parallel preparation: the store plus the documents staged
+/// but not yet committed.
+struct View<'a> {
+    store: &'a dyn Store,
+    staged: &'a HashMap<DocId, Live>,
+    in_flight: &'a HashMap<DocId, Live>,
+}
+
+impl View<'_> {
+    fn staged(&self, id: &DocId) -> Option<&Live> {
+        self.staged.get(id).or_else(|| self.in_flight.get(id))
+    }
+}
+
+impl Resolver for View<'_> {
+    fn local(&self, ty: &str, id: &str) -> Option<IdentKey> {
+        let doc_id = DocId::parse(id)?;
+        let (t, origin) = match self.staged(&doc_id) {
+            Some(l) => (l.meta.ty.clone(), l.meta.origin.clone()),
+            None => {
+                let m = self.store.doc_meta(doc_id.as_bytes()).ok()??;
+                (m.ty, m.origin)
+            }
+        };
+        (t == ty).then(|| IdentKey::new(origin, id))
+    }
+
+    fn find(&self, ty: &str, key: &IdentKey) -> Option<String> {
+        let mut ids = self.store.find(ty, &key.system, &key.value).ok()?;
+        if ids.is_empty() && uuid::Uuid::parse_str(&key.value).is_ok() {
+            ids = self.store.find_value(ty, &key.value).ok()?;
+        }
+        ids.into_iter()
+            .min()
+            .map(|b| uuid::Uuid::from_bytes(b).to_string())
+    }
+}
+
+/// Prepares one NDJSON line as a new document (validation, reference translation, authority,
+/// Automerge, signature, encoding).
+fn prepare_line(
+    view: &View<'_>,
+    me: &NodeIdentity,
+    trust: &Trust,
+    policy: Option<&dyn Policy>,
+    line: &str,
+) -> Result<PreparedDoc, WriteError> {
+    let resource = parse_json(line.as_bytes())?;
+    let id = match resource
+        .get("id")
+        .and_then(Value::as_str)
+        .and_then(DocId::parse)
+    {
+        Some(given)
+            if view.staged(&given).is_none()
+                && view.store.doc_meta(given.as_bytes())?.is_none() =>
+        {
+            given
+        }
+        _ => DocId::new(),
+    };
+    let prepared = prepare(resource, None, &me.system, &id, view, &|_| None)?;
+    if let Some(policy) = policy {
+        authorize(trust, policy, me, &prepared.ty, None, &prepared.json)?;
+    }
+    let mut doc = new_document(&prepared.json, me.actor.clone(), me.time())?;
+    let envelopes = sign_heads(me, trust, &mut doc);
+    Ok(PreparedDoc {
+        envelopes,
+        token: token_of(&prepared.json).map(String::from),
+        id,
+        meta: DocMeta {
+            ty: prepared.ty.clone(),
+            origin: me.system.clone(),
+            chunks: 1,
+            seq: 0,
+            heads: heads_bytes(&doc.get_heads()),
+            updated: me.time(),
+        },
+        entries: entries_of(&prepared),
+        bytes: fieldmesh_storage::codec::encode(&doc.save_nocompress())?,
+    })
+}
+
+impl Engine {
+    /// Creates one resource per NDJSON line, preparing them on `threads` threads at once, and
+    /// stages them in order (bulk loads: the documents do not stay in memory). Returns one result
+    /// per line.
+    pub fn create_lines(
+        &mut self,
+        lines: &[String],
+        threads: usize,
+    ) -> Vec<Result<DocId, WriteError>> {
+        let prepared: Vec<Result<PreparedDoc, WriteError>> = {
+            let view = View {
+                store: self.store.as_ref(),
+                staged: &self.dirty,
+                in_flight: &self.in_flight,
+            };
+            let policy: Option<&dyn Policy> = self.check_local.then_some(self.policy.as_ref());
+            let (me, trust) = (&self.me, &self.trust);
+            let threads = NonZeroUsize::new(threads).map_or(1, NonZeroUsize::get);
+            match par_map(lines, threads, |l| {
+                prepare_line(&view, me, trust, policy, l)
+            }) {
+                Some(out) => out,
+                None => {
+                    return lines.iter().map(|_| Err(WriteError::Thread)).collect();
+                }
+            }
+        };
+        prepared
+            .into_iter()
+            .zip(lines)
+            .map(|(p, line)| match p {
+                // Two lines of one batch claimed the same id: prepare the later one again.
+                Ok(p) if self.dirty.contains_key(&p.id) || self.in_flight.contains_key(&p.id) => {
+                    let resource = parse_json(line.as_bytes())?;
+                    self.create(resource, None, false, &|_| None)
+                }
+                Ok(p) => {
+                    let id = p.id;
+                    self.stage_received(p, Source::Local);
+                    Ok(id)
+                }
+                Err(e) => Err(e),
+            })
+            .collect()
+    }
+}

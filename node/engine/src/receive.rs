@@ -1,0 +1,400 @@
+//! Documents received from peers and files: checked, merged, quarantined.
+//!
+//! Every new change is checked before it is applied (signature, certificate, capability, scope;
+//! see `fieldmesh-trust`): refused changes go to quarantine and are never applied, so never
+//! forwarded. Documents new to the node (most of a first sync) are loaded, checked and indexed on
+//! every core at once and stored as received; a payload for a document the node holds is merged
+//! into a fork first and kept only if it loads, keeps the `resourceType` and changes the heads.
+
+use std::collections::HashSet;
+
+use automerge::AutoCommit;
+use fieldmesh_fhir_docs::{DocId, document_to_json, profile};
+use fieldmesh_protocol::DocPayload;
+use fieldmesh_storage::{DocData, DocMeta, IndexEntries, Quarantined, Write};
+use fieldmesh_trust::{Policy, Rejection, Trust, check, token_of};
+use serde_json::Value;
+
+use crate::Engine;
+use crate::core::{COMPACT_AFTER_CHUNKS, Live, entries_of_json, heads_bytes};
+use crate::error::{MergeError, ReadError, Refusal};
+use crate::identity::now;
+use crate::load::par_map;
+use crate::source::Source;
+
+/// Refused changes: hash and reason.
+pub type Refused = Vec<([u8; 32], Rejection)>;
+
+/// What a merge did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MergeReport {
+    /// Documents that changed here.
+    pub changed: usize,
+    /// Documents refused whole or in part (their refused changes are in quarantine).
+    pub refused: usize,
+}
+
+/// A document prepared off the engine, ready to be staged.
+pub(crate) struct PreparedDoc {
+    pub id: DocId,
+    pub meta: DocMeta,
+    pub entries: IndexEntries,
+    pub bytes: Vec<u8>,
+    /// Signed envelopes of its changes.
+    pub envelopes: Vec<u8>,
+    /// The certificate or revocation token it carries, if it is a trust document.
+    pub token: Option<String>,
+}
+
+/// A received document new to this node, checked: what to stage (if any change was accepted)
+/// and what to quarantine.
+pub(crate) struct Received {
+    doc: Option<PreparedDoc>,
+    rejected: Refused,
+}
+
+/// Prepares a document received from a peer that this node does not hold yet: loads it (which
+/// checks its change hashes), checks every change's signature and authority, reads it, checks its
+/// type and computes its index entries.
+fn prepare_received(
+    p: &DocPayload,
+    trust: &Trust,
+    policy: &dyn Policy,
+    uncertified: Option<&str>,
+) -> Result<Received, Refusal> {
+    let id = DocId(uuid::Uuid::from_bytes(p.id));
+    let doc = AutoCommit::load(&p.data)?;
+    let json = document_to_json(&doc)?;
+    if json.get("resourceType").and_then(Value::as_str) != Some(p.ty.as_str())
+        || !profile::is_supported(&p.ty)
+    {
+        return Err(Refusal::WrongType(p.ty.clone()));
+    }
+    let checked = check(
+        trust,
+        policy,
+        &p.ty,
+        doc,
+        json,
+        None,
+        &p.envelopes,
+        uncertified,
+    )?;
+    if checked.accepted == 0 {
+        return Ok(Received {
+            doc: None,
+            rejected: checked.rejected,
+        });
+    }
+    let mut doc = checked.doc;
+    let bytes = if checked.rejected.is_empty() {
+        fieldmesh_storage::codec::encode(&p.data)
+    } else {
+        fieldmesh_storage::codec::encode(&doc.save_nocompress())
+    }
+    .map_err(|e| Refusal::Unreadable(e.into()))?;
+    let json = checked.json;
+    let entries = entries_of_json(&json);
+    let own = id.to_string();
+    let origin = entries
+        .identifiers
+        .iter()
+        .find(|(s, v)| *v == own && s.starts_with("urn:fieldmesh:"))
+        .map(|(s, _)| s.clone())
+        .unwrap_or_else(|| "urn:fieldmesh:unknown".into());
+    Ok(Received {
+        doc: Some(PreparedDoc {
+            id,
+            meta: DocMeta {
+                ty: p.ty.clone(),
+                origin,
+                chunks: 1,
+                seq: 0,
+                heads: heads_bytes(&doc.get_heads()),
+                updated: now(),
+            },
+            entries,
+            bytes,
+            envelopes: checked.envelopes,
+            token: token_of(&json).map(String::from),
+        }),
+        rejected: checked.rejected,
+    })
+}
+
+impl Engine {
+    /// Merges documents received from `from` and starts committing them in the background (the
+    /// next [`Engine::flush`] waits for it).
+    ///
+    /// Certificates and revocations in the batch are taken in before anything else, so that a
+    /// batch carrying a new device's certificate and its writes is decided as if they had come
+    /// in order. Everything else from a peer without a valid certificate is quarantined. A
+    /// payload that is not a loadable document of the type it claims is refused and nothing of
+    /// it is applied.
+    pub fn merge(
+        &mut self,
+        docs: Vec<DocPayload>,
+        from: &Source,
+    ) -> Result<MergeReport, MergeError> {
+        let (trust_docs, docs): (Vec<_>, Vec<_>) = docs.into_iter().partition(|p| p.ty == "Basic");
+        let mut report = MergeReport::default();
+        for (is_trust, batch) in [(true, trust_docs), (false, docs)] {
+            // Certificates and revocations are central's changes, checked as such whoever relays
+            // them: a new device brings its own certificate.
+            let uncertified = (!is_trust && !self.certified(from)).then(|| {
+                from.peer()
+                    .map_or_else(|| from.to_string(), |k| k.peer_id())
+            });
+            let r = self.merge_batch(batch, from, uncertified.as_deref())?;
+            report.changed += r.changed;
+            report.refused += r.refused;
+        }
+        // The commit overlaps the next batch; the engine thread waits for it before replying.
+        self.flush_behind()?;
+        Ok(report)
+    }
+
+    fn merge_batch(
+        &mut self,
+        docs: Vec<DocPayload>,
+        from: &Source,
+        uncertified: Option<&str>,
+    ) -> Result<MergeReport, MergeError> {
+        // Documents new to this node are prepared on every core; the received bytes are stored
+        // as they came, without a second save.
+        let mut fresh = Vec::new();
+        let mut known = Vec::new();
+        let mut seen = HashSet::new();
+        for p in docs {
+            let id = DocId(uuid::Uuid::from_bytes(p.id));
+            if seen.insert(id) && self.meta_of(&id)?.is_none() {
+                fresh.push(p);
+            } else {
+                known.push(p);
+            }
+        }
+        let (trust, policy) = (&self.trust, self.policy.as_ref());
+        let prepared = par_map(&fresh, self.threads, |p| {
+            prepare_received(p, trust, policy, uncertified)
+        })
+        .ok_or(MergeError::Thread)?;
+        let mut report = MergeReport::default();
+        for (p, prepared) in fresh.iter().zip(prepared) {
+            match prepared {
+                Ok(r) => {
+                    if !r.rejected.is_empty() {
+                        report.refused += 1;
+                        self.quarantine(p, from, r.rejected);
+                    }
+                    if let Some(d) = r.doc {
+                        self.stage_received(d, from.clone());
+                        report.changed += 1;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(source = %from, doc = %uuid::Uuid::from_bytes(p.id), ty = %p.ty, bytes = p.data.len(), error = %e, "refused a document");
+                    report.refused += 1;
+                }
+            }
+        }
+        if known.iter().any(|p| {
+            self.dirty
+                .contains_key(&DocId(uuid::Uuid::from_bytes(p.id)))
+        }) {
+            // The batch carried a document twice: commit the first copy before merging the next.
+            self.flush()?;
+        }
+        for p in known {
+            let id = DocId(uuid::Uuid::from_bytes(p.id));
+            match self.merge_one(id, &p, from, uncertified) {
+                Ok((doc_changed, rejected)) => {
+                    report.changed += usize::from(doc_changed);
+                    if !rejected.is_empty() {
+                        report.refused += 1;
+                        self.quarantine(&p, from, rejected);
+                    }
+                }
+                Err(MergeOne::Engine(e)) => return Err(e),
+                Err(MergeOne::Refused(e)) => {
+                    tracing::warn!(source = %from, doc = %id, ty = %p.ty, bytes = p.data.len(), error = %e, "refused a document");
+                    report.refused += 1;
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// Keeps refused changes of a payload in quarantine (once per change per run).
+    fn quarantine(&mut self, p: &DocPayload, from: &Source, rejected: Refused) {
+        let doc = uuid::Uuid::from_bytes(p.id);
+        for (hash, why) in rejected {
+            let key = if hash == [0; 32] {
+                let mut k = [0u8; 32];
+                k[..16].copy_from_slice(&p.id);
+                k
+            } else {
+                hash
+            };
+            if !self.quarantined.insert(key) {
+                continue;
+            }
+            let change = hex::encode(&hash[..6]);
+            tracing::warn!(source = %from, doc = %doc, ty = %p.ty, change = %change, reason = %why, "quarantined a change");
+            let mut data = p.data.clone();
+            data.extend_from_slice(&p.envelopes);
+            self.push(
+                Write::Quarantine(Quarantined {
+                    reason: format!("{} {doc}, change {change}: {why}", p.ty),
+                    from: from.to_string(),
+                    data,
+                }),
+                None,
+            );
+        }
+    }
+
+    /// Merges a payload into a document this node holds; returns whether it changed and the
+    /// changes refused.
+    fn merge_one(
+        &mut self,
+        id: DocId,
+        p: &DocPayload,
+        from: &Source,
+        uncertified: Option<&str>,
+    ) -> Result<(bool, Refused), MergeOne> {
+        let taken = self.take(&id).map_err(|e| match e {
+            ReadError::Store(s) => MergeOne::Engine(s.into()),
+            ReadError::Commit(c) => MergeOne::Engine(c.into()),
+            ReadError::Document(d) => MergeOne::Refused(Refusal::Unreadable(d)),
+            ReadError::NotFound { ty, .. } | ReadError::Unsupported(ty) => {
+                MergeOne::Refused(Refusal::WrongType(ty))
+            }
+        })?;
+        let Some(mut live) = taken else {
+            let r = prepare_received(p, &self.trust, self.policy.as_ref(), uncertified)
+                .map_err(MergeOne::Refused)?;
+            let changed = r.doc.is_some();
+            if let Some(d) = r.doc {
+                self.stage_received(d, from.clone());
+            }
+            return Ok((changed, r.rejected));
+        };
+        let was_dirty = self.has_pending_write(&id);
+        let result = self.merge_live(id, &mut live, p, from, uncertified);
+        let dirty = was_dirty || matches!(result, Ok((true, _)));
+        self.put_back(id, live, dirty);
+        result.map_err(MergeOne::Refused)
+    }
+
+    fn merge_live(
+        &mut self,
+        id: DocId,
+        live: &mut Live,
+        p: &DocPayload,
+        from: &Source,
+        uncertified: Option<&str>,
+    ) -> Result<(bool, Refused), Refusal> {
+        if live.meta.ty != p.ty {
+            return Err(Refusal::TypeChanged {
+                held: live.meta.ty.clone(),
+                sent: p.ty.clone(),
+            });
+        }
+        let chunks = live.meta.chunks;
+        let doc = live.doc(&id)?;
+        let before = doc.get_heads();
+        let mut probe = doc.fork();
+        if let Err(e) = probe.load_incremental(&p.data) {
+            if let automerge::AutomergeError::DuplicateSeqNumber(seq, _) = e {
+                // The author signed two different changes with one sequence number.
+                return Ok((false, vec![([0; 32], Rejection::Equivocation { seq })]));
+            }
+            return Err(e.into());
+        }
+        if probe.get_heads() == before {
+            return Ok((false, Vec::new()));
+        }
+        let json = document_to_json(&probe)?;
+        if json.get("resourceType").and_then(Value::as_str) != Some(p.ty.as_str()) {
+            return Err(Refusal::TypeChanged {
+                held: p.ty.clone(),
+                sent: json
+                    .get("resourceType")
+                    .and_then(Value::as_str)
+                    .unwrap_or("nothing")
+                    .into(),
+            });
+        }
+        let old_json = document_to_json(doc)?;
+        let checked = check(
+            &self.trust,
+            self.policy.as_ref(),
+            &p.ty,
+            probe,
+            json,
+            Some((doc, &old_json)),
+            &p.envelopes,
+            uncertified,
+        )?;
+        if checked.accepted == 0 {
+            return Ok((false, checked.rejected));
+        }
+        *doc = checked.doc;
+        // A fork gets a random actor; this node's own later edits must name its key.
+        doc.set_actor(self.me.actor.clone());
+        let (data, chunks) = if chunks >= COMPACT_AFTER_CHUNKS {
+            (DocData::Full(doc.save_nocompress()), 1)
+        } else {
+            (DocData::Append(doc.save_after(&before)), chunks + 1)
+        };
+        let heads = heads_bytes(&doc.get_heads());
+        live.meta.chunks = chunks;
+        live.meta.heads = heads;
+        live.meta.updated = self.me.time();
+        let previous = std::mem::replace(&mut live.entries, entries_of_json(&checked.json));
+        if p.ty == "Basic" {
+            self.learn(&checked.json);
+        }
+        self.stage(
+            &id,
+            &live.meta,
+            &live.entries,
+            data,
+            previous,
+            checked.envelopes,
+            from.clone(),
+        );
+        Ok((true, checked.rejected))
+    }
+
+    /// Stages a document new to this node, prepared by [`prepare_received`] or by a bulk load.
+    pub(crate) fn stage_received(&mut self, d: PreparedDoc, source: Source) {
+        if let Some(token) = &d.token {
+            self.learn_token(token);
+        }
+        self.stage(
+            &d.id,
+            &d.meta,
+            &d.entries,
+            DocData::FullEncoded(d.bytes),
+            IndexEntries::default(),
+            d.envelopes,
+            source,
+        );
+        self.dirty.insert(
+            d.id,
+            Live {
+                doc: None,
+                meta: d.meta,
+                entries: d.entries,
+            },
+        );
+    }
+}
+
+/// Why merging one document stopped: the engine failed (the whole merge fails) or the document
+/// was refused (the rest goes on).
+enum MergeOne {
+    Engine(MergeError),
+    Refused(Refusal),
+}

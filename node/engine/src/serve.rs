@@ -1,0 +1,169 @@
+//! Serving sync sessions: what a session with a peer starts from, the documents it sends, and the
+//! checkpoint it records at the end.
+
+use std::collections::HashSet;
+
+use automerge::ChangeHash;
+use fieldmesh_fhir_docs::DocId;
+use fieldmesh_protocol::{Checkpoint, DocPayload, Heads, Item, Local, Start};
+use fieldmesh_storage::{StoreError, Write};
+use fieldmesh_trust::{Envelope, PeerKey};
+
+use crate::Engine;
+use crate::error::SyncError;
+use crate::source::Source;
+
+/// Log entries read per page when listing documents.
+const PAGE: usize = 4096;
+
+impl Engine {
+    /// Every document this node holds, as `(id, heads, log sequence)`, in log order.
+    pub fn items(&self) -> Result<Vec<Item>, StoreError> {
+        let mut items = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = self.store.changes_since(after, PAGE)?;
+            let Some((last, _)) = page.last() else { break };
+            after = *last;
+            for (seq, id) in page {
+                if let Some(meta) = self.store.doc_meta(&id)? {
+                    items.push((id, meta.heads, seq));
+                }
+            }
+        }
+        Ok(items)
+    }
+
+    /// What a session with `peer` starts from (commits first): this store's id and log
+    /// position, the checkpoint recorded for the peer, and the documents it may be offered, all
+    /// taken at one instant. A peer without a valid certificate is offered only certificates and
+    /// revocations, and no checkpoint is used for it.
+    pub fn sync_start(&mut self, peer: &PeerKey, node: &str) -> Result<Start, SyncError> {
+        self.flush()?;
+        let restricted = !self.certified(&Source::Peer(*peer));
+        if restricted {
+            tracing::warn!(peer = %peer, "the peer has no valid certificate: offering it only certificates");
+        }
+        let mut items = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = self.store.changes_since(after, PAGE)?;
+            let Some((last, _)) = page.last() else { break };
+            after = *last;
+            for (seq, id) in page {
+                if let Some(meta) = self.store.doc_meta(&id)?
+                    && (!restricted || meta.ty == "Basic")
+                {
+                    items.push((id, meta.heads, seq));
+                }
+            }
+        }
+        let checkpoint = if restricted {
+            None
+        } else {
+            self.store
+                .checkpoint(&peer.peer_id())?
+                .and_then(|b| Checkpoint::from_bytes(&b))
+        };
+        Ok(Start {
+            local: Local {
+                node: node.to_string(),
+                store: self.store.store_id()?,
+                seq: self.store.stats()?.last_seq,
+                checkpoint,
+            },
+            items,
+            restricted,
+        })
+    }
+
+    /// Records the checkpoint of a completed session with `peer`, after every merge it brought
+    /// is durable.
+    pub fn record_checkpoint(
+        &mut self,
+        peer: &PeerKey,
+        checkpoint: &Checkpoint,
+    ) -> Result<(), SyncError> {
+        self.flush()?;
+        self.store.commit(vec![Write::Checkpoint {
+            peer: peer.peer_id(),
+            value: checkpoint.to_bytes(),
+        }])?;
+        Ok(())
+    }
+
+    /// The documents `wanted` as sent to `peer`: type, Automerge bytes (whole, or the changes
+    /// after the heads the peer holds) and the envelopes of the changes sent. Only certificates
+    /// and revocations for a peer without a valid certificate.
+    pub fn payloads(
+        &mut self,
+        peer: &PeerKey,
+        wanted: &[(fieldmesh_storage::DocId, Heads)],
+    ) -> Result<Vec<DocPayload>, SyncError> {
+        self.flush()?;
+        let restricted = !self.certified(&Source::Peer(*peer));
+        let mut out = Vec::with_capacity(wanted.len());
+        for (id, their_heads) in wanted {
+            let Some(meta) = self.store.doc_meta(id)? else {
+                continue;
+            };
+            if restricted && meta.ty != "Basic" {
+                continue;
+            }
+            if !their_heads.is_empty()
+                && let Some(p) = self.changes_after(id, &meta.ty, their_heads)?
+            {
+                out.push(p);
+                continue;
+            }
+            if let Some(data) = self.store.doc_bytes(id)? {
+                out.push(DocPayload {
+                    id: *id,
+                    ty: meta.ty,
+                    data,
+                    envelopes: Envelope::stored_to_wire(&self.store.envelopes(id)?, |_| true),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// The changes of `id` after `their_heads`, if this node's copy contains those heads.
+    fn changes_after(
+        &mut self,
+        id: &fieldmesh_storage::DocId,
+        ty: &str,
+        their_heads: &Heads,
+    ) -> Result<Option<DocPayload>, SyncError> {
+        let doc_id = DocId(uuid::Uuid::from_bytes(*id));
+        let Ok(Some(mut live)) = self.take(&doc_id) else {
+            return Ok(None);
+        };
+        let heads: Vec<ChangeHash> = their_heads.iter().map(|h| ChangeHash(*h)).collect();
+        let found = live.doc.as_mut().and_then(|doc| {
+            heads
+                .iter()
+                .all(|h| doc.get_change_by_hash(h).is_some())
+                .then(|| {
+                    let hashes: HashSet<[u8; 32]> = doc
+                        .get_changes_meta(&heads)
+                        .into_iter()
+                        .map(|m| m.hash.0)
+                        .collect();
+                    (doc.save_after(&heads), hashes)
+                })
+        });
+        self.put_back(doc_id, live, false);
+        let Some((data, hashes)) = found else {
+            return Ok(None);
+        };
+        let envelopes =
+            Envelope::stored_to_wire(&self.store.envelopes(id)?, |h| hashes.contains(h));
+        Ok(Some(DocPayload {
+            id: *id,
+            ty: ty.to_string(),
+            data,
+            envelopes,
+        }))
+    }
+}

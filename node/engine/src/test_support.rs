@@ -1,0 +1,144 @@
+//! Helpers for tests, benchmarks and simulations (feature `test-support`): keys, certificates,
+//! documents signed by any key, and complete sessions between two engines in memory.
+
+use fieldmesh_fhir_docs::{DocId, actor_for_key, new_document};
+use fieldmesh_protocol::{DocPayload, Driver, Role, Totals};
+use fieldmesh_storage::MemStore;
+use fieldmesh_trust::ed25519_dalek::SigningKey;
+use fieldmesh_trust::{
+    Certificate, Envelope, PeerKey, PublicKey, Revocation, certificate_resource, issue_certificate,
+    issue_revocation, revocation_resource,
+};
+use serde_json::Value;
+
+use crate::{Engine, NodeIdentity, StepError, carry_out};
+
+/// A deterministic key from a byte.
+pub fn key(n: u8) -> SigningKey {
+    SigningKey::from_bytes(&[n; 32])
+}
+
+/// The public key of `k`.
+pub fn public(k: &SigningKey) -> PublicKey {
+    k.verifying_key().to_bytes()
+}
+
+/// The peer key of `k`.
+pub fn peer(k: &SigningKey) -> PeerKey {
+    PeerKey(public(k))
+}
+
+/// An engine over an empty in-memory store for the node with key `secret`, in the deployment
+/// rooted at `root`.
+pub fn engine(secret: &[u8; 32], name: &str, root: &PublicKey) -> Engine {
+    Engine::new(
+        Box::new(MemStore::new()),
+        NodeIdentity::new(format!("urn:fieldmesh:node:{name}"), secret, *root),
+        64,
+    )
+}
+
+/// A certificate for `subject` valid from `from` to `until` (Unix seconds).
+pub fn certificate(
+    subject: &SigningKey,
+    user: &str,
+    roles: &[fieldmesh_trust::Role],
+    locations: &[&str],
+    facilities: &[&str],
+    (from, until): (i64, i64),
+) -> Certificate {
+    Certificate {
+        serial: uuid::Uuid::new_v4().to_string(),
+        subject: hex::encode(public(subject)),
+        user: user.into(),
+        roles: roles.to_vec(),
+        locations: locations.iter().map(|s| s.to_string()).collect(),
+        facilities: facilities.iter().map(|s| s.to_string()).collect(),
+        not_before: from,
+        not_after: until,
+    }
+}
+
+/// A document created by `author` at `time` holding `json`, signed by `author` whatever it may
+/// write (what a modified device could send), with the envelopes in wire form.
+pub fn forge(author: &SigningKey, json: &Value, id: DocId, time: i64) -> DocPayload {
+    let map = json.as_object().cloned().unwrap_or_default();
+    let mut doc = match new_document(&map, actor_for_key(&public(author)), time) {
+        Ok(d) => d,
+        Err(e) => panic!("test document: {e}"),
+    };
+    let envelopes: Vec<Envelope> = doc
+        .get_heads()
+        .iter()
+        .map(|h| Envelope::sign(author, h.0, 0))
+        .collect();
+    DocPayload {
+        id: *id.as_bytes(),
+        ty: json["resourceType"].as_str().unwrap_or_default().into(),
+        data: doc.save_nocompress(),
+        envelopes: Envelope::encode_wire(&envelopes),
+    }
+}
+
+/// The certificate document central (`root`) authors for `cert`, as it syncs.
+pub fn certificate_doc(root: &SigningKey, cert: &Certificate, time: i64) -> DocPayload {
+    forge(
+        root,
+        &certificate_resource(&issue_certificate(root, cert), cert),
+        DocId::new(),
+        time,
+    )
+}
+
+/// The revocation document central (`root`) authors for `rev`, as it syncs.
+pub fn revocation_doc(root: &SigningKey, rev: &Revocation, time: i64) -> DocPayload {
+    forge(
+        root,
+        &revocation_resource(&issue_revocation(root, rev), rev),
+        DocId::new(),
+        time,
+    )
+}
+
+/// One complete session between `a` (initiator, key `ka`) and `b` (key `kb`), frames passed in
+/// memory without faults. Returns both sides' totals.
+pub fn sync_pair(
+    a: &mut Engine,
+    ka: &PeerKey,
+    b: &mut Engine,
+    kb: &PeerKey,
+) -> Result<(Totals, Totals), String> {
+    let start_a = a.sync_start(kb, "a").map_err(|e| e.to_string())?;
+    let start_b = b.sync_start(ka, "b").map_err(|e| e.to_string())?;
+    let mut da = Driver::new(Role::Initiator, start_a).map_err(|e| e.to_string())?;
+    let mut db = Driver::new(Role::Responder, start_b).map_err(|e| e.to_string())?;
+    let mut to_b = Vec::new();
+    let steps = da.start().map_err(|e| e.to_string())?;
+    let err = |e: StepError| e.to_string();
+    let mut ta = carry_out(a, kb, &mut da, steps, &mut to_b).map_err(err)?;
+    let mut tb = None;
+    let mut rounds = 0;
+    while !to_b.is_empty() {
+        rounds += 1;
+        if rounds > 10_000 {
+            return Err("the session does not end".into());
+        }
+        let mut to_a = Vec::new();
+        for f in std::mem::take(&mut to_b) {
+            let steps = db.receive(&f).map_err(|e| e.to_string())?;
+            if let Some(t) = carry_out(b, ka, &mut db, steps, &mut to_a).map_err(err)? {
+                tb = Some(t);
+            }
+        }
+        for f in to_a {
+            let steps = da.receive(&f).map_err(|e| e.to_string())?;
+            if let Some(t) = carry_out(a, kb, &mut da, steps, &mut to_b).map_err(err)? {
+                ta = Some(t);
+            }
+        }
+    }
+    match (ta, tb) {
+        (Some(ta), Some(tb)) => Ok((ta, tb)),
+        _ => Err("the session stopped before it was complete".into()),
+    }
+}

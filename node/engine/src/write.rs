@@ -1,0 +1,298 @@
+//! Local writes: create and update, checked against this node's own certificate and signed.
+//!
+//! A write is validated (openIMIS profile), its references translated to logical ones, checked
+//! against this node's certificate (403 before anything is written), turned into one Automerge
+//! change by this node's key, signed, and staged. The caller commits ([`Engine::flush`]) before it
+//! acknowledges.
+
+use automerge::AutoCommit;
+use fieldmesh_fhir_docs::resource::format_instant;
+use fieldmesh_fhir_docs::{
+    DocId, Prepared, ValidationError, apply_diff, document_to_json, new_document, prepare, profile,
+    render, version_id,
+};
+use fieldmesh_storage::{DocData, DocMeta, IndexEntries};
+use fieldmesh_trust::{Envelope, Policy, Trust};
+use serde_json::{Map, Value};
+
+use crate::Engine;
+use crate::core::{COMPACT_AFTER_CHUNKS, Live, heads_bytes};
+use crate::error::{ReadError, WriteError};
+use crate::identity::NodeIdentity;
+use crate::read::Served;
+use crate::source::Source;
+
+/// What a write did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A new resource.
+    Created,
+    /// An existing resource changed.
+    Updated,
+    /// The update changed nothing.
+    Unchanged,
+}
+
+pub(crate) fn entries_of(p: &Prepared) -> IndexEntries {
+    IndexEntries {
+        identifiers: p
+            .identifiers
+            .iter()
+            .map(|k| (k.system.clone(), k.value.clone()))
+            .collect(),
+        references: p
+            .references
+            .iter()
+            .map(|r| (r.ty.clone(), r.key.system.clone(), r.key.value.clone()))
+            .collect(),
+    }
+}
+
+/// Whether `me`'s certificate allows writing a `ty` that reads `before` and then `after`.
+pub(crate) fn authorize(
+    trust: &Trust,
+    policy: &dyn Policy,
+    me: &NodeIdentity,
+    ty: &str,
+    before: Option<&Map<String, Value>>,
+    after: &Map<String, Value>,
+) -> Result<(), WriteError> {
+    trust
+        .authority(&me.public(), me.time(), trust.revocations_held())
+        .and_then(|a| a.permits(policy, ty, before, after))
+        .map_err(WriteError::Forbidden)
+}
+
+/// Signs the change a local commit just made (the document's single head).
+pub(crate) fn sign_heads(me: &NodeIdentity, trust: &Trust, doc: &mut AutoCommit) -> Vec<u8> {
+    let seen = trust.revocations_held();
+    let mut out = Vec::new();
+    for h in doc.get_heads() {
+        Envelope::sign(&me.key, h.0, seen).encode_into(&mut out);
+    }
+    out
+}
+
+impl Engine {
+    /// Creates a resource. `bundle_ids` resolves bundle-local `urn:uuid:` references.
+    /// `keep_id` keeps the resource's own `id` as document id when it is a UUID not used here yet
+    /// (loading exported data keeps its references working).
+    pub fn create(
+        &mut self,
+        resource: Value,
+        expected_type: Option<&str>,
+        keep_id: bool,
+        bundle_ids: &dyn Fn(&str) -> Option<(String, String)>,
+    ) -> Result<DocId, WriteError> {
+        let id = match resource
+            .get("id")
+            .and_then(Value::as_str)
+            .and_then(DocId::parse)
+        {
+            Some(given) if keep_id && self.meta_of(&given)?.is_none() => given,
+            _ => DocId::new(),
+        };
+        self.create_with_id(id, resource, expected_type, bundle_ids)
+    }
+
+    fn create_with_id(
+        &mut self,
+        id: DocId,
+        resource: Value,
+        expected_type: Option<&str>,
+        bundle_ids: &dyn Fn(&str) -> Option<(String, String)>,
+    ) -> Result<DocId, WriteError> {
+        let prepared = prepare(
+            resource,
+            expected_type,
+            &self.me.system,
+            &id,
+            &*self,
+            bundle_ids,
+        )?;
+        if self.check_local {
+            authorize(
+                &self.trust,
+                self.policy.as_ref(),
+                &self.me,
+                &prepared.ty,
+                None,
+                &prepared.json,
+            )?;
+        }
+        let doc = new_document(&prepared.json, self.me.actor.clone(), self.me.time())?;
+        let ty = prepared.ty.clone();
+        let origin = self.me.system.clone();
+        if ty == "Basic" {
+            self.learn(&prepared.json);
+        }
+        self.stage_new(id, ty, origin, doc, entries_of(&prepared));
+        Ok(id)
+    }
+
+    /// Stages a document created here and keeps it staged.
+    fn stage_new(
+        &mut self,
+        id: DocId,
+        ty: String,
+        origin: String,
+        mut doc: AutoCommit,
+        entries: IndexEntries,
+    ) {
+        let meta = DocMeta {
+            ty,
+            origin,
+            chunks: 1,
+            seq: 0,
+            heads: heads_bytes(&doc.get_heads()),
+            updated: self.me.time(),
+        };
+        let envelopes = sign_heads(&self.me, &self.trust, &mut doc);
+        self.stage(
+            &id,
+            &meta,
+            &entries,
+            DocData::Full(doc.save_nocompress()),
+            IndexEntries::default(),
+            envelopes,
+            Source::Local,
+        );
+        // Bulk loads give the live document's memory back at once.
+        let doc = self.keep_flushed.then_some(doc);
+        self.dirty.insert(id, Live { doc, meta, entries });
+    }
+
+    /// Updates (or, for an unused UUID, creates) the resource `ty/id` to read as `resource`,
+    /// editing only what differs. `if_match` is the version the client last saw, if it says.
+    pub fn update(
+        &mut self,
+        ty: &str,
+        id: &str,
+        resource: Value,
+        if_match: Option<&str>,
+    ) -> Result<(DocId, Outcome), WriteError> {
+        if !profile::is_supported(ty) {
+            return Err(WriteError::Unsupported(ty.into()));
+        }
+        if let Some(body_id) = resource.get("id").and_then(Value::as_str)
+            && body_id != id
+        {
+            return Err(ValidationError::one(
+                format!("{ty}.id"),
+                format!("is {body_id:?} but the URL names {id:?}"),
+            )
+            .into());
+        }
+        let not_found = || WriteError::NotFound {
+            ty: ty.into(),
+            id: id.into(),
+        };
+        let doc_id = DocId::parse(id).ok_or_else(not_found)?;
+        let Some(mut live) = self.take(&doc_id)? else {
+            if if_match.is_some() {
+                return Err(not_found());
+            }
+            let id = self.create_with_id(doc_id, resource, Some(ty), &|_| None)?;
+            return Ok((id, Outcome::Created));
+        };
+        let was_dirty = self.has_pending_write(&doc_id);
+        let result = self.update_live(ty, &doc_id, &mut live, resource, if_match);
+        let dirty = was_dirty || matches!(result, Ok(Outcome::Updated));
+        self.put_back(doc_id, live, dirty);
+        result.map(|o| (doc_id, o))
+    }
+
+    fn update_live(
+        &mut self,
+        ty: &str,
+        doc_id: &DocId,
+        live: &mut Live,
+        resource: Value,
+        if_match: Option<&str>,
+    ) -> Result<Outcome, WriteError> {
+        if live.meta.ty != ty {
+            return Err(WriteError::TypeMismatch {
+                id: doc_id.to_string(),
+                actual: live.meta.ty.clone(),
+                asked: ty.into(),
+            });
+        }
+        if let Some(expected) = if_match {
+            let current = version_id(&live.doc(doc_id)?.get_heads());
+            if expected != current {
+                return Err(WriteError::VersionConflict {
+                    expected: expected.into(),
+                    current,
+                });
+            }
+        }
+        let prepared = prepare(
+            resource,
+            Some(ty),
+            &live.meta.origin,
+            doc_id,
+            &*self,
+            &|_| None,
+        )?;
+        let chunks = live.meta.chunks;
+        let doc = live.doc(doc_id)?;
+        let old = document_to_json(doc)?;
+        if old == prepared.json {
+            return Ok(Outcome::Unchanged);
+        }
+        if self.check_local {
+            authorize(
+                &self.trust,
+                self.policy.as_ref(),
+                &self.me,
+                ty,
+                Some(&old),
+                &prepared.json,
+            )?;
+        }
+        let heads_before = doc.get_heads();
+        if apply_diff(doc, &old, &prepared.json)? == 0 {
+            return Ok(Outcome::Unchanged);
+        }
+        doc.commit_with(automerge::transaction::CommitOptions::default().with_time(self.me.time()));
+        let envelopes = sign_heads(&self.me, &self.trust, doc);
+        let (data, chunks) = if chunks >= COMPACT_AFTER_CHUNKS {
+            (DocData::Full(doc.save_nocompress()), 1)
+        } else {
+            (DocData::Append(doc.save_after(&heads_before)), chunks + 1)
+        };
+        let heads = heads_bytes(&doc.get_heads());
+        live.meta.chunks = chunks;
+        live.meta.heads = heads;
+        live.meta.updated = self.me.time();
+        let previous = std::mem::replace(&mut live.entries, entries_of(&prepared));
+        self.stage(
+            doc_id,
+            &live.meta,
+            &live.entries,
+            data,
+            previous,
+            envelopes,
+            Source::Local,
+        );
+        Ok(Outcome::Updated)
+    }
+
+    /// The resource `ty/id` as this node holds it now, staged writes included: the answer to a
+    /// write, sent once the write is durable. Reads for clients go through [`crate::Reader`],
+    /// which sees committed data only.
+    pub fn served(&mut self, ty: &str, id: &str) -> Result<Served, ReadError> {
+        self.with_doc(ty, id, |me, doc_id, live| {
+            let doc = live.doc(doc_id)?;
+            let json = document_to_json(doc)?;
+            let version = version_id(&doc.get_heads());
+            let updated = (live.meta.updated > 0).then(|| format_instant(live.meta.updated));
+            let resource = render(json, &doc_id.to_string(), &version, updated.as_deref(), me);
+            Ok(Served {
+                id: doc_id.to_string(),
+                version,
+                resource,
+            })
+        })
+    }
+}

@@ -1,0 +1,279 @@
+//! The FHIR resource routes: create, read, update, vread, history, search, `$automerge`, and the
+//! CapabilityStatement.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use fieldmesh_engine::{Outcome, ReadError, Served, WriteError, parse_json};
+use fieldmesh_fhir_docs::resource::format_instant;
+use fieldmesh_fhir_docs::{parse_identifier_query, profile};
+use serde_json::{Value, json};
+
+use super::{ApiError, AppState, FHIR_JSON, bundle};
+use crate::engine_thread::HandleError;
+
+/// Versions a history Bundle lists, at most.
+const HISTORY_LIMIT: usize = 100;
+
+fn fhir(status: StatusCode, body: &Value, headers: &[(header::HeaderName, String)]) -> Response {
+    let mut r = (status, Json(body)).into_response();
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+    for (name, value) in headers {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            h.insert(name.clone(), v);
+        }
+    }
+    r
+}
+
+fn served(status: StatusCode, s: &Served, location: Option<String>) -> Response {
+    let mut headers = vec![(header::ETAG, format!("W/\"{}\"", s.version))];
+    if let Some(l) = location {
+        headers.push((header::LOCATION, l));
+    }
+    if let Some(t) = s
+        .resource
+        .pointer("/meta/lastUpdated")
+        .and_then(Value::as_str)
+    {
+        headers.push((header::LAST_MODIFIED, t.to_string()));
+    }
+    fhir(status, &s.resource, &headers)
+}
+
+fn check_type(ty: &str) -> Result<(), ApiError> {
+    if profile::is_supported(ty) {
+        Ok(())
+    } else {
+        Err(WriteError::Unsupported(ty.into()).into())
+    }
+}
+
+fn body_json(body: Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
+    let bytes = body.map_err(|e| ApiError::new(e.status(), "too-long", e.body_text()))?;
+    if bytes.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "required",
+            "the request has no body; send a FHIR resource as JSON",
+        ));
+    }
+    parse_json(&bytes)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "structure", e.to_string()))
+}
+
+fn base_url(headers: &HeaderMap) -> String {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("127.0.0.1");
+    format!("http://{host}/fhir")
+}
+
+/// `…/<Type>/<id>/_history/<version>`: the version just written ([`vread`] answers it).
+fn location(headers: &HeaderMap, ty: &str, s: &Served) -> String {
+    format!("{}/{ty}/{}/_history/{}", base_url(headers), s.id, s.version)
+}
+
+pub(super) async fn create(
+    State(st): State<AppState>,
+    Path(ty): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    check_type(&ty)?;
+    let json = body_json(body)?;
+    let s = st.engine.create(ty.clone(), json).await?;
+    Ok(served(
+        StatusCode::CREATED,
+        &s,
+        Some(location(&headers, &ty, &s)),
+    ))
+}
+
+pub(super) async fn read(
+    State(st): State<AppState>,
+    Path((ty, id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    check_type(&ty)?;
+    let s = st.engine.read_resource(ty, id).await?;
+    Ok(served(StatusCode::OK, &s, None))
+}
+
+pub(super) async fn vread(
+    State(st): State<AppState>,
+    Path((ty, id, vid)): Path<(String, String, String)>,
+) -> Result<Response, ApiError> {
+    check_type(&ty)?;
+    let s = st.engine.version(ty, id, vid).await?;
+    Ok(served(StatusCode::OK, &s, None))
+}
+
+pub(super) async fn update(
+    State(st): State<AppState>,
+    Path((ty, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    check_type(&ty)?;
+    let json = body_json(body)?;
+    let if_match = headers
+        .get(header::IF_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim_start_matches("W/").trim_matches('"').to_string());
+    let (s, outcome) = st.engine.update(ty.clone(), id, json, if_match).await?;
+    Ok(match outcome {
+        Outcome::Created => served(StatusCode::CREATED, &s, Some(location(&headers, &ty, &s))),
+        Outcome::Updated | Outcome::Unchanged => served(StatusCode::OK, &s, None),
+    })
+}
+
+pub(super) async fn operation(
+    State(st): State<AppState>,
+    Path((ty, id, op)): Path<(String, String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    check_type(&ty)?;
+    match op.as_str() {
+        "$automerge" => {
+            let bytes = st.engine.automerge(ty, id).await?;
+            Ok((
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, "application/octet-stream")],
+                bytes,
+            )
+                .into_response())
+        }
+        "_history" => {
+            let versions = st.engine.history(ty, id, HISTORY_LIMIT).await?;
+            Ok(fhir(
+                StatusCode::OK,
+                &bundle::history(&base_url(&headers), versions),
+                &[],
+            ))
+        }
+        _ => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not-supported",
+            format!("unknown operation {op:?}; this node offers _history and $automerge"),
+        )),
+    }
+}
+
+/// A reference search value `Type/id` (a resource this node holds).
+fn reference_value(value: &str) -> Option<(&str, &str)> {
+    let (ty, id) = value.split_once('/')?;
+    (profile::is_resource_type(ty) && !id.is_empty() && !id.contains('/')).then_some((ty, id))
+}
+
+pub(super) async fn search(
+    State(st): State<AppState>,
+    Path(ty): Path<String>,
+    headers: HeaderMap,
+    Query(params): Query<Vec<(String, String)>>,
+) -> Result<Response, ApiError> {
+    check_type(&ty)?;
+    let mut found: Option<Vec<Served>> = None;
+    for (name, value) in &params {
+        let hits = match name.as_str() {
+            "identifier" | "identifier:of-type" => {
+                let query = parse_identifier_query(value, name == "identifier:of-type").ok_or_else(|| {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "value",
+                        format!("{name}={value:?} is not a valid identifier search (use system|value, |value or value)"),
+                    )
+                })?;
+                st.engine.search(ty.clone(), query).await?
+            }
+            "_id" => match st.engine.read_resource(ty.clone(), value.clone()).await {
+                Ok(s) => vec![s],
+                Err(HandleError::Engine(ReadError::NotFound { .. })) => vec![],
+                Err(e) => return Err(e.into()),
+            },
+            "_format" | "_count" | "_summary" => continue,
+            other => match reference_value(value) {
+                Some((target_ty, target_id)) if !other.starts_with('_') => {
+                    st.engine
+                        .search_reference(
+                            ty.clone(),
+                            other.to_string(),
+                            target_ty.to_string(),
+                            target_id.to_string(),
+                        )
+                        .await?
+                }
+                _ => {
+                    return Err(ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "not-supported",
+                        format!(
+                            "search parameter {other}={value:?} is not supported; use identifier, _id, or a reference element with Type/id (e.g. patient=Patient/<id>)"
+                        ),
+                    ));
+                }
+            },
+        };
+        found = Some(match found {
+            None => hits,
+            Some(prev) => prev
+                .into_iter()
+                .filter(|p| hits.iter().any(|h| h.id == p.id))
+                .collect(),
+        });
+    }
+    let Some(found) = found else {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "required",
+            format!(
+                "search {ty} by identifier (?identifier=system|value), by _id, or by reference (?patient=Patient/<id>)"
+            ),
+        ));
+    };
+    Ok(fhir(
+        StatusCode::OK,
+        &bundle::searchset(&base_url(&headers), found),
+        &[],
+    ))
+}
+
+pub(super) async fn metadata() -> Response {
+    let resources: Vec<Value> = profile::RESOURCE_TYPES
+        .iter()
+        .map(|(ty, _)| {
+            json!({
+                "type": ty,
+                "interaction": [{"code": "read"}, {"code": "vread"}, {"code": "create"}, {"code": "update"},
+                    {"code": "history-instance"}, {"code": "search-type"}],
+                "updateCreate": true,
+                "versioning": "versioned",
+                "searchParam": [
+                    {"name": "identifier", "type": "token"},
+                    {"name": "_id", "type": "token"},
+                    {"name": "(any reference element)", "type": "reference",
+                        "documentation": "<element>=<Type>/<id>, e.g. Claim?patient=Patient/<id>"}
+                ],
+                "operation": [{"name": "automerge", "definition": "urn:fieldmesh:OperationDefinition/automerge"}]
+            })
+        })
+        .collect();
+    fhir(
+        StatusCode::OK,
+        &json!({
+            "resourceType": "CapabilityStatement",
+            "status": "active",
+            "date": format_instant(fieldmesh_engine::now()),
+            "kind": "instance",
+            "software": {"name": "fieldmesh", "version": env!("CARGO_PKG_VERSION")},
+            "fhirVersion": "4.0.1",
+            "format": ["application/fhir+json"],
+            "rest": [{"mode": "server", "resource": resources}],
+        }),
+        &[],
+    )
+}

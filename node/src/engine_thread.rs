@@ -1,0 +1,464 @@
+//! The engine on a thread of its own, behind a bounded channel, and reads beside it.
+//!
+//! HTTP handlers and sync sessions hold a cloneable [`EngineHandle`]. Writes (creates, updates,
+//! merges of received documents) and the sync bookkeeping are commands to the engine thread, each
+//! with a `oneshot` reply: the thread takes every command waiting (up to [`MAX_BATCH`]), runs them
+//! in order, commits all their writes in one durable transaction, and only then replies (group
+//! commit). Reads and searches do not queue behind writes: they run on the runtime's blocking
+//! pool against committed data ([`fieldmesh_engine::Reader`]), so they never wait for a batch and
+//! never show a write that is not yet durable.
+//!
+//! After each commit the thread publishes what was stored ([`fieldmesh_engine::Stored`]) on a
+//! broadcast channel (the network task schedules sessions from it), the store's last sequence and
+//! this node's trust standing (for `/status`).
+
+use std::thread;
+
+use fieldmesh_engine::{
+    Engine, MergeError, MergeReport, Outcome, ReadError, Reader, Served, Source, Stored, SyncError,
+    WriteError,
+};
+use fieldmesh_fhir_docs::IdentifierQuery;
+use fieldmesh_protocol::{Checkpoint, DocPayload, Heads, Start};
+use fieldmesh_storage::{Quarantined, Stats};
+use fieldmesh_trust::PeerKey;
+use serde_json::Value;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+
+/// Commands waiting for the engine thread, at most.
+pub const COMMAND_QUEUE: usize = 1024;
+/// Commands run between two commits, at most.
+pub const MAX_BATCH: usize = 512;
+/// Commits whose events a slow subscriber may lag behind before it is told it lagged.
+pub const EVENT_QUEUE: usize = 256;
+
+type Reply<T, E> = oneshot::Sender<Result<T, E>>;
+
+enum Command {
+    Create {
+        ty: String,
+        body: Value,
+        reply: Reply<Served, WriteError>,
+    },
+    Update {
+        ty: String,
+        id: String,
+        body: Value,
+        if_match: Option<String>,
+        reply: Reply<(Served, Outcome), WriteError>,
+    },
+    SyncStart {
+        peer: PeerKey,
+        node: String,
+        reply: Reply<Start, SyncError>,
+    },
+    RecordCheckpoint {
+        peer: PeerKey,
+        checkpoint: Checkpoint,
+        reply: Reply<(), SyncError>,
+    },
+    Payloads {
+        peer: PeerKey,
+        ids: Vec<([u8; 16], Heads)>,
+        reply: Reply<Vec<DocPayload>, SyncError>,
+    },
+    Merge {
+        docs: Vec<DocPayload>,
+        from: PeerKey,
+        reply: Reply<MergeReport, MergeError>,
+    },
+    /// Commit what is waiting, reply, and end the thread.
+    Stop,
+}
+
+/// The engine thread stopped (the node is shutting down or the thread failed).
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the document engine has stopped")]
+pub struct Stopped;
+
+/// An operation through the handle failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HandleError<E> {
+    /// The engine refused or failed.
+    #[error(transparent)]
+    Engine(E),
+    /// The engine thread is gone.
+    #[error(transparent)]
+    Stopped(#[from] Stopped),
+}
+
+/// A handle on the engine thread, and reads beside it.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<Command>,
+    reader: Reader,
+    events: broadcast::Sender<Stored>,
+    seq: watch::Receiver<u64>,
+    trust: watch::Receiver<Value>,
+}
+
+impl EngineHandle {
+    /// Starts the engine thread.
+    pub fn spawn(engine: Engine) -> std::io::Result<(Self, thread::JoinHandle<()>)> {
+        let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+        let (events, _) = broadcast::channel(EVENT_QUEUE);
+        let last = engine.stats().map(|s| s.last_seq).unwrap_or_default();
+        let (seq_tx, seq) = watch::channel(last);
+        let (trust_tx, trust) = watch::channel(engine.trust_summary());
+        let reader = engine.reader();
+        let publish = Publish {
+            events: events.clone(),
+            seq: seq_tx,
+            trust: trust_tx,
+        };
+        let join = thread::Builder::new()
+            .name("fieldmesh-engine".into())
+            .spawn(move || run(engine, rx, publish))?;
+        Ok((
+            Self {
+                tx,
+                reader,
+                events,
+                seq,
+                trust,
+            },
+            join,
+        ))
+    }
+
+    async fn call<T, E>(
+        &self,
+        make: impl FnOnce(Reply<T, E>) -> Command,
+    ) -> Result<T, HandleError<E>> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(make(reply)).await.map_err(|_| Stopped)?;
+        rx.await.map_err(|_| Stopped)?.map_err(HandleError::Engine)
+    }
+
+    /// Runs a read on the blocking pool.
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Reader) -> Result<T, ReadError> + Send + 'static,
+    ) -> Result<T, HandleError<ReadError>> {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || f(&reader))
+            .await
+            .map_err(|_| Stopped)?
+            .map_err(HandleError::Engine)
+    }
+
+    /// Creates a resource; answers once it is durable.
+    pub async fn create(&self, ty: String, body: Value) -> Result<Served, HandleError<WriteError>> {
+        self.call(|reply| Command::Create { ty, body, reply }).await
+    }
+
+    /// Updates a resource; answers once it is durable.
+    pub async fn update(
+        &self,
+        ty: String,
+        id: String,
+        body: Value,
+        if_match: Option<String>,
+    ) -> Result<(Served, Outcome), HandleError<WriteError>> {
+        self.call(|reply| Command::Update {
+            ty,
+            id,
+            body,
+            if_match,
+            reply,
+        })
+        .await
+    }
+
+    /// Reads a resource (committed data).
+    pub async fn read_resource(
+        &self,
+        ty: String,
+        id: String,
+    ) -> Result<Served, HandleError<ReadError>> {
+        self.read(move |r| r.read(&ty, &id)).await
+    }
+
+    /// The versions of a resource, newest first.
+    pub async fn history(
+        &self,
+        ty: String,
+        id: String,
+        limit: usize,
+    ) -> Result<Vec<Served>, HandleError<ReadError>> {
+        self.read(move |r| r.history(&ty, &id, limit)).await
+    }
+
+    /// One version of a resource.
+    pub async fn version(
+        &self,
+        ty: String,
+        id: String,
+        vid: String,
+    ) -> Result<Served, HandleError<ReadError>> {
+        self.read(move |r| r.version(&ty, &id, &vid)).await
+    }
+
+    /// The saved Automerge document of a resource.
+    pub async fn automerge(
+        &self,
+        ty: String,
+        id: String,
+    ) -> Result<Vec<u8>, HandleError<ReadError>> {
+        self.read(move |r| r.automerge_bytes(&ty, &id)).await
+    }
+
+    /// Searches by identifier.
+    pub async fn search(
+        &self,
+        ty: String,
+        query: IdentifierQuery,
+    ) -> Result<Vec<Served>, HandleError<ReadError>> {
+        self.read(move |r| r.search_identifier(&ty, &query)).await
+    }
+
+    /// Searches by reference: resources of `ty` whose `param` points at `target_ty/target_id`.
+    pub async fn search_reference(
+        &self,
+        ty: String,
+        param: String,
+        target_ty: String,
+        target_id: String,
+    ) -> Result<Vec<Served>, HandleError<ReadError>> {
+        self.read(move |r| r.search_reference(&ty, &param, &target_ty, &target_id))
+            .await
+    }
+
+    /// Store counters (committed state).
+    pub async fn stats(&self) -> Result<Stats, HandleError<ReadError>> {
+        self.read(|r| Ok(r.stats()?)).await
+    }
+
+    /// Up to `limit` quarantined changes, oldest first.
+    pub async fn quarantined(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<Quarantined>, HandleError<ReadError>> {
+        self.read(move |r| Ok(r.quarantined(limit)?)).await
+    }
+
+    /// What this node's certificates say about it (for `/status`), as of the last commit.
+    pub fn trust_summary(&self) -> Value {
+        self.trust.borrow().clone()
+    }
+
+    /// The store's last durable log sequence.
+    pub fn last_seq(&self) -> u64 {
+        *self.seq.borrow()
+    }
+
+    /// What is stored from now on, by source, once durable.
+    pub fn subscribe(&self) -> broadcast::Receiver<Stored> {
+        self.events.subscribe()
+    }
+
+    /// What a session with `peer` starts from.
+    pub async fn sync_start(
+        &self,
+        peer: PeerKey,
+        node: String,
+    ) -> Result<Start, HandleError<SyncError>> {
+        self.call(|reply| Command::SyncStart { peer, node, reply })
+            .await
+    }
+
+    /// Records the checkpoint of a completed session (after every merge before it is durable).
+    pub async fn record_checkpoint(
+        &self,
+        peer: PeerKey,
+        checkpoint: Checkpoint,
+    ) -> Result<(), HandleError<SyncError>> {
+        self.call(|reply| Command::RecordCheckpoint {
+            peer,
+            checkpoint,
+            reply,
+        })
+        .await
+    }
+
+    /// Documents to send to a peer, each after the heads the peer holds (whole if none).
+    pub async fn payloads(
+        &self,
+        peer: PeerKey,
+        ids: Vec<([u8; 16], Heads)>,
+    ) -> Result<Vec<DocPayload>, HandleError<SyncError>> {
+        self.call(|reply| Command::Payloads { peer, ids, reply })
+            .await
+    }
+
+    /// Merges documents from a peer; answers once durable.
+    pub async fn merge(
+        &self,
+        docs: Vec<DocPayload>,
+        from: PeerKey,
+    ) -> Result<MergeReport, HandleError<MergeError>> {
+        self.call(|reply| Command::Merge { docs, from, reply })
+            .await
+    }
+
+    /// Asks the engine thread to commit what is waiting and end; commands sent after this fail.
+    pub async fn stop(&self) {
+        let _ = self.tx.send(Command::Stop).await;
+    }
+}
+
+/// What the engine thread publishes after each commit.
+struct Publish {
+    events: broadcast::Sender<Stored>,
+    seq: watch::Sender<u64>,
+    trust: watch::Sender<Value>,
+}
+
+/// A reply to send after the commit: sent as is if the commit succeeded, as the commit's
+/// failure otherwise.
+enum Deferred {
+    Served(Reply<Served, WriteError>, Result<Served, WriteError>),
+    Updated(
+        Reply<(Served, Outcome), WriteError>,
+        Result<(Served, Outcome), WriteError>,
+    ),
+    Merged(
+        Reply<MergeReport, MergeError>,
+        Result<MergeReport, MergeError>,
+    ),
+}
+
+fn run(mut engine: Engine, mut rx: mpsc::Receiver<Command>, publish: Publish) {
+    let mut stop = false;
+    while !stop {
+        let Some(first) = rx.blocking_recv() else {
+            break;
+        };
+        let mut deferred = Vec::new();
+        let mut next = Some(first);
+        let mut taken = 0;
+        while let Some(cmd) = next.take() {
+            if matches!(cmd, Command::Stop) {
+                stop = true;
+                break;
+            }
+            execute(&mut engine, cmd, &mut deferred);
+            taken += 1;
+            if taken < MAX_BATCH {
+                next = rx.try_recv().ok();
+            }
+        }
+        let written = engine.pending();
+        let committed = engine.flush();
+        if written > 0 {
+            tracing::debug!(
+                writes = written,
+                commands = taken,
+                ok = committed.is_ok(),
+                "committed"
+            );
+        }
+        for d in deferred {
+            match (d, &committed) {
+                (Deferred::Served(reply, r), Ok(_)) => {
+                    let _ = reply.send(r);
+                }
+                (Deferred::Served(reply, r), Err(e)) => {
+                    let _ = reply.send(r.and(Err(WriteError::Commit(e.clone()))));
+                }
+                (Deferred::Updated(reply, r), Ok(_)) => {
+                    let _ = reply.send(r);
+                }
+                (Deferred::Updated(reply, r), Err(e)) => {
+                    let _ = reply.send(r.and(Err(WriteError::Commit(e.clone()))));
+                }
+                (Deferred::Merged(reply, r), Ok(_)) => {
+                    let _ = reply.send(r);
+                }
+                (Deferred::Merged(reply, r), Err(e)) => {
+                    let _ = reply.send(r.and(Err(MergeError::Commit(e.clone()))));
+                }
+            }
+        }
+        if let Err(e) = &committed {
+            tracing::error!(error = %e, "a commit failed; its writes were not acknowledged");
+        }
+        publish_after_commit(&mut engine, &publish);
+    }
+    if let Err(e) = engine.flush() {
+        tracing::error!(error = %e, "final commit failed");
+    }
+    publish_after_commit(&mut engine, &publish);
+}
+
+fn publish_after_commit(engine: &mut Engine, publish: &Publish) {
+    let events = engine.take_events();
+    if events.is_empty() {
+        return;
+    }
+    if let Some(max) = events.iter().map(|e| e.seq).max() {
+        publish.seq.send_if_modified(|s| {
+            let newer = max > *s;
+            *s = (*s).max(max);
+            newer
+        });
+    }
+    if events
+        .iter()
+        .any(|e| e.docs.iter().any(|(_, ty)| ty == "Basic"))
+    {
+        let _ = publish.trust.send(engine.trust_summary());
+    }
+    for e in events {
+        // No subscriber is not an error: nothing is listening yet.
+        let _ = publish.events.send(e);
+    }
+}
+
+fn execute(engine: &mut Engine, cmd: Command, deferred: &mut Vec<Deferred>) {
+    match cmd {
+        Command::Create { ty, body, reply } => {
+            let r = engine
+                .create(body, Some(&ty), false, &|_| None)
+                .and_then(|id| served(engine, &ty, &id.to_string()));
+            deferred.push(Deferred::Served(reply, r));
+        }
+        Command::Update {
+            ty,
+            id,
+            body,
+            if_match,
+            reply,
+        } => {
+            let r = engine
+                .update(&ty, &id, body, if_match.as_deref())
+                .and_then(|(doc, outcome)| Ok((served(engine, &ty, &doc.to_string())?, outcome)));
+            deferred.push(Deferred::Updated(reply, r));
+        }
+        Command::SyncStart { peer, node, reply } => {
+            let _ = reply.send(engine.sync_start(&peer, &node));
+        }
+        Command::RecordCheckpoint {
+            peer,
+            checkpoint,
+            reply,
+        } => {
+            let _ = reply.send(engine.record_checkpoint(&peer, &checkpoint));
+        }
+        Command::Payloads { peer, ids, reply } => {
+            let _ = reply.send(engine.payloads(&peer, &ids));
+        }
+        Command::Merge { docs, from, reply } => {
+            deferred.push(Deferred::Merged(
+                reply,
+                engine.merge(docs, &Source::Peer(from)),
+            ));
+        }
+        Command::Stop => {}
+    }
+}
+
+/// The resource as written, for the reply.
+fn served(engine: &mut Engine, ty: &str, id: &str) -> Result<Served, WriteError> {
+    Ok(engine.served(ty, id)?)
+}

@@ -1,0 +1,226 @@
+//! The invariants: what must hold as the world runs and at its end.
+
+use std::collections::HashMap;
+
+use fieldmesh_storage::Store as _;
+use sha2::{Digest, Sha256};
+
+use super::{Kind, World, fail};
+use crate::SimError;
+
+impl World {
+    /// Notes when tracked documents reach central or their village's other officers, and
+    /// checks that no honest node holds a forged document.
+    pub(crate) fn arrivals(&mut self, node: usize, ids: &[[u8; 16]]) {
+        let interesting = node == 0 || self.nodes[node].kind == Kind::Officer;
+        if interesting {
+            for id in ids {
+                let Some(t) = self.tracked.get(id) else {
+                    continue;
+                };
+                if t.author == node || self.arrived.contains_key(&(*id, node)) {
+                    continue;
+                }
+                let village_peer = t.village.is_some_and(|v| {
+                    self.nodes[node].kind == Kind::Officer && self.nodes[node].villages.contains(&v)
+                });
+                if (node == 0 || village_peer)
+                    && self.nodes[node].store.doc_meta(id).ok().flatten().is_some()
+                {
+                    let secs = (self.now - t.created) as f64;
+                    self.arrived.insert((*id, node), self.now);
+                    if node == 0 {
+                        self.out.latency_central.push(secs);
+                    } else {
+                        self.out.latency_village.push(secs);
+                    }
+                }
+            }
+        }
+        if !self.nodes[node].byzantine {
+            for bad in ids.iter().filter(|id| self.bad_docs.contains(*id)) {
+                if self.nodes[node]
+                    .store
+                    .doc_meta(bad)
+                    .ok()
+                    .flatten()
+                    .is_some()
+                {
+                    let v = format!(
+                        "honest {} applied forged document {} at {}",
+                        self.nodes[node].name,
+                        uuid::Uuid::from_bytes(*bad),
+                        self.now
+                    );
+                    self.out.violations.push(v);
+                }
+            }
+        }
+    }
+
+    fn digest(&mut self, i: usize) -> Result<[u8; 32], SimError> {
+        let items = self.items(i)?;
+        let mut h = Sha256::new();
+        for (id, heads) in items {
+            h.update(id);
+            for x in heads {
+                h.update(x);
+            }
+        }
+        Ok(h.finalize().into())
+    }
+
+    fn honest(&self) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|i| !self.nodes[*i].byzantine)
+            .collect()
+    }
+
+    pub(crate) fn converged(&mut self) -> Result<bool, SimError> {
+        let mut first = None;
+        for i in self.honest() {
+            let d = self.digest(i)?;
+            match first {
+                None => first = Some(d),
+                Some(f) if f != d => return Ok(false),
+                Some(_) => {}
+            }
+        }
+        Ok(true)
+    }
+
+    /// The invariants at the end.
+    pub(crate) fn finish(&mut self) -> Result<(), SimError> {
+        if self.out.converged_after.is_none() {
+            let central = self.digest(0)?;
+            let mut differ = Vec::new();
+            for i in self.honest() {
+                if self.digest(i)? != central {
+                    let docs = self.documents(i);
+                    let theirs: HashMap<[u8; 16], Vec<[u8; 32]>> =
+                        self.items(i)?.into_iter().collect();
+                    let example = self
+                        .items(0)?
+                        .into_iter()
+                        .find(|(id, h)| theirs.get(id) != Some(h))
+                        .map(|(id, h)| {
+                            format!(
+                                "; e.g. {} has {} heads on central, {} there",
+                                uuid::Uuid::from_bytes(id),
+                                h.len(),
+                                theirs.get(&id).map_or(0, Vec::len)
+                            )
+                        })
+                        .unwrap_or_default();
+                    differ.push(format!(
+                        "{} ({docs} documents{example})",
+                        self.nodes[i].name
+                    ));
+                }
+            }
+            let central_docs = self.documents(0);
+            let v = format!(
+                "honest nodes did not converge within {} rounds of full connectivity: central holds {central_docs} documents; {} differ: {}",
+                self.sc.heal_rounds,
+                differ.len(),
+                differ.join(", ")
+            );
+            self.out.violations.push(v);
+        }
+        // Nothing acknowledged is lost: every acknowledged write is on its author and on central.
+        let mut lost = Vec::new();
+        let mut ids: Vec<&[u8; 16]> = self.tracked.keys().collect();
+        ids.sort();
+        for id in ids {
+            let t = &self.tracked[id];
+            for node in [t.author, 0] {
+                if self.nodes[node].store.doc_meta(id).ok().flatten().is_none()
+                    && (node != 0 || self.out.converged_after.is_some())
+                {
+                    lost.push(format!(
+                        "{} lost on {}",
+                        uuid::Uuid::from_bytes(*id),
+                        self.nodes[node].name
+                    ));
+                }
+            }
+        }
+        if !lost.is_empty() {
+            self.out.violations.push(format!(
+                "{} acknowledged writes missing, e.g. {}",
+                lost.len(),
+                lost[0]
+            ));
+        }
+        // No honest node holds a forged document.
+        for i in self.honest() {
+            for bad in &self.bad_docs {
+                if self.nodes[i].store.doc_meta(bad).ok().flatten().is_some() {
+                    let v = format!(
+                        "honest {} holds forged {}",
+                        self.nodes[i].name,
+                        uuid::Uuid::from_bytes(*bad)
+                    );
+                    self.out.violations.push(v);
+                }
+            }
+            self.out.quarantined += self.nodes[i]
+                .store
+                .stats()
+                .map(|s| s.quarantined)
+                .unwrap_or(0);
+            if std::env::var_os("FIELDMESH_SIM_TRACE").is_some() {
+                for q in self.nodes[i].store.quarantined(10_000).unwrap_or_default() {
+                    eprintln!(
+                        "quarantine {}: {} (from {})",
+                        self.nodes[i].name, q.reason, q.from
+                    );
+                }
+            }
+        }
+        // Every reference on central resolves.
+        let dump = self.nodes[0]
+            .store
+            .index_entries()
+            .map_err(|e| fail("central", e))?;
+        let mut unresolved = Vec::new();
+        for (ty, system, value, src) in &dump.references {
+            let store = &self.nodes[0].store;
+            let found = !store.find(ty, system, value).unwrap_or_default().is_empty()
+                || (uuid::Uuid::parse_str(value).is_ok()
+                    && !store.find_value(ty, value).unwrap_or_default().is_empty());
+            if !found {
+                unresolved.push(format!(
+                    "{ty} {system}|{value} from {}",
+                    uuid::Uuid::from_bytes(*src)
+                ));
+            }
+        }
+        if !unresolved.is_empty() && self.out.converged_after.is_some() {
+            self.out.violations.push(format!(
+                "{} references on central do not resolve, e.g. {}",
+                unresolved.len(),
+                unresolved[0]
+            ));
+        }
+        // Conflicts on central among edited documents.
+        let mut edited: Vec<[u8; 16]> = self.edited.iter().copied().collect();
+        edited.sort();
+        for id in edited {
+            let sid = uuid::Uuid::from_bytes(id).to_string();
+            if let Ok(c) = self.nodes[0].engine().reader().conflicts("Patient", &sid)
+                && !c.is_empty()
+            {
+                self.out.conflicts += 1;
+            }
+        }
+        self.out.central_documents = self.documents(0);
+        let line = format!(
+            "end: central {} docs, quarantined {}, converged {:?}",
+            self.out.central_documents, self.out.quarantined, self.out.converged_after
+        );
+        self.record(line);
+        self.out.trace = hex::encode(self.trace.clone().finalize());
+        Ok(())
+    }
+}
