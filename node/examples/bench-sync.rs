@@ -11,7 +11,6 @@
 //! cargo run --release -p fieldmesh-node --example bench-sync -- [--families 1600]
 //! ```
 
-use std::collections::VecDeque;
 use std::io::BufRead;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -19,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use automerge::AutoCommit;
-use fieldmesh_protocol::{Action, DocPayload, Local, Message, Role, Session, decode, encode, pack};
+use fieldmesh_protocol::pair::{self, HostError};
+use fieldmesh_protocol::{DocPayload, Driver, Heads, Local, Message, Role, Start, decode};
 
 fn rss_kib(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -123,59 +123,55 @@ fn envelope_for(id: &[u8; 16]) -> Vec<u8> {
 
 /// documents asked for are sent as `payload(doc)` (real Automerge saves), in compressed batches.
 fn session(a: &Side, b: &Side, payload: &dyn Fn(&[u8; 16], bool) -> Vec<u8>) -> Result<Cost> {
-    let t = Instant::now();
-    let mut sa = Session::new(Role::Initiator, a.local.clone(), a.items.iter().cloned())?;
-    let mut sb = Session::new(Role::Responder, b.local.clone(), b.items.iter().cloned())?;
-    let mut cost = Cost::default();
-    let (mut to_b, mut to_a) = (VecDeque::new(), VecDeque::new());
-    let emit = |acts: Vec<Action>, q: &mut VecDeque<Vec<u8>>, cost: &mut Cost| {
-        for act in acts {
-            let msgs = match act {
-                Action::Send(m) => vec![m],
-                Action::SendDocs(ids) => pack(
-                    ids.iter()
-                        .map(|(id, heads)| DocPayload {
-                            id: *id,
-                            ty: "Patient".into(),
-                            data: payload(id, !heads.is_empty()),
-                            // One signed change per document, as the node sends it.
-                            envelopes: envelope_for(id),
-                        })
-                        .collect(),
-                ),
-                _ => vec![],
-            };
-            for m in msgs {
-                let f = encode(&m);
-                if !matches!(m, Message::Docs(_)) {
-                    cost.metadata += f.len();
-                }
-                cost.total += f.len();
-                q.push_back(f);
-            }
+    /// A side that serves `payload` for whatever it is asked and keeps nothing it receives.
+    struct Host<'a>(&'a dyn Fn(&[u8; 16], bool) -> Vec<u8>);
+    impl pair::Host for Host<'_> {
+        fn read(&mut self, wanted: &[([u8; 16], Heads)]) -> Result<Vec<DocPayload>, HostError> {
+            Ok(wanted
+                .iter()
+                .map(|(id, heads)| DocPayload {
+                    id: *id,
+                    ty: "Patient".into(),
+                    data: (self.0)(id, !heads.is_empty()),
+                    // One signed change per document, as the node sends it.
+                    envelopes: envelope_for(id),
+                })
+                .collect())
         }
-    };
-    emit(sa.start()?, &mut to_b, &mut cost);
-    let mut flights = 0;
-    while !to_b.is_empty() || !to_a.is_empty() {
-        if !to_b.is_empty() {
-            flights += 1;
-            for f in std::mem::take(&mut to_b) {
-                let acts = sb.handle(decode(&f)?)?;
-                emit(acts, &mut to_a, &mut cost);
-            }
+        fn merge(&mut self, docs: Vec<DocPayload>) -> Result<usize, HostError> {
+            Ok(docs.len())
         }
-        if !to_a.is_empty() {
-            flights += 1;
-            for f in std::mem::take(&mut to_a) {
-                let acts = sa.handle(decode(&f)?)?;
-                emit(acts, &mut to_b, &mut cost);
-            }
+        fn complete(&mut self, _: Option<fieldmesh_protocol::Checkpoint>) -> Result<(), HostError> {
+            Ok(())
         }
     }
-    anyhow::ensure!(sa.is_finished() && sb.is_finished(), "session unfinished");
-    cost.round_trips = u32::div_ceil(flights, 2);
-    cost.fast = sa.stats().fast;
+    let t = Instant::now();
+    let start = |s: &Side| Start {
+        local: s.local.clone(),
+        items: s.items.clone(),
+        restricted: false,
+    };
+    let mut da = Driver::new(Role::Initiator, start(a))?;
+    let mut db = Driver::new(Role::Responder, start(b))?;
+    let mut cost = Cost::default();
+    let mut deliver = |_: pair::Side, frame: &[u8]| {
+        if !matches!(decode(frame), Ok(Message::Docs(_))) {
+            cost.metadata += frame.len();
+        }
+        cost.total += frame.len();
+        true
+    };
+    let out = pair::run(
+        &mut da,
+        &mut Host(payload),
+        &mut db,
+        &mut Host(payload),
+        &mut deliver,
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    anyhow::ensure!(out.complete(), "session unfinished: {:?}", out.stopped);
+    cost.round_trips = out.flights.div_ceil(2);
+    cost.fast = da.totals().fast;
     cost.secs = t.elapsed().as_secs_f64();
     Ok(cost)
 }

@@ -69,6 +69,7 @@ pub async fn run_with(
         peer_id: dir.peer_id().to_string(),
     };
     let peers = PeerTable::default();
+    let announce_api = net.announce;
     let network = tokio::spawn(crate::net::run(
         dir.keypair.clone(),
         net,
@@ -85,10 +86,12 @@ pub async fn run_with(
         tracing::warn!(error = %e, "cannot record the API address in the data directory");
     }
     tracing::info!(name = %info.name, role = %info.role, peer_id = %info.peer_id, %local, "node running; FHIR API at http://{local}/fhir/");
-    println!(
-        "fieldmesh node {} ({}) serving http://{local}/fhir/",
-        info.name, info.role
-    );
+    if announce_api {
+        println!(
+            "fieldmesh node {} ({}) serving http://{local}/fhir/",
+            info.name, info.role
+        );
+    }
     let server = axum::serve(listener, router(handle.clone(), info, peers, dir.token()?));
     let mut network = network;
     let outcome = tokio::select! {

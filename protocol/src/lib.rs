@@ -8,6 +8,8 @@
 //!   documents in both directions.
 //! - [`driver`]: one session from the host's side: frames in and out, documents to read from
 //!   and merge into the store, the checkpoint once everything is durable, the totals.
+//! - [`pair`]: two sides of a session in one process, frames carried in memory (tests,
+//!   benchmarks, the simulation).
 //! - [`schedule`]: when to sync: who opens a session with whom and when, one session per pair,
 //!   nothing left behind, periodic resync, retries, redials, discovery, deadlines.
 //!
@@ -16,6 +18,7 @@
 //! memory; tests with plain function calls.
 
 pub mod driver;
+pub mod pair;
 pub mod schedule;
 pub mod session;
 pub mod wire;

@@ -4,10 +4,12 @@
 //! bounded number of round trips, and unchanged stores exchange only a few bytes.
 #![allow(clippy::unwrap_used)] // tests may panic on unexpected errors
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use fieldmesh_protocol::pair::{self, Host, HostError};
 use fieldmesh_protocol::{
-    Action, Checkpoint, DocId, DocPayload, Local, Message, Role, Session, decode, encode, pack,
+    Action, Checkpoint, DocId, DocPayload, Driver, Local, Message, Role, Session, Start, decode,
+    pack,
 };
 use proptest::prelude::*;
 use sha2::{Digest, Sha256};
@@ -111,79 +113,63 @@ struct Report {
     fast: bool,
 }
 
+/// A replica as one side of a session with `peer`.
+struct Side<'a> {
+    me: &'a mut Replica,
+    peer: String,
+}
+
+impl Host for Side<'_> {
+    fn read(&mut self, wanted: &[(DocId, Vec<[u8; 32]>)]) -> Result<Vec<DocPayload>, HostError> {
+        Ok(wanted.iter().map(|(id, _)| payload(self.me, id)).collect())
+    }
+    fn merge(&mut self, docs: Vec<DocPayload>) -> Result<usize, HostError> {
+        let n = docs.len();
+        apply(self.me, docs);
+        Ok(n)
+    }
+    fn complete(&mut self, checkpoint: Option<Checkpoint>) -> Result<(), HostError> {
+        if let Some(c) = checkpoint {
+            self.me.checkpoints.insert(self.peer.clone(), c);
+        }
+        Ok(())
+    }
+}
+
 /// Runs one session from `a` (initiator) to `b`, returning what it cost. Frames after the first
 /// `cut` are lost (the link drops); a side that finishes records its checkpoint.
 fn sync_cut(a: &mut Replica, b: &mut Replica, cut: usize) -> Report {
-    let mut sa = Session::new(Role::Initiator, a.local(&b.name), a.items()).unwrap();
-    let mut sb = Session::new(Role::Responder, b.local(&a.name), b.items()).unwrap();
-    let mut to_b: VecDeque<Vec<u8>> = VecDeque::new();
-    let mut to_a: VecDeque<Vec<u8>> = VecDeque::new();
-    let mut report = Report::default();
-    let mut flights = 0u32;
-    let mut delivered = 0;
-    let run = |actions: Vec<Action>,
-               me: &mut Replica,
-               out: &mut VecDeque<Vec<u8>>,
-               report: &mut Report| {
-        for act in actions {
-            let msgs = match act {
-                Action::Send(m) => vec![m],
-                Action::SendDocs(ids) => pack(ids.iter().map(|(id, _)| payload(me, id)).collect()),
-                Action::Apply(docs) => {
-                    apply(me, docs);
-                    vec![]
-                }
-                Action::Finished => vec![],
-            };
-            for m in msgs {
-                let f = encode(&m);
-                if !matches!(m, Message::Docs(_)) {
-                    report.metadata_bytes += f.len();
-                }
-                report.total_bytes += f.len();
-                out.push_back(f);
-            }
-        }
+    let start = |r: &Replica, peer: &str| Start {
+        local: r.local(peer),
+        items: r.items(),
+        restricted: false,
     };
-    let start = sa.start().unwrap();
-    run(start, a, &mut to_b, &mut report);
-    // Flights: everything one side sent before hearing back travels together.
-    'flights: loop {
-        let progressed = !to_b.is_empty() || !to_a.is_empty();
-        if !progressed {
-            break;
+    let mut da = Driver::new(Role::Initiator, start(a, &b.name)).unwrap();
+    let mut db = Driver::new(Role::Responder, start(b, &a.name)).unwrap();
+    let (na, nb) = (a.name.clone(), b.name.clone());
+    let mut report = Report::default();
+    let mut delivered = 0;
+    let mut deliver = |_: pair::Side, frame: &[u8]| {
+        if delivered >= cut {
+            return false;
         }
-        if !to_b.is_empty() {
-            flights += 1;
-            for f in std::mem::take(&mut to_b) {
-                if delivered >= cut {
-                    break 'flights;
-                }
-                delivered += 1;
-                let acts = sb.handle(decode(&f).unwrap()).unwrap();
-                run(acts, b, &mut to_a, &mut report);
-            }
+        delivered += 1;
+        if !matches!(decode(frame), Ok(Message::Docs(_))) {
+            report.metadata_bytes += frame.len();
         }
-        if !to_a.is_empty() {
-            flights += 1;
-            for f in std::mem::take(&mut to_a) {
-                if delivered >= cut {
-                    break 'flights;
-                }
-                delivered += 1;
-                let acts = sa.handle(decode(&f).unwrap()).unwrap();
-                run(acts, a, &mut to_b, &mut report);
-            }
-        }
-    }
-    if let Some(c) = sa.checkpoint() {
-        a.checkpoints.insert(b.name.clone(), c);
-    }
-    if let Some(c) = sb.checkpoint() {
-        b.checkpoints.insert(a.name.clone(), c);
-    }
-    report.round_trips = flights.div_ceil(2);
-    report.fast = sa.stats().fast;
+        report.total_bytes += frame.len();
+        true
+    };
+    let out = pair::run(
+        &mut da,
+        &mut Side { me: a, peer: nb },
+        &mut db,
+        &mut Side { me: b, peer: na },
+        &mut deliver,
+    )
+    .unwrap();
+    report.round_trips = out.flights.div_ceil(2);
+    report.fast = da.totals().fast || db.totals().fast;
     report
 }
 

@@ -2,7 +2,10 @@
 //!
 //! [`fieldmesh`] builds the binary once (with the same profile as the tests) and returns its path;
 //! [`Node`] initialises a data directory, starts `fieldmesh run` on a free loopback port and kills
-//! the process when dropped.
+//! the process when dropped; [`peer::TestPeer`] is a libp2p peer the tests drive frame by frame
+//! (a silent peer, an attacker).
+
+pub mod peer;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -144,6 +147,39 @@ pub fn init_uncertified(data: &Path, name: &str, role: &str) -> Result<String> {
         "--root",
         root,
     ])
+}
+
+/// Sets the `[sync]` settings of the node in `data` (seconds): the frame deadline and the period
+/// of resync with connected peers.
+pub fn set_sync(data: &Path, frame_timeout: u64, resync: u64) -> Result<()> {
+    let path = data.join("fieldmesh.toml");
+    let text = std::fs::read_to_string(&path)?;
+    let mut out = String::new();
+    for line in text.lines() {
+        let line = if line.starts_with("frame_timeout_secs") {
+            format!("frame_timeout_secs = {frame_timeout}")
+        } else if line.starts_with("resync_secs") {
+            format!("resync_secs = {resync}")
+        } else {
+            line.to_string()
+        };
+        out.push_str(&line);
+        out.push('\n');
+    }
+    anyhow::ensure!(
+        out.contains("frame_timeout_secs"),
+        "no [sync] section in {}",
+        path.display()
+    );
+    std::fs::write(&path, out)?;
+    Ok(())
+}
+
+/// Runs `fieldmesh check` on a stopped node and fails unless its store is consistent.
+pub fn check(data: &Path) -> Result<()> {
+    let out = run_ok(&["check", "--data", data.to_str().unwrap_or_default()])?;
+    anyhow::ensure!(out.contains("store is consistent"), "{out}");
+    Ok(())
 }
 
 /// The bearer token of the node in `data`.

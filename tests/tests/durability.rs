@@ -45,7 +45,8 @@ fn acknowledged_writes_survive_kill_9() -> anyhow::Result<()> {
     let (_, st) = node.get("/status")?;
     // And the node's certificate.
     assert_eq!(st["documents"], 101);
-    Ok(())
+    let (_, data) = node.terminate(10)?;
+    fieldmesh_tests::check(&data)
 }
 
 #[test]

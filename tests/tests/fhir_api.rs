@@ -236,3 +236,76 @@ fn errors_are_operation_outcomes_with_the_right_status() -> anyhow::Result<()> {
     assert_eq!((s, st["documents"].as_u64()), (200, Some(2)));
     Ok(())
 }
+
+/// A client that PUTs a resource back as the node served it (a reference to a Location the node
+/// does not hold comes back as a logical `{type, identifier}`) keeps the reference index whole:
+/// index entries come from the whole resulting document, whatever form the client used.
+#[test]
+fn a_put_of_the_resource_as_served_keeps_the_indexes_consistent() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let node = Node::start(dir.path(), "officer-1", "device")?;
+    let (status, _, created) = node.post(
+        "/fhir/Patient",
+        &json!({"resourceType": "Patient", "name": [{"family": "Hamani"}], "birthDate": "1970-07-07",
+            "address": [{"extension": [{"url": "https://openimis.github.io/openimis_fhir_r4_ig/StructureDefinition/address-location-reference",
+                "valueReference": {"reference": "Location/R1D0W0V0"}}]}]}),
+    )?;
+    assert_eq!(status, 201, "{created}");
+    let path = format!("/fhir/Patient/{}", created["id"].as_str().unwrap());
+    let (_, mut served) = node.get(&path)?;
+    let reference = &served["address"][0]["extension"][0]["valueReference"];
+    assert!(reference.get("reference").is_none(), "{reference}");
+    assert_eq!(reference["identifier"]["value"], "R1D0W0V0");
+    served["telecom"] = json!([{"system": "phone", "value": "+227 90 90 90 90"}]);
+    let (status, _, _) = node.put(&path, &served, &[])?;
+    assert_eq!(status, 200);
+    let (_, data) = node.terminate(10)?;
+    fieldmesh_tests::check(&data)
+}
+
+/// The `Location` of a write answers (vread), `_history` lists the versions, and resources are
+/// found by reference (`Claim?patient=Patient/<id>`, from the reference index).
+#[test]
+fn location_history_and_reference_search() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let node = Node::start(dir.path(), "claims-1", "device")?;
+    let (_, headers, p) = node.post("/fhir/Patient", &patient("7777777777"))?;
+    let id = p["id"].as_str().unwrap().to_string();
+    let location = header(&headers, "location").unwrap().to_string();
+    let path = location.split_once("/fhir").unwrap().1;
+    let (status, v1) = node.get(&format!("/fhir{path}"))?;
+    assert_eq!(status, 200, "{location}: {v1}");
+    assert_eq!(v1["id"], id.as_str());
+    let mut changed = v1.clone();
+    changed["gender"] = json!("other");
+    let (status, _, v2) = node.put(&format!("/fhir/Patient/{id}"), &changed, &[])?;
+    assert_eq!(status, 200);
+    // The first version is still there, as it was.
+    let (status, again) = node.get(&format!("/fhir{path}"))?;
+    assert_eq!(status, 200);
+    assert_eq!(again["gender"], "female");
+    let (status, history) = node.get(&format!("/fhir/Patient/{id}/_history"))?;
+    assert_eq!((status, history["type"].as_str()), (200, Some("history")));
+    assert_eq!(history["total"], 2);
+    assert_eq!(
+        history["entry"][0]["resource"]["meta"]["versionId"],
+        v2["meta"]["versionId"]
+    );
+    let (status, oo) = node.get(&format!("/fhir/Patient/{id}/_history/0000000000000000"))?;
+    assert_eq!(
+        (status, oo["resourceType"].as_str()),
+        (404, Some("OperationOutcome"))
+    );
+    // Two claims, one for this patient.
+    for chfid in ["7777777777", "1111111111"] {
+        let claim = json!({"resourceType": "Claim", "patient": {"reference": format!("Patient/{chfid}")},
+            "created": "2026-11-02", "billablePeriod": {"start": "2026-11-02"}});
+        assert_eq!(node.post("/fhir/Claim", &claim)?.0, 201);
+    }
+    let (status, found) = node.get(&format!("/fhir/Claim?patient=Patient/{id}"))?;
+    assert_eq!(status, 200, "{found}");
+    assert_eq!(found["total"], 1, "{found}");
+    let (_, none) = node.get(&format!("/fhir/Claim?provider=Patient/{id}"))?;
+    assert_eq!(none["total"], 0, "the element must match too");
+    Ok(())
+}

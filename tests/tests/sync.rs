@@ -1,6 +1,7 @@
 //! Peer-to-peer sync between real `fieldmesh` processes over libp2p on loopback.
 #![allow(clippy::unwrap_used)] // tests may panic on unexpected errors
 
+use fieldmesh_tests::peer::TestPeer;
 use fieldmesh_tests::{Node, run_ok};
 use serde_json::{Value, json};
 
@@ -69,6 +70,9 @@ fn a_thousand_resources_reach_the_other_node() -> anyhow::Result<()> {
     let (_, st) = b.get("/status")?;
     assert_eq!(st["peers"], 1);
     assert!(st["connected_peers"][0]["docs_received"].as_u64().unwrap() >= total);
+    for n in [a, b] {
+        fieldmesh_tests::check(&n.terminate(10)?.1)?;
+    }
     Ok(())
 }
 
@@ -101,6 +105,9 @@ fn a_change_crosses_a_hub_between_phones_that_never_meet() -> anyhow::Result<()>
         .collect();
     assert_eq!(peers.len(), 1);
     assert!(hub.p2p.ends_with(peers[0]));
+    for n in [a, b, hub] {
+        fieldmesh_tests::check(&n.terminate(10)?.1)?;
+    }
     Ok(())
 }
 
@@ -300,5 +307,118 @@ fn a_device_behind_a_relay_is_reachable_through_the_hub() -> anyhow::Result<()> 
     other.wait_for(30, "the Patient over the relayed connection", |n| {
         Ok(n.get(&format!("/fhir/Patient/{id}"))?.0 == 200)
     })?;
+    Ok(())
+}
+
+/// A peer that opens a sync stream and goes silent, and one that accepts the node's streams and
+/// never answers, each end in a clear error in `/status` at the frame deadline; meanwhile the
+/// node keeps syncing with its other peers and answering its API.
+#[test]
+fn a_silent_peer_ends_in_a_clear_error_and_the_node_keeps_syncing() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let a_data = dir.path().join("a");
+    fieldmesh_tests::init(&a_data, "a", "device")?;
+    fieldmesh_tests::set_sync(&a_data, 2, 3600)?;
+    let a = Node::run(a_data)?;
+    let b = Node::start_with_peers(dir.path(), "b", "device", &[&a.p2p])?;
+    let mut silent = TestPeer::connect(&a.p2p, None, true)?;
+    let _held = silent.open()?;
+    let (status, _, p) = b.post(
+        "/fhir/Patient",
+        &json!({"resourceType": "Patient", "name": [{"family": "Souley"}], "birthDate": "1975"}),
+    )?;
+    assert_eq!(status, 201, "{p}");
+    let path = format!("/fhir/Patient/{}", p["id"].as_str().unwrap());
+    a.wait_for(20, "b's Patient on a", |n| Ok(n.get(&path)?.0 == 200))?;
+    let silent_id = silent.id.to_string();
+    a.wait_for(20, "the silent peer's error in /status", |n| {
+        let (_, st) = n.get("/status")?;
+        Ok(st["known_peers"][&silent_id]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("stopped answering")))
+    })?;
+    // Both directions: the peer's silent session, and the node's session it never answered.
+    a.wait_for(20, "two failed sessions with the silent peer", |n| {
+        let (_, st) = n.get("/status")?;
+        Ok(st["known_peers"][&silent_id]["failures"].as_u64() >= Some(2))
+    })?;
+    // The node still syncs: another write crosses while the silent peer is connected.
+    let (status, _, q) = b.post(
+        "/fhir/Patient",
+        &json!({"resourceType": "Patient", "name": [{"family": "Abdou"}], "birthDate": "1980"}),
+    )?;
+    assert_eq!(status, 201);
+    let path = format!("/fhir/Patient/{}", q["id"].as_str().unwrap());
+    a.wait_for(
+        20,
+        "the second Patient on a",
+        |n| Ok(n.get(&path)?.0 == 200),
+    )?;
+    Ok(())
+}
+
+/// No write is left behind: two phones post insurees at the same moment through a hub, round
+/// after round; every acknowledged write reaches central and the other phone promptly, without
+/// help from the periodic resync (set to an hour here).
+#[test]
+fn no_write_is_left_behind_when_two_phones_write_at_once() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let start = |name: &str, role: &str, peers: &[&str]| -> anyhow::Result<Node> {
+        let data = dir.path().join(name);
+        fieldmesh_tests::init(&data, name, role)?;
+        fieldmesh_tests::set_sync(&data, 30, 3600)?;
+        let mut args = Vec::new();
+        for p in peers {
+            args.extend(["--peer", *p]);
+        }
+        Node::run_with(data, &args)
+    };
+    let hub = start("hub", "hub", &[])?;
+    let central = start("central", "central", &[&hub.p2p])?;
+    let phones = [
+        start("officer-1", "device", &[&hub.p2p])?,
+        start("officer-2", "device", &[&hub.p2p])?,
+    ];
+    hub.wait_for(20, "three peers on the hub", |n| {
+        Ok(n.get("/status")?.1["peers"] == 3)
+    })?;
+    // Every node holds the four certificates once the first sessions are over.
+    for n in [&hub, &central, &phones[0], &phones[1]] {
+        n.wait_for(30, "the certificates everywhere", |n| {
+            Ok(n.documents()? == 4)
+        })?;
+    }
+    let mut expected = 4;
+    for round in 0..6 {
+        std::thread::scope(|s| {
+            for (k, phone) in phones.iter().enumerate() {
+                s.spawn(move || {
+                    for i in 0..15 {
+                        let (status, _, body) = phone
+                            .post(
+                                "/fhir/Patient",
+                                &json!({"resourceType": "Patient",
+                                    "name": [{"family": format!("Round{round}-{k}-{i}")}],
+                                    "birthDate": "1999-09-09"}),
+                            )
+                            .unwrap();
+                        assert_eq!(status, 201, "{body}");
+                    }
+                });
+            }
+        });
+        expected += 30;
+        for n in [&central, &phones[0], &phones[1]] {
+            n.wait_for(
+                20,
+                &format!("round {round}: all {expected} documents"),
+                |n| Ok(n.documents()? == expected),
+            )?;
+        }
+    }
+    let [p1, p2] = phones;
+    for n in [hub, central, p1, p2] {
+        fieldmesh_tests::check(&n.terminate(10)?.1)?;
+    }
     Ok(())
 }

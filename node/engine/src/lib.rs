@@ -13,7 +13,7 @@
 //! - [`receive`]: documents from peers and files: every new change checked before it is applied,
 //!   refused changes quarantined.
 //! - [`serve`]: what a sync session starts from, the documents it sends, its checkpoint.
-//! - [`sync`]: carrying out a session's steps against an engine, synchronously.
+//! - [`sync`]: an engine as one side of an in-process session ([`EngineHost`]).
 //! - [`read`]: [`Reader`], reads and searches of committed data, off the write path.
 //! - [`check`]: the index check of `fieldmesh check`.
 //! - [`events`]: what was stored, by source, once durable.
@@ -46,5 +46,5 @@ pub use load::{par_map, parse_json};
 pub use read::{Reader, Served};
 pub use receive::MergeReport;
 pub use source::Source;
-pub use sync::{StepError, carry_out, carry_out_with};
+pub use sync::EngineHost;
 pub use write::Outcome;

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use automerge::ChangeHash;
 use fieldmesh_fhir_docs::DocId;
 use fieldmesh_protocol::{Checkpoint, DocPayload, Heads, Item, Local, Start};
-use fieldmesh_storage::{StoreError, Write};
+use fieldmesh_storage::{DocMeta, StoreError, Write};
 use fieldmesh_trust::{Envelope, PeerKey};
 
 use crate::Engine;
@@ -19,6 +19,11 @@ const PAGE: usize = 4096;
 impl Engine {
     /// Every document this node holds, as `(id, heads, log sequence)`, in log order.
     pub fn items(&self) -> Result<Vec<Item>, StoreError> {
+        self.items_where(|_| true)
+    }
+
+    /// The documents whose record `keep` accepts, as [`Engine::items`] lists them.
+    fn items_where(&self, keep: impl Fn(&DocMeta) -> bool) -> Result<Vec<Item>, StoreError> {
         let mut items = Vec::new();
         let mut after = 0;
         loop {
@@ -26,7 +31,9 @@ impl Engine {
             let Some((last, _)) = page.last() else { break };
             after = *last;
             for (seq, id) in page {
-                if let Some(meta) = self.store.doc_meta(&id)? {
+                if let Some(meta) = self.store.doc_meta(&id)?
+                    && keep(&meta)
+                {
                     items.push((id, meta.heads, seq));
                 }
             }
@@ -44,20 +51,7 @@ impl Engine {
         if restricted {
             tracing::warn!(peer = %peer, "the peer has no valid certificate: offering it only certificates");
         }
-        let mut items = Vec::new();
-        let mut after = 0;
-        loop {
-            let page = self.store.changes_since(after, PAGE)?;
-            let Some((last, _)) = page.last() else { break };
-            after = *last;
-            for (seq, id) in page {
-                if let Some(meta) = self.store.doc_meta(&id)?
-                    && (!restricted || meta.ty == "Basic")
-                {
-                    items.push((id, meta.heads, seq));
-                }
-            }
-        }
+        let items = self.items_where(|meta| !restricted || meta.ty == "Basic")?;
         let checkpoint = if restricted {
             None
         } else {

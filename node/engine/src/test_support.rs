@@ -2,7 +2,7 @@
 //! documents signed by any key, and complete sessions between two engines in memory.
 
 use fieldmesh_fhir_docs::{DocId, actor_for_key, new_document};
-use fieldmesh_protocol::{DocPayload, Driver, Role, Totals};
+use fieldmesh_protocol::{DocPayload, Driver, Role, Totals, pair};
 use fieldmesh_storage::MemStore;
 use fieldmesh_trust::ed25519_dalek::SigningKey;
 use fieldmesh_trust::{
@@ -11,7 +11,7 @@ use fieldmesh_trust::{
 };
 use serde_json::Value;
 
-use crate::{Engine, NodeIdentity, StepError, carry_out};
+use crate::{Engine, EngineHost, NodeIdentity};
 
 /// A deterministic key from a byte.
 pub fn key(n: u8) -> SigningKey {
@@ -112,33 +112,17 @@ pub fn sync_pair(
     let start_b = b.sync_start(ka, "b").map_err(|e| e.to_string())?;
     let mut da = Driver::new(Role::Initiator, start_a).map_err(|e| e.to_string())?;
     let mut db = Driver::new(Role::Responder, start_b).map_err(|e| e.to_string())?;
-    let mut to_b = Vec::new();
-    let steps = da.start().map_err(|e| e.to_string())?;
-    let err = |e: StepError| e.to_string();
-    let mut ta = carry_out(a, kb, &mut da, steps, &mut to_b).map_err(err)?;
-    let mut tb = None;
-    let mut rounds = 0;
-    while !to_b.is_empty() {
-        rounds += 1;
-        if rounds > 10_000 {
-            return Err("the session does not end".into());
-        }
-        let mut to_a = Vec::new();
-        for f in std::mem::take(&mut to_b) {
-            let steps = db.receive(&f).map_err(|e| e.to_string())?;
-            if let Some(t) = carry_out(b, ka, &mut db, steps, &mut to_a).map_err(err)? {
-                tb = Some(t);
-            }
-        }
-        for f in to_a {
-            let steps = da.receive(&f).map_err(|e| e.to_string())?;
-            if let Some(t) = carry_out(a, kb, &mut da, steps, &mut to_b).map_err(err)? {
-                ta = Some(t);
-            }
-        }
-    }
-    match (ta, tb) {
-        (Some(ta), Some(tb)) => Ok((ta, tb)),
+    let out = pair::run(
+        &mut da,
+        &mut EngineHost::new(a, *kb),
+        &mut db,
+        &mut EngineHost::new(b, *ka),
+        &mut |_, _| true,
+    )
+    .map_err(|e| e.to_string())?;
+    match (out.a, out.b, out.stopped) {
+        (Some(ta), Some(tb), None) => Ok((ta, tb)),
+        (_, _, Some(why)) => Err(why),
         _ => Err("the session stopped before it was complete".into()),
     }
 }

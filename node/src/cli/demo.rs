@@ -247,6 +247,7 @@ pub fn run(out: &Path, families: u64, serve: bool) -> Result<()> {
         format!("/ip4/127.0.0.1/tcp/{}", DEMO_FIRST_PORT + 1000).parse()?;
     let shared_village = refdata.villages[0].clone();
     let other_village = refdata.villages[5].clone();
+    let log_file = out.join("fieldmesh.log");
     let rt = super::runtime()?;
     rt.block_on(async move {
         // The demo stays on this machine: loopback only, no LAN discovery. Central and the two
@@ -257,6 +258,7 @@ pub fn run(out: &Path, families: u64, serve: bool) -> Result<()> {
             peers,
             mdns: false,
             limits: fieldmesh_protocol::Limits::default(),
+            announce: false,
         };
         let any: libp2p::Multiaddr = "/ip4/127.0.0.1/tcp/0".parse()?;
         let hub_http: SocketAddr = hub.config.http.listen.parse()?;
@@ -267,6 +269,16 @@ pub fn run(out: &Path, families: u64, serve: bool) -> Result<()> {
             tokio::spawn(node::run(officer1, Some(addr1), net(&any, vec![hub_p2p.clone()]))),
             tokio::spawn(node::run(officer2, Some(addr2), net(&any, vec![hub_p2p.clone()]))),
         ];
+        println!("\nfour nodes run on this machine (loopback only); their logs go to {}:", log_file.display());
+        println!("  {:<10} {:<22} role", "node", "FHIR API");
+        for (name, addr, role) in [
+            ("hub", hub_http, "hub: relays and stores, authors nothing"),
+            ("central", central_http, "central: root of trust, reference data"),
+            ("officer-1", addr1, "enrolment officer (dials the hub)"),
+            ("officer-2", addr2, "enrolment officer (dials the hub)"),
+        ] {
+            println!("  {name:<10} http://{:<15} {role}", addr.to_string());
+        }
         let (b1, b2) = (format!("http://{addr1}"), format!("http://{addr2}"));
         let walk = tokio::task::spawn_blocking(move || {
             walkthrough(&b1, &b2, &tokens, &shared_village, &other_village)
@@ -333,7 +345,7 @@ fn walkthrough(
         r.status()
     );
 
-    let ig = "https://openimis.github.io/openimis_fhir_r4_ig";
+    let ig = fieldmesh_fhir_docs::openimis::IG;
     let patient_in = |v: &Village, chfid: &str| {
         json!({"resourceType": "Patient",
         "identifier": [{"type": {"coding": [{"system": format!("{ig}/CodeSystem/openimis-identifiers"), "code": "Code"}]}, "value": chfid}],

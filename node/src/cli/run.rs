@@ -33,6 +33,7 @@ pub fn run(
         mdns: !no_mdns,
         relay_server: matches!(dir.config.role, Role::Hub | Role::Central),
         limits: dir.config.sync.limits(),
+        announce: true,
     };
     let options = node::RunOptions { byzantine };
     super::runtime()?.block_on(node::run_with(dir, http, net, options))

@@ -52,6 +52,9 @@ pub struct NetConfig {
     pub relay_server: bool,
     /// Deadlines and periods of sync.
     pub limits: Limits,
+    /// Print each address the node listens on to stdout (`fieldmesh run` does; the demo, which
+    /// runs several nodes in one process, does not).
+    pub announce: bool,
 }
 
 /// The ed25519 key behind a libp2p peer id, if it is one.
@@ -184,7 +187,21 @@ pub async fn run(
                         sched.dial_failed(n, t);
                     }
                 }
-                Command::Discover => discovery.query().await,
+                Command::Discover => {
+                    discovery.query().await;
+                    // Peers heard on the LAN before but not connected (a dial that failed):
+                    // dial them again while the LAN still lists them.
+                    let heard: Vec<PeerId> = swarm
+                        .behaviour()
+                        .mdns
+                        .as_ref()
+                        .map(|m| m.discovered_nodes().copied().collect())
+                        .unwrap_or_default();
+                    for peer in heard.into_iter().filter(|p| !connected.contains(p)) {
+                        tracing::debug!(%peer, "dialling a peer heard on the LAN");
+                        let _ = swarm.dial(peer);
+                    }
+                }
             }
         }
         let sleep = sched
@@ -250,11 +267,13 @@ pub async fn run(
                         // own listening addresses are those.
                         swarm.add_external_address(address.clone());
                     }
-                    if matches!(address.iter().last(), Some(libp2p::multiaddr::Protocol::P2p(_))) {
-                        // Relay circuits already end with our id.
-                        println!("listening on {address}");
-                    } else {
-                        println!("listening on {address}/p2p/{local}");
+                    if cfg.announce {
+                        if matches!(address.iter().last(), Some(libp2p::multiaddr::Protocol::P2p(_))) {
+                            // Relay circuits already end with our id.
+                            println!("listening on {address}");
+                        } else {
+                            println!("listening on {address}/p2p/{local}");
+                        }
                     }
                     tracing::info!(%address, "listening");
                     discovery.listening(&address);
@@ -287,8 +306,9 @@ pub async fn run(
                         }
                     }
                 }
-                SwarmEvent::OutgoingConnectionError { error, .. } => {
-                    tracing::debug!(%error, "dial failed");
+                SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                    let peer = peer_id.map_or_else(|| "unknown".to_string(), |p| p.to_string());
+                    tracing::debug!(%peer, %error, "dial failed");
                 }
                 _ => {}
             },

@@ -1,20 +1,22 @@
 //! Nodes meeting: while two nodes are in contact they run the sessions their schedulers ask for,
 //! each a pair of real [`Driver`]s whose frames are carried in memory, with faults.
 
-use std::collections::VecDeque;
-
-use fieldmesh_engine::carry_out_with;
-use fieldmesh_protocol::{Admit, Command, Driver, Ended, Role};
+use fieldmesh_engine::EngineHost;
+use fieldmesh_fhir_docs::openimis::demo::Rng;
+use fieldmesh_protocol::pair::{self, Side};
+use fieldmesh_protocol::{Admit, Command, DocPayload, Driver, Ended, Role};
 use fieldmesh_storage::Store as _;
 
-use super::{World, fail, limits};
+use super::{Node, World, fail, limits};
 use crate::SimError;
+use crate::scenario::Faults;
+
+/// Frames a session may exchange before it is abandoned (a guard: sessions are finite).
+const SESSION_FRAME_LIMIT: usize = 100_000;
 
 /// A node's documents with their heads, sorted.
 pub(crate) type Items = Vec<([u8; 16], Vec<[u8; 32]>)>;
 
-/// Frames a session may exchange before it is abandoned.
-const SESSION_FRAME_LIMIT: usize = 10_000;
 /// Sessions one contact may run, at most (a guard against a scheduler that never rests).
 const CONTACT_SESSIONS: usize = 64;
 /// How long a contact lasts (seconds of simulated time).
@@ -145,56 +147,39 @@ impl World {
             .engine()
             .sync_start(&ka, &nb)
             .map_err(|e| fail(&nb, e))?;
-        let (seq_a, seq_b) = (start_a.local.seq, start_b.local.seq);
+        self.nodes[a].sched.started(&kb, true, start_a.local.seq);
+        self.nodes[b].sched.started(&ka, false, start_b.local.seq);
         let mut da = Driver::new(Role::Initiator, start_a).map_err(|e| fail("session", e))?;
         let mut db = Driver::new(Role::Responder, start_b).map_err(|e| fail("session", e))?;
-        self.nodes[a].sched.started(&kb, true, seq_a);
-        self.nodes[b].sched.started(&ka, false, seq_b);
-        let mut to_b: VecDeque<Vec<u8>> = VecDeque::new();
-        let mut to_a: VecDeque<Vec<u8>> = VecDeque::new();
-        let (mut frames, mut aborted) = (0usize, false);
-        let (mut done_a, mut done_b) = (false, false);
-        let steps = da.start().map_err(|e| fail("session", e))?;
-        let mut sent = Vec::new();
-        done_a |= self.carry(a, &kb, &mut da, steps, &mut sent)?;
-        to_b.extend(sent);
-        'run: while !to_b.is_empty() || !to_a.is_empty() {
-            for side in [0, 1] {
-                let queue = if side == 0 { &mut to_b } else { &mut to_a };
-                let mut flight: VecDeque<Vec<u8>> = std::mem::take(queue);
-                while let Some(frame) = flight.pop_front() {
-                    frames += 1;
-                    if frames > SESSION_FRAME_LIMIT {
-                        aborted = true;
-                        break 'run;
-                    }
-                    if faulty && self.cut() {
-                        // The connection is lost here: nothing more of this session arrives.
-                        aborted = true;
-                        break 'run;
-                    }
-                    let (me, peer, driver) = if side == 0 {
-                        (b, ka, &mut db)
-                    } else {
-                        (a, kb, &mut da)
-                    };
-                    let Ok(steps) = driver.receive(&frame) else {
-                        aborted = true;
-                        break 'run;
-                    };
-                    let mut out = Vec::new();
-                    let finished = self.carry(me, &peer, driver, steps, &mut out)?;
-                    if side == 0 {
-                        done_b |= finished;
-                        to_a.extend(out);
-                    } else {
-                        done_a |= finished;
-                        to_b.extend(out);
-                    }
-                }
+        let World { nodes, rng, sc, .. } = self;
+        let (node_a, node_b) = pair_mut(nodes, a, b);
+        let (mut sent_a, mut sent_b, mut frames) = (0u64, 0u64, 0usize);
+        let faults = sc.faults.clone();
+        let mut deliver = |to: Side, frame: &[u8]| {
+            match to {
+                Side::B => sent_a += frame.len() as u64,
+                Side::A => sent_b += frame.len() as u64,
             }
-        }
-        let complete = !aborted && done_a && done_b;
+            frames += 1;
+            frames <= SESSION_FRAME_LIMIT && !(faulty && cut(rng, &faults))
+        };
+        let mut corrupt_a = byzantine_filter(node_a.byzantine);
+        let mut corrupt_b = byzantine_filter(node_b.byzantine);
+        let mut host_a = EngineHost {
+            engine: node_a.engine(),
+            peer: kb,
+            outgoing: Some(&mut corrupt_a),
+        };
+        let mut host_b = EngineHost {
+            engine: node_b.engine(),
+            peer: ka,
+            outgoing: Some(&mut corrupt_b),
+        };
+        let out = pair::run(&mut da, &mut host_a, &mut db, &mut host_b, &mut deliver)
+            .map_err(|e| fail("session", e))?;
+        self.nodes[a].bytes_today += sent_a;
+        self.nodes[b].bytes_today += sent_b;
+        let complete = out.complete();
         // A stalled session ends at the frame deadline; a complete one takes a moment.
         self.now += if complete {
             1
@@ -205,67 +190,21 @@ impl World {
         let how = |done: bool| if done { Ended::Complete } else { Ended::Failed };
         self.nodes[a]
             .sched
-            .ended(&kb, true, how(done_a && !aborted), t);
+            .ended(&kb, true, how(out.a.is_some()), t);
         self.nodes[b]
             .sched
-            .ended(&ka, false, how(done_b && !aborted), t);
+            .ended(&ka, false, how(out.b.is_some()), t);
         if !complete {
             self.out.aborted += 1;
         }
         let got_a = self.drain_events(a).len();
         let got_b = self.drain_events(b).len();
         let line = format!(
-            "t={} {}↔{} frames={frames} stored={got_a}/{got_b} complete={complete}",
-            self.now, self.nodes[a].name, self.nodes[b].name
+            "t={} {}↔{} frames={} stored={got_a}/{got_b} complete={complete}",
+            self.now, self.nodes[a].name, self.nodes[b].name, out.frames
         );
         self.record(line);
         Ok(complete)
-    }
-
-    /// Whether the connection is lost before the next frame arrives, as the scenario's faults
-    /// say. The transport is an ordered, authenticated stream (Yamux over Noise): a frame lost,
-    /// duplicated, reordered or replayed by the network, or one that arrives after the peer's
-    /// frame deadline, all end the same way: the connection (and with it the session) goes, at
-    /// that frame. Each side keeps what it completed before.
-    fn cut(&mut self) -> bool {
-        let f = self.sc.faults.clone();
-        [f.drop, f.duplicate, f.reorder, f.delay, f.replay]
-            .into_iter()
-            .any(|p| self.chance(p))
-    }
-
-    /// Carries out a driver's steps against node `me`'s engine (a byzantine device corrupts the
-    /// signatures of what it sends); returns whether the session completed on this side.
-    fn carry(
-        &mut self,
-        me: usize,
-        peer: &fieldmesh_trust::PeerKey,
-        driver: &mut Driver,
-        steps: Vec<fieldmesh_protocol::Step>,
-        out: &mut Vec<Vec<u8>>,
-    ) -> Result<bool, SimError> {
-        let byzantine = self.nodes[me].byzantine;
-        let name = self.nodes[me].name.clone();
-        let mut corrupt = |payloads: &mut Vec<fieldmesh_protocol::DocPayload>| {
-            if byzantine {
-                for p in payloads {
-                    if let Some(b) = p.envelopes.get_mut(40) {
-                        *b ^= 0x55;
-                    }
-                }
-            }
-        };
-        let done = carry_out_with(
-            self.nodes[me].engine(),
-            peer,
-            driver,
-            steps,
-            out,
-            &mut corrupt,
-        )
-        .map_err(|e| fail(&name, e))?;
-        self.nodes[me].bytes_today += out.iter().map(|f| f.len() as u64).sum::<u64>();
-        Ok(done.is_some())
     }
 
     /// A bundle by hand: every document of `from` goes to `to`, checked like any change.
@@ -355,5 +294,41 @@ impl World {
             .stats()
             .map(|s| s.documents)
             .unwrap_or(0)
+    }
+}
+
+/// Two distinct nodes, mutably.
+fn pair_mut(nodes: &mut [Node], a: usize, b: usize) -> (&mut Node, &mut Node) {
+    assert_ne!(a, b, "a node does not sync with itself");
+    if a < b {
+        let (x, y) = nodes.split_at_mut(b);
+        (&mut x[a], &mut y[0])
+    } else {
+        let (x, y) = nodes.split_at_mut(a);
+        (&mut y[0], &mut x[b])
+    }
+}
+
+/// Whether the connection is lost before the next frame arrives, as the scenario's faults say.
+/// The transport is an ordered, authenticated stream (Yamux over Noise): a frame lost,
+/// duplicated, reordered or replayed by the network, or one that arrives after the receiver's
+/// frame deadline, all end the same way: the connection (and with it the session) goes, at that
+/// frame. Each side keeps what it completed before.
+fn cut(rng: &mut Rng, f: &Faults) -> bool {
+    [f.drop, f.duplicate, f.reorder, f.delay, f.replay]
+        .into_iter()
+        .any(|p| p > 0.0 && (rng.next_u64() as f64 / u64::MAX as f64) < p)
+}
+
+/// What a device does to the documents it sends: a byzantine one corrupts their signatures.
+fn byzantine_filter(byzantine: bool) -> impl FnMut(&mut Vec<DocPayload>) {
+    move |payloads: &mut Vec<DocPayload>| {
+        if byzantine {
+            for p in payloads {
+                if let Some(b) = p.envelopes.get_mut(40) {
+                    *b ^= 0x55;
+                }
+            }
+        }
     }
 }

@@ -1,0 +1,176 @@
+//! A libp2p peer the tests control frame by frame: it connects to a node like any peer (TCP,
+//! Noise, Yamux), then opens sync streams and sends what a test wants (nothing, garbage, a
+//! flood), or accepts the node's streams and never answers. It plays the attacker or the broken
+//! peer against a real `fieldmesh` process.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow};
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, StreamProtocol, identify, noise, ping, tcp, yamux};
+
+/// The sync protocol.
+pub const SYNC: &str = "/fieldmesh/sync/3";
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    stream: libp2p_stream::Behaviour,
+}
+
+/// A test peer connected to one node.
+pub struct TestPeer {
+    rt: tokio::runtime::Runtime,
+    control: libp2p_stream::Control,
+    /// The node's peer id.
+    pub node: PeerId,
+    /// This peer's id.
+    pub id: PeerId,
+}
+
+/// A sync stream opened by the test peer.
+pub struct SyncStream {
+    stream: libp2p::Stream,
+}
+
+impl TestPeer {
+    /// Connects to the node at `addr` (ending in `/p2p/<id>`) with the ed25519 key `secret`
+    /// (a fresh key when `None`). With `stall`, every sync stream the node opens is accepted and
+    /// never answered.
+    pub fn connect(addr: &str, secret: Option<[u8; 32]>, stall: bool) -> Result<Self> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        let addr: Multiaddr = addr.parse()?;
+        let node = match addr.iter().last() {
+            Some(libp2p::multiaddr::Protocol::P2p(id)) => id,
+            _ => return Err(anyhow!("{addr} does not end in /p2p/<peer id>")),
+        };
+        let keypair = match secret {
+            Some(mut s) => libp2p::identity::Keypair::ed25519_from_bytes(&mut s)?,
+            None => libp2p::identity::Keypair::generate_ed25519(),
+        };
+        let (connected_tx, connected_rx) = std::sync::mpsc::sync_channel(1);
+        let (control, id) = rt.block_on(async {
+            let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+                .with_tokio()
+                .with_tcp(
+                    tcp::Config::default().nodelay(true),
+                    noise::Config::new,
+                    yamux::Config::default,
+                )?
+                .with_behaviour(|key| Behaviour {
+                    identify: identify::Behaviour::new(identify::Config::new(
+                        "/fieldmesh/1".into(),
+                        key.public(),
+                    )),
+                    ping: ping::Behaviour::new(ping::Config::new()),
+                    stream: libp2p_stream::Behaviour::new(),
+                })?
+                .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(600)))
+                .build();
+            let id = *swarm.local_peer_id();
+            let mut control = swarm.behaviour().stream.new_control();
+            if stall {
+                let mut incoming = control
+                    .accept(StreamProtocol::new(SYNC))
+                    .map_err(|e| anyhow!("{e}"))?;
+                tokio::spawn(async move {
+                    let mut held = Vec::new();
+                    while let Some((_, s)) = incoming.next().await {
+                        // Held open, never read, never written.
+                        held.push(s);
+                    }
+                });
+            }
+            swarm.dial(addr.clone())?;
+            tokio::spawn(async move {
+                let mut told = false;
+                loop {
+                    if let SwarmEvent::ConnectionEstablished { .. } = swarm.select_next_some().await
+                        && !told
+                    {
+                        told = true;
+                        let _ = connected_tx.send(());
+                    }
+                }
+            });
+            Ok::<_, anyhow::Error>((control, id))
+        })?;
+        connected_rx
+            .recv_timeout(Duration::from_secs(10))
+            .context("the test peer could not connect to the node")?;
+        Ok(Self {
+            rt,
+            control,
+            node,
+            id,
+        })
+    }
+
+    /// Opens a sync stream to the node.
+    pub fn open(&mut self) -> Result<SyncStream> {
+        let node = self.node;
+        let mut control = self.control.clone();
+        let stream = self.rt.block_on(async move {
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                control.open_stream(node, StreamProtocol::new(SYNC)),
+            )
+            .await
+            .map_err(|_| anyhow!("the node did not accept a sync stream"))?
+            .map_err(|e| anyhow!("{e}"))
+        })?;
+        Ok(SyncStream { stream })
+    }
+
+    /// Writes raw bytes on a stream.
+    pub fn write(&self, s: &mut SyncStream, bytes: &[u8]) -> Result<()> {
+        self.rt.block_on(async {
+            s.stream.write_all(bytes).await?;
+            s.stream.flush().await?;
+            Ok(())
+        })
+    }
+
+    /// Writes one length-prefixed frame.
+    pub fn send_frame(&self, s: &mut SyncStream, frame: &[u8]) -> Result<()> {
+        let mut bytes = (frame.len() as u32).to_be_bytes().to_vec();
+        bytes.extend_from_slice(frame);
+        self.write(s, &bytes)
+    }
+
+    /// Reads one length-prefixed frame, waiting up to `secs`.
+    pub fn read_frame(&self, s: &mut SyncStream, secs: u64) -> Result<Vec<u8>> {
+        self.rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(secs), async {
+                let mut len = [0u8; 4];
+                s.stream.read_exact(&mut len).await?;
+                let mut buf = vec![0u8; u32::from_be_bytes(len) as usize];
+                s.stream.read_exact(&mut buf).await?;
+                Ok::<_, anyhow::Error>(buf)
+            })
+            .await
+            .map_err(|_| anyhow!("no frame within {secs} s"))?
+        })
+    }
+
+    /// Whether the node has closed the stream (a read returns end of stream or an error within
+    /// `secs`).
+    pub fn closed_within(&self, s: &mut SyncStream, secs: u64) -> bool {
+        self.rt.block_on(async {
+            let mut buf = [0u8; 1024];
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+            loop {
+                match tokio::time::timeout_at(deadline, s.stream.read(&mut buf)).await {
+                    Err(_) => return false,
+                    Ok(Ok(0)) | Ok(Err(_)) => return true,
+                    Ok(Ok(_)) => continue,
+                }
+            }
+        })
+    }
+}
