@@ -12,7 +12,9 @@ use std::sync::Arc;
 use automerge::{AutoCommit, ChangeHash};
 use fieldmesh_fhir_docs::openimis::OpenImis;
 use fieldmesh_fhir_docs::{DocId, IdentKey, IdentifierQuery, Resolver, document_to_json, profile};
-use fieldmesh_storage::{DocMeta, DocWrite, IndexEntries, Stats, Store, StoreError, Write};
+use fieldmesh_storage::{
+    DocData, DocMeta, DocWrite, IndexEntries, Stats, Store, StoreError, Write,
+};
 use fieldmesh_trust::{Policy, Trust, token_of};
 use lru::LruCache;
 use serde_json::{Map, Value};
@@ -75,6 +77,18 @@ type Behind = (
     std::thread::JoinHandle<Result<Vec<u64>, StoreError>>,
     Vec<Option<StagedDoc>>,
 );
+
+/// A document prepared off the engine, ready to be staged.
+pub(crate) struct PreparedDoc {
+    pub id: DocId,
+    pub meta: DocMeta,
+    pub entries: IndexEntries,
+    pub bytes: Vec<u8>,
+    /// Signed envelopes of its changes.
+    pub envelopes: Vec<u8>,
+    /// The certificate or revocation token it carries, if it is a trust document.
+    pub token: Option<String>,
+}
 
 /// The engine. See the crate docs.
 pub struct Engine {
@@ -474,6 +488,31 @@ impl Engine {
                 previous,
             }),
             Some(staged),
+        );
+    }
+
+    /// Stages a document new to this node, prepared off the engine thread
+    /// (received from a peer, or bulk-loaded).
+    pub(crate) fn stage_received(&mut self, d: PreparedDoc, source: Source) {
+        if let Some(token) = &d.token {
+            self.learn_token(token);
+        }
+        self.stage(
+            &d.id,
+            &d.meta,
+            &d.entries,
+            DocData::FullEncoded(d.bytes),
+            IndexEntries::default(),
+            d.envelopes,
+            source,
+        );
+        self.dirty.insert(
+            d.id,
+            Live {
+                doc: None,
+                meta: d.meta,
+                entries: d.entries,
+            },
         );
     }
 

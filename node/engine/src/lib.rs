@@ -9,7 +9,7 @@
 //!   ([`Engine::flush`], [`Engine::flush_behind`]).
 //! - [`write`]: local creates and updates: validated, references translated, checked against this
 //!   node's own certificate, signed.
-//! - [`load`]: bulk loads, prepared on every core.
+//! - [`load`]: bulk loads, prepared on every core ([`par`]: work on every core).
 //! - [`receive`]: documents from peers and files: every new change checked before it is applied,
 //!   refused changes quarantined.
 //! - [`serve`]: what a sync session starts from, the documents it sends, its checkpoint.
@@ -29,6 +29,7 @@ pub mod error;
 pub mod events;
 pub mod identity;
 pub mod load;
+pub mod par;
 pub mod read;
 pub mod receive;
 pub mod serve;
@@ -42,7 +43,8 @@ pub use crate::core::{Engine, entries_of_json};
 pub use error::{CommitError, DocError, MergeError, ReadError, Refusal, SyncError, WriteError};
 pub use events::Stored;
 pub use identity::{NodeIdentity, now};
-pub use load::{par_map, parse_json};
+pub use load::parse_json;
+pub use par::par_map;
 pub use read::{Reader, Served};
 pub use receive::MergeReport;
 pub use source::Source;

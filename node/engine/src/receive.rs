@@ -11,15 +11,14 @@ use std::collections::HashSet;
 use automerge::AutoCommit;
 use fieldmesh_fhir_docs::{DocId, document_to_json, profile};
 use fieldmesh_protocol::DocPayload;
-use fieldmesh_storage::{DocData, DocMeta, IndexEntries, Quarantined, Write};
+use fieldmesh_storage::{DocData, DocMeta, Quarantined, Write};
 use fieldmesh_trust::{Policy, Rejection, Trust, check, token_of};
 use serde_json::Value;
 
 use crate::Engine;
-use crate::core::{COMPACT_AFTER_CHUNKS, Live, entries_of_json, heads_bytes};
+use crate::core::{COMPACT_AFTER_CHUNKS, Live, PreparedDoc, entries_of_json, heads_bytes};
 use crate::error::{MergeError, ReadError, Refusal};
-use crate::identity::now;
-use crate::load::par_map;
+use crate::par::par_map;
 use crate::source::Source;
 
 /// Refused changes: hash and reason.
@@ -32,18 +31,6 @@ pub struct MergeReport {
     pub changed: usize,
     /// Documents refused whole or in part (their refused changes are in quarantine).
     pub refused: usize,
-}
-
-/// A document prepared off the engine, ready to be staged.
-pub(crate) struct PreparedDoc {
-    pub id: DocId,
-    pub meta: DocMeta,
-    pub entries: IndexEntries,
-    pub bytes: Vec<u8>,
-    /// Signed envelopes of its changes.
-    pub envelopes: Vec<u8>,
-    /// The certificate or revocation token it carries, if it is a trust document.
-    pub token: Option<String>,
 }
 
 /// A received document new to this node, checked: what to stage (if any change was accepted)
@@ -61,6 +48,7 @@ fn prepare_received(
     trust: &Trust,
     policy: &dyn Policy,
     uncertified: Option<&str>,
+    time: i64,
 ) -> Result<Received, Refusal> {
     let id = DocId(uuid::Uuid::from_bytes(p.id));
     let doc = AutoCommit::load(&p.data)?;
@@ -111,7 +99,7 @@ fn prepare_received(
                 chunks: 1,
                 seq: 0,
                 heads: heads_bytes(&doc.get_heads()),
-                updated: now(),
+                updated: time,
             },
             entries,
             bytes,
@@ -173,9 +161,9 @@ impl Engine {
                 known.push(p);
             }
         }
-        let (trust, policy) = (&self.trust, self.policy.as_ref());
+        let (trust, policy, time) = (&self.trust, self.policy.as_ref(), self.me.time());
         let prepared = par_map(&fresh, self.threads, |p| {
-            prepare_received(p, trust, policy, uncertified)
+            prepare_received(p, trust, policy, uncertified, time)
         })
         .ok_or(MergeError::Thread)?;
         let mut report = MergeReport::default();
@@ -271,7 +259,8 @@ impl Engine {
             }
         })?;
         let Some(mut live) = taken else {
-            let r = prepare_received(p, &self.trust, self.policy.as_ref(), uncertified)
+            let time = self.me.time();
+            let r = prepare_received(p, &self.trust, self.policy.as_ref(), uncertified, time)
                 .map_err(MergeOne::Refused)?;
             let changed = r.doc.is_some();
             if let Some(d) = r.doc {
@@ -365,30 +354,6 @@ impl Engine {
             from.clone(),
         );
         Ok((true, checked.rejected))
-    }
-
-    /// Stages a document new to this node, prepared by [`prepare_received`] or by a bulk load.
-    pub(crate) fn stage_received(&mut self, d: PreparedDoc, source: Source) {
-        if let Some(token) = &d.token {
-            self.learn_token(token);
-        }
-        self.stage(
-            &d.id,
-            &d.meta,
-            &d.entries,
-            DocData::FullEncoded(d.bytes),
-            IndexEntries::default(),
-            d.envelopes,
-            source,
-        );
-        self.dirty.insert(
-            d.id,
-            Live {
-                doc: None,
-                meta: d.meta,
-                entries: d.entries,
-            },
-        );
     }
 }
 
