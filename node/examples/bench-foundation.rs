@@ -148,7 +148,15 @@ fn main() -> Result<()> {
         .stderr(Stdio::null())
         .spawn()?;
     let mut first = String::new();
-    std::io::BufReader::new(run.stdout.take().context("stdout")?).read_line(&mut first)?;
+    let mut out = std::io::BufReader::new(run.stdout.take().context("stdout")?);
+    out.read_line(&mut first)?;
+    // Keep reading what the node prints, or its next line would find the pipe closed.
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        while out.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+            line.clear();
+        }
+    });
     let base = first
         .split_whitespace()
         .find(|w| w.starts_with("http://"))
@@ -159,10 +167,13 @@ fn main() -> Result<()> {
         .http_status_as_error(false)
         .build()
         .into();
+    let token = DataDir::open(&data)?.token()?;
     for c in chfids.iter().take(200) {
-        agent
+        let r = agent
             .get(format!("{base}/fhir/Patient?identifier={c}"))
+            .header("Authorization", format!("Bearer {token}"))
             .call()?;
+        anyhow::ensure!(r.status() == 200, "a search answered {}", r.status());
     }
     std::thread::sleep(Duration::from_secs(2));
     let idle = rss_kib(run.id()).unwrap_or(0);
