@@ -103,7 +103,12 @@ pub fn new_document(
     Ok(doc)
 }
 
+/// How deeply objects and arrays may nest in a document (a FHIR resource nests about a dozen
+/// levels; a document nested deeper is refused rather than read, whoever sent it).
+pub const MAX_DEPTH: usize = 48;
+
 /// Reads the whole document back as a JSON object (map keys in sorted order, arrays in order).
+/// A document nested deeper than [`MAX_DEPTH`] is refused ([`ConvertError::TooDeep`]).
 pub fn document_to_json(doc: &impl ReadDoc) -> Result<Map<String, Value>, ConvertError> {
     match read_object(doc, &automerge::ROOT, ObjType::Map)? {
         Value::Object(m) => Ok(m),
@@ -111,15 +116,26 @@ pub fn document_to_json(doc: &impl ReadDoc) -> Result<Map<String, Value>, Conver
     }
 }
 
-/// Reads the object `obj` (of type `ty`) as JSON.
-///
-/// Values are taken from the range iterators directly (one pass per object); looking each key up
-/// again with `get` cost several times more.
+/// Reads the object `obj` (of type `ty`) as JSON, nested at most [`MAX_DEPTH`] levels.
 pub fn read_object(
     doc: &impl ReadDoc,
     obj: &automerge::ObjId,
     ty: ObjType,
 ) -> Result<Value, ConvertError> {
+    read_nested(doc, obj, ty, 1)
+}
+
+/// Values are taken from the range iterators directly (one pass per object); looking each key up
+/// again with `get` cost several times more.
+fn read_nested(
+    doc: &impl ReadDoc,
+    obj: &automerge::ObjId,
+    ty: ObjType,
+    depth: usize,
+) -> Result<Value, ConvertError> {
+    if depth > MAX_DEPTH {
+        return Err(ConvertError::TooDeep(MAX_DEPTH));
+    }
     match ty {
         ObjType::Map | ObjType::Table => {
             let mut out = Map::new();
@@ -127,7 +143,7 @@ pub fn read_object(
                 let key = item.key.to_string();
                 let child = matches!(item.value, automerge::ValueRef::Object(_)).then(|| item.id());
                 let value: automerge::Value<'static> = item.value.into();
-                out.insert(key, read_item(doc, value, child)?);
+                out.insert(key, read_item(doc, value, child, depth)?);
             }
             Ok(Value::Object(out))
         }
@@ -136,7 +152,7 @@ pub fn read_object(
             for item in doc.list_range(obj, ..) {
                 let child = matches!(item.value, automerge::ValueRef::Object(_)).then(|| item.id());
                 let value: automerge::Value<'static> = item.value.into();
-                out.push(read_item(doc, value, child)?);
+                out.push(read_item(doc, value, child, depth)?);
             }
             Ok(Value::Array(out))
         }
@@ -148,10 +164,11 @@ fn read_item(
     doc: &impl ReadDoc,
     value: automerge::Value<'static>,
     child: Option<automerge::ObjId>,
+    depth: usize,
 ) -> Result<Value, ConvertError> {
     match (value, child) {
         (automerge::Value::Scalar(s), _) => scalar_to_json(&s),
-        (automerge::Value::Object(ty), Some(id)) => read_object(doc, &id, ty),
+        (automerge::Value::Object(ty), Some(id)) => read_nested(doc, &id, ty, depth + 1),
         (automerge::Value::Object(_), None) => Err(ConvertError::RootNotMap),
     }
 }
@@ -211,6 +228,21 @@ mod tests {
         let v = json!({"resourceType":"Patient","name":[{"family":"Abdoulaye Maïga","given":["Zoé","عبد الله"]}],
             "_birthDate": {"extension": []}, "x": {"_given": [null, {"id": "a"}]}});
         assert_eq!(roundtrip(v.clone()), v);
+    }
+
+    #[test]
+    fn a_document_nested_past_the_limit_is_refused_not_overflowed() {
+        let mut doc = AutoCommit::new();
+        let mut obj = automerge::ROOT;
+        for _ in 0..(MAX_DEPTH + 50) {
+            obj = doc.put_object(&obj, "a", ObjType::Map).unwrap();
+        }
+        doc.commit();
+        let loaded = AutoCommit::load(&doc.save()).unwrap();
+        assert!(matches!(
+            document_to_json(&loaded),
+            Err(ConvertError::TooDeep(MAX_DEPTH))
+        ));
     }
 
     #[test]

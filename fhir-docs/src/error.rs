@@ -19,6 +19,9 @@ pub enum ConvertError {
     /// The document root is not a map.
     #[error("the document root is not a map")]
     RootNotMap,
+    /// Objects nest deeper than a FHIR resource ever does.
+    #[error("the document nests objects more than {0} levels deep")]
+    TooDeep(usize),
 }
 
 /// One reason a payload is not acceptable FHIR; names the field (a FHIRPath-like location) and why.

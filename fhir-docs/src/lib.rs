@@ -9,6 +9,8 @@
 //! - [`diff`]: an update becomes the smallest set of Automerge edits, so concurrent updates of
 //!   different fields merge.
 //! - [`identifiers`]: multi-system identifiers and the keys the store indexes them under.
+//! - [`limits`]: bounds on a document (bytes, operations, changes, depth), checked before it is
+//!   loaded.
 //! - [`references`]: literal references ⇄ logical `{type, identifier}` references.
 //! - [`profile`]: the openIMIS resource set and validation with errors that name the field.
 //! - [`resource`]: the write and read paths that tie these together (prepare for storage, render
@@ -23,6 +25,7 @@ pub mod convert;
 pub mod diff;
 pub mod error;
 pub mod identifiers;
+pub mod limits;
 pub mod openimis;
 pub mod profile;
 pub mod references;
@@ -33,6 +36,7 @@ pub use convert::{document_to_json, new_document};
 pub use diff::apply_diff;
 pub use error::{ConvertError, Invalid, ValidationError};
 pub use identifiers::{IdentKey, IdentifierQuery, node_system, parse_identifier_query};
+pub use limits::{DocLimits, TooLarge};
 pub use references::{RefTarget, Resolver};
 pub use resource::{
     Conflict, DocId, Prepared, actor_for_key, conflicts, prepare, render, version_id,

@@ -205,6 +205,9 @@ fn collect_conflicts(
     path: String,
     out: &mut Vec<Conflict>,
 ) {
+    if path.matches(['.', '[']).count() > crate::convert::MAX_DEPTH {
+        return;
+    }
     let props: Vec<(automerge::Prop, String)> = match doc.object_type(obj) {
         Ok(automerge::ObjType::List) => (0..doc.length(obj))
             .map(|i| (i.into(), format!("{path}[{i}]")))

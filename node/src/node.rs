@@ -94,7 +94,19 @@ pub async fn run_with(
     }
     let server = axum::serve(listener, router(handle.clone(), info, peers, dir.token()?));
     let mut network = network;
+    // A dead engine must never look alive: if its thread ends before the node stops, the node
+    // stops too (with an error, so that the service manager restarts it).
+    let mut engine_thread = tokio::task::spawn_blocking(move || engine_thread.join());
     let outcome = tokio::select! {
+        r = &mut engine_thread => {
+            let why = match r {
+                Ok(Ok(())) => "the document engine stopped".to_string(),
+                Ok(Err(_)) | Err(_) => "the document engine failed (it panicked)".to_string(),
+            };
+            tracing::error!(%why, "stopping the node");
+            network.abort();
+            anyhow::bail!("{why}; every acknowledged write is on disk, start the node again");
+        }
         r = server.into_future() => r.context("the HTTP server failed"),
         r = &mut network => match r {
             Ok(Ok(())) => Ok(()),
@@ -110,9 +122,7 @@ pub async fn run_with(
     // answers it, and ends.
     network.abort();
     handle.stop().await;
-    tokio::task::spawn_blocking(move || engine_thread.join())
-        .await
-        .ok();
+    let _ = engine_thread.await;
     tracing::info!("node stopped");
     outcome
 }

@@ -7,7 +7,7 @@ use fieldmesh_storage::IndexDump;
 
 use crate::Engine;
 use crate::core::entries_of_json;
-use crate::error::ReadError;
+use crate::error::{ReadError, contain};
 
 impl Engine {
     /// Commits what is staged, then checks the store (its own consistency) and every document
@@ -27,10 +27,12 @@ impl Engine {
                     continue;
                 };
                 let bytes = self.store.doc_bytes(&id)?.unwrap_or_default();
-                let json = match AutoCommit::load(&bytes)
-                    .map_err(ReadError::from)
-                    .and_then(|d| Ok(document_to_json(&d)?))
-                {
+                let json = match contain(
+                    || -> Result<_, ReadError> {
+                        Ok(document_to_json(&AutoCommit::load(&bytes)?)?)
+                    },
+                    ReadError::Damaged,
+                ) {
                     Ok(j) => j,
                     Err(e) => {
                         problems.push(format!("document {}: {e}", uuid::Uuid::from_bytes(id)));

@@ -10,6 +10,7 @@ use std::num::NonZeroUsize;
 use std::sync::Arc;
 
 use automerge::{AutoCommit, ChangeHash};
+use fieldmesh_fhir_docs::DocLimits;
 use fieldmesh_fhir_docs::openimis::OpenImis;
 use fieldmesh_fhir_docs::{DocId, IdentKey, IdentifierQuery, Resolver, document_to_json, profile};
 use fieldmesh_storage::{
@@ -19,7 +20,7 @@ use fieldmesh_trust::{Policy, Trust, token_of};
 use lru::LruCache;
 use serde_json::{Map, Value};
 
-use crate::error::{CommitError, DocError, ReadError};
+use crate::error::{CommitError, DocError, ReadError, contain};
 use crate::events::Stored;
 use crate::identity::NodeIdentity;
 use crate::read::Reader;
@@ -119,6 +120,8 @@ pub struct Engine {
     /// Documents stored since the last [`Engine::take_events`].
     events: Vec<Stored>,
     reader: Reader,
+    /// Bounds on every document this engine loads, from a peer, a file or a client.
+    pub(crate) limits: DocLimits,
 }
 
 impl Engine {
@@ -143,6 +146,7 @@ impl Engine {
             keep_flushed: true,
             threads: std::thread::available_parallelism().map_or(1, NonZeroUsize::get),
             events: Vec::new(),
+            limits: DocLimits::default(),
         };
         if let Err(e) = engine.load_trust() {
             tracing::error!(error = %e, "cannot read the certificates in the store");
@@ -156,7 +160,10 @@ impl Engine {
             let Some(bytes) = self.store.doc_bytes(&id)? else {
                 continue;
             };
-            let json = document_to_json(&AutoCommit::load(&bytes)?)?;
+            let json = contain(
+                || -> Result<_, ReadError> { Ok(document_to_json(&AutoCommit::load(&bytes)?)?) },
+                ReadError::Damaged,
+            )?;
             if let Some(token) = token_of(&json)
                 && let Err(e) = self.trust.add_token(token)
             {
@@ -170,6 +177,11 @@ impl Engine {
     /// while this engine writes.
     pub fn reader(&self) -> Reader {
         self.reader.clone()
+    }
+
+    /// Sets the bounds on documents (tests; the defaults are far above any real resource).
+    pub fn set_limits(&mut self, limits: DocLimits) {
+        self.limits = limits;
     }
 
     /// Sets this node's clock (simulations): its changes are dated `t` and its certificate is
@@ -413,8 +425,14 @@ impl Engine {
             .store
             .doc_bytes(id.as_bytes())?
             .ok_or_else(|| DocError::Missing(id.to_string()))?;
-        let doc = AutoCommit::load(&bytes)?.with_actor(self.me.actor.clone());
-        let entries = entries_of_json(&document_to_json(&doc)?);
+        let (doc, entries) = contain(
+            || -> Result<_, ReadError> {
+                let doc = AutoCommit::load(&bytes)?.with_actor(self.me.actor.clone());
+                let entries = entries_of_json(&document_to_json(&doc)?);
+                Ok((doc, entries))
+            },
+            ReadError::Damaged,
+        )?;
         Ok(Some(Live {
             doc: Some(doc),
             meta,

@@ -1,6 +1,6 @@
 //! Errors, one enum per operation, one variant per reason.
 
-use fieldmesh_fhir_docs::{ConvertError, ValidationError};
+use fieldmesh_fhir_docs::{ConvertError, TooLarge, ValidationError};
 use fieldmesh_storage::StoreError;
 use fieldmesh_trust::{CheckError, Rejection};
 
@@ -110,6 +110,9 @@ pub enum WriteError {
     /// A thread preparing a batch of writes died.
     #[error("a thread preparing the batch failed; nothing of it was written")]
     Thread,
+    /// The resource exceeds the bounds on a document.
+    #[error("the resource is too large: {0}")]
+    TooLarge(#[from] TooLarge),
 }
 
 impl From<ConvertError> for WriteError {
@@ -145,6 +148,10 @@ pub enum ReadError {
     /// The stored document cannot be read.
     #[error("a stored document cannot be read: {0}")]
     Document(#[from] DocError),
+    /// Reading the stored document made the Automerge library panic (a damaged document); the
+    /// panic was contained to this read.
+    #[error("a stored document cannot be read (the Automerge library failed on it: {0})")]
+    Damaged(String),
     /// Committing what was staged before reading it failed.
     #[error(transparent)]
     Commit(#[from] CommitError),
@@ -157,6 +164,9 @@ impl From<ReadError> for WriteError {
             ReadError::Unsupported(t) => WriteError::Unsupported(t),
             ReadError::Store(s) => WriteError::Store(s),
             ReadError::Document(d) => WriteError::Document(d),
+            ReadError::Damaged(p) => {
+                WriteError::Document(DocError::Missing(format!("a damaged copy ({p})")))
+            }
             ReadError::Commit(c) => WriteError::Commit(c),
         }
     }
@@ -220,6 +230,13 @@ pub enum Refusal {
         /// Type the payload claims.
         sent: String,
     },
+    /// It exceeds the bounds on a document, before or once merged with the copy held here.
+    #[error("{0}")]
+    TooLarge(#[from] TooLarge),
+    /// Reading it made the Automerge library panic (a malformed document it does not refuse
+    /// cleanly); the panic was contained to this document.
+    #[error("the document could not be read (the Automerge library failed on it: {0})")]
+    Panicked(String),
 }
 
 impl From<automerge::AutomergeError> for Refusal {
@@ -238,4 +255,22 @@ impl From<CheckError> for Refusal {
     fn from(e: CheckError) -> Self {
         Refusal::Unreadable(e.into())
     }
+}
+
+/// Runs `f`, turning a panic inside it into `Err(on_panic(message))`: a seat belt around the
+/// Automerge library on documents from outside (a malformed document should be refused by the
+/// checks before; a panic that slips through is contained to that one document).
+pub(crate) fn contain<T, E>(
+    f: impl FnOnce() -> Result<T, E>,
+    on_panic: impl FnOnce(String) -> E,
+) -> Result<T, E> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|payload| {
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".to_string());
+        tracing::error!(error = %message, "contained a panic on one document");
+        Err(on_panic(message))
+    })
 }

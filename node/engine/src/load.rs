@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
 
+use fieldmesh_fhir_docs::limits::{DocLimits, check_json};
 use fieldmesh_fhir_docs::{DocId, IdentKey, Resolver, ValidationError, new_document, prepare};
 use fieldmesh_storage::{DocMeta, Store};
 use fieldmesh_trust::{Policy, Trust, token_of};
@@ -81,9 +82,11 @@ fn prepare_line(
     me: &NodeIdentity,
     trust: &Trust,
     policy: Option<&dyn Policy>,
+    limits: &DocLimits,
     line: &str,
 ) -> Result<PreparedDoc, WriteError> {
     let resource = parse_json(line.as_bytes())?;
+    check_json(&resource, limits)?;
     let id = match resource
         .get("id")
         .and_then(Value::as_str)
@@ -136,10 +139,10 @@ impl Engine {
                 in_flight: &self.in_flight,
             };
             let policy: Option<&dyn Policy> = self.check_local.then_some(self.policy.as_ref());
-            let (me, trust) = (&self.me, &self.trust);
+            let (me, trust, limits) = (&self.me, &self.trust, &self.limits);
             let threads = NonZeroUsize::new(threads).map_or(1, NonZeroUsize::get);
             match par_map(lines, threads, |l| {
-                prepare_line(&view, me, trust, policy, l)
+                prepare_line(&view, me, trust, policy, limits, l)
             }) {
                 Some(out) => out,
                 None => {

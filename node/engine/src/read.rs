@@ -21,7 +21,7 @@ use fieldmesh_storage::{DocMeta, Store, StoreError};
 use lru::LruCache;
 use serde_json::{Map, Value};
 
-use crate::error::{DocError, ReadError};
+use crate::error::{DocError, ReadError, contain};
 
 /// A resource as served to a client.
 #[derive(Debug, Clone)]
@@ -122,8 +122,10 @@ impl Reader {
                 return Ok((doc_id, meta, Arc::clone(&c.json)));
             }
         }
-        let doc = self.load(&doc_id)?;
-        let json = Arc::new(document_to_json(&doc)?);
+        let json = contain(
+            || -> Result<_, ReadError> { Ok(Arc::new(document_to_json(&self.load(&doc_id)?)?)) },
+            ReadError::Damaged,
+        )?;
         let mut cache = self.inner.cache.lock().unwrap_or_else(|p| p.into_inner());
         cache.put(
             doc_id,
@@ -140,7 +142,10 @@ impl Reader {
             .store()
             .doc_bytes(id.as_bytes())?
             .ok_or_else(|| DocError::Missing(id.to_string()))?;
-        Ok(AutoCommit::load(&bytes)?)
+        contain(
+            || -> Result<_, ReadError> { Ok(AutoCommit::load(&bytes)?) },
+            ReadError::Damaged,
+        )
     }
 
     /// The store's counters (committed state).

@@ -8,16 +8,17 @@
 
 use std::collections::HashSet;
 
-use automerge::AutoCommit;
+use automerge::{AutoCommit, ReadDoc};
+use fieldmesh_fhir_docs::limits::{DocLimits, TooLarge, inspect};
 use fieldmesh_fhir_docs::{DocId, document_to_json, profile};
 use fieldmesh_protocol::DocPayload;
 use fieldmesh_storage::{DocData, DocMeta, Quarantined, Write};
-use fieldmesh_trust::{Policy, Rejection, Trust, check, token_of};
+use fieldmesh_trust::{Checked, Policy, Rejection, Trust, check, token_of};
 use serde_json::Value;
 
 use crate::Engine;
 use crate::core::{COMPACT_AFTER_CHUNKS, Live, PreparedDoc, entries_of_json, heads_bytes};
-use crate::error::{MergeError, ReadError, Refusal};
+use crate::error::{MergeError, ReadError, Refusal, contain};
 use crate::par::par_map;
 use crate::source::Source;
 
@@ -44,6 +45,22 @@ pub(crate) struct Received {
 /// checks its change hashes), checks every change's signature and authority, reads it, checks its
 /// type and computes its index entries.
 fn prepare_received(
+    p: &DocPayload,
+    trust: &Trust,
+    policy: &dyn Policy,
+    limits: &DocLimits,
+    uncertified: Option<&str>,
+    time: i64,
+) -> Result<Received, Refusal> {
+    // Bounded before anything is built: a few kilobytes may describe millions of operations.
+    inspect(&p.data, limits)?;
+    contain(
+        || prepare_checked(p, trust, policy, uncertified, time),
+        Refusal::Panicked,
+    )
+}
+
+fn prepare_checked(
     p: &DocPayload,
     trust: &Trust,
     policy: &dyn Policy,
@@ -162,8 +179,9 @@ impl Engine {
             }
         }
         let (trust, policy, time) = (&self.trust, self.policy.as_ref(), self.me.time());
+        let limits = &self.limits;
         let prepared = par_map(&fresh, self.threads, |p| {
-            prepare_received(p, trust, policy, uncertified, time)
+            prepare_received(p, trust, policy, limits, uncertified, time)
         })
         .ok_or(MergeError::Thread)?;
         let mut report = MergeReport::default();
@@ -254,14 +272,22 @@ impl Engine {
             ReadError::Store(s) => MergeOne::Engine(s.into()),
             ReadError::Commit(c) => MergeOne::Engine(c.into()),
             ReadError::Document(d) => MergeOne::Refused(Refusal::Unreadable(d)),
+            ReadError::Damaged(why) => MergeOne::Refused(Refusal::Panicked(why)),
             ReadError::NotFound { ty, .. } | ReadError::Unsupported(ty) => {
                 MergeOne::Refused(Refusal::WrongType(ty))
             }
         })?;
         let Some(mut live) = taken else {
             let time = self.me.time();
-            let r = prepare_received(p, &self.trust, self.policy.as_ref(), uncertified, time)
-                .map_err(MergeOne::Refused)?;
+            let r = prepare_received(
+                p,
+                &self.trust,
+                self.policy.as_ref(),
+                &self.limits,
+                uncertified,
+                time,
+            )
+            .map_err(MergeOne::Refused)?;
             let changed = r.doc.is_some();
             if let Some(d) = r.doc {
                 self.stage_received(d, from.clone());
@@ -270,6 +296,13 @@ impl Engine {
         };
         let was_dirty = self.has_pending_write(&id);
         let result = self.merge_live(id, &mut live, p, from, uncertified);
+        if let Err(Refusal::Panicked(_)) = &result {
+            // The live copy may be in any state: commit what was staged for it and read it from
+            // the store when it is next needed.
+            drop(live);
+            self.flush().map_err(|e| MergeOne::Engine(e.into()))?;
+            return result.map_err(MergeOne::Refused);
+        }
         let dirty = was_dirty || matches!(result, Ok((true, _)));
         self.put_back(id, live, dirty);
         result.map_err(MergeOne::Refused)
@@ -290,41 +323,65 @@ impl Engine {
             });
         }
         let chunks = live.meta.chunks;
+        let limits = self.limits;
         let doc = live.doc(&id)?;
-        let before = doc.get_heads();
-        let mut probe = doc.fork();
-        if let Err(e) = probe.load_incremental(&p.data) {
-            if let automerge::AutomergeError::DuplicateSeqNumber(seq, _) = e {
-                // The author signed two different changes with one sequence number.
-                return Ok((false, vec![([0; 32], Rejection::Equivocation { seq })]));
+        // Bounded before anything is built, alone and once added to the copy held here.
+        let shape = inspect(&p.data, &limits)?;
+        let held = doc.stats();
+        if held.num_ops.saturating_add(shape.ops) > limits.ops {
+            return Err(TooLarge::Ops { limit: limits.ops }.into());
+        }
+        if held.num_changes.saturating_add(shape.changes) > limits.changes {
+            return Err(TooLarge::Changes {
+                limit: limits.changes,
             }
-            return Err(e.into());
+            .into());
         }
-        if probe.get_heads() == before {
-            return Ok((false, Vec::new()));
-        }
-        let json = document_to_json(&probe)?;
-        if json.get("resourceType").and_then(Value::as_str) != Some(p.ty.as_str()) {
-            return Err(Refusal::TypeChanged {
-                held: p.ty.clone(),
-                sent: json
-                    .get("resourceType")
-                    .and_then(Value::as_str)
-                    .unwrap_or("nothing")
-                    .into(),
-            });
-        }
-        let old_json = document_to_json(doc)?;
-        let checked = check(
-            &self.trust,
-            self.policy.as_ref(),
-            &p.ty,
-            probe,
-            json,
-            Some((doc, &old_json)),
-            &p.envelopes,
-            uncertified,
+        let before = doc.get_heads();
+        let (trust, policy) = (&self.trust, self.policy.as_ref());
+        let checked = contain(
+            || -> Result<Option<Result<Checked, Refused>>, Refusal> {
+                let mut probe = doc.fork();
+                if let Err(e) = probe.load_incremental(&p.data) {
+                    if let automerge::AutomergeError::DuplicateSeqNumber(seq, _) = e {
+                        // The author signed two different changes with one sequence number.
+                        return Ok(Some(Err(vec![([0; 32], Rejection::Equivocation { seq })])));
+                    }
+                    return Err(e.into());
+                }
+                if probe.get_heads() == before {
+                    return Ok(None);
+                }
+                let json = document_to_json(&probe)?;
+                if json.get("resourceType").and_then(Value::as_str) != Some(p.ty.as_str()) {
+                    return Err(Refusal::TypeChanged {
+                        held: p.ty.clone(),
+                        sent: json
+                            .get("resourceType")
+                            .and_then(Value::as_str)
+                            .unwrap_or("nothing")
+                            .into(),
+                    });
+                }
+                let old_json = document_to_json(doc)?;
+                Ok(Some(Ok(check(
+                    trust,
+                    policy,
+                    &p.ty,
+                    probe,
+                    json,
+                    Some((doc, &old_json)),
+                    &p.envelopes,
+                    uncertified,
+                )?)))
+            },
+            Refusal::Panicked,
         )?;
+        let checked = match checked {
+            None => return Ok((false, Vec::new())),
+            Some(Err(refused)) => return Ok((false, refused)),
+            Some(Ok(c)) => c,
+        };
         if checked.accepted == 0 {
             return Ok((false, checked.rejected));
         }

@@ -6,6 +6,7 @@
 //! acknowledges.
 
 use automerge::AutoCommit;
+use fieldmesh_fhir_docs::limits::check_json;
 use fieldmesh_fhir_docs::resource::format_instant;
 use fieldmesh_fhir_docs::{
     DocId, Prepared, ValidationError, apply_diff, document_to_json, new_document, prepare, profile,
@@ -102,6 +103,7 @@ impl Engine {
         expected_type: Option<&str>,
         bundle_ids: &dyn Fn(&str) -> Option<(String, String)>,
     ) -> Result<DocId, WriteError> {
+        check_json(&resource, &self.limits)?;
         let prepared = prepare(
             resource,
             expected_type,
@@ -226,6 +228,7 @@ impl Engine {
                 });
             }
         }
+        check_json(&resource, &self.limits)?;
         let prepared = prepare(
             resource,
             Some(ty),

@@ -88,6 +88,9 @@ impl From<WriteError> for ApiError {
                 ApiError::new(StatusCode::PRECONDITION_FAILED, "conflict", message)
             }
             WriteError::Forbidden(_) => ApiError::new(StatusCode::FORBIDDEN, "forbidden", message),
+            WriteError::TooLarge(_) => {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too-long", message)
+            }
             WriteError::Store(s) => Self::store(&s, message),
             WriteError::Commit(c) => match c.store() {
                 Some(s) => Self::store(s, message),
