@@ -106,7 +106,11 @@ impl Store for SledStore {
             .commit_lock
             .lock()
             .map_err(|_| StoreError::Engine("poisoned".into()))?;
-        let seqs = ops::apply(&mut Trees(&self.trees), writes)?;
+        let seqs = ops::apply(
+            &mut Trees(&self.trees),
+            writes,
+            &fieldmesh_storage::QuarantineBudget::default(),
+        )?;
         self.db.flush().map_err(e)?;
         Ok(seqs)
     }
@@ -142,6 +146,9 @@ impl Store for SledStore {
     }
     fn quarantined(&self, limit: usize) -> Result<Vec<Quarantined>, StoreError> {
         ops::quarantined(&Trees(&self.trees), limit)
+    }
+    fn quarantined_payload(&self, hash: &[u8; 32]) -> Result<Option<Vec<u8>>, StoreError> {
+        ops::quarantined_payload(&Trees(&self.trees), hash)
     }
     fn stats(&self) -> Result<Stats, StoreError> {
         ops::stats(&Trees(&self.trees))

@@ -19,6 +19,7 @@ pub fn open_engine(dir: &DataDir) -> Result<Engine> {
         dir.store_path(),
         StoreOptions {
             cache_bytes: dir.config.storage.cache_mib * 1024 * 1024,
+            ..StoreOptions::default()
         },
     )?;
     Ok(Engine::new(

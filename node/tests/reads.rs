@@ -65,6 +65,9 @@ impl Store for GatedStore {
     fn quarantined(&self, limit: usize) -> Result<Vec<Quarantined>, StoreError> {
         self.inner.quarantined(limit)
     }
+    fn quarantined_payload(&self, hash: &[u8; 32]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.quarantined_payload(hash)
+    }
     fn stats(&self) -> Result<Stats, StoreError> {
         self.inner.stats()
     }

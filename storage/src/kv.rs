@@ -23,18 +23,23 @@ pub enum Table {
     Log,
     /// `peer` → sequence (u64 BE): how far of our log a peer has seen.
     Checkpoints,
-    /// `sequence (u64 BE)` → quarantine record.
+    /// `sequence (u64 BE)` → quarantine record (what was refused, why, from whom, and the hash of
+    /// its payload).
     Quarantine,
     /// `name` → u64 BE counters (`next_seq`, `documents`).
     Meta,
     /// `doc id` → the signed envelopes of the document's changes, concatenated (opaque to the
     /// store; appended to as changes arrive).
     Envelopes,
+    /// `payload hash (32 bytes)` → the refused bytes, kept once however often they are sent.
+    Payloads,
+    /// `source` → bytes of quarantined payloads from that source (for its budget).
+    QuarantineSources,
 }
 
 impl Table {
-    /// Every table, in a fixed order.
-    pub const ALL: [Table; 9] = [
+    /// Every table, in the order of the variants (stores index their open tables by it).
+    pub const ALL: [Table; 11] = [
         Table::Docs,
         Table::Chunks,
         Table::Ident,
@@ -44,6 +49,8 @@ impl Table {
         Table::Quarantine,
         Table::Meta,
         Table::Envelopes,
+        Table::Payloads,
+        Table::QuarantineSources,
     ];
 
     /// The table's name on disk.
@@ -58,6 +65,8 @@ impl Table {
             Table::Quarantine => "quarantine",
             Table::Meta => "meta",
             Table::Envelopes => "envelopes",
+            Table::Payloads => "quarantine_payloads",
+            Table::QuarantineSources => "quarantine_sources",
         }
     }
 }

@@ -110,15 +110,64 @@ pub struct IndexEntries {
     pub references: Vec<(String, String, String)>,
 }
 
-/// A change refused by validation or authorization, kept but never applied.
+/// Refused changes of one document as one source sent them, to be kept but never applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quarantine {
+    /// Why, in words a person understands (every refused change and its reason).
+    pub reason: String,
+    /// Where it came from (peer id, file, …); the quarantine's budget is per source.
+    pub from: String,
+    /// The document.
+    pub doc: DocId,
+    /// Its resource type.
+    pub ty: String,
+    /// How many changes were refused.
+    pub changes: u32,
+    /// The refused bytes, as received (kept once: the same bytes sent again add nothing).
+    pub data: Vec<u8>,
+}
+
+/// A quarantine record as listed (without its payload, which [`Store::quarantined_payload`]
+/// reads).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Quarantined {
-    /// Why it was refused, in words a person understands.
+    /// Its sequence number.
+    pub seq: u64,
+    /// Why it was refused.
     pub reason: String,
-    /// Where it came from (peer id, bundle file, …).
+    /// Where it came from.
     pub from: String,
-    /// The refused bytes, as received.
-    pub data: Vec<u8>,
+    /// The document, if the record names it.
+    pub doc: Option<DocId>,
+    /// Its resource type (empty if unknown).
+    pub ty: String,
+    /// How many changes were refused.
+    pub changes: u32,
+    /// Bytes of the payload.
+    pub bytes: u64,
+    /// The payload's hash (all zeros for records without a kept payload).
+    pub payload: [u8; 32],
+}
+
+/// Bounds of the quarantine: what refused data may cost the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuarantineBudget {
+    /// Bytes of payloads in all.
+    pub total_bytes: u64,
+    /// Bytes of payloads from one source.
+    pub per_source_bytes: u64,
+    /// Records in all.
+    pub records: u64,
+}
+
+impl Default for QuarantineBudget {
+    fn default() -> Self {
+        Self {
+            total_bytes: 64 << 20,
+            per_source_bytes: 8 << 20,
+            records: 20_000,
+        }
+    }
 }
 
 /// One write in a commit batch.
@@ -134,8 +183,9 @@ pub enum Write {
         /// The encoded checkpoint.
         value: Vec<u8>,
     },
-    /// Keep a refused change.
-    Quarantine(Quarantined),
+    /// Keep refused changes (within the budget: the oldest records of the source, then the oldest
+    /// of all, make room; the same payload is kept once).
+    Quarantine(Quarantine),
     /// Forget every per-peer checkpoint, so that the next session with each peer reconciles
     /// everything (after the trust state changed, changes refused before may now be accepted).
     ForgetCheckpoints,
@@ -165,8 +215,12 @@ pub struct Stats {
     pub documents: u64,
     /// The last sequence number given out.
     pub last_seq: u64,
-    /// Number of quarantined changes.
+    /// Number of quarantine records.
     pub quarantined: u64,
+    /// Bytes of quarantined payloads.
+    pub quarantine_bytes: u64,
+    /// Quarantine records evicted to stay within the budget.
+    pub quarantine_evicted: u64,
 }
 
 /// All identifier and reference index entries of a store.
@@ -206,8 +260,10 @@ pub trait Store: Send + Sync {
     /// A random id given to the store when it was created (all zeros before its first commit):
     /// sequence numbers are only comparable within one store, so peers key checkpoints by it.
     fn store_id(&self) -> Result<[u8; 16], StoreError>;
-    /// Up to `limit` quarantined changes, oldest first.
+    /// Up to `limit` quarantine records, oldest first, without their payloads.
     fn quarantined(&self, limit: usize) -> Result<Vec<Quarantined>, StoreError>;
+    /// The payload of a quarantine record, by its hash.
+    fn quarantined_payload(&self, hash: &[u8; 32]) -> Result<Option<Vec<u8>>, StoreError>;
     /// The store's counters.
     fn stats(&self) -> Result<Stats, StoreError>;
     /// Checks that every index entry, log entry and chunk belongs to a stored document of the
@@ -258,6 +314,9 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
     }
     fn quarantined(&self, limit: usize) -> Result<Vec<Quarantined>, StoreError> {
         (**self).quarantined(limit)
+    }
+    fn quarantined_payload(&self, hash: &[u8; 32]) -> Result<Option<Vec<u8>>, StoreError> {
+        (**self).quarantined_payload(hash)
     }
     fn stats(&self) -> Result<Stats, StoreError> {
         (**self).stats()

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::ops::Bound;
 
 use crate::kv::{KvRead, KvWrite, Table};
-use crate::{DocId, DocMeta, Quarantined, Stats, Store, StoreError, Write, ops};
+use crate::{DocId, DocMeta, QuarantineBudget, Quarantined, Stats, Store, StoreError, Write, ops};
 
 type Tables = BTreeMap<Table, BTreeMap<Vec<u8>, Vec<u8>>>;
 
@@ -12,12 +12,14 @@ type Tables = BTreeMap<Table, BTreeMap<Vec<u8>, Vec<u8>>>;
 #[derive(Debug, Default)]
 pub struct MemStore {
     tables: std::sync::RwLock<Tables>,
+    budget: QuarantineBudget,
 }
 
 impl Clone for MemStore {
     fn clone(&self) -> Self {
         Self {
             tables: std::sync::RwLock::new(self.read().map(|t| t.clone()).unwrap_or_default()),
+            budget: self.budget,
         }
     }
 }
@@ -26,6 +28,14 @@ impl MemStore {
     /// An empty store.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty store with this quarantine budget.
+    pub fn with_budget(budget: QuarantineBudget) -> Self {
+        Self {
+            budget,
+            ..Self::default()
+        }
     }
 
     fn read(&self) -> Result<std::sync::RwLockReadGuard<'_, Tables>, StoreError> {
@@ -130,7 +140,7 @@ impl Store for MemStore {
             tables: &mut guard,
             undo: Vec::new(),
         };
-        match ops::apply(&mut txn, writes) {
+        match ops::apply(&mut txn, writes, &self.budget) {
             Ok(seqs) => Ok(seqs),
             Err(e) => {
                 let Txn { tables, undo } = txn;
@@ -177,6 +187,9 @@ impl Store for MemStore {
     }
     fn quarantined(&self, limit: usize) -> Result<Vec<Quarantined>, StoreError> {
         ops::quarantined(&*self.read()?, limit)
+    }
+    fn quarantined_payload(&self, hash: &[u8; 32]) -> Result<Option<Vec<u8>>, StoreError> {
+        ops::quarantined_payload(&*self.read()?, hash)
     }
     fn stats(&self) -> Result<Stats, StoreError> {
         ops::stats(&*self.read()?)

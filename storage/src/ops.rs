@@ -5,13 +5,22 @@
 use std::collections::BTreeSet;
 
 use crate::kv::{KvRead, KvWrite, Reader, Table, Writer, be_u64, key, parts};
+use sha2::{Digest, Sha256};
+
 use crate::{
-    DocData, DocId, DocMeta, DocWrite, IndexDump, Quarantined, Stats, StoreError, Write, codec,
+    DocData, DocId, DocMeta, DocWrite, IndexDump, Quarantine, QuarantineBudget, Quarantined, Stats,
+    StoreError, Write, codec,
 };
 
 const NEXT_SEQ: &[u8] = b"next_seq";
 const DOCUMENTS: &[u8] = b"documents";
 const QUARANTINED: &[u8] = b"quarantined";
+const QUARANTINE_BYTES: &[u8] = b"quarantine_bytes";
+const QUARANTINE_EVICTED: &[u8] = b"quarantine_evicted";
+/// Quarantine records written before payloads were kept apart.
+const QUARANTINE_V3: u8 = 3;
+/// Quarantine records with their payload kept once in [`Table::Payloads`].
+const QUARANTINE_V4: u8 = 4;
 const RECORD_VERSION: u8 = 3;
 
 pub(crate) fn encode_meta(m: &DocMeta) -> Vec<u8> {
@@ -120,11 +129,14 @@ fn set_counter(kv: &mut dyn KvWrite, name: &[u8], v: u64) -> Result<(), StoreErr
 
 /// Applies a batch of writes inside the caller's transaction. Returns, for each write, the log
 /// sequence number it was given (0 for writes that do not enter the log).
-pub fn apply(kv: &mut dyn KvWrite, writes: Vec<Write>) -> Result<Vec<u64>, StoreError> {
+pub fn apply(
+    kv: &mut dyn KvWrite,
+    writes: Vec<Write>,
+    budget: &QuarantineBudget,
+) -> Result<Vec<u64>, StoreError> {
     ensure_store_id(kv)?;
     let mut next_seq = counter(kv, NEXT_SEQ)?.max(1);
     let mut documents = counter(kv, DOCUMENTS)?;
-    let mut quarantined = counter(kv, QUARANTINED)?;
     let mut seqs = Vec::with_capacity(writes.len());
     for w in writes {
         match w {
@@ -152,23 +164,194 @@ pub fn apply(kv: &mut dyn KvWrite, writes: Vec<Write>) -> Result<Vec<u64>, Store
                 seqs.push(0);
             }
             Write::Quarantine(q) => {
-                let seq = next_seq;
-                next_seq += 1;
-                let mut w = Writer::default();
-                w.u8(RECORD_VERSION)
-                    .str(&q.reason)
-                    .str(&q.from)
-                    .bytes(&q.data);
-                kv.put(Table::Quarantine, &seq.to_be_bytes(), &w.0)?;
-                quarantined += 1;
-                seqs.push(seq);
+                if quarantine(kv, q, next_seq, budget)? {
+                    seqs.push(next_seq);
+                    next_seq += 1;
+                } else {
+                    seqs.push(0);
+                }
             }
         }
     }
     set_counter(kv, NEXT_SEQ, next_seq)?;
     set_counter(kv, DOCUMENTS, documents)?;
-    set_counter(kv, QUARANTINED, quarantined)?;
     Ok(seqs)
+}
+
+fn payload_hash(q: &Quarantine) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(b"fieldmesh-quarantine-v1");
+    h.update(q.doc);
+    h.update(&q.data);
+    h.finalize().into()
+}
+
+/// Keeps a quarantine record within the budget; returns whether a record was written (the same
+/// payload kept before adds nothing).
+fn quarantine(
+    kv: &mut dyn KvWrite,
+    q: Quarantine,
+    seq: u64,
+    budget: &QuarantineBudget,
+) -> Result<bool, StoreError> {
+    let hash = payload_hash(&q);
+    if kv.get(Table::Payloads, &hash)?.is_some() {
+        return Ok(false);
+    }
+    let len = q.data.len() as u64;
+    // A payload larger than a source may keep is recorded, but not kept.
+    let keep = len <= budget.per_source_bytes && len <= budget.total_bytes;
+    let cost = if keep { len } else { 0 };
+    let source_bytes = |kv: &dyn KvRead| -> Result<u64, StoreError> {
+        kv.get(Table::QuarantineSources, q.from.as_bytes())?
+            .map(|v| be_u64(&v))
+            .transpose()
+            .map(Option::unwrap_or_default)
+    };
+    loop {
+        let over_source = source_bytes(kv)? + cost > budget.per_source_bytes;
+        let over_total = counter(kv, QUARANTINE_BYTES)? + cost > budget.total_bytes
+            || counter(kv, QUARANTINED)? + 1 > budget.records;
+        if !over_source && !over_total {
+            break;
+        }
+        let only = over_source.then_some(q.from.as_str());
+        if !evict_oldest(kv, only)? {
+            break;
+        }
+    }
+    let mut w = Writer::default();
+    w.u8(QUARANTINE_V4)
+        .str(&q.reason)
+        .str(&q.from)
+        .bytes(&q.doc)
+        .str(&q.ty)
+        .u32(q.changes)
+        .u64(len)
+        .bytes(if keep { &hash } else { &[] });
+    kv.put(Table::Quarantine, &seq.to_be_bytes(), &w.0)?;
+    if keep {
+        kv.put(Table::Payloads, &hash, &q.data)?;
+        let now = source_bytes(kv)? + len;
+        kv.put(
+            Table::QuarantineSources,
+            q.from.as_bytes(),
+            &now.to_be_bytes(),
+        )?;
+        let total = counter(kv, QUARANTINE_BYTES)? + len;
+        set_counter(kv, QUARANTINE_BYTES, total)?;
+    }
+    let records = counter(kv, QUARANTINED)? + 1;
+    set_counter(kv, QUARANTINED, records)?;
+    Ok(true)
+}
+
+/// Deletes the oldest quarantine record (of `source`, if given) and its payload; returns
+/// whether there was one.
+fn evict_oldest(kv: &mut dyn KvWrite, source: Option<&str>) -> Result<bool, StoreError> {
+    let mut found = None;
+    kv.scan(Table::Quarantine, &[], &mut |k, v| {
+        match decode_quarantined(k, v) {
+            Ok(r) if source.is_none_or(|s| s == r.from) => {
+                found = Some((k.to_vec(), r));
+                false
+            }
+            // An unreadable record is the oldest thing to drop.
+            Err(_) if source.is_none() => {
+                found = Some((k.to_vec(), Quarantined::unreadable()));
+                false
+            }
+            _ => true,
+        }
+    })?;
+    let Some((key, r)) = found else {
+        return Ok(false);
+    };
+    kv.del(Table::Quarantine, &key)?;
+    if r.payload != [0; 32] && kv.get(Table::Payloads, &r.payload)?.is_some() {
+        kv.del(Table::Payloads, &r.payload)?;
+        let total = counter(kv, QUARANTINE_BYTES)?.saturating_sub(r.bytes);
+        set_counter(kv, QUARANTINE_BYTES, total)?;
+        let left = kv
+            .get(Table::QuarantineSources, r.from.as_bytes())?
+            .map(|v| be_u64(&v))
+            .transpose()?
+            .unwrap_or_default()
+            .saturating_sub(r.bytes);
+        if left == 0 {
+            kv.del(Table::QuarantineSources, r.from.as_bytes())?;
+        } else {
+            kv.put(
+                Table::QuarantineSources,
+                r.from.as_bytes(),
+                &left.to_be_bytes(),
+            )?;
+        }
+    }
+    let records = counter(kv, QUARANTINED)?.saturating_sub(1);
+    set_counter(kv, QUARANTINED, records)?;
+    let evicted = counter(kv, QUARANTINE_EVICTED)? + 1;
+    set_counter(kv, QUARANTINE_EVICTED, evicted)?;
+    Ok(true)
+}
+
+impl Quarantined {
+    fn unreadable() -> Self {
+        Quarantined {
+            seq: 0,
+            reason: String::new(),
+            from: String::new(),
+            doc: None,
+            ty: String::new(),
+            changes: 0,
+            bytes: 0,
+            payload: [0; 32],
+        }
+    }
+}
+
+fn decode_quarantined(k: &[u8], v: &[u8]) -> Result<Quarantined, StoreError> {
+    let seq = be_u64(k)?;
+    let mut r = Reader(v);
+    match r.u8()? {
+        QUARANTINE_V3 => {
+            let reason = r.str()?;
+            let from = r.str()?;
+            let data = r.bytes()?;
+            Ok(Quarantined {
+                seq,
+                reason,
+                from,
+                doc: None,
+                ty: String::new(),
+                changes: 1,
+                bytes: data.len() as u64,
+                payload: [0; 32],
+            })
+        }
+        QUARANTINE_V4 => {
+            let reason = r.str()?;
+            let from = r.str()?;
+            let doc = DocId::try_from(r.bytes()?).ok();
+            let ty = r.str()?;
+            let changes = r.u32()?;
+            let bytes = r.u64()?;
+            let payload = <[u8; 32]>::try_from(r.bytes()?).unwrap_or([0; 32]);
+            Ok(Quarantined {
+                seq,
+                reason,
+                from,
+                doc,
+                ty,
+                changes,
+                bytes,
+                payload,
+            })
+        }
+        v => Err(StoreError::Corrupt(format!(
+            "quarantine record version {v} is not one this build reads"
+        ))),
+    }
 }
 
 /// Writes one document; returns whether it is new.
@@ -407,17 +590,8 @@ pub fn ensure_store_id(kv: &mut dyn KvWrite) -> Result<(), StoreError> {
 pub fn quarantined(kv: &dyn KvRead, limit: usize) -> Result<Vec<Quarantined>, StoreError> {
     let mut out = Vec::new();
     let mut err = None;
-    kv.scan(Table::Quarantine, &[], &mut |_, v| {
-        let mut r = Reader(v);
-        let rec = (|| -> Result<Quarantined, StoreError> {
-            let _version = r.u8()?;
-            Ok(Quarantined {
-                reason: r.str()?,
-                from: r.str()?,
-                data: r.bytes()?.to_vec(),
-            })
-        })();
-        match rec {
+    kv.scan(Table::Quarantine, &[], &mut |k, v| {
+        match decode_quarantined(k, v) {
             Ok(q) => out.push(q),
             Err(e) => err = Some(e),
         }
@@ -426,12 +600,22 @@ pub fn quarantined(kv: &dyn KvRead, limit: usize) -> Result<Vec<Quarantined>, St
     err.map_or(Ok(out), Err)
 }
 
+/// See [`crate::Store::quarantined_payload`].
+pub fn quarantined_payload(
+    kv: &dyn KvRead,
+    hash: &[u8; 32],
+) -> Result<Option<Vec<u8>>, StoreError> {
+    kv.get(Table::Payloads, hash)
+}
+
 /// See [`crate::Store::stats`].
 pub fn stats(kv: &dyn KvRead) -> Result<Stats, StoreError> {
     Ok(Stats {
         documents: counter(kv, DOCUMENTS)?,
         last_seq: counter(kv, NEXT_SEQ)?.saturating_sub(1),
         quarantined: counter(kv, QUARANTINED)?,
+        quarantine_bytes: counter(kv, QUARANTINE_BYTES)?,
+        quarantine_evicted: counter(kv, QUARANTINE_EVICTED)?,
     })
 }
 

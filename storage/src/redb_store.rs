@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use crate::kv::{KvRead, KvWrite, Table};
-use crate::{DocId, DocMeta, Quarantined, Stats, Store, StoreError, Write, ops};
+use crate::{DocId, DocMeta, QuarantineBudget, Quarantined, Stats, Store, StoreError, Write, ops};
 
 /// Tuning of an on-disk store.
 #[derive(Debug, Clone, Copy)]
@@ -17,12 +17,15 @@ pub struct StoreOptions {
     /// Bytes of page cache redb may hold. Small by default: documents are loaded on demand and
     /// phones have little memory.
     pub cache_bytes: usize,
+    /// What refused data may cost.
+    pub quarantine: QuarantineBudget,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
         Self {
             cache_bytes: 16 * 1024 * 1024,
+            quarantine: QuarantineBudget::default(),
         }
     }
 }
@@ -47,6 +50,7 @@ fn engine(e: impl Into<redb::Error>, path: &Path) -> StoreError {
 pub struct RedbStore {
     db: Database,
     path: PathBuf,
+    budget: QuarantineBudget,
 }
 
 impl std::fmt::Debug for RedbStore {
@@ -65,7 +69,11 @@ impl RedbStore {
             .set_cache_size(options.cache_bytes)
             .create(&path)
             .map_err(|e| engine(e, &path))?;
-        let store = Self { db, path };
+        let store = Self {
+            db,
+            path,
+            budget: options.quarantine,
+        };
         // Create every table once so that readers never meet a missing one.
         let txn = store.db.begin_write().map_err(|e| store.err(e))?;
         for t in Table::ALL {
@@ -229,7 +237,7 @@ impl Store for RedbStore {
                 tables,
                 path: &self.path,
             };
-            ops::apply(&mut w, writes)
+            ops::apply(&mut w, writes, &self.budget)
         };
         match seqs {
             Ok(seqs) => {
@@ -275,6 +283,9 @@ impl Store for RedbStore {
     }
     fn quarantined(&self, limit: usize) -> Result<Vec<Quarantined>, StoreError> {
         ops::quarantined(&self.read()?, limit)
+    }
+    fn quarantined_payload(&self, hash: &[u8; 32]) -> Result<Option<Vec<u8>>, StoreError> {
+        ops::quarantined_payload(&self.read()?, hash)
     }
     fn stats(&self) -> Result<Stats, StoreError> {
         ops::stats(&self.read()?)

@@ -4,7 +4,8 @@
 use std::collections::HashMap;
 
 use fieldmesh_storage::{
-    DocData, DocWrite, IndexEntries, MemStore, Quarantined, RedbStore, Store, StoreOptions, Write,
+    DocData, DocWrite, IndexEntries, MemStore, Quarantine, QuarantineBudget, RedbStore, Store,
+    StoreOptions, Write,
 };
 use proptest::prelude::*;
 
@@ -153,17 +154,80 @@ fn exercise(store: &mut dyn Store) {
     assert_ne!(sid, [0; 16]);
     store.commit(Vec::new()).unwrap();
     assert_eq!(store.store_id().unwrap(), sid);
+    let refused = Quarantine {
+        reason: "bad signature".into(),
+        from: "peer".into(),
+        doc: [9; 16],
+        ty: "Patient".into(),
+        changes: 3,
+        data: vec![1, 2, 3],
+    };
     store
-        .commit(vec![Write::Quarantine(Quarantined {
-            reason: "bad signature".into(),
-            from: "peer".into(),
-            data: vec![1],
-        })])
+        .commit(vec![Write::Quarantine(refused.clone())])
         .unwrap();
+    // The same payload again is kept once.
+    store.commit(vec![Write::Quarantine(refused)]).unwrap();
     let stats = store.stats().unwrap();
     assert_eq!((stats.documents, stats.quarantined), (2, 1));
-    assert_eq!(store.quarantined(10).unwrap()[0].reason, "bad signature");
+    assert_eq!(stats.quarantine_bytes, 3);
+    let listed = store.quarantined(10).unwrap();
+    assert_eq!(listed[0].reason, "bad signature");
+    assert_eq!((listed[0].changes, listed[0].bytes), (3, 3));
+    assert_eq!(
+        store.quarantined_payload(&listed[0].payload).unwrap(),
+        Some(vec![1, 2, 3])
+    );
     assert_eq!(store.verify().unwrap(), Vec::<String>::new());
+}
+
+/// The quarantine stays within its budget per source and in all, evicting the oldest records.
+#[test]
+fn the_quarantine_keeps_to_its_budget() {
+    let store = MemStore::with_budget(QuarantineBudget {
+        total_bytes: 10_000,
+        per_source_bytes: 3_000,
+        records: 100,
+    });
+    let q = |from: &str, n: u8| Quarantine {
+        reason: format!("refused {n}"),
+        from: from.into(),
+        doc: [n; 16],
+        ty: "Patient".into(),
+        changes: 1,
+        data: vec![n; 1_000],
+    };
+    // One source sends ten payloads: it keeps its last three.
+    for n in 0..10 {
+        store
+            .commit(vec![Write::Quarantine(q("flood", n))])
+            .unwrap();
+    }
+    let kept: Vec<String> = store
+        .quarantined(100)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.reason)
+        .collect();
+    assert_eq!(kept, ["refused 7", "refused 8", "refused 9"]);
+    // Others still get their own budget, up to the total.
+    for (k, from) in ["a", "b", "c", "d"].iter().enumerate() {
+        for n in 0..3 {
+            store
+                .commit(vec![Write::Quarantine(q(from, 20 + 3 * k as u8 + n))])
+                .unwrap();
+        }
+    }
+    let stats = store.stats().unwrap();
+    assert!(stats.quarantine_bytes <= 10_000, "{stats:?}");
+    assert!(stats.quarantine_evicted >= 7, "{stats:?}");
+    // A payload larger than a source's budget is recorded without its bytes.
+    let big = Quarantine {
+        data: vec![0; 5_000],
+        ..q("e", 99)
+    };
+    store.commit(vec![Write::Quarantine(big)]).unwrap();
+    let last = store.quarantined(1000).unwrap().pop().unwrap();
+    assert_eq!((last.bytes, last.payload), (5_000, [0; 32]));
 }
 
 #[test]

@@ -84,7 +84,8 @@ fn the_api_needs_the_nodes_token_but_status_is_open() -> anyhow::Result<()> {
 
 /// A node whose key has no certificate writes resources (it skips its own checks, as a modified
 /// device would) and syncs with a certified node directly and with a hub; none of its writes
-/// appears on any certified node, and they are quarantined where they arrive.
+/// appears on any certified node: each refuses the session the moment it carries anything but
+/// certificates, says why in `/status`, and keeps nothing of it (not even in quarantine).
 #[test]
 fn an_uncertified_nodes_writes_never_reach_certified_nodes() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
@@ -119,10 +120,14 @@ fn an_uncertified_nodes_writes_never_reach_certified_nodes() -> anyhow::Result<(
     )?;
     assert_eq!(status, 201);
     ids.push(format!("Location/{}", loc["id"].as_str().unwrap()));
-    // The uncertified node's writes are quarantined on both certified nodes.
+    // Both certified nodes refuse the uncertified node's sessions, and say why.
+    let u_peer = st["peer_id"].as_str().unwrap().to_string();
     for n in [&hub, &a] {
-        n.wait_for(60, "the uncertified writes to be quarantined", |n| {
-            Ok(quarantined(n) >= 6)
+        n.wait_for(60, "the uncertified sessions to be refused", |n| {
+            let (_, st) = n.get("/status")?;
+            Ok(st["known_peers"][&u_peer]["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("may send only certificates")))
         })?;
     }
     // The certified node's own write still crosses the hub, and the uncertified one gets only
@@ -144,11 +149,14 @@ fn an_uncertified_nodes_writes_never_reach_certified_nodes() -> anyhow::Result<(
             assert!(!has(n, &path), "{path} reached a certified node");
         }
     }
-    let listed = run_ok(&["quarantine", "--data", a.data.to_str().unwrap()])?;
-    assert!(
-        listed.contains("which has no valid certificate"),
-        "{listed}"
-    );
+    for n in [&hub, &a] {
+        assert_eq!(
+            quarantined(n),
+            0,
+            "a stranger's writes took space on {}",
+            n.base
+        );
+    }
     Ok(())
 }
 

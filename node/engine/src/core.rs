@@ -5,7 +5,7 @@
 //! then may the caller acknowledge them. [`Engine::flush_behind`] commits on a thread of its own
 //! while the caller prepares the next batch (bulk loads, received batches).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::sync::Arc;
 
@@ -25,6 +25,9 @@ use crate::events::Stored;
 use crate::identity::NodeIdentity;
 use crate::read::Reader;
 use crate::source::Source;
+
+/// Refused payloads remembered (by hash) to refuse them again without work.
+const REFUSED_MEMORY: usize = 4096;
 
 /// Incremental chunks a document may collect before it is saved whole again.
 pub(crate) const COMPACT_AFTER_CHUNKS: u32 = 16;
@@ -112,8 +115,13 @@ pub struct Engine {
     pub(crate) threads: usize,
     /// Certificates and revocations known here.
     pub(crate) trust: Trust,
-    /// Changes quarantined since start (so that a peer offering them again adds nothing).
-    pub(crate) quarantined: HashSet<[u8; 32]>,
+    /// Payloads refused lately, by hash: the same bytes offered again are refused at once.
+    pub(crate) refused: LruCache<[u8; 32], ()>,
+    /// Certificates and revocations staged: taken into the trust state once durable, so that the
+    /// trust state never runs ahead of the disk.
+    pending_tokens: Vec<String>,
+    /// Those of the background commit.
+    behind_tokens: Vec<String>,
     /// Whether local writes are checked against this node's certificate (always, except to
     /// play a modified, byzantine device in tests: its peers still check everything).
     pub(crate) check_local: bool,
@@ -131,7 +139,9 @@ impl Engine {
         let trust = Trust::new(me.root);
         let mut engine = Self {
             trust,
-            quarantined: HashSet::new(),
+            refused: LruCache::new(NonZeroUsize::new(REFUSED_MEMORY).unwrap_or(NonZeroUsize::MIN)),
+            pending_tokens: Vec::new(),
+            behind_tokens: Vec::new(),
             check_local: true,
             reader: Reader::new(Arc::clone(&store), cache_documents),
             store,
@@ -201,6 +211,7 @@ impl Engine {
         let _ = self.wait_behind();
         self.pending.clear();
         self.pending_docs.clear();
+        self.pending_tokens.clear();
         self.dirty.clear();
     }
 
@@ -254,8 +265,7 @@ impl Engine {
         }
     }
 
-    /// Adds the token a trust document carries; forgets every checkpoint when it is new, so that
-    /// changes refused before are offered again and decided anew.
+    /// Stages the token a trust document carries: it is learnt once the document is durable.
     pub(crate) fn learn(&mut self, json: &Map<String, Value>) {
         if let Some(token) = token_of(json) {
             self.learn_token(token);
@@ -263,13 +273,28 @@ impl Engine {
     }
 
     pub(crate) fn learn_token(&mut self, token: &str) {
-        match self.trust.add_token(token) {
-            Ok(true) => {
-                tracing::info!("learned a new certificate or revocation");
-                self.push(Write::ForgetCheckpoints, None);
+        self.pending_tokens.push(token.to_string());
+    }
+
+    /// Whether certificates or revocations wait for their commit to be learnt.
+    pub(crate) fn tokens_pending(&self) -> bool {
+        !self.pending_tokens.is_empty()
+    }
+
+    /// Takes committed tokens into the trust state; forgets every checkpoint when one is new, so
+    /// that changes refused before are offered again and decided anew (in the next commit).
+    fn learn_committed(&mut self, tokens: Vec<String>) {
+        let mut new = false;
+        for token in tokens {
+            match self.trust.add_token(&token) {
+                Ok(true) => new = true,
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "a trust document carries an invalid token"),
             }
-            Ok(false) => {}
-            Err(e) => tracing::warn!(error = %e, "a trust document carries an invalid token"),
+        }
+        if new {
+            tracing::info!("learned a new certificate or revocation");
+            self.push(Write::ForgetCheckpoints, None);
         }
     }
 
@@ -329,6 +354,7 @@ impl Engine {
         }
         let writes = std::mem::take(&mut self.pending);
         let docs = std::mem::take(&mut self.pending_docs);
+        let tokens = std::mem::take(&mut self.pending_tokens);
         let n = writes.len();
         match self.store.commit(writes) {
             Ok(seqs) => {
@@ -340,9 +366,12 @@ impl Engine {
                     }
                 }
                 self.note_stored(&seqs, docs);
+                self.learn_committed(tokens);
                 Ok(n)
             }
             Err(e) => {
+                // Nothing of the batch is on disk: neither its documents in memory nor its
+                // certificates in the trust state.
                 self.dirty.clear();
                 Err(e.into())
             }
@@ -359,6 +388,7 @@ impl Engine {
         }
         let writes = std::mem::take(&mut self.pending);
         let docs = std::mem::take(&mut self.pending_docs);
+        self.behind_tokens = std::mem::take(&mut self.pending_tokens);
         self.in_flight = std::mem::take(&mut self.dirty);
         let store = Arc::clone(&self.store);
         let handle = std::thread::Builder::new()
@@ -378,8 +408,10 @@ impl Engine {
             .join()
             .map_err(|_| CommitError::Thread("the commit thread panicked".into()))?;
         let in_flight = std::mem::take(&mut self.in_flight);
+        let tokens = std::mem::take(&mut self.behind_tokens);
         let seqs = result?;
         self.note_stored(&seqs, docs);
+        self.learn_committed(tokens);
         if self.keep_flushed {
             for (id, live) in in_flight {
                 if live.doc.is_some() {

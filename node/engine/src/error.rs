@@ -198,6 +198,13 @@ pub enum MergeError {
     /// A thread preparing received documents died.
     #[error("a thread preparing received documents failed")]
     Thread,
+    /// A peer without a valid certificate sent documents other than certificates and
+    /// revocations: nothing of them is kept, and the session ends.
+    #[error("peer {peer} has no valid certificate and may send only certificates and revocations")]
+    Uncertified {
+        /// The peer.
+        peer: String,
+    },
 }
 
 /// Serving a sync session (what it starts from, documents to send, its checkpoint) failed.

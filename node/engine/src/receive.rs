@@ -12,7 +12,7 @@ use automerge::{AutoCommit, ReadDoc};
 use fieldmesh_fhir_docs::limits::{DocLimits, TooLarge, inspect};
 use fieldmesh_fhir_docs::{DocId, document_to_json, profile};
 use fieldmesh_protocol::DocPayload;
-use fieldmesh_storage::{DocData, DocMeta, Quarantined, Write};
+use fieldmesh_storage::{DocData, DocMeta, Quarantine, Write};
 use fieldmesh_trust::{Checked, Policy, Rejection, Trust, check, token_of};
 use serde_json::Value;
 
@@ -24,6 +24,28 @@ use crate::source::Source;
 
 /// Refused changes: hash and reason.
 pub type Refused = Vec<([u8; 32], Rejection)>;
+
+/// The identity of a payload as received (document, bytes and signatures).
+fn payload_hash(p: &DocPayload) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(p.id);
+    h.update((p.data.len() as u64).to_be_bytes());
+    h.update(&p.data);
+    h.update(&p.envelopes);
+    h.finalize().into()
+}
+
+/// The `resourceType` a document's root names, read without converting the whole document.
+fn type_of(doc: &AutoCommit) -> Option<String> {
+    match doc.get(automerge::ROOT, "resourceType").ok()?? {
+        (automerge::Value::Scalar(s), _) => match s.as_ref() {
+            automerge::ScalarValue::Str(t) => Some(t.to_string()),
+            _ => None,
+        },
+        _ => None,
+    }
+}
 
 /// What a merge did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -49,13 +71,12 @@ fn prepare_received(
     trust: &Trust,
     policy: &dyn Policy,
     limits: &DocLimits,
-    uncertified: Option<&str>,
     time: i64,
 ) -> Result<Received, Refusal> {
     // Bounded before anything is built: a few kilobytes may describe millions of operations.
     inspect(&p.data, limits)?;
     contain(
-        || prepare_checked(p, trust, policy, uncertified, time),
+        || prepare_checked(p, trust, policy, time),
         Refusal::Panicked,
     )
 }
@@ -64,27 +85,22 @@ fn prepare_checked(
     p: &DocPayload,
     trust: &Trust,
     policy: &dyn Policy,
-    uncertified: Option<&str>,
     time: i64,
 ) -> Result<Received, Refusal> {
     let id = DocId(uuid::Uuid::from_bytes(p.id));
+    if !profile::is_supported(&p.ty) {
+        return Err(Refusal::WrongType(p.ty.clone()));
+    }
     let doc = AutoCommit::load(&p.data)?;
-    let json = document_to_json(&doc)?;
-    if json.get("resourceType").and_then(Value::as_str) != Some(p.ty.as_str())
-        || !profile::is_supported(&p.ty)
+    if type_of(&doc).as_deref() != Some(p.ty.as_str()) {
+        return Err(Refusal::WrongType(p.ty.clone()));
+    }
+    let checked = check(trust, policy, &p.ty, doc, None, &p.envelopes)?;
+    if checked.accepted > 0
+        && checked.json.get("resourceType").and_then(Value::as_str) != Some(p.ty.as_str())
     {
         return Err(Refusal::WrongType(p.ty.clone()));
     }
-    let checked = check(
-        trust,
-        policy,
-        &p.ty,
-        doc,
-        json,
-        None,
-        &p.envelopes,
-        uncertified,
-    )?;
     if checked.accepted == 0 {
         return Ok(Received {
             doc: None,
@@ -131,29 +147,35 @@ impl Engine {
     /// Merges documents received from `from` and starts committing them in the background (the
     /// next [`Engine::flush`] waits for it).
     ///
-    /// Certificates and revocations in the batch are taken in before anything else, so that a
-    /// batch carrying a new device's certificate and its writes is decided as if they had come
-    /// in order. Everything else from a peer without a valid certificate is quarantined. A
-    /// payload that is not a loadable document of the type it claims is refused and nothing of
-    /// it is applied.
+    /// Certificates and revocations in the batch are taken in (committed and learnt) before
+    /// anything else, so that a batch carrying a new device's certificate and its writes is
+    /// decided as if they had come in order. A peer without a valid certificate may send nothing
+    /// else: anything else from it is an error that ends the session, and nothing of it is kept
+    /// (not even in quarantine). A payload that is not a loadable document of the type it claims
+    /// is refused and nothing of it is applied.
     pub fn merge(
         &mut self,
         docs: Vec<DocPayload>,
         from: &Source,
     ) -> Result<MergeReport, MergeError> {
         let (trust_docs, docs): (Vec<_>, Vec<_>) = docs.into_iter().partition(|p| p.ty == "Basic");
-        let mut report = MergeReport::default();
-        for (is_trust, batch) in [(true, trust_docs), (false, docs)] {
-            // Certificates and revocations are central's changes, checked as such whoever relays
-            // them: a new device brings its own certificate.
-            let uncertified = (!is_trust && !self.certified(from)).then(|| {
-                from.peer()
-                    .map_or_else(|| from.to_string(), |k| k.peer_id())
-            });
-            let r = self.merge_batch(batch, from, uncertified.as_deref())?;
-            report.changed += r.changed;
-            report.refused += r.refused;
+        // Certificates and revocations are central's changes, checked as such whoever relays
+        // them: a new device brings its own certificate.
+        let mut report = self.merge_batch(trust_docs, from)?;
+        if self.tokens_pending() {
+            self.flush()?;
         }
+        if !docs.is_empty() && !self.certified(from) {
+            let peer = from
+                .peer()
+                .map_or_else(|| from.to_string(), |k| k.peer_id());
+            tracing::warn!(%peer, documents = docs.len(), "an uncertified peer sent documents other than certificates");
+            self.flush_behind()?;
+            return Err(MergeError::Uncertified { peer });
+        }
+        let r = self.merge_batch(docs, from)?;
+        report.changed += r.changed;
+        report.refused += r.refused;
         // The commit overlaps the next batch; the engine thread waits for it before replying.
         self.flush_behind()?;
         Ok(report)
@@ -163,7 +185,6 @@ impl Engine {
         &mut self,
         docs: Vec<DocPayload>,
         from: &Source,
-        uncertified: Option<&str>,
     ) -> Result<MergeReport, MergeError> {
         // Documents new to this node are prepared on every core; the received bytes are stored
         // as they came, without a second save.
@@ -181,7 +202,7 @@ impl Engine {
         let (trust, policy, time) = (&self.trust, self.policy.as_ref(), self.me.time());
         let limits = &self.limits;
         let prepared = par_map(&fresh, self.threads, |p| {
-            prepare_received(p, trust, policy, limits, uncertified, time)
+            prepare_received(p, trust, policy, limits, time)
         })
         .ok_or(MergeError::Thread)?;
         let mut report = MergeReport::default();
@@ -212,7 +233,7 @@ impl Engine {
         }
         for p in known {
             let id = DocId(uuid::Uuid::from_bytes(p.id));
-            match self.merge_one(id, &p, from, uncertified) {
+            match self.merge_one(id, &p, from) {
                 Ok((doc_changed, rejected)) => {
                     report.changed += usize::from(doc_changed);
                     if !rejected.is_empty() {
@@ -230,33 +251,41 @@ impl Engine {
         Ok(report)
     }
 
-    /// Keeps refused changes of a payload in quarantine (once per change per run).
+    /// Keeps the refused changes of a payload in quarantine: one record for the payload, whatever
+    /// the number of changes, the payload kept once (the store dedups and bounds it).
     fn quarantine(&mut self, p: &DocPayload, from: &Source, rejected: Refused) {
-        let doc = uuid::Uuid::from_bytes(p.id);
-        for (hash, why) in rejected {
-            let key = if hash == [0; 32] {
-                let mut k = [0u8; 32];
-                k[..16].copy_from_slice(&p.id);
-                k
-            } else {
-                hash
-            };
-            if !self.quarantined.insert(key) {
-                continue;
-            }
-            let change = hex::encode(&hash[..6]);
-            tracing::warn!(source = %from, doc = %doc, ty = %p.ty, change = %change, reason = %why, "quarantined a change");
-            let mut data = p.data.clone();
-            data.extend_from_slice(&p.envelopes);
-            self.push(
-                Write::Quarantine(Quarantined {
-                    reason: format!("{} {doc}, change {change}: {why}", p.ty),
-                    from: from.to_string(),
-                    data,
-                }),
-                None,
-            );
+        if rejected.is_empty() {
+            return;
         }
+        let hash = payload_hash(p);
+        if self.refused.put(hash, ()).is_some() {
+            return;
+        }
+        let doc = uuid::Uuid::from_bytes(p.id);
+        const SHOWN: usize = 8;
+        let mut reasons: Vec<String> = rejected
+            .iter()
+            .take(SHOWN)
+            .map(|(hash, why)| format!("change {}: {why}", hex::encode(&hash[..6])))
+            .collect();
+        if rejected.len() > SHOWN {
+            reasons.push(format!("and {} more", rejected.len() - SHOWN));
+        }
+        let reason = format!("{} {doc}: {}", p.ty, reasons.join("; "));
+        tracing::warn!(source = %from, doc = %doc, ty = %p.ty, changes = rejected.len(), bytes = p.data.len(), reason = %reason, "quarantined");
+        let mut data = p.data.clone();
+        data.extend_from_slice(&p.envelopes);
+        self.push(
+            Write::Quarantine(Quarantine {
+                reason,
+                from: from.to_string(),
+                doc: p.id,
+                ty: p.ty.clone(),
+                changes: u32::try_from(rejected.len()).unwrap_or(u32::MAX),
+                data,
+            }),
+            None,
+        );
     }
 
     /// Merges a payload into a document this node holds; returns whether it changed and the
@@ -266,7 +295,6 @@ impl Engine {
         id: DocId,
         p: &DocPayload,
         from: &Source,
-        uncertified: Option<&str>,
     ) -> Result<(bool, Refused), MergeOne> {
         let taken = self.take(&id).map_err(|e| match e {
             ReadError::Store(s) => MergeOne::Engine(s.into()),
@@ -279,15 +307,8 @@ impl Engine {
         })?;
         let Some(mut live) = taken else {
             let time = self.me.time();
-            let r = prepare_received(
-                p,
-                &self.trust,
-                self.policy.as_ref(),
-                &self.limits,
-                uncertified,
-                time,
-            )
-            .map_err(MergeOne::Refused)?;
+            let r = prepare_received(p, &self.trust, self.policy.as_ref(), &self.limits, time)
+                .map_err(MergeOne::Refused)?;
             let changed = r.doc.is_some();
             if let Some(d) = r.doc {
                 self.stage_received(d, from.clone());
@@ -295,7 +316,7 @@ impl Engine {
             return Ok((changed, r.rejected));
         };
         let was_dirty = self.has_pending_write(&id);
-        let result = self.merge_live(id, &mut live, p, from, uncertified);
+        let result = self.merge_live(id, &mut live, p, from);
         if let Err(Refusal::Panicked(_)) = &result {
             // The live copy may be in any state: commit what was staged for it and read it from
             // the store when it is next needed.
@@ -314,7 +335,6 @@ impl Engine {
         live: &mut Live,
         p: &DocPayload,
         from: &Source,
-        uncertified: Option<&str>,
     ) -> Result<(bool, Refused), Refusal> {
         if live.meta.ty != p.ty {
             return Err(Refusal::TypeChanged {
@@ -352,28 +372,29 @@ impl Engine {
                 if probe.get_heads() == before {
                     return Ok(None);
                 }
-                let json = document_to_json(&probe)?;
-                if json.get("resourceType").and_then(Value::as_str) != Some(p.ty.as_str()) {
+                let sent = type_of(&probe);
+                if sent.as_deref() != Some(p.ty.as_str()) {
                     return Err(Refusal::TypeChanged {
                         held: p.ty.clone(),
-                        sent: json
-                            .get("resourceType")
-                            .and_then(Value::as_str)
-                            .unwrap_or("nothing")
-                            .into(),
+                        sent: sent.unwrap_or_else(|| "nothing".into()),
                     });
                 }
                 let old_json = document_to_json(doc)?;
-                Ok(Some(Ok(check(
+                let checked = check(
                     trust,
                     policy,
                     &p.ty,
                     probe,
-                    json,
                     Some((doc, &old_json)),
                     &p.envelopes,
-                    uncertified,
-                )?)))
+                )?;
+                if checked.json.get("resourceType").and_then(Value::as_str) != Some(p.ty.as_str()) {
+                    return Err(Refusal::TypeChanged {
+                        held: p.ty.clone(),
+                        sent: "nothing".into(),
+                    });
+                }
+                Ok(Some(Ok(checked)))
             },
             Refusal::Panicked,
         )?;

@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used)] // tests may panic on unexpected errors
 
 use fieldmesh_engine::test_support::{certificate, certificate_doc, forge, key, peer, public};
-use fieldmesh_engine::{Engine, MergeReport, Source, WriteError, now};
+use fieldmesh_engine::{Engine, MergeError, MergeReport, Source, WriteError, now};
 use fieldmesh_fhir_docs::openimis::LOCATION_EXTENSION;
 use fieldmesh_fhir_docs::{DocId, actor_for_key};
 use fieldmesh_protocol::DocPayload;
@@ -358,7 +358,7 @@ fn local_writes_outside_the_certificate_are_refused_at_once() {
 }
 
 #[test]
-fn an_uncertified_peer_is_served_only_certificates_and_its_changes_are_quarantined() {
+fn an_uncertified_peer_is_served_only_certificates_and_may_send_only_certificates() {
     let mut s = setup();
     let id = s
         .officer_engine
@@ -377,12 +377,20 @@ fn an_uncertified_peer_is_served_only_certificates_and_its_changes_are_quarantin
             .unwrap()
             .is_empty()
     );
-    // Even a valid change relayed by the uncertified peer is quarantined.
+    // Even a valid change relayed by the uncertified peer is refused whole, and nothing of it is
+    // kept (not even in quarantine: a stranger must not be able to fill this node's disk).
     let p = sent(&mut s.officer_engine, id, vec![]);
-    let MergeReport { changed, refused } = s.receiver.merge(vec![p], &Source::Peer(pk)).unwrap();
+    let before = s.receiver.store().stats().unwrap();
+    assert!(matches!(
+        s.receiver.merge(vec![p], &Source::Peer(pk)),
+        Err(MergeError::Uncertified { .. })
+    ));
     s.receiver.flush().unwrap();
-    assert_eq!((changed, refused), (0, 1));
-    assert!(reasons(&s.receiver)[0].contains("which has no valid certificate"));
+    let after = s.receiver.store().stats().unwrap();
+    assert_eq!(
+        (after.documents, after.quarantined, after.last_seq),
+        (before.documents, before.quarantined, before.last_seq)
+    );
     // The officer itself is certified.
     let officer_peer = peer(&s.officer);
     assert!(

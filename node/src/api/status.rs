@@ -45,7 +45,18 @@ pub(super) async fn quarantine(State(st): State<AppState>) -> Result<Response, A
     let items = st.engine.quarantined(QUARANTINE_LIMIT).await?;
     let list: Vec<Value> = items
         .iter()
-        .map(|q| json!({"reason": q.reason, "from": q.from, "bytes": q.data.len()}))
+        .map(|q| {
+            json!({
+                "seq": q.seq,
+                "reason": q.reason,
+                "from": q.from,
+                "doc": q.doc.map(|d| uuid::Uuid::from_bytes(d).to_string()),
+                "resourceType": q.ty,
+                "changes": q.changes,
+                "bytes": q.bytes,
+                "payload": hex::encode(q.payload),
+            })
+        })
         .collect();
-    Ok(Json(json!({"quarantined": list.len(), "changes": list})).into_response())
+    Ok(Json(json!({"quarantined": list.len(), "records": list})).into_response())
 }

@@ -10,14 +10,14 @@ use serde_json::Value;
 /// Lists what the node in `data` refused (asking its API if it is running).
 pub fn run(data: &Path, limit: usize) -> Result<()> {
     let dir = DataDir::open(data)?;
-    let items: Vec<(String, String)> =
+    let items: Vec<(String, String, u64, u64)> =
         match RedbStore::open(dir.store_path(), StoreOptions::default()) {
             Ok(store) => {
                 use fieldmesh_storage::Store as _;
                 store
                     .quarantined(limit)?
                     .into_iter()
-                    .map(|q| (q.reason, q.from))
+                    .map(|q| (q.reason, q.from, u64::from(q.changes), q.bytes))
                     .collect()
             }
             Err(fieldmesh_storage::StoreError::InUse(_)) => {
@@ -32,7 +32,7 @@ pub fn run(data: &Path, limit: usize) -> Result<()> {
                     .call()
                     .context("the node is running but its API does not answer")?;
                 let v: Value = r.body_mut().read_json()?;
-                v["changes"]
+                v["records"]
                     .as_array()
                     .into_iter()
                     .flatten()
@@ -41,6 +41,8 @@ pub fn run(data: &Path, limit: usize) -> Result<()> {
                         (
                             c["reason"].as_str().unwrap_or_default().to_string(),
                             c["from"].as_str().unwrap_or_default().to_string(),
+                            c["changes"].as_u64().unwrap_or_default(),
+                            c["bytes"].as_u64().unwrap_or_default(),
                         )
                     })
                     .collect()
@@ -51,12 +53,14 @@ pub fn run(data: &Path, limit: usize) -> Result<()> {
         println!("{}: nothing in quarantine", dir.config.name);
     } else {
         println!(
-            "{}: {} refused change(s), kept but never applied or forwarded:",
+            "{}: {} refused payload(s), kept but never applied or forwarded:",
             dir.config.name,
             items.len()
         );
-        for (reason, from) in items {
-            println!("  {reason}\n      from {from}");
+        for (reason, from, changes, bytes) in items {
+            println!(
+                "  {reason}\n      from {from}: {changes} change(s) refused, {bytes} bytes kept"
+            );
         }
     }
     Ok(())

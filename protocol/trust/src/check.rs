@@ -7,7 +7,7 @@
 //! own causal past (not as of whatever else arrived). If any is refused, the document is rebuilt
 //! from the accepted changes only: refused changes and everything built on them are never applied.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use automerge::{AutoCommit, ChangeHash};
 use fieldmesh_fhir_docs::{ConvertError, document_to_json};
@@ -47,25 +47,60 @@ pub struct Checked {
     pub rejected: Vec<([u8; 32], Rejection)>,
 }
 
-fn json_at(doc: &mut AutoCommit, heads: &[ChangeHash]) -> Result<Map<String, Value>, CheckError> {
-    let fork = doc.fork_at(heads)?;
-    Ok(document_to_json(&fork)?)
+/// The new changes in causal order (Kahn's algorithm: linear in changes and dependencies).
+fn causal_order(facts: &[ChangeFacts]) -> Result<Vec<usize>, CheckError> {
+    let index: HashMap<[u8; 32], usize> =
+        facts.iter().enumerate().map(|(i, f)| (f.hash, i)).collect();
+    let mut waiting = vec![0usize; facts.len()];
+    let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); facts.len()];
+    for (i, f) in facts.iter().enumerate() {
+        for d in &f.deps {
+            if let Some(&j) = index.get(d) {
+                waiting[i] += 1;
+                dependents[j].push(i);
+            }
+        }
+    }
+    let mut ready: Vec<usize> = (0..facts.len()).filter(|i| waiting[*i] == 0).collect();
+    // Deterministic: among ready changes, the smallest hash first.
+    ready.sort_by_key(|i| std::cmp::Reverse(facts[*i].hash));
+    let mut order = Vec::with_capacity(facts.len());
+    while let Some(i) = ready.pop() {
+        order.push(i);
+        let mut freed = Vec::new();
+        for &j in &dependents[i] {
+            waiting[j] -= 1;
+            if waiting[j] == 0 {
+                freed.push(j);
+            }
+        }
+        ready.extend(freed);
+        ready.sort_by_key(|i| std::cmp::Reverse(facts[*i].hash));
+    }
+    if order.len() != facts.len() {
+        return Err(CheckError::Cycle);
+    }
+    Ok(order)
 }
 
-/// Checks the changes `merged` holds beyond `before_heads`, with the envelopes that came with
-/// them (wire form, [`Envelope::match_wire`]). `before` is the document this node
-/// held (`None` for a document new here); `uncertified` names the sending peer if it has no valid
-/// certificate (then everything it sent is refused).
-#[allow(clippy::too_many_arguments)]
+/// Checks the changes `merged` holds beyond what `before` held, with the envelopes that came
+/// with them (wire form, [`Envelope::match_wire`]). `before` is the document this node held
+/// (`None` for a document new here). Whether the sender may send this at all is decided before
+/// (a peer without a valid certificate may send only certificates and revocations).
+///
+/// Work is spent in order of cost. First, for every change, what reads no document state: its
+/// signature, its dependencies, its author's certificate and revocations, the capability. Only
+/// then, and only for changes by scoped authors, the document as of the change: the state before
+/// and after each change is read once, walking the changes in causal order on a working copy
+/// (a fork at the change's dependencies only where history branches), so the cost grows with the
+/// changes, not with their square.
 pub fn check(
     trust: &Trust,
     policy: &dyn Policy,
     ty: &str,
     mut merged: AutoCommit,
-    merged_json: Map<String, Value>,
     before: Option<(&mut AutoCommit, &Map<String, Value>)>,
     wire_envelopes: &[u8],
-    uncertified: Option<&str>,
 ) -> Result<Checked, CheckError> {
     let mut before = before;
     let before_heads: Vec<ChangeHash> = match &mut before {
@@ -86,69 +121,20 @@ pub fn check(
     let pairs: Vec<([u8; 32], &[u8])> =
         facts.iter().map(|f| (f.hash, f.actor.as_slice())).collect();
     let envelopes = Envelope::match_wire(wire_envelopes, &pairs)?;
-    let envelopes = &envelopes;
-    // Causal order: a change after every new change it depends on.
-    let new: HashSet<[u8; 32]> = facts.iter().map(|f| f.hash).collect();
-    let mut order: Vec<usize> = Vec::with_capacity(facts.len());
-    let mut placed: HashSet<[u8; 32]> = HashSet::new();
-    while order.len() < facts.len() {
-        let before_round = order.len();
-        for (i, f) in facts.iter().enumerate() {
-            if !placed.contains(&f.hash)
-                && f.deps
-                    .iter()
-                    .all(|d| !new.contains(d) || placed.contains(d))
-            {
-                placed.insert(f.hash);
-                order.push(i);
-            }
-        }
-        if order.len() == before_round {
-            return Err(CheckError::Cycle);
-        }
-    }
-    let merged_heads = merged.get_heads();
+    let order = causal_order(&facts)?;
     let mut rejected: Vec<([u8; 32], Rejection)> = Vec::new();
     let mut rejected_set: HashSet<[u8; 32]> = HashSet::new();
-    let mut accepted_envelopes = Vec::new();
-    let mut sorted_before = before_heads.clone();
-    sorted_before.sort();
-    for i in order {
+
+    // 1. Signatures, dependencies, certificates, capabilities: no document state read.
+    let mut scoped: HashMap<usize, crate::Authority<'_>> = HashMap::new();
+    for &i in &order {
         let f = &facts[i];
-        let verdict = if let Some(peer) = uncertified {
-            Err(Rejection::UncertifiedPeer { peer: peer.into() })
-        } else {
-            let after = if merged_heads.len() == 1 && merged_heads[0].0 == f.hash {
-                None
-            } else {
-                Some(json_at(&mut merged, &[ChangeHash(f.hash)])?)
-            };
-            let mut deps: Vec<ChangeHash> = f.deps.iter().map(|d| ChangeHash(*d)).collect();
-            deps.sort();
-            let prior = if deps.is_empty() {
-                None
-            } else if deps == sorted_before {
-                before.as_ref().map(|(_, j)| (*j).clone())
-            } else if deps.iter().all(|d| !rejected_set.contains(&d.0)) {
-                Some(json_at(&mut merged, &deps)?)
-            } else {
-                None
-            };
-            trust.decide(
-                policy,
-                ty,
-                f,
-                envelopes.get(&f.hash),
-                &|d| rejected_set.contains(d),
-                prior.as_ref(),
-                after.as_ref().unwrap_or(&merged_json),
-            )
-        };
-        match verdict {
-            Ok(()) => {
-                if let Some(e) = envelopes.get(&f.hash) {
-                    e.encode_into(&mut accepted_envelopes);
-                }
+        match trust.decide_author(policy, ty, f, envelopes.get(&f.hash), &|d| {
+            rejected_set.contains(d)
+        }) {
+            Ok(None) => {}
+            Ok(Some(authority)) => {
+                scoped.insert(i, authority);
             }
             Err(r) => {
                 rejected_set.insert(f.hash);
@@ -156,11 +142,102 @@ pub fn check(
             }
         }
     }
+
+    // 2. Scope, for the changes by scoped authors, on the document as of each change. A working
+    // copy follows the causal order; where history branches (or a refused change was applied to
+    // it) it is re-forked once at the next change's dependencies, then followed again.
+    if !scoped.is_empty() {
+        let mut work = match &mut before {
+            Some((doc, _)) => doc.fork(),
+            None => AutoCommit::new(),
+        };
+        let mut work_heads: Vec<ChangeHash> = before_heads.clone();
+        work_heads.sort();
+        let mut work_json: Option<Map<String, Value>> = before.as_ref().map(|(_, j)| (*j).clone());
+        for &i in &order {
+            let f = &facts[i];
+            if rejected_set.contains(&f.hash) {
+                continue;
+            }
+            if let Some(dep) = f.deps.iter().find(|d| rejected_set.contains(*d)) {
+                let dep = crate::keys::short(dep);
+                rejected_set.insert(f.hash);
+                rejected.push((f.hash, Rejection::DependsOnRejected { dep }));
+                continue;
+            }
+            let Some(authority) = scoped.get(&i) else {
+                // Not scoped: follow it only if it continues the working copy.
+                let mut deps: Vec<ChangeHash> = f.deps.iter().map(|d| ChangeHash(*d)).collect();
+                deps.sort();
+                if deps == work_heads {
+                    let change = merged
+                        .get_change_by_hash(&ChangeHash(f.hash))
+                        .ok_or(CheckError::Cycle)?;
+                    work.apply_changes([change])?;
+                    work_heads = vec![ChangeHash(f.hash)];
+                    work_json = None;
+                }
+                continue;
+            };
+            let mut deps: Vec<ChangeHash> = f.deps.iter().map(|d| ChangeHash(*d)).collect();
+            deps.sort();
+            if deps != work_heads {
+                work = if deps.is_empty() {
+                    AutoCommit::new()
+                } else {
+                    merged.fork_at(&deps)?
+                };
+                work_heads = deps;
+                work_json = None;
+            }
+            let prior = if work_heads.is_empty() {
+                None
+            } else {
+                Some(match work_json.take() {
+                    Some(j) => j,
+                    None => document_to_json(&work)?,
+                })
+            };
+            let change = merged
+                .get_change_by_hash(&ChangeHash(f.hash))
+                .ok_or(CheckError::Cycle)?;
+            work.apply_changes([change])?;
+            let after = document_to_json(&work)?;
+            let verdict = prior
+                .as_ref()
+                .map_or(Ok(()), |p| authority.in_scope(policy, ty, p))
+                .and_then(|()| authority.in_scope(policy, ty, &after));
+            match verdict {
+                Ok(()) => {
+                    work_heads = vec![ChangeHash(f.hash)];
+                    work_json = Some(after);
+                }
+                Err(r) => {
+                    rejected_set.insert(f.hash);
+                    rejected.push((f.hash, r));
+                    // The working copy holds a refused change: re-fork before it is read again.
+                    work_heads = vec![ChangeHash([0xff; 32])];
+                    work_json = None;
+                }
+            }
+        }
+    }
+
+    let mut accepted_envelopes = Vec::new();
+    for &i in &order {
+        let f = &facts[i];
+        if !rejected_set.contains(&f.hash)
+            && let Some(e) = envelopes.get(&f.hash)
+        {
+            e.encode_into(&mut accepted_envelopes);
+        }
+    }
     let accepted = facts.len() - rejected.len();
     if rejected.is_empty() {
+        let json = document_to_json(&merged)?;
         return Ok(Checked {
             doc: merged,
-            json: merged_json,
+            json,
             envelopes: accepted_envelopes,
             accepted,
             rejected,

@@ -52,15 +52,9 @@ impl Authority<'_> {
         format!("{article} {}", names.join(" and "))
     }
 
-    /// Checks that the authority may write a `ty` whose places are `before` (if the document
-    /// existed) and `after`, under `policy`.
-    pub fn permits(
-        &self,
-        policy: &dyn Policy,
-        ty: &str,
-        before: Option<&Map<String, Value>>,
-        after: &Map<String, Value>,
-    ) -> Result<(), Rejection> {
+    /// Checks that a role of the authority grants what writing a `ty` needs; returns whether
+    /// the write must also lie in the authority's scope (every role granting it is scoped).
+    pub fn grants(&self, policy: &dyn Policy, ty: &str) -> Result<bool, Rejection> {
         let capability = policy.capability(ty);
         let granting: Vec<Role> = self
             .roles
@@ -75,30 +69,54 @@ impl Authority<'_> {
                 ty: ty.into(),
             });
         }
-        if granting.iter().any(|r| !policy.scoped(*r)) {
+        Ok(granting.iter().all(|r| policy.scoped(*r)))
+    }
+
+    /// Checks that a `ty` reading `state` lies in the authority's scope: it names at least one
+    /// place, and every place it names is in scope (a document with one address inside and one
+    /// outside is outside).
+    pub fn in_scope(
+        &self,
+        policy: &dyn Policy,
+        ty: &str,
+        state: &Map<String, Value>,
+    ) -> Result<(), Rejection> {
+        let Some(places) = policy.places(ty, state) else {
+            return Ok(());
+        };
+        let inside = !places.is_empty() && places.iter().all(|p| self.scope.contains(&p.as_str()));
+        if inside {
+            return Ok(());
+        }
+        Err(Rejection::OutOfScope {
+            ty: ty.into(),
+            place: if places.is_empty() {
+                "no place".into()
+            } else {
+                places.join(", ")
+            },
+            scope: if self.scope.is_empty() {
+                "nothing".into()
+            } else {
+                self.scope.join(", ")
+            },
+        })
+    }
+
+    /// Checks that the authority may write a `ty` whose places are `before` (if the document
+    /// existed) and `after`, under `policy`.
+    pub fn permits(
+        &self,
+        policy: &dyn Policy,
+        ty: &str,
+        before: Option<&Map<String, Value>>,
+        after: &Map<String, Value>,
+    ) -> Result<(), Rejection> {
+        if !self.grants(policy, ty)? {
             return Ok(());
         }
         for state in before.into_iter().chain([after]) {
-            let Some(places) = policy.places(ty, state) else {
-                continue;
-            };
-            let inside =
-                !places.is_empty() && places.iter().any(|p| self.scope.contains(&p.as_str()));
-            if !inside {
-                return Err(Rejection::OutOfScope {
-                    ty: ty.into(),
-                    place: if places.is_empty() {
-                        "no place".into()
-                    } else {
-                        places.join(", ")
-                    },
-                    scope: if self.scope.is_empty() {
-                        "nothing".into()
-                    } else {
-                        self.scope.join(", ")
-                    },
-                });
-            }
+            self.in_scope(policy, ty, state)?;
         }
         Ok(())
     }
@@ -120,6 +138,29 @@ pub struct ChangeFacts {
 }
 
 impl Trust {
+    /// The part of the decision that reads no document state: the signature, the dependencies,
+    /// the author's certificate and revocations, the capability. Cheap, and done first for every
+    /// change. Returns the author's authority when the change must also lie in its scope (see
+    /// [`Authority::in_scope`]), `None` when it is accepted.
+    pub fn decide_author(
+        &self,
+        policy: &dyn Policy,
+        ty: &str,
+        change: &ChangeFacts,
+        envelope: Option<&Envelope>,
+        rejected: &dyn Fn(&[u8; 32]) -> bool,
+    ) -> Result<Option<Authority<'_>>, Rejection> {
+        let envelope = envelope.ok_or(Rejection::Unsigned)?;
+        if envelope.hash != change.hash || !self.verify_envelope(envelope, &change.actor) {
+            return Err(Rejection::BadSignature);
+        }
+        if let Some(dep) = change.deps.iter().find(|d| rejected(d)) {
+            return Err(Rejection::DependsOnRejected { dep: short(dep) });
+        }
+        let authority = self.authority(&change.actor, change.time, envelope.revocations_seen)?;
+        Ok(authority.grants(policy, ty)?.then_some(authority))
+    }
+
     /// Decides on one received change of a `ty` document. `before` is the document as of the
     /// change's dependencies (`None` when the change creates it), `after` as of the change
     /// itself; `rejected` says whether a dependency was rejected. See the crate docs.
@@ -134,14 +175,12 @@ impl Trust {
         before: Option<&Map<String, Value>>,
         after: &Map<String, Value>,
     ) -> Result<(), Rejection> {
-        let envelope = envelope.ok_or(Rejection::Unsigned)?;
-        if envelope.hash != change.hash || !self.verify_envelope(envelope, &change.actor) {
-            return Err(Rejection::BadSignature);
+        let Some(authority) = self.decide_author(policy, ty, change, envelope, rejected)? else {
+            return Ok(());
+        };
+        for state in before.into_iter().chain([after]) {
+            authority.in_scope(policy, ty, state)?;
         }
-        if let Some(dep) = change.deps.iter().find(|d| rejected(d)) {
-            return Err(Rejection::DependsOnRejected { dep: short(dep) });
-        }
-        self.authority(&change.actor, change.time, envelope.revocations_seen)?
-            .permits(policy, ty, before, after)
+        Ok(())
     }
 }

@@ -103,10 +103,4 @@ pub enum Rejection {
         /// The sequence number.
         seq: u64,
     },
-    /// It was sent by a peer that has no valid certificate.
-    #[error("sent by peer {peer}, which has no valid certificate")]
-    UncertifiedPeer {
-        /// Peer id.
-        peer: String,
-    },
 }
