@@ -382,6 +382,30 @@ pub fn inspect(bytes: &[u8], limits: &DocLimits) -> Result<Shape, TooLarge> {
     Ok(shape)
 }
 
+/// The chunks of Automerge bytes, each whole (header included) with its type (0 document,
+/// 1 change, 2 compressed change), without reading their contents. Stops at the first malformed
+/// header.
+pub fn chunks(bytes: &[u8]) -> Vec<(u8, &[u8])> {
+    let mut out = Vec::new();
+    let mut c = Cursor(bytes);
+    while !c.0.is_empty() {
+        let start = c.0;
+        let Ok(magic) = c.take(4) else { break };
+        if magic != MAGIC || c.take(4).is_err() {
+            break;
+        }
+        let (Ok(kind), Ok(len)) = (c.byte(), c.uleb()) else {
+            break;
+        };
+        if c.take(len).is_err() {
+            break;
+        }
+        let used = start.len() - c.0.len();
+        out.push((kind, &start[..used]));
+    }
+    out
+}
+
 /// Checks the size of a resource sent as JSON: its depth and its number of values.
 pub fn check_json(resource: &Value, limits: &DocLimits) -> Result<(), TooLarge> {
     let mut nodes = 0usize;

@@ -39,6 +39,7 @@ pub const RESOURCE_TYPES: &[(&str, &[&str])] = &[
     ("Invoice", &["status"]),
     ("List", &["status", "mode"]),
     ("Basic", &["code"]),
+    ("AuditEvent", &["type", "recorded"]),
 ];
 
 /// Whether a node holds resources of this type.

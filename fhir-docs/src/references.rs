@@ -20,6 +20,23 @@ pub trait Resolver {
     fn find(&self, ty: &str, key: &IdentKey) -> Option<String>;
 }
 
+/// Which of the documents carrying an identifier a reference to it means: the document whose own
+/// id is the identifier's value (a UUID names one document everywhere, whatever identifiers
+/// other documents claim), else the only one. Several others (a business number registered
+/// twice) mean none: a duplicate never redirects a reference, it leaves it unresolved until
+/// central settles which registration stands.
+pub fn pick_target(ids: &[crate::DocId], value: &str) -> Option<crate::DocId> {
+    if let Ok(u) = uuid::Uuid::parse_str(value)
+        && let Some(own) = ids.iter().find(|d| d.0 == u)
+    {
+        return Some(*own);
+    }
+    match ids {
+        [one] => Some(*one),
+        _ => None,
+    }
+}
+
 /// The logical target of a translated reference.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RefTarget {

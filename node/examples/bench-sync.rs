@@ -118,7 +118,7 @@ fn envelope_for(id: &[u8; 16]) -> Vec<u8> {
     let key = fieldmesh_trust::ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
     let mut hash = [0u8; 32];
     hash[..16].copy_from_slice(id);
-    Envelope::encode_wire(&[Envelope::sign(&key, hash, 0)])
+    Envelope::encode_wire(&[Envelope::sign(&key, id, "Patient", hash, 0)])
 }
 
 /// documents asked for are sent as `payload(doc)` (real Automerge saves), in compressed batches.

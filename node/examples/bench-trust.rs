@@ -22,6 +22,9 @@ use fieldmesh_trust::ed25519_dalek::SigningKey;
 use fieldmesh_trust::{Certificate, ChangeFacts, Envelope, Role, Trust, issue_certificate};
 use serde_json::Value;
 
+/// The document every benchmark change is signed for (signatures bind the document).
+const DOC: fieldmesh_fhir_docs::DocId = fieldmesh_fhir_docs::DocId(uuid::Uuid::nil());
+
 fn arg(name: &str, default: usize) -> usize {
     let args: Vec<String> = std::env::args().collect();
     args.iter()
@@ -78,7 +81,8 @@ fn main() -> Result<()> {
             now,
         )?;
         let head = doc.get_heads()[0].0;
-        let env = Envelope::sign(&officer, head, 0);
+        let ty = r["resourceType"].as_str().unwrap_or_default();
+        let env = Envelope::sign(&officer, DOC.as_bytes(), ty, head, 0);
         docs.push((
             r["resourceType"].as_str().unwrap_or_default().to_string(),
             doc.save_nocompress(),
@@ -121,7 +125,7 @@ fn main() -> Result<()> {
     let t = Instant::now();
     let ok = prepared
         .iter()
-        .filter(|(_, f, e, _)| trust.verify_envelope(e, &f.actor))
+        .filter(|(ty, f, e, _)| trust.verify_envelope(e, &f.actor, DOC.as_bytes(), ty))
         .count();
     let s = t.elapsed().as_secs_f64();
     assert_eq!(ok, n);
@@ -147,7 +151,7 @@ fn main() -> Result<()> {
         .iter()
         .filter(|(ty, f, e, json)| {
             trust
-                .decide(&OpenImis, ty, f, Some(e), &|_| false, None, json)
+                .decide(&OpenImis, &DOC, ty, f, Some(e), &|_| false, None, json)
                 .is_ok()
         })
         .count();
@@ -164,7 +168,7 @@ fn main() -> Result<()> {
     let t = Instant::now();
     let decided = fieldmesh_engine::par_map(&prepared, threads, |(ty, f, e, json)| {
         trust
-            .decide(&OpenImis, ty, f, Some(e), &|_| false, None, json)
+            .decide(&OpenImis, &DOC, ty, f, Some(e), &|_| false, None, json)
             .is_ok()
     })
     .unwrap_or_default();
@@ -190,7 +194,7 @@ fn main() -> Result<()> {
     let t = Instant::now();
     for ((ty, bytes, _), env) in docs.iter().zip(&envs) {
         let doc = automerge::AutoCommit::load(bytes)?;
-        let checked = fieldmesh_trust::check(&trust, &OpenImis, ty, doc, None, env)?;
+        let checked = fieldmesh_trust::check(&trust, &OpenImis, &DOC, ty, doc, None, env)?;
         assert!(checked.rejected.is_empty());
         std::hint::black_box(fieldmesh_engine::entries_of_json(&checked.json));
     }

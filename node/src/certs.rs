@@ -69,11 +69,16 @@ fn signed_document(central: &DataDir, resource: &Value) -> Result<(DocId, Vec<u8
         fieldmesh_fhir_docs::actor_for_key(&key.verifying_key().to_bytes()),
         now(),
     )?;
+    let id = DocId::new();
+    let ty = json
+        .get("resourceType")
+        .and_then(Value::as_str)
+        .unwrap_or("Basic");
     let mut envelopes = Vec::new();
     for h in doc.get_heads() {
-        Envelope::sign(&key, h.0, 0).encode_into(&mut envelopes);
+        Envelope::sign(&key, id.as_bytes(), ty, h.0, 0).encode_into(&mut envelopes);
     }
-    Ok((DocId::new(), doc.save_nocompress(), envelopes))
+    Ok((id, doc.save_nocompress(), envelopes))
 }
 
 /// Issues a certificate with central's key (the data directory of the root of trust).
@@ -176,7 +181,11 @@ pub fn revoke(
         .with_context(|| format!("{subject:?} is not a peer id"))?;
     let (_, revs) = engine.trust().all();
     let number = revs.iter().map(|r| r.number).max().unwrap_or(0) + 1;
+    // Central vouches for the key's changes it holds now; every other change by the key will be
+    // refused by every node that holds the revocation.
+    let vouched = engine.authored_heads(&key)?;
     let rev = Revocation {
+        vouched,
         number,
         subject: hex::encode(key),
         reason: reason.into(),

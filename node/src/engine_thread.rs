@@ -95,6 +95,8 @@ pub struct EngineHandle {
     events: broadcast::Sender<Stored>,
     seq: watch::Receiver<u64>,
     trust: watch::Receiver<Value>,
+    trust_state: watch::Receiver<std::sync::Arc<fieldmesh_trust::Trust>>,
+    me: fieldmesh_trust::PublicKey,
 }
 
 impl EngineHandle {
@@ -105,11 +107,14 @@ impl EngineHandle {
         let last = engine.stats().map(|s| s.last_seq).unwrap_or_default();
         let (seq_tx, seq) = watch::channel(last);
         let (trust_tx, trust) = watch::channel(engine.trust_summary());
+        let (state_tx, trust_state) = watch::channel(std::sync::Arc::new(engine.trust().clone()));
+        let me = engine.identity().public();
         let reader = engine.reader();
         let publish = Publish {
             events: events.clone(),
             seq: seq_tx,
             trust: trust_tx,
+            trust_state: state_tx,
         };
         let join = thread::Builder::new()
             .name("fieldmesh-engine".into())
@@ -121,6 +126,8 @@ impl EngineHandle {
                 events,
                 seq,
                 trust,
+                trust_state,
+                me,
             },
             join,
         ))
@@ -247,6 +254,14 @@ impl EngineHandle {
         self.trust.borrow().clone()
     }
 
+    /// Whether this node serves `peer` now (see [`fieldmesh_trust::Trust::serves`]), as of the
+    /// last commit, by the system clock: what the relay asks before carrying a peer's traffic.
+    pub fn serves(&self, peer: &fieldmesh_trust::PublicKey) -> bool {
+        self.trust_state
+            .borrow()
+            .serves(&self.me, peer, fieldmesh_engine::now())
+    }
+
     /// The store's last durable log sequence.
     pub fn last_seq(&self) -> u64 {
         *self.seq.borrow()
@@ -312,6 +327,7 @@ struct Publish {
     events: broadcast::Sender<Stored>,
     seq: watch::Sender<u64>,
     trust: watch::Sender<Value>,
+    trust_state: watch::Sender<std::sync::Arc<fieldmesh_trust::Trust>>,
 }
 
 /// A reply to send after the commit: sent as is if the commit succeeded, as the commit's
@@ -403,11 +419,15 @@ fn publish_after_commit(engine: &mut Engine, publish: &Publish) {
             newer
         });
     }
-    if events
-        .iter()
-        .any(|e| e.docs.iter().any(|(_, ty)| ty == "Basic"))
-    {
+    if events.iter().any(|e| {
+        e.docs
+            .iter()
+            .any(|(_, ty)| ty == "Basic" || ty == "AuditEvent")
+    }) {
         let _ = publish.trust.send(engine.trust_summary());
+        let _ = publish
+            .trust_state
+            .send(std::sync::Arc::new(engine.trust().clone()));
     }
     for e in events {
         // No subscriber is not an error: nothing is listening yet.

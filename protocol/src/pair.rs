@@ -13,6 +13,12 @@ use crate::wire::{Checkpoint, DocPayload, Heads};
 /// Why a host could not read, merge or record.
 pub type HostError = Box<dyn std::error::Error + Send + Sync>;
 
+/// A host's refusal of what the peer sent (not a failure of the host): the session stops there,
+/// as the node ends a session whose peer sent what it may not.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub String);
+
 /// What a side's store does for a session.
 pub trait Host {
     /// The documents asked for, each after the heads the peer holds of it.
@@ -131,11 +137,19 @@ pub fn run<'h>(
                         return Ok(out);
                     }
                 };
-                if let Some(t) = carry(driver, host, steps, back)? {
-                    match side {
+                match carry(driver, host, steps, back) {
+                    Ok(Some(t)) => match side {
                         Side::A => out.a = Some(t),
                         Side::B => out.b = Some(t),
-                    }
+                    },
+                    Ok(None) => {}
+                    Err(e) => match e.downcast::<Refused>() {
+                        Ok(refused) => {
+                            out.stopped = Some(refused.0);
+                            return Ok(out);
+                        }
+                        Err(e) => return Err(e),
+                    },
                 }
             }
         }

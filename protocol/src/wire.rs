@@ -12,7 +12,7 @@
 use crate::DocId;
 
 /// libp2p protocol id of this version of the protocol.
-pub const PROTOCOL_ID: &str = "/fieldmesh/sync/3";
+pub const PROTOCOL_ID: &str = "/fieldmesh/sync/4";
 /// First byte of every frame.
 pub const WIRE_VERSION: u8 = 3;
 /// Largest frame accepted or produced (8 MiB).

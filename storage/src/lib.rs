@@ -189,6 +189,15 @@ pub enum Write {
     /// Forget every per-peer checkpoint, so that the next session with each peer reconciles
     /// everything (after the trust state changed, changes refused before may now be accepted).
     ForgetCheckpoints,
+    /// Remove a document whose every change was taken out (by a revoked key that central did not
+    /// vouch for): its record, data, signatures and index entries. The changes themselves are
+    /// in quarantine.
+    Remove {
+        /// The document.
+        id: DocId,
+        /// Its index entries, to remove.
+        entries: IndexEntries,
+    },
 }
 
 /// The stored record of a document.

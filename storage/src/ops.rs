@@ -163,6 +163,12 @@ pub fn apply(
                 }
                 seqs.push(0);
             }
+            Write::Remove { id, entries } => {
+                if remove_doc(kv, &id, &entries)? {
+                    documents = documents.saturating_sub(1);
+                }
+                seqs.push(0);
+            }
             Write::Quarantine(q) => {
                 if quarantine(kv, q, next_seq, budget)? {
                     seqs.push(next_seq);
@@ -448,6 +454,34 @@ fn write_doc(kv: &mut dyn KvWrite, d: DocWrite, seq: u64) -> Result<bool, StoreE
     };
     kv.put(Table::Docs, &d.id, &encode_meta(&meta))?;
     Ok(is_new)
+}
+
+/// Removes a document and its index entries; returns whether it was there.
+fn remove_doc(
+    kv: &mut dyn KvWrite,
+    id: &DocId,
+    entries: &crate::IndexEntries,
+) -> Result<bool, StoreError> {
+    let Some(meta) = kv
+        .get(Table::Docs, id)?
+        .map(|b| decode_meta(&b))
+        .transpose()?
+    else {
+        return Ok(false);
+    };
+    for n in 0..meta.chunks {
+        kv.del(Table::Chunks, &chunk_key(id, n))?;
+    }
+    for (s, v) in &entries.identifiers {
+        kv.del(Table::Ident, &ident_key(&meta.ty, s, v, id))?;
+    }
+    for (t, s, v) in &entries.references {
+        kv.del(Table::Refs, &ref_key(t, s, v, id))?;
+    }
+    kv.del(Table::Log, &meta.seq.to_be_bytes())?;
+    kv.del(Table::Envelopes, id)?;
+    kv.del(Table::Docs, id)?;
+    Ok(true)
 }
 
 /// See [`crate::Store::envelopes`].

@@ -6,12 +6,13 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
+use fieldmesh_protocol::DocPayload;
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, StreamProtocol, identify, noise, ping, tcp, yamux};
 
 /// The sync protocol.
-pub const SYNC: &str = "/fieldmesh/sync/3";
+pub const SYNC: &str = fieldmesh_protocol::PROTOCOL_ID;
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
@@ -173,4 +174,72 @@ impl TestPeer {
             }
         })
     }
+
+    /// Runs a whole sync session with the node as initiator, with the protocol's own driver,
+    /// offering `docs` and sending them as they are (however crafted) when the node asks. Returns
+    /// how it ended: `Ok` with the number of documents the node asked for if the session
+    /// completed, an error saying where it stopped otherwise (the node closing the stream is the
+    /// expected end for refused input).
+    pub fn push(&mut self, docs: Vec<DocPayload>, secs: u64) -> Result<usize> {
+        use fieldmesh_protocol::{Driver, Local, Role, Start, Step};
+        let start = Start {
+            local: Local {
+                node: "attacker".into(),
+                store: *uuid_bytes(&self.id),
+                seq: docs.len() as u64,
+                checkpoint: None,
+            },
+            items: docs
+                .iter()
+                .enumerate()
+                .map(|(i, d)| (d.id, Vec::new(), i as u64 + 1))
+                .collect(),
+            restricted: false,
+        };
+        let mut driver = Driver::new(Role::Initiator, start)?;
+        let mut s = self.open()?;
+        let mut asked = 0;
+        let mut todo: std::collections::VecDeque<Step> = driver.start()?.into();
+        let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            while let Some(step) = todo.pop_front() {
+                match step {
+                    Step::Send(frame) => self.send_frame(&mut s, &frame)?,
+                    Step::Read(ids) => {
+                        asked += ids.len();
+                        let out: Vec<DocPayload> = docs
+                            .iter()
+                            .filter(|d| ids.iter().any(|(id, _)| *id == d.id))
+                            .cloned()
+                            .collect();
+                        for step in driver.docs_read(out).into_iter().rev() {
+                            todo.push_front(step);
+                        }
+                    }
+                    Step::Merge(got) => todo.extend(driver.merged(got.len().min(0))),
+                    Step::Complete(_) => return Ok(asked),
+                }
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(anyhow!("the session did not end within {secs} s"));
+            }
+            let frame = self
+                .read_frame(&mut s, left.as_secs().max(1))
+                .with_context(|| {
+                    format!("the node ended the session after asking for {asked} document(s)")
+                })?;
+            todo.extend(driver.receive(&frame)?);
+        }
+    }
+}
+
+/// Sixteen bytes naming this peer's (pretend) store.
+fn uuid_bytes(id: &PeerId) -> Box<[u8; 16]> {
+    let digest = id.to_bytes();
+    let mut out = [0u8; 16];
+    for (i, b) in digest.iter().rev().take(16).enumerate() {
+        out[i] = *b;
+    }
+    Box::new(out)
 }

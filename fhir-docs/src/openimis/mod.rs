@@ -28,7 +28,8 @@ pub const LOCATION_EXTENSION: &str =
 pub enum Role {
     /// The central server beside openIMIS: everything, and alone reference data.
     Central,
-    /// A health-facility or district hub: relays, authors nothing.
+    /// A health-facility or district hub: relays, authors nothing but evidence of misbehaving
+    /// keys.
     Hub,
     /// Enrolment officer: insurees, families, policies, contributions, payments in their villages.
     EnrolmentOfficer,
@@ -64,13 +65,18 @@ impl Role {
     pub fn grants(self) -> &'static [Capability] {
         match self {
             Role::Central => &Capability::ALL,
-            Role::Hub => &[],
+            Role::Hub => &[Capability::ReportEvidence],
             Role::EnrolmentOfficer => &[
                 Capability::WriteInsurees,
                 Capability::WritePolicies,
                 Capability::WritePayments,
+                Capability::ReportEvidence,
             ],
-            Role::ClaimAdministrator => &[Capability::WriteClaims, Capability::RequestEligibility],
+            Role::ClaimAdministrator => &[
+                Capability::WriteClaims,
+                Capability::RequestEligibility,
+                Capability::ReportEvidence,
+            ],
         }
     }
 
@@ -104,11 +110,14 @@ pub enum Capability {
     /// Locations, facilities, practitioners, items, services, products, price lists, and the
     /// certificates and revocations themselves.
     AuthorReferenceData,
+    /// `AuditEvent`s carrying evidence that a key misbehaved (two different changes under one
+    /// sequence number): self-proving, so any certified device may report one.
+    ReportEvidence,
 }
 
 impl Capability {
     /// Every capability.
-    pub const ALL: [Capability; 7] = [
+    pub const ALL: [Capability; 8] = [
         Capability::WriteInsurees,
         Capability::WritePolicies,
         Capability::WritePayments,
@@ -116,6 +125,7 @@ impl Capability {
         Capability::RequestEligibility,
         Capability::Adjudicate,
         Capability::AuthorReferenceData,
+        Capability::ReportEvidence,
     ];
 
     /// The capability writing `ty` needs.
@@ -127,6 +137,7 @@ impl Capability {
             "Claim" => Capability::WriteClaims,
             "CoverageEligibilityRequest" => Capability::RequestEligibility,
             "ClaimResponse" | "CoverageEligibilityResponse" => Capability::Adjudicate,
+            "AuditEvent" => Capability::ReportEvidence,
             _ => Capability::AuthorReferenceData,
         }
     }
@@ -142,24 +153,44 @@ impl std::fmt::Display for Capability {
             Capability::RequestEligibility => "request eligibility",
             Capability::Adjudicate => "adjudicate claims",
             Capability::AuthorReferenceData => "author reference data",
+            Capability::ReportEvidence => "report evidence",
         })
     }
 }
 
-/// The places a document of type `ty` lies in, as the identifier values (UUIDs or openIMIS codes)
-/// its place references carry: the villages of a Patient's or a family's addresses, the facility
-/// (`provider`, `facility`) of a Claim or an eligibility request. `None` for types that name no
-/// place (policies, payments: checked by type only).
-pub fn places(ty: &str, json: &Map<String, Value>) -> Option<Vec<String>> {
+/// The types that name no place of their own and lie where the insurees and families they
+/// concern lie (policies, their coverage, payments): they carry those places, copied from the
+/// family or insuree when the document is written, in [`PLACE_EXTENSION`] extensions.
+pub const DEPENDENT_TYPES: [&str; 4] = ["Contract", "Coverage", "PaymentNotice", "Invoice"];
+
+/// Extension on a document of a [`DEPENDENT_TYPES`] type naming a place of the family or
+/// insuree it concerns (`valueReference`, as in the family's own address). Written by the node
+/// that writes the document; every place of it must lie in the author's scope.
+pub const PLACE_EXTENSION: &str = "urn:fieldmesh:StructureDefinition/place";
+
+/// The references that name the places of a document of type `ty`, with the resource types a
+/// relative reference may name there: the villages of a Patient's or a family's addresses, the
+/// facility (`provider`, `facility`) of a Claim or an eligibility request, the declared places
+/// of a [`DEPENDENT_TYPES`] document. `None` for types that name no place (reference data:
+/// checked by type only). A place extension without a `valueReference` counts as a reference
+/// naming nothing.
+pub fn place_references<'a>(
+    ty: &str,
+    json: &'a Map<String, Value>,
+) -> Option<Vec<(&'a Value, &'static [&'static str])>> {
+    const NOTHING: Value = Value::Null;
+    const VILLAGE: &[&str] = &["Location"];
+    const FACILITY: &[&str] = &["Organization", "Location"];
+    let extensions = |v: &'a Value| {
+        v.get("extension")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+    };
     let mut out = Vec::new();
-    let mut push_ref = |r: &Value| {
-        if let Some(v) = r.pointer("/identifier/value").and_then(Value::as_str) {
-            out.push(v.to_string());
-        }
-        if let Some(s) = r.get("reference").and_then(Value::as_str)
-            && let Some((_, id)) = s.rsplit_once('/')
-        {
-            out.push(id.to_string());
+    let mut push_ext = |e: &'a Value, url: &str, types: &'static [&'static str]| {
+        if e.get("url").and_then(Value::as_str) == Some(url) {
+            out.push((e.get("valueReference").unwrap_or(&NOTHING), types));
         }
     };
     match ty {
@@ -177,32 +208,85 @@ pub fn places(ty: &str, json: &Map<String, Value>) -> Option<Vec<String>> {
                         .filter_map(|e| e.get("valueAddress")),
                 );
             for a in addresses {
-                for e in a
-                    .get("extension")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                {
-                    if e.get("url").and_then(Value::as_str) == Some(LOCATION_EXTENSION)
-                        && let Some(r) = e.get("valueReference")
-                    {
-                        push_ref(r);
-                    }
+                for e in extensions(a) {
+                    push_ext(e, LOCATION_EXTENSION, VILLAGE);
                 }
             }
         }
         "Claim" | "CoverageEligibilityRequest" => {
             for f in ["provider", "facility"] {
                 if let Some(r) = json.get(f) {
-                    push_ref(r);
+                    out.push((r, FACILITY));
+                }
+            }
+        }
+        t if DEPENDENT_TYPES.contains(&t) => {
+            if let Some(ext) = json.get("extension").and_then(Value::as_array) {
+                for e in ext {
+                    push_ext(e, PLACE_EXTENSION, FACILITY);
                 }
             }
         }
         _ => return None,
     }
+    Some(out)
+}
+
+/// The place a reference names: the identifier's value, or the id of a relative `<Type>/<id>`
+/// of one of `types`. Anything else (an absolute URL whose last segment looks like a code, a
+/// reference to another type, a reference naming nothing) is kept whole, so that it is in no
+/// certificate's scope. A reference with both names both.
+fn push_places(r: &Value, types: &[&str], out: &mut Vec<String>) {
+    let mut named = false;
+    if let Some(v) = r.pointer("/identifier/value") {
+        out.push(v.as_str().map_or_else(|| v.to_string(), String::from));
+        named = true;
+    }
+    if let Some(s) = r.get("reference") {
+        let s = s.as_str().map_or_else(|| s.to_string(), String::from);
+        let exact = s.split_once('/').and_then(|(ty, id)| {
+            (types.contains(&ty) && !id.is_empty() && !id.contains(['/', '?', '#'])).then_some(id)
+        });
+        out.push(exact.map_or_else(|| s.clone(), String::from));
+        named = true;
+    }
+    if !named {
+        out.push(format!("unresolvable reference {r}"));
+    }
+}
+
+/// The places a document of type `ty` lies in (see [`place_references`]), sorted and
+/// deduplicated: every one must lie in a scoped author's scope. `None` for types that name no
+/// place.
+pub fn places(ty: &str, json: &Map<String, Value>) -> Option<Vec<String>> {
+    let mut out = Vec::new();
+    for (r, types) in place_references(ty, json)? {
+        push_places(r, types, &mut out);
+    }
     out.sort();
     out.dedup();
     Some(out)
+}
+
+/// Sets the declared places of a [`DEPENDENT_TYPES`] document to `places` (the `valueReference`s
+/// of the family's or insuree's own place extensions), replacing any it carried and keeping
+/// every other extension.
+pub fn declare_places(json: &mut Map<String, Value>, places: Vec<Value>) {
+    let mut ext: Vec<Value> = match json.remove("extension") {
+        Some(Value::Array(a)) => a,
+        Some(other) => vec![other],
+        None => Vec::new(),
+    };
+    ext.retain(|e| e.get("url").and_then(Value::as_str) != Some(PLACE_EXTENSION));
+    let mut seen = std::collections::HashSet::new();
+    for p in places {
+        if seen.insert(p.to_string()) {
+            ext.push(serde_json::json!({"url": PLACE_EXTENSION, "valueReference": p}));
+        }
+    }
+    if !ext.is_empty() {
+        json.insert("extension".into(), Value::Array(ext));
+    }
 }
 
 /// The openIMIS policy as a value, for code that takes a deployment's policy as a parameter (the

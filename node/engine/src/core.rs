@@ -12,6 +12,7 @@ use std::sync::Arc;
 use automerge::{AutoCommit, ChangeHash};
 use fieldmesh_fhir_docs::DocLimits;
 use fieldmesh_fhir_docs::openimis::OpenImis;
+use fieldmesh_fhir_docs::references::pick_target;
 use fieldmesh_fhir_docs::{DocId, IdentKey, IdentifierQuery, Resolver, document_to_json, profile};
 use fieldmesh_storage::{
     DocData, DocMeta, DocWrite, IndexEntries, Stats, Store, StoreError, Write,
@@ -24,6 +25,7 @@ use crate::error::{CommitError, DocError, ReadError, contain};
 use crate::events::Stored;
 use crate::identity::NodeIdentity;
 use crate::read::Reader;
+use crate::retract::Retraction;
 use crate::source::Source;
 
 /// Refused payloads remembered (by hash) to refuse them again without work.
@@ -120,6 +122,10 @@ pub struct Engine {
     /// Certificates and revocations staged: taken into the trust state once durable, so that the
     /// trust state never runs ahead of the disk.
     pending_tokens: Vec<String>,
+    /// Keys newly revoked whose unvouched changes are still to be taken out of the documents.
+    pub(crate) retractions: Vec<crate::retract::Retraction>,
+    /// Equivocations met while merging, whose evidence is still to be written.
+    pub(crate) equivocations: Vec<(String, fieldmesh_trust::Equivocation)>,
     /// Those of the background commit.
     behind_tokens: Vec<String>,
     /// Whether local writes are checked against this node's certificate (always, except to
@@ -141,6 +147,8 @@ impl Engine {
             trust,
             refused: LruCache::new(NonZeroUsize::new(REFUSED_MEMORY).unwrap_or(NonZeroUsize::MIN)),
             pending_tokens: Vec::new(),
+            retractions: Vec::new(),
+            equivocations: Vec::new(),
             behind_tokens: Vec::new(),
             check_local: true,
             reader: Reader::new(Arc::clone(&store), cache_documents),
@@ -166,7 +174,9 @@ impl Engine {
 
     /// Reads every certificate and revocation document of the store into the trust state.
     fn load_trust(&mut self) -> Result<(), ReadError> {
-        for id in self.store.of_type("Basic")? {
+        let mut ids = self.store.of_type("Basic")?;
+        ids.extend(self.store.of_type("AuditEvent")?);
+        for id in ids {
             let Some(bytes) = self.store.doc_bytes(&id)? else {
                 continue;
             };
@@ -251,16 +261,10 @@ impl Engine {
     /// Whether `source` may hand in more than certificates: it is this node or a file, or a
     /// peer holding a certificate that no known revocation revokes.
     ///
-    /// This decides only whom to serve and whose documents to take; it does not read this
-    /// node's clock (a device whose clock is wrong would otherwise cut itself off). Every change
-    /// is still checked against its author's certificate at the change's time.
+    /// This decides only whom to serve and whose documents to take: see [`Trust::serves`].
     pub fn certified(&self, source: &Source) -> bool {
         match source {
-            Source::Peer(k) => {
-                k.0 == *self.trust.root()
-                    || (!self.trust.certificates(&k.0).is_empty()
-                        && self.trust.revoked(&k.0, u32::MAX).is_none())
-            }
+            Source::Peer(k) => self.trust.serves(&self.me.public(), &k.0, self.me.time()),
             Source::Local | Source::File(_) => true,
         }
     }
@@ -287,7 +291,22 @@ impl Engine {
         let mut new = false;
         for token in tokens {
             match self.trust.add_token(&token) {
-                Ok(true) => new = true,
+                Ok(true) => {
+                    new = true;
+                    if let Ok(r) = fieldmesh_trust::verify_revocation(self.trust.root(), &token)
+                        && let Ok(key) = fieldmesh_trust::parse_key(&r.subject)
+                    {
+                        self.retractions.push(Retraction::Revoked(key));
+                    }
+                    if let Ok(e) = fieldmesh_trust::verify_evidence(&token) {
+                        tracing::warn!(key = %hex::encode(&e.key[..8]), doc = %uuid::Uuid::from_bytes(e.doc), seq = e.seq, "learned that a key equivocated");
+                        self.retractions.push(Retraction::Equivocated {
+                            key: e.key,
+                            doc: e.doc,
+                            seq: e.seq,
+                        });
+                    }
+                }
                 Ok(false) => {}
                 Err(e) => tracing::warn!(error = %e, "a trust document carries an invalid token"),
             }
@@ -618,17 +637,16 @@ impl Resolver for Engine {
     }
 
     fn find(&self, ty: &str, key: &IdentKey) -> Option<String> {
-        let mut ids = self
+        let ids = self
             .find_ids(ty, &IdentifierQuery::Exact(key.clone()))
             .ok()?;
-        if ids.is_empty() && uuid::Uuid::parse_str(&key.value).is_ok() {
-            // A reference made by id before its target arrived names the referring node's
-            // system; the id is a UUID, unique whatever system created it.
-            ids = self
-                .find_ids(ty, &IdentifierQuery::ValueOnly(key.value.clone()))
-                .ok()?;
+        if !ids.is_empty() {
+            return pick_target(&ids, &key.value).map(|id| id.to_string());
         }
-        // A duplicate registration shows its first (oldest id) copy; both stay readable by id.
-        ids.into_iter().min().map(|id| id.to_string())
+        // A reference made by id before its target arrived names the referring node's system:
+        // it means the document with that id, and no other carrying the value.
+        let id = DocId::parse(&key.value)?;
+        let meta = self.meta_of(&id).ok()??;
+        (meta.ty == ty).then(|| id.to_string())
     }
 }

@@ -198,6 +198,12 @@ pub enum MergeError {
     /// A thread preparing received documents died.
     #[error("a thread preparing received documents failed")]
     Thread,
+    /// Writing the evidence of an equivocation failed.
+    #[error("writing the evidence of an equivocation failed: {0}")]
+    Evidence(#[source] Box<WriteError>),
+    /// Taking a revoked key's changes out of the documents failed.
+    #[error("taking a revoked key's changes out failed: {0}")]
+    Retract(#[source] Box<ReadError>),
     /// A peer without a valid certificate sent documents other than certificates and
     /// revocations: nothing of them is kept, and the session ends.
     #[error("peer {peer} has no valid certificate and may send only certificates and revocations")]

@@ -12,6 +12,8 @@
 //! - [`load`]: bulk loads, prepared on every core ([`par`]: work on every core).
 //! - [`receive`]: documents from peers and files: every new change checked before it is applied,
 //!   refused changes quarantined.
+//! - [`retract`]: revoked keys: the changes central vouches for, and taking out of the documents
+//!   the changes a node accepted from a key before it learnt of its revocation.
 //! - [`serve`]: what a sync session starts from, the documents it sends, its checkpoint.
 //! - [`sync`]: an engine as one side of an in-process session ([`EngineHost`]).
 //! - [`read`]: [`Reader`], reads and searches of committed data, off the write path.
@@ -32,6 +34,7 @@ pub mod load;
 pub mod par;
 pub mod read;
 pub mod receive;
+pub mod retract;
 pub mod serve;
 pub mod source;
 pub mod sync;

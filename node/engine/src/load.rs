@@ -9,6 +9,8 @@ use std::collections::HashMap;
 use std::num::NonZeroUsize;
 
 use fieldmesh_fhir_docs::limits::{DocLimits, check_json};
+use fieldmesh_fhir_docs::openimis::DEPENDENT_TYPES;
+use fieldmesh_fhir_docs::references::pick_target;
 use fieldmesh_fhir_docs::{DocId, IdentKey, Resolver, ValidationError, new_document, prepare};
 use fieldmesh_storage::{DocMeta, Store};
 use fieldmesh_trust::{Policy, Trust, token_of};
@@ -65,18 +67,28 @@ impl Resolver for View<'_> {
     }
 
     fn find(&self, ty: &str, key: &IdentKey) -> Option<String> {
-        let mut ids = self.store.find(ty, &key.system, &key.value).ok()?;
-        if ids.is_empty() && uuid::Uuid::parse_str(&key.value).is_ok() {
-            ids = self.store.find_value(ty, &key.value).ok()?;
+        let ids: Vec<DocId> = self
+            .store
+            .find(ty, &key.system, &key.value)
+            .ok()?
+            .into_iter()
+            .map(|b| DocId(uuid::Uuid::from_bytes(b)))
+            .collect();
+        if !ids.is_empty() {
+            return pick_target(&ids, &key.value).map(|id| id.to_string());
         }
-        ids.into_iter()
-            .min()
-            .map(|b| uuid::Uuid::from_bytes(b).to_string())
+        let id = DocId::parse(&key.value)?;
+        let t = match self.staged(&id) {
+            Some(l) => l.meta.ty.clone(),
+            None => self.store.doc_meta(id.as_bytes()).ok()??.ty,
+        };
+        (t == ty).then(|| id.to_string())
     }
 }
 
 /// Prepares one NDJSON line as a new document (validation, reference translation, authority,
-/// Automerge, signature, encoding).
+/// Automerge, signature, encoding). `None` for a document that must be prepared in order, with
+/// the engine (one that lies where the family it concerns lies reads that family).
 fn prepare_line(
     view: &View<'_>,
     me: &NodeIdentity,
@@ -84,7 +96,7 @@ fn prepare_line(
     policy: Option<&dyn Policy>,
     limits: &DocLimits,
     line: &str,
-) -> Result<PreparedDoc, WriteError> {
+) -> Result<Option<PreparedDoc>, WriteError> {
     let resource = parse_json(line.as_bytes())?;
     check_json(&resource, limits)?;
     let id = match resource
@@ -101,12 +113,15 @@ fn prepare_line(
         _ => DocId::new(),
     };
     let prepared = prepare(resource, None, &me.system, &id, view, &|_| None)?;
+    if DEPENDENT_TYPES.contains(&prepared.ty.as_str()) {
+        return Ok(None);
+    }
     if let Some(policy) = policy {
-        authorize(trust, policy, me, &prepared.ty, None, &prepared.json)?;
+        authorize(trust, policy, me, &id, &prepared.ty, None, &prepared.json)?;
     }
     let mut doc = new_document(&prepared.json, me.actor.clone(), me.time())?;
-    let envelopes = sign_heads(me, trust, &mut doc);
-    Ok(PreparedDoc {
+    let envelopes = sign_heads(me, trust, &id, &prepared.ty, &mut doc);
+    Ok(Some(PreparedDoc {
         envelopes,
         token: token_of(&prepared.json).map(String::from),
         id,
@@ -120,7 +135,7 @@ fn prepare_line(
         },
         entries: entries_of(&prepared),
         bytes: fieldmesh_storage::codec::encode(&doc.save_nocompress())?,
-    })
+    }))
 }
 
 impl Engine {
@@ -132,7 +147,7 @@ impl Engine {
         lines: &[String],
         threads: usize,
     ) -> Vec<Result<DocId, WriteError>> {
-        let prepared: Vec<Result<PreparedDoc, WriteError>> = {
+        let prepared: Vec<Result<Option<PreparedDoc>, WriteError>> = {
             let view = View {
                 store: self.store.as_ref(),
                 staged: &self.dirty,
@@ -154,12 +169,19 @@ impl Engine {
             .into_iter()
             .zip(lines)
             .map(|(p, line)| match p {
-                // Two lines of one batch claimed the same id: prepare the later one again.
-                Ok(p) if self.dirty.contains_key(&p.id) || self.in_flight.contains_key(&p.id) => {
+                // Two lines of one batch claimed the same id (prepare the later one again), or a
+                // document that reads others.
+                Ok(None) => {
+                    let resource = parse_json(line.as_bytes())?;
+                    self.create(resource, None, true, &|_| None)
+                }
+                Ok(Some(p))
+                    if self.dirty.contains_key(&p.id) || self.in_flight.contains_key(&p.id) =>
+                {
                     let resource = parse_json(line.as_bytes())?;
                     self.create(resource, None, false, &|_| None)
                 }
-                Ok(p) => {
+                Ok(Some(p)) => {
                     let id = p.id;
                     self.stage_received(p, Source::Local);
                     Ok(id)

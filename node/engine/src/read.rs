@@ -11,7 +11,7 @@ use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 
 use automerge::AutoCommit;
-use fieldmesh_fhir_docs::references::targets_in;
+use fieldmesh_fhir_docs::references::{pick_target, targets_in};
 use fieldmesh_fhir_docs::resource::format_instant;
 use fieldmesh_fhir_docs::{
     Conflict, DocId, IdentKey, IdentifierQuery, Resolver, document_to_json, profile, render,
@@ -71,14 +71,20 @@ impl Resolver for StoreResolver<'_> {
     }
 
     fn find(&self, ty: &str, key: &IdentKey) -> Option<String> {
-        let mut ids = self.0.find(ty, &key.system, &key.value).ok()?;
-        if ids.is_empty() && uuid::Uuid::parse_str(&key.value).is_ok() {
-            ids = self.0.find_value(ty, &key.value).ok()?;
+        let ids: Vec<DocId> = self
+            .0
+            .find(ty, &key.system, &key.value)
+            .ok()?
+            .into_iter()
+            .map(|b| DocId(uuid::Uuid::from_bytes(b)))
+            .collect();
+        if !ids.is_empty() {
+            return pick_target(&ids, &key.value).map(|id| id.to_string());
         }
-        // A duplicate registration shows its first (oldest id) copy; both stay readable by id.
-        ids.into_iter()
-            .min()
-            .map(|b| uuid::Uuid::from_bytes(b).to_string())
+        // A reference made by id before its target arrived: the document with that id only.
+        let id = DocId::parse(&key.value)?;
+        let meta = self.0.doc_meta(id.as_bytes()).ok()??;
+        (meta.ty == ty).then(|| id.to_string())
     }
 }
 

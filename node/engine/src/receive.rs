@@ -9,7 +9,7 @@
 use std::collections::HashSet;
 
 use automerge::{AutoCommit, ReadDoc};
-use fieldmesh_fhir_docs::limits::{DocLimits, TooLarge, inspect};
+use fieldmesh_fhir_docs::limits::{DocLimits, TooLarge, chunks, inspect};
 use fieldmesh_fhir_docs::{DocId, document_to_json, profile};
 use fieldmesh_protocol::DocPayload;
 use fieldmesh_storage::{DocData, DocMeta, Quarantine, Write};
@@ -18,7 +18,7 @@ use serde_json::Value;
 
 use crate::Engine;
 use crate::core::{COMPACT_AFTER_CHUNKS, Live, PreparedDoc, entries_of_json, heads_bytes};
-use crate::error::{MergeError, ReadError, Refusal, contain};
+use crate::error::{MergeError, ReadError, Refusal, WriteError, contain};
 use crate::par::par_map;
 use crate::source::Source;
 
@@ -45,6 +45,76 @@ fn type_of(doc: &AutoCommit) -> Option<String> {
         },
         _ => None,
     }
+}
+
+/// What merging a payload into the copy held here found.
+enum Probe {
+    /// Nothing new.
+    Same,
+    /// The payload holds a change by `actor` numbered `seq` other than the one held here.
+    Equivocated { seq: u64, actor: automerge::ActorId },
+    /// New changes, checked.
+    Checked(Box<Checked>),
+}
+
+/// The evidence that `actor` equivocated in document `id`: its change numbered `seq` held here
+/// and the other one `p` brings, each with its signature, if both are signed.
+fn evidence(
+    id: DocId,
+    held: &mut AutoCommit,
+    p: &DocPayload,
+    actor: &automerge::ActorId,
+    seq: u64,
+    store: &dyn fieldmesh_storage::Store,
+) -> Option<(String, fieldmesh_trust::Equivocation)> {
+    let ours = held
+        .get_changes(&[])
+        .into_iter()
+        .find(|c| c.actor_id() == actor && c.seq() == seq)?;
+    let stored = store.envelopes(id.as_bytes()).ok()?;
+    let usable = stored.len() - stored.len() % fieldmesh_trust::Envelope::LEN;
+    let our_env = *fieldmesh_trust::Envelope::decode_all(&stored[..usable])
+        .ok()?
+        .get(&ours.hash().0)?;
+    let theirs = contain(
+        || -> Result<Option<automerge::Change>, Refusal> {
+            let mut found = None;
+            for (kind, chunk) in chunks(&p.data) {
+                let changes = match kind {
+                    1 | 2 => automerge::Change::from_bytes(chunk.to_vec())
+                        .map(|c| vec![c])
+                        .unwrap_or_default(),
+                    0 => AutoCommit::load(chunk)
+                        .map(|mut d| d.get_changes(&[]))
+                        .unwrap_or_default(),
+                    _ => Vec::new(),
+                };
+                found = found.or(changes
+                    .into_iter()
+                    .find(|c| c.actor_id() == actor && c.seq() == seq));
+            }
+            Ok(found)
+        },
+        Refusal::Panicked,
+    )
+    .ok()??;
+    let author = actor.to_bytes().to_vec();
+    let their_env = *fieldmesh_trust::Envelope::match_wire(
+        &p.envelopes,
+        &[(theirs.hash().0, author.as_slice())],
+        id.as_bytes(),
+        &p.ty,
+    )
+    .ok()?
+    .get(&theirs.hash().0)?;
+    fieldmesh_trust::make_evidence(
+        id.as_bytes(),
+        &p.ty,
+        (ours.raw_bytes(), &our_env),
+        (theirs.raw_bytes(), &their_env),
+    )
+    .map_err(|e| tracing::warn!(doc = %id, error = %e, "an equivocation without valid signatures"))
+    .ok()
 }
 
 /// What a merge did.
@@ -95,7 +165,7 @@ fn prepare_checked(
     if type_of(&doc).as_deref() != Some(p.ty.as_str()) {
         return Err(Refusal::WrongType(p.ty.clone()));
     }
-    let checked = check(trust, policy, &p.ty, doc, None, &p.envelopes)?;
+    let checked = check(trust, policy, &id, &p.ty, doc, None, &p.envelopes)?;
     if checked.accepted > 0
         && checked.json.get("resourceType").and_then(Value::as_str) != Some(p.ty.as_str())
     {
@@ -158,27 +228,62 @@ impl Engine {
         docs: Vec<DocPayload>,
         from: &Source,
     ) -> Result<MergeReport, MergeError> {
-        let (trust_docs, docs): (Vec<_>, Vec<_>) = docs.into_iter().partition(|p| p.ty == "Basic");
+        let (certs, docs): (Vec<_>, Vec<_>) = docs.into_iter().partition(|p| p.ty == "Basic");
+        let (evidence, docs): (Vec<_>, Vec<_>) =
+            docs.into_iter().partition(|p| p.ty == "AuditEvent");
         // Certificates and revocations are central's changes, checked as such whoever relays
         // them: a new device brings its own certificate.
-        let mut report = self.merge_batch(trust_docs, from)?;
+        let mut report = self.merge_batch(certs, from)?;
         if self.tokens_pending() {
             self.flush()?;
         }
-        if !docs.is_empty() && !self.certified(from) {
+        let more = !docs.is_empty() || !evidence.is_empty();
+        if more && !self.certified(from) {
             let peer = from
                 .peer()
                 .map_or_else(|| from.to_string(), |k| k.peer_id());
-            tracing::warn!(%peer, documents = docs.len(), "an uncertified peer sent documents other than certificates");
+            tracing::warn!(%peer, documents = docs.len() + evidence.len(), "an uncertified peer sent documents other than certificates");
             self.flush_behind()?;
             return Err(MergeError::Uncertified { peer });
         }
-        let r = self.merge_batch(docs, from)?;
-        report.changed += r.changed;
-        report.refused += r.refused;
+        // Evidence of equivocations next, so that a batch carrying it and the equivocating
+        // document is decided as if they had come in order.
+        for batch in [evidence, docs] {
+            let r = self.merge_batch(batch, from)?;
+            report.changed += r.changed;
+            report.refused += r.refused;
+            self.report_equivocations()?;
+            if self.tokens_pending() {
+                self.flush()?;
+            }
+            if !self.retractions.is_empty() {
+                self.retract()
+                    .map_err(|e| MergeError::Retract(Box::new(e)))?;
+            }
+        }
         // The commit overlaps the next batch; the engine thread waits for it before replying.
         self.flush_behind()?;
         Ok(report)
+    }
+
+    /// Writes the evidence of the equivocations met while merging (an `AuditEvent` each, which
+    /// syncs to every node); learnt once durable like a certificate. A node that may not write
+    /// evidence (no valid certificate) only logs it.
+    fn report_equivocations(&mut self) -> Result<(), MergeError> {
+        for (token, e) in std::mem::take(&mut self.equivocations) {
+            let recorded = fieldmesh_fhir_docs::resource::format_instant(self.me.time());
+            let resource = fieldmesh_trust::evidence_resource(&token, &e, &recorded);
+            match self.create(resource, Some("AuditEvent"), false, &|_| None) {
+                Ok(id) => {
+                    tracing::warn!(evidence = %id, key = %hex::encode(&e.key[..8]), doc = %uuid::Uuid::from_bytes(e.doc), seq = e.seq, "a key equivocated: evidence written");
+                }
+                Err(WriteError::Forbidden(why)) => {
+                    tracing::warn!(key = %hex::encode(&e.key[..8]), doc = %uuid::Uuid::from_bytes(e.doc), seq = e.seq, %why, "a key equivocated; this node may not write the evidence");
+                }
+                Err(other) => return Err(MergeError::Evidence(Box::new(other))),
+            }
+        }
+        Ok(())
     }
 
     fn merge_batch(
@@ -360,17 +465,17 @@ impl Engine {
         let before = doc.get_heads();
         let (trust, policy) = (&self.trust, self.policy.as_ref());
         let checked = contain(
-            || -> Result<Option<Result<Checked, Refused>>, Refusal> {
+            || -> Result<Probe, Refusal> {
                 let mut probe = doc.fork();
                 if let Err(e) = probe.load_incremental(&p.data) {
-                    if let automerge::AutomergeError::DuplicateSeqNumber(seq, _) = e {
+                    if let automerge::AutomergeError::DuplicateSeqNumber(seq, actor) = e {
                         // The author signed two different changes with one sequence number.
-                        return Ok(Some(Err(vec![([0; 32], Rejection::Equivocation { seq })])));
+                        return Ok(Probe::Equivocated { seq, actor });
                     }
                     return Err(e.into());
                 }
                 if probe.get_heads() == before {
-                    return Ok(None);
+                    return Ok(Probe::Same);
                 }
                 let sent = type_of(&probe);
                 if sent.as_deref() != Some(p.ty.as_str()) {
@@ -383,6 +488,7 @@ impl Engine {
                 let checked = check(
                     trust,
                     policy,
+                    &id,
                     &p.ty,
                     probe,
                     Some((doc, &old_json)),
@@ -394,14 +500,19 @@ impl Engine {
                         sent: "nothing".into(),
                     });
                 }
-                Ok(Some(Ok(checked)))
+                Ok(Probe::Checked(Box::new(checked)))
             },
             Refusal::Panicked,
         )?;
         let checked = match checked {
-            None => return Ok((false, Vec::new())),
-            Some(Err(refused)) => return Ok((false, refused)),
-            Some(Ok(c)) => c,
+            Probe::Same => return Ok((false, Vec::new())),
+            Probe::Equivocated { seq, actor } => {
+                if let Some(proof) = evidence(id, doc, p, &actor, seq, self.store.as_ref()) {
+                    self.equivocations.push(proof);
+                }
+                return Ok((false, vec![([0; 32], Rejection::Equivocation { seq })]));
+            }
+            Probe::Checked(c) => *c,
         };
         if checked.accepted == 0 {
             return Ok((false, checked.rejected));
@@ -419,9 +530,7 @@ impl Engine {
         live.meta.heads = heads;
         live.meta.updated = self.me.time();
         let previous = std::mem::replace(&mut live.entries, entries_of_json(&checked.json));
-        if p.ty == "Basic" {
-            self.learn(&checked.json);
-        }
+        self.learn(&checked.json);
         self.stage(
             &id,
             &live.meta,

@@ -7,7 +7,7 @@ use automerge::ChangeHash;
 use fieldmesh_fhir_docs::DocId;
 use fieldmesh_protocol::{Checkpoint, DocPayload, Heads, Item, Local, Start};
 use fieldmesh_storage::{DocMeta, StoreError, Write};
-use fieldmesh_trust::{Envelope, PeerKey};
+use fieldmesh_trust::{Envelope, PeerKey, SUBJECT_SYSTEM};
 
 use crate::Engine;
 use crate::error::SyncError;
@@ -23,7 +23,10 @@ impl Engine {
     }
 
     /// The documents whose record `keep` accepts, as [`Engine::items`] lists them.
-    fn items_where(&self, keep: impl Fn(&DocMeta) -> bool) -> Result<Vec<Item>, StoreError> {
+    pub(crate) fn items_where(
+        &self,
+        keep: impl Fn(&DocMeta) -> bool,
+    ) -> Result<Vec<Item>, StoreError> {
         let mut items = Vec::new();
         let mut after = 0;
         loop {
@@ -41,17 +44,38 @@ impl Engine {
         Ok(items)
     }
 
+    /// The only documents a peer without a valid certificate is shown: the certificates and
+    /// revocations about its own key (a device whose certificate expired gets its renewal this
+    /// way), found through the subject index, not by reading the log.
+    fn own_trust_documents(&self, peer: &PeerKey) -> Result<Vec<Item>, StoreError> {
+        let mut items = Vec::new();
+        for id in self
+            .store
+            .find("Basic", SUBJECT_SYSTEM, &hex::encode(peer.0))?
+        {
+            if let Some(meta) = self.store.doc_meta(&id)? {
+                items.push((id, meta.heads, meta.seq));
+            }
+        }
+        items.sort_by_key(|i| i.2);
+        Ok(items)
+    }
+
     /// What a session with `peer` starts from (commits first): this store's id and log
     /// position, the checkpoint recorded for the peer, and the documents it may be offered, all
-    /// taken at one instant. A peer without a valid certificate is offered only certificates and
-    /// revocations, and no checkpoint is used for it.
+    /// taken at one instant. A peer without a valid certificate (none, expired or revoked, by
+    /// this node's clock and revocations) is offered only the certificates and revocations about
+    /// itself, and no checkpoint is used for it.
     pub fn sync_start(&mut self, peer: &PeerKey, node: &str) -> Result<Start, SyncError> {
         self.flush()?;
         let restricted = !self.certified(&Source::Peer(*peer));
-        if restricted {
-            tracing::warn!(peer = %peer, "the peer has no valid certificate: offering it only certificates");
-        }
-        let items = self.items_where(|meta| !restricted || meta.ty == "Basic")?;
+        let items = if restricted {
+            let own = self.own_trust_documents(peer)?;
+            tracing::warn!(peer = %peer, offered = own.len(), "the peer has no valid certificate: offering it only its own certificates");
+            own
+        } else {
+            self.items()?
+        };
         let checkpoint = if restricted {
             None
         } else {
@@ -87,23 +111,33 @@ impl Engine {
     }
 
     /// The documents `wanted` as sent to `peer`: type, Automerge bytes (whole, or the changes
-    /// after the heads the peer holds) and the envelopes of the changes sent. Only certificates
-    /// and revocations for a peer without a valid certificate.
+    /// after the heads the peer holds) and the envelopes of the changes sent. Only its own
+    /// certificates and revocations for a peer without a valid certificate.
     pub fn payloads(
         &mut self,
         peer: &PeerKey,
         wanted: &[(fieldmesh_storage::DocId, Heads)],
     ) -> Result<Vec<DocPayload>, SyncError> {
         self.flush()?;
-        let restricted = !self.certified(&Source::Peer(*peer));
+        let allowed: Option<HashSet<fieldmesh_storage::DocId>> =
+            if self.certified(&Source::Peer(*peer)) {
+                None
+            } else {
+                Some(
+                    self.own_trust_documents(peer)?
+                        .into_iter()
+                        .map(|i| i.0)
+                        .collect(),
+                )
+            };
         let mut out = Vec::with_capacity(wanted.len());
         for (id, their_heads) in wanted {
+            if allowed.as_ref().is_some_and(|a| !a.contains(id)) {
+                continue;
+            }
             let Some(meta) = self.store.doc_meta(id)? else {
                 continue;
             };
-            if restricted && meta.ty != "Basic" {
-                continue;
-            }
             if !their_heads.is_empty()
                 && let Some(p) = self.changes_after(id, &meta.ty, their_heads)?
             {

@@ -5,7 +5,7 @@
 //! [`fieldmesh_protocol::pair`]). The node carries out the same steps asynchronously on its engine
 //! thread, overlapping merges with the network.
 
-use fieldmesh_protocol::pair::{Host, HostError};
+use fieldmesh_protocol::pair::{Host, HostError, Refused};
 use fieldmesh_protocol::{Checkpoint, DocPayload, Heads};
 use fieldmesh_trust::PeerKey;
 
@@ -48,7 +48,12 @@ impl Host for EngineHost<'_> {
     }
 
     fn merge(&mut self, docs: Vec<DocPayload>) -> Result<usize, HostError> {
-        let report = self.engine.merge(docs, &Source::Peer(self.peer))?;
+        let report = match self.engine.merge(docs, &Source::Peer(self.peer)) {
+            Err(e @ MergeError::Uncertified { .. }) => {
+                return Err(Box::new(Refused(e.to_string())));
+            }
+            r => r?,
+        };
         self.engine.flush().map_err(MergeError::from)?;
         Ok(report.changed)
     }

@@ -70,11 +70,43 @@ pub fn forge(author: &SigningKey, json: &Value, id: DocId, time: i64) -> DocPayl
     let envelopes: Vec<Envelope> = doc
         .get_heads()
         .iter()
-        .map(|h| Envelope::sign(author, h.0, 0))
+        .map(|h| {
+            Envelope::sign(
+                author,
+                id.as_bytes(),
+                json["resourceType"].as_str().unwrap_or_default(),
+                h.0,
+                0,
+            )
+        })
         .collect();
     DocPayload {
         id: *id.as_bytes(),
         ty: json["resourceType"].as_str().unwrap_or_default().into(),
+        data: doc.save_nocompress(),
+        envelopes: Envelope::encode_wire(&envelopes),
+    }
+}
+
+/// The payload of document `id` (type `ty`) as `doc` holds it, every change signed by the key
+/// among `keys` that authored it (changes by other actors go unsigned), envelopes in wire form:
+/// what a peer sends for a document several nodes edited.
+pub fn signed_payload(
+    doc: &mut automerge::AutoCommit,
+    id: DocId,
+    ty: &str,
+    keys: &[&SigningKey],
+) -> DocPayload {
+    let mut envelopes = Vec::new();
+    for c in doc.get_changes(&[]) {
+        let actor = c.actor_id().to_bytes().to_vec();
+        if let Some(k) = keys.iter().find(|k| public(k)[..] == actor[..]) {
+            envelopes.push(Envelope::sign(k, id.as_bytes(), ty, c.hash().0, 0));
+        }
+    }
+    DocPayload {
+        id: *id.as_bytes(),
+        ty: ty.into(),
         data: doc.save_nocompress(),
         envelopes: Envelope::encode_wire(&envelopes),
     }

@@ -7,18 +7,19 @@
 
 use automerge::AutoCommit;
 use fieldmesh_fhir_docs::limits::check_json;
+use fieldmesh_fhir_docs::openimis::{DEPENDENT_TYPES, declare_places, place_references};
 use fieldmesh_fhir_docs::resource::format_instant;
 use fieldmesh_fhir_docs::{
-    DocId, Prepared, ValidationError, apply_diff, document_to_json, new_document, prepare, profile,
-    render, version_id,
+    DocId, Prepared, Resolver, ValidationError, apply_diff, document_to_json, new_document,
+    prepare, profile, render, version_id,
 };
 use fieldmesh_storage::{DocData, DocMeta, IndexEntries};
-use fieldmesh_trust::{Envelope, Policy, Trust};
+use fieldmesh_trust::{Envelope, Policy, Trust, claimed_identity, places_at};
 use serde_json::{Map, Value};
 
 use crate::Engine;
 use crate::core::{COMPACT_AFTER_CHUNKS, Live, heads_bytes};
-use crate::error::{ReadError, WriteError};
+use crate::error::{DocError, ReadError, WriteError};
 use crate::identity::NodeIdentity;
 use crate::read::Served;
 use crate::source::Source;
@@ -49,32 +50,119 @@ pub(crate) fn entries_of(p: &Prepared) -> IndexEntries {
     }
 }
 
-/// Whether `me`'s certificate allows writing a `ty` that reads `before` and then `after`.
+/// What a write changes from: the places of the document (if it names any) and its state.
+pub(crate) type Before<'a> = Option<(Option<&'a [String]>, &'a Map<String, Value>)>;
+
+/// Whether `me`'s certificate allows writing document `doc`, a `ty` that lies at `before` (its
+/// places, if it existed: [`places_at`]) and then reads `after`; the same decision its peers
+/// will take on the change.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn authorize(
     trust: &Trust,
     policy: &dyn Policy,
     me: &NodeIdentity,
+    doc: &DocId,
     ty: &str,
-    before: Option<&Map<String, Value>>,
+    before: Before<'_>,
     after: &Map<String, Value>,
 ) -> Result<(), WriteError> {
+    let authority = trust
+        .authority(&me.public(), me.time(), trust.revocations_held())
+        .map_err(WriteError::Forbidden)?;
+    authority
+        .permits(policy, ty, before.map(|b| b.0), after)
+        .map_err(WriteError::Forbidden)?;
+    if authority
+        .grants(policy, ty)
+        .map_err(WriteError::Forbidden)?
+    {
+        claimed_identity(doc, before.map(|b| b.1), after).map_err(WriteError::Forbidden)?;
+    }
+    Ok(())
+}
+
+/// Whether `me`'s certificate limits its writes of `ty` to its scope (an error if it may not
+/// write a `ty` at all).
+fn scoped_writer(
+    trust: &Trust,
+    policy: &dyn Policy,
+    me: &NodeIdentity,
+    ty: &str,
+) -> Result<bool, WriteError> {
     trust
         .authority(&me.public(), me.time(), trust.revocations_held())
-        .and_then(|a| a.permits(policy, ty, before, after))
+        .and_then(|a| a.grants(policy, ty))
         .map_err(WriteError::Forbidden)
 }
 
-/// Signs the change a local commit just made (the document's single head).
-pub(crate) fn sign_heads(me: &NodeIdentity, trust: &Trust, doc: &mut AutoCommit) -> Vec<u8> {
+/// Signs the change a local commit just made (the document's single head) in document `id` of
+/// type `ty`.
+pub(crate) fn sign_heads(
+    me: &NodeIdentity,
+    trust: &Trust,
+    id: &DocId,
+    ty: &str,
+    doc: &mut AutoCommit,
+) -> Vec<u8> {
     let seen = trust.revocations_held();
     let mut out = Vec::new();
     for h in doc.get_heads() {
-        Envelope::sign(&me.key, h.0, seen).encode_into(&mut out);
+        Envelope::sign(&me.key, id.as_bytes(), ty, h.0, seen).encode_into(&mut out);
     }
     out
 }
 
 impl Engine {
+    /// For a document of a [`DEPENDENT_TYPES`] type (a policy, its coverage, a payment), declares
+    /// the places of the insurees and families it concerns, read from them here: that is where
+    /// the document lies for the trust decision (and for partial replication). A device whose
+    /// writes are scoped must name an insuree or family it holds.
+    fn declare_places(&mut self, prepared: &mut Prepared) -> Result<(), WriteError> {
+        if !DEPENDENT_TYPES.contains(&prepared.ty.as_str()) {
+            return Ok(());
+        }
+        let mut found: Vec<Value> = Vec::new();
+        for r in &prepared.references {
+            let concerned = matches!(r.ty.as_str(), "Patient" | "Group")
+                || DEPENDENT_TYPES.contains(&r.ty.as_str());
+            let Some(id) = concerned
+                .then(|| Resolver::find(&*self, &r.ty, &r.key))
+                .flatten()
+            else {
+                continue;
+            };
+            let json = match self.with_doc(&r.ty, &id, |_, doc_id, live| {
+                Ok(document_to_json(live.doc(doc_id)?)?)
+            }) {
+                Ok(json) => json,
+                Err(ReadError::Store(e)) => return Err(e.into()),
+                Err(ReadError::Commit(e)) => return Err(e.into()),
+                Err(_) => continue,
+            };
+            if let Some(refs) = place_references(&r.ty, &json) {
+                found.extend(refs.into_iter().map(|(v, _)| v.clone()));
+            }
+        }
+        if found.is_empty() {
+            if self.check_local
+                && scoped_writer(&self.trust, self.policy.as_ref(), &self.me, &prepared.ty)?
+            {
+                return Err(ValidationError::one(
+                    prepared.ty.clone(),
+                    "names no insuree or family this device holds: a policy, coverage or \
+                     payment lies where the family it concerns lives"
+                        .to_string(),
+                )
+                .into());
+            }
+            return Ok(());
+        }
+        declare_places(&mut prepared.json, found);
+        // The declared places are references too: index them like the rest.
+        prepared.references = fieldmesh_fhir_docs::references::targets_in(&prepared.json);
+        Ok(())
+    }
+
     /// Creates a resource. `bundle_ids` resolves bundle-local `urn:uuid:` references.
     /// `keep_id` keeps the resource's own `id` as document id when it is a UUID not used here yet
     /// (loading exported data keeps its references working).
@@ -104,7 +192,7 @@ impl Engine {
         bundle_ids: &dyn Fn(&str) -> Option<(String, String)>,
     ) -> Result<DocId, WriteError> {
         check_json(&resource, &self.limits)?;
-        let prepared = prepare(
+        let mut prepared = prepare(
             resource,
             expected_type,
             &self.me.system,
@@ -112,11 +200,13 @@ impl Engine {
             &*self,
             bundle_ids,
         )?;
+        self.declare_places(&mut prepared)?;
         if self.check_local {
             authorize(
                 &self.trust,
                 self.policy.as_ref(),
                 &self.me,
+                &id,
                 &prepared.ty,
                 None,
                 &prepared.json,
@@ -125,9 +215,7 @@ impl Engine {
         let doc = new_document(&prepared.json, self.me.actor.clone(), self.me.time())?;
         let ty = prepared.ty.clone();
         let origin = self.me.system.clone();
-        if ty == "Basic" {
-            self.learn(&prepared.json);
-        }
+        self.learn(&prepared.json);
         self.stage_new(id, ty, origin, doc, entries_of(&prepared));
         Ok(id)
     }
@@ -149,7 +237,7 @@ impl Engine {
             heads: heads_bytes(&doc.get_heads()),
             updated: self.me.time(),
         };
-        let envelopes = sign_heads(&self.me, &self.trust, &mut doc);
+        let envelopes = sign_heads(&self.me, &self.trust, &id, &meta.ty, &mut doc);
         self.stage(
             &id,
             &meta,
@@ -229,7 +317,7 @@ impl Engine {
             }
         }
         check_json(&resource, &self.limits)?;
-        let prepared = prepare(
+        let mut prepared = prepare(
             resource,
             Some(ty),
             &live.meta.origin,
@@ -237,6 +325,7 @@ impl Engine {
             &*self,
             &|_| None,
         )?;
+        self.declare_places(&mut prepared)?;
         let chunks = live.meta.chunks;
         let doc = live.doc(doc_id)?;
         let old = document_to_json(doc)?;
@@ -244,12 +333,15 @@ impl Engine {
             return Ok(Outcome::Unchanged);
         }
         if self.check_local {
+            let places = places_at(self.policy.as_ref(), ty, doc)
+                .map_err(|e| WriteError::Document(DocError::from(e)))?;
             authorize(
                 &self.trust,
                 self.policy.as_ref(),
                 &self.me,
+                doc_id,
                 ty,
-                Some(&old),
+                Some((places.as_deref(), &old)),
                 &prepared.json,
             )?;
         }
@@ -258,7 +350,7 @@ impl Engine {
             return Ok(Outcome::Unchanged);
         }
         doc.commit_with(automerge::transaction::CommitOptions::default().with_time(self.me.time()));
-        let envelopes = sign_heads(&self.me, &self.trust, doc);
+        let envelopes = sign_heads(&self.me, &self.trust, doc_id, ty, doc);
         let (data, chunks) = if chunks >= COMPACT_AFTER_CHUNKS {
             (DocData::Full(doc.save_nocompress()), 1)
         } else {

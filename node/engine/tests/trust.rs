@@ -215,7 +215,7 @@ fn a_change_built_on_a_refused_change_is_refused_and_the_rest_applies() {
         automerge::transaction::Transactable::put(&mut doc, &first, "family", family).unwrap();
         doc.commit_with(automerge::transaction::CommitOptions::default().with_time(now()));
         let head = doc.get_heads()[0].0;
-        Envelope::sign(author, head, 0).encode_wire_into(&mut envelopes);
+        Envelope::sign(author, id.as_bytes(), "Patient", head, 0).encode_wire_into(&mut envelopes);
     }
     let p = DocPayload {
         data: doc.save_nocompress(),
@@ -270,6 +270,7 @@ fn equivocation_is_quarantined() {
 fn revocations_refuse_what_the_author_made_after_seeing_them() {
     let mut s = setup();
     let rev = Revocation {
+        vouched: Vec::new(),
         number: 1,
         subject: hex::encode(public(&s.officer)),
         reason: "phone reported stolen".into(),

@@ -102,7 +102,11 @@ pub async fn run(
     engine: EngineHandle,
     peers: PeerTable,
 ) -> Result<()> {
-    let mut swarm = behaviour::build(keypair, &cfg)?;
+    let relay_engine = engine.clone();
+    let certified: behaviour::Certified = std::sync::Arc::new(move |peer: &PeerId| {
+        peer_key(peer).is_some_and(|k| relay_engine.serves(&k.0))
+    });
+    let mut swarm = behaviour::build(keypair, &cfg, certified)?;
     for addr in &cfg.listen {
         swarm
             .listen_on(addr.clone())

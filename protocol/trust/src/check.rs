@@ -10,9 +10,10 @@
 use std::collections::{HashMap, HashSet};
 
 use automerge::{AutoCommit, ChangeHash};
-use fieldmesh_fhir_docs::{ConvertError, document_to_json};
+use fieldmesh_fhir_docs::{ConvertError, DocId, document_to_json};
 use serde_json::{Map, Value};
 
+use crate::decide::claimed_identity;
 use crate::{ChangeFacts, Envelope, Policy, Rejection, Trust, TrustError};
 
 /// Why a received document could not be checked at all (nothing of it is applied).
@@ -45,6 +46,62 @@ pub struct Checked {
     pub accepted: usize,
     /// The refused changes: hash and reason.
     pub rejected: Vec<([u8; 32], Rejection)>,
+}
+
+/// Where a state that merges concurrent branches lies, for the trust decision: the places of
+/// the merged state when each of them is a place of some branch's own state, else the places
+/// of the branches' states together.
+///
+/// Each branch's state (the document as of one head) was checked against its author's scope
+/// when that head was accepted; their merge was not, and may name a place no author chose (two
+/// concurrent edits of the parts of one place reference, each fine alone). Such a place never
+/// counts: the document lies where its branches' authors put it, so a merge can never move a
+/// document out of its authors' scope, and a later change by someone scoped only for the
+/// emergent place is refused. The rule reads only the document's history up to `heads`, so
+/// every node decides alike.
+fn merge_places(
+    policy: &dyn Policy,
+    ty: &str,
+    merged_state: &Map<String, Value>,
+    doc: &mut AutoCommit,
+    heads: &[ChangeHash],
+) -> Result<Option<Vec<String>>, CheckError> {
+    let Some(merged) = policy.places(ty, merged_state) else {
+        return Ok(None);
+    };
+    let mut branches: Vec<String> = Vec::new();
+    for h in heads {
+        let fork = doc.fork_at(std::slice::from_ref(h))?;
+        branches.extend(
+            policy
+                .places(ty, &document_to_json(&fork)?)
+                .unwrap_or_default(),
+        );
+    }
+    branches.sort();
+    branches.dedup();
+    if !merged.is_empty() && merged.iter().all(|p| branches.contains(p)) {
+        Ok(Some(merged))
+    } else {
+        Ok(Some(branches))
+    }
+}
+
+/// The places of `doc` at its current heads, as the trust decision reads them: see
+/// [`merge_places`] for a document whose heads are concurrent. `None` for a type that names no
+/// place.
+pub fn places_at(
+    policy: &dyn Policy,
+    ty: &str,
+    doc: &mut AutoCommit,
+) -> Result<Option<Vec<String>>, CheckError> {
+    let state = document_to_json(doc)?;
+    let heads = doc.get_heads();
+    if heads.len() > 1 {
+        merge_places(policy, ty, &state, doc, &heads)
+    } else {
+        Ok(policy.places(ty, &state))
+    }
 }
 
 /// The new changes in causal order (Kahn's algorithm: linear in changes and dependencies).
@@ -83,7 +140,7 @@ fn causal_order(facts: &[ChangeFacts]) -> Result<Vec<usize>, CheckError> {
     Ok(order)
 }
 
-/// Checks the changes `merged` holds beyond what `before` held, with the envelopes that came
+/// Checks the changes `merged` (document `doc`, its id) holds beyond what `before` held, with the envelopes that came
 /// with them (wire form, [`Envelope::match_wire`]). `before` is the document this node held
 /// (`None` for a document new here). Whether the sender may send this at all is decided before
 /// (a peer without a valid certificate may send only certificates and revocations).
@@ -97,6 +154,7 @@ fn causal_order(facts: &[ChangeFacts]) -> Result<Vec<usize>, CheckError> {
 pub fn check(
     trust: &Trust,
     policy: &dyn Policy,
+    doc: &DocId,
     ty: &str,
     mut merged: AutoCommit,
     before: Option<(&mut AutoCommit, &Map<String, Value>)>,
@@ -120,18 +178,43 @@ pub fn check(
         .collect();
     let pairs: Vec<([u8; 32], &[u8])> =
         facts.iter().map(|f| (f.hash, f.actor.as_slice())).collect();
-    let envelopes = Envelope::match_wire(wire_envelopes, &pairs)?;
+    let envelopes = Envelope::match_wire(wire_envelopes, &pairs, doc.as_bytes(), ty)?;
     let order = causal_order(&facts)?;
     let mut rejected: Vec<([u8; 32], Rejection)> = Vec::new();
     let mut rejected_set: HashSet<[u8; 32]> = HashSet::new();
+    // The changes central vouched for, read only for documents a revoked key touched.
+    let mut vouched: HashSet<[u8; 32]> = HashSet::new();
+    let mut revoked: Vec<&[u8]> = facts
+        .iter()
+        .map(|f| f.actor.as_slice())
+        .filter(|a| trust.revocation_of(a).is_some())
+        .collect();
+    revoked.sort();
+    revoked.dedup();
+    if !revoked.is_empty() {
+        let all: Vec<([u8; 32], Vec<[u8; 32]>)> = merged
+            .get_changes_meta(&[])
+            .into_iter()
+            .map(|m| (m.hash.0, m.deps.iter().map(|d| d.0).collect()))
+            .collect();
+        for a in revoked {
+            vouched.extend(trust.vouched_changes(a, doc.as_bytes(), &all));
+        }
+    }
 
     // 1. Signatures, dependencies, certificates, capabilities: no document state read.
     let mut scoped: HashMap<usize, crate::Authority<'_>> = HashMap::new();
     for &i in &order {
         let f = &facts[i];
-        match trust.decide_author(policy, ty, f, envelopes.get(&f.hash), &|d| {
-            rejected_set.contains(d)
-        }) {
+        match trust.decide_author(
+            policy,
+            doc,
+            ty,
+            f,
+            envelopes.get(&f.hash),
+            &|d| rejected_set.contains(d),
+            &|h| vouched.contains(h),
+        ) {
             Ok(None) => {}
             Ok(Some(authority)) => {
                 scoped.insert(i, authority);
@@ -143,9 +226,9 @@ pub fn check(
         }
     }
 
-    // 2. Scope, for the changes by scoped authors, on the document as of each change. A working
-    // copy follows the causal order; where history branches (or a refused change was applied to
-    // it) it is re-forked once at the next change's dependencies, then followed again.
+    // 2. Scope and identity, for the changes by scoped authors, on the document as of each
+    // change. A working copy follows the causal order; where history branches (or a refused
+    // change was applied to it) it is re-forked once at the next change's dependencies.
     if !scoped.is_empty() {
         let mut work = match &mut before {
             Some((doc, _)) => doc.fork(),
@@ -165,10 +248,10 @@ pub fn check(
                 rejected.push((f.hash, Rejection::DependsOnRejected { dep }));
                 continue;
             }
+            let mut deps: Vec<ChangeHash> = f.deps.iter().map(|d| ChangeHash(*d)).collect();
+            deps.sort();
             let Some(authority) = scoped.get(&i) else {
                 // Not scoped: follow it only if it continues the working copy.
-                let mut deps: Vec<ChangeHash> = f.deps.iter().map(|d| ChangeHash(*d)).collect();
-                deps.sort();
                 if deps == work_heads {
                     let change = merged
                         .get_change_by_hash(&ChangeHash(f.hash))
@@ -179,8 +262,6 @@ pub fn check(
                 }
                 continue;
             };
-            let mut deps: Vec<ChangeHash> = f.deps.iter().map(|d| ChangeHash(*d)).collect();
-            deps.sort();
             if deps != work_heads {
                 work = if deps.is_empty() {
                     AutoCommit::new()
@@ -198,15 +279,23 @@ pub fn check(
                     None => document_to_json(&work)?,
                 })
             };
+            let prior_places = match &prior {
+                None => None,
+                Some(p) if work_heads.len() > 1 => {
+                    Some(merge_places(policy, ty, p, &mut merged, &work_heads)?)
+                }
+                Some(p) => Some(policy.places(ty, p)),
+            };
             let change = merged
                 .get_change_by_hash(&ChangeHash(f.hash))
                 .ok_or(CheckError::Cycle)?;
             work.apply_changes([change])?;
             let after = document_to_json(&work)?;
-            let verdict = prior
+            let verdict = prior_places
                 .as_ref()
-                .map_or(Ok(()), |p| authority.in_scope(policy, ty, p))
-                .and_then(|()| authority.in_scope(policy, ty, &after));
+                .map_or(Ok(()), |p| authority.places_in_scope(ty, p.as_deref()))
+                .and_then(|()| authority.in_scope(policy, ty, &after))
+                .and_then(|()| claimed_identity(doc, prior.as_ref(), &after));
             match verdict {
                 Ok(()) => {
                     work_heads = vec![ChangeHash(f.hash)];

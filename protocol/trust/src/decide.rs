@@ -1,6 +1,7 @@
 //! The decision on one change: the facts it reads, the deployment's policy it is given, and the
 //! rules in their order (see the crate docs).
 
+use fieldmesh_fhir_docs::DocId;
 use fieldmesh_fhir_docs::openimis::{Capability, OpenImis, Role};
 use serde_json::{Map, Value};
 
@@ -81,7 +82,13 @@ impl Authority<'_> {
         ty: &str,
         state: &Map<String, Value>,
     ) -> Result<(), Rejection> {
-        let Some(places) = policy.places(ty, state) else {
+        self.places_in_scope(ty, policy.places(ty, state).as_deref())
+    }
+
+    /// Checks that `places` (of a `ty`; `None` for a type that names no place) lie in the
+    /// authority's scope; see [`Authority::in_scope`].
+    pub fn places_in_scope(&self, ty: &str, places: Option<&[String]>) -> Result<(), Rejection> {
+        let Some(places) = places else {
             return Ok(());
         };
         let inside = !places.is_empty() && places.iter().all(|p| self.scope.contains(&p.as_str()));
@@ -104,22 +111,66 @@ impl Authority<'_> {
     }
 
     /// Checks that the authority may write a `ty` whose places are `before` (if the document
-    /// existed) and `after`, under `policy`.
+    /// existed; see [`crate::check::places_at`]) and whose state is `after`, under `policy`.
     pub fn permits(
         &self,
         policy: &dyn Policy,
         ty: &str,
-        before: Option<&Map<String, Value>>,
+        before: Option<Option<&[String]>>,
         after: &Map<String, Value>,
     ) -> Result<(), Rejection> {
         if !self.grants(policy, ty)? {
             return Ok(());
         }
-        for state in before.into_iter().chain([after]) {
-            self.in_scope(policy, ty, state)?;
+        if let Some(before) = before {
+            self.places_in_scope(ty, before)?;
         }
-        Ok(())
+        self.in_scope(policy, ty, after)
     }
+}
+
+/// The prefix of the identifier systems nodes mint for the documents they create
+/// (`urn:fieldmesh:node:<name>`, and any other `urn:fieldmesh:` system).
+pub const NODE_SYSTEM_PREFIX: &str = "urn:fieldmesh:";
+
+/// The node-minted identifiers of a document: `(system, value)` with a [`NODE_SYSTEM_PREFIX`]
+/// system.
+fn minted(state: &Map<String, Value>) -> Vec<(&str, &str)> {
+    state
+        .get("identifier")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|i| {
+            let system = i.get("system")?.as_str()?;
+            let value = i.get("value").and_then(Value::as_str).unwrap_or_default();
+            system
+                .starts_with(NODE_SYSTEM_PREFIX)
+                .then_some((system, value))
+        })
+        .collect()
+}
+
+/// A node's identifier names the document the node created under that id, and nothing else: a
+/// scoped author may not give document `doc` an identifier of a node's system whose value is
+/// not `doc` itself (which would make references to another node's document find this one).
+/// Only identifiers new since `before` are checked.
+pub fn claimed_identity(
+    doc: &DocId,
+    before: Option<&Map<String, Value>>,
+    after: &Map<String, Value>,
+) -> Result<(), Rejection> {
+    let doc = doc.to_string();
+    let held = before.map(minted).unwrap_or_default();
+    for (system, value) in minted(after) {
+        if value != doc && !held.contains(&(system, value)) {
+            return Err(Rejection::ForeignIdentifier {
+                system: system.into(),
+                value: value.into(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The facts of one change that the decision reads.
@@ -142,32 +193,55 @@ impl Trust {
     /// the author's certificate and revocations, the capability. Cheap, and done first for every
     /// change. Returns the author's authority when the change must also lie in its scope (see
     /// [`Authority::in_scope`]), `None` when it is accepted.
+    #[allow(clippy::too_many_arguments)]
     pub fn decide_author(
         &self,
         policy: &dyn Policy,
+        doc: &DocId,
         ty: &str,
         change: &ChangeFacts,
         envelope: Option<&Envelope>,
         rejected: &dyn Fn(&[u8; 32]) -> bool,
+        vouched: &dyn Fn(&[u8; 32]) -> bool,
     ) -> Result<Option<Authority<'_>>, Rejection> {
         let envelope = envelope.ok_or(Rejection::Unsigned)?;
-        if envelope.hash != change.hash || !self.verify_envelope(envelope, &change.actor) {
+        if envelope.hash != change.hash
+            || !self.verify_envelope(envelope, &change.actor, doc.as_bytes(), ty)
+        {
             return Err(Rejection::BadSignature);
         }
         if let Some(dep) = change.deps.iter().find(|d| rejected(d)) {
             return Err(Rejection::DependsOnRejected { dep: short(dep) });
         }
+        if let Some(seq) = self.equivocated(&change.actor, doc.as_bytes())
+            && change.seq >= seq
+        {
+            return Err(Rejection::Equivocation { seq });
+        }
         let authority = self.authority(&change.actor, change.time, envelope.revocations_seen)?;
+        // A revoked key's word (its clock, the revocations it claims to have seen) decides
+        // nothing: only central's list of the key's changes it held does.
+        if let Some(r) = self.revocation_of(&change.actor)
+            && !vouched(&change.hash)
+        {
+            return Err(Rejection::RevokedUnvouched {
+                number: r.number,
+                reason: r.reason.clone(),
+            });
+        }
         Ok(authority.grants(policy, ty)?.then_some(authority))
     }
 
-    /// Decides on one received change of a `ty` document. `before` is the document as of the
-    /// change's dependencies (`None` when the change creates it), `after` as of the change
-    /// itself; `rejected` says whether a dependency was rejected. See the crate docs.
+    /// Decides on one received change of document `doc` (its id), of type `ty`. `before` is the
+    /// document as of the change's dependencies (`None` when the change creates it), `after` as
+    /// of the change itself; `rejected` says whether a dependency was rejected. See the crate
+    /// docs. ([`crate::check()`] takes the same decision on every change of a document, with the
+    /// places of a state that merges branches read as [`crate::check::places_at`] says.)
     #[allow(clippy::too_many_arguments)]
     pub fn decide(
         &self,
         policy: &dyn Policy,
+        doc: &DocId,
         ty: &str,
         change: &ChangeFacts,
         envelope: Option<&Envelope>,
@@ -175,12 +249,14 @@ impl Trust {
         before: Option<&Map<String, Value>>,
         after: &Map<String, Value>,
     ) -> Result<(), Rejection> {
-        let Some(authority) = self.decide_author(policy, ty, change, envelope, rejected)? else {
+        let Some(authority) =
+            self.decide_author(policy, doc, ty, change, envelope, rejected, &|_| false)?
+        else {
             return Ok(());
         };
         for state in before.into_iter().chain([after]) {
             authority.in_scope(policy, ty, state)?;
         }
-        Ok(())
+        claimed_identity(doc, before, after)
     }
 }

@@ -7,16 +7,18 @@ use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
 use crate::TrustError;
 
 /// Domain separator of change envelope signatures.
-pub const CHANGE_DOMAIN: &[u8] = b"fieldmesh/change-envelope/v1\0";
+pub const CHANGE_DOMAIN: &[u8] = b"fieldmesh/change-envelope/v2\0";
 
-/// The signature of one change by its author.
+/// The signature of one change by its author. It binds the change to the document it was made
+/// in (id and resource type): a change signed for one document cannot be replayed as another.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Envelope {
     /// The Automerge change hash.
     pub hash: [u8; 32],
     /// How many revocations (1..=n, contiguous) the author held when it made the change.
     pub revocations_seen: u32,
-    /// ed25519 signature over [`CHANGE_DOMAIN`] ‖ hash ‖ revocations_seen (u32 BE).
+    /// ed25519 signature over [`CHANGE_DOMAIN`] ‖ document id (16 bytes) ‖ resource type length
+    /// (u8) ‖ resource type ‖ hash ‖ revocations_seen (u32 BE).
     pub signature: [u8; 64],
 }
 
@@ -24,17 +26,29 @@ impl Envelope {
     /// Encoded size.
     pub const LEN: usize = 100;
 
-    pub(crate) fn message(hash: &[u8; 32], seen: u32) -> Vec<u8> {
-        let mut m = Vec::with_capacity(CHANGE_DOMAIN.len() + 36);
+    pub(crate) fn message(doc: &[u8; 16], ty: &str, hash: &[u8; 32], seen: u32) -> Vec<u8> {
+        let ty = &ty.as_bytes()[..ty.len().min(255)];
+        let mut m = Vec::with_capacity(CHANGE_DOMAIN.len() + 53 + ty.len());
         m.extend_from_slice(CHANGE_DOMAIN);
+        m.extend_from_slice(doc);
+        m.push(ty.len() as u8);
+        m.extend_from_slice(ty);
         m.extend_from_slice(hash);
         m.extend_from_slice(&seen.to_be_bytes());
         m
     }
 
-    /// Signs a change.
-    pub fn sign(key: &SigningKey, hash: [u8; 32], revocations_seen: u32) -> Self {
-        let signature = key.sign(&Self::message(&hash, revocations_seen)).to_bytes();
+    /// Signs a change made in document `doc` of type `ty`.
+    pub fn sign(
+        key: &SigningKey,
+        doc: &[u8; 16],
+        ty: &str,
+        hash: [u8; 32],
+        revocations_seen: u32,
+    ) -> Self {
+        let signature = key
+            .sign(&Self::message(doc, ty, &hash, revocations_seen))
+            .to_bytes();
         Self {
             hash,
             revocations_seen,
@@ -42,8 +56,9 @@ impl Envelope {
         }
     }
 
-    /// Whether the signature is `author`'s, strictly.
-    pub fn verify(&self, author: &[u8]) -> bool {
+    /// Whether the signature is `author`'s, strictly, for a change of document `doc` of type
+    /// `ty`.
+    pub fn verify(&self, author: &[u8], doc: &[u8; 16], ty: &str) -> bool {
         let Ok(key) = <[u8; 32]>::try_from(author) else {
             return false;
         };
@@ -51,7 +66,7 @@ impl Envelope {
             return false;
         };
         key.verify_strict(
-            &Self::message(&self.hash, self.revocations_seen),
+            &Self::message(doc, ty, &self.hash, self.revocations_seen),
             &Signature::from_bytes(&self.signature),
         )
         .is_ok()
@@ -100,10 +115,12 @@ impl Envelope {
 
     /// Matches envelopes in wire form to `changes` (hash, author): each change gets the envelope
     /// whose prefix is its hash's; if a crafted collision gives several, the one whose signature
-    /// verifies. Changes without one are absent from the result.
+    /// verifies for document `doc` of type `ty`. Changes without one are absent from the result.
     pub fn match_wire(
         wire: &[u8],
         changes: &[([u8; 32], &[u8])],
+        doc: &[u8; 16],
+        ty: &str,
     ) -> Result<HashMap<[u8; 32], Envelope>, TrustError> {
         if !wire.len().is_multiple_of(Self::WIRE_LEN) {
             return Err(TrustError::TruncatedEnvelopes(wire.len()));
@@ -136,7 +153,7 @@ impl Envelope {
                 envs[0]
             } else {
                 envs.iter()
-                    .find(|e| e.verify(author))
+                    .find(|e| e.verify(author, doc, ty))
                     .copied()
                     .unwrap_or(envs[0])
             };

@@ -12,7 +12,11 @@ pub enum TrustError {
     /// A token's signature is not the root's.
     #[error("the {0} is not signed by this deployment's central key")]
     NotSignedByRoot(&'static str),
-    /// Envelope bytes are not a whole number of envelopes.
+    /// Evidence of an equivocation that proves none (same change twice, other keys, bad
+    /// signatures).
+    #[error("the evidence does not prove an equivocation")]
+    NotEvidence,
+    /// Signed envelopes whose length is not a whole number of envelopes.
     #[error("signed envelopes are truncated ({0} bytes)")]
     TruncatedEnvelopes(usize),
     /// A key is not a valid ed25519 public key.
@@ -29,7 +33,9 @@ pub enum Rejection {
     #[error("the change came without its author's signature")]
     Unsigned,
     /// The envelope's signature does not verify against the change's author.
-    #[error("the signature does not match the change or its author (forged or damaged)")]
+    #[error(
+        "the signature does not match the change, its author or its document (forged, replayed or damaged)"
+    )]
     BadSignature,
     /// The author's key has no certificate from central.
     #[error("the author {author} has no certificate from central")]
@@ -56,6 +62,16 @@ pub enum Rejection {
     /// A revocation the author had seen revokes its certificate.
     #[error("the author's certificate was revoked (revocation #{number}: {reason})")]
     Revoked {
+        /// Revocation number.
+        number: u32,
+        /// Its reason.
+        reason: String,
+    },
+    /// The author's key is revoked and central did not hold the change when it revoked it.
+    #[error(
+        "the author's key was revoked (revocation #{number}: {reason}) and central did not hold this change when it revoked it"
+    )]
+    RevokedUnvouched {
         /// Revocation number.
         number: u32,
         /// Its reason.
@@ -90,6 +106,14 @@ pub enum Rejection {
         place: String,
         /// The author's scope.
         scope: String,
+    },
+    /// The document claims another document's node identifier.
+    #[error("the document claims the identifier {system}|{value}, which names another document")]
+    ForeignIdentifier {
+        /// Identifier system.
+        system: String,
+        /// Identifier value.
+        value: String,
     },
     /// A change it depends on was rejected.
     #[error("it builds on change {dep} which was rejected")]

@@ -7,6 +7,7 @@
 //! - [`envelope`]: the signature of each change, stored and on the wire.
 //! - [`token`]: certificates and revocations signed by the root, as tokens.
 //! - [`document`]: the `Basic` resources that carry the tokens from node to node.
+//! - [`evidence`]: proof that a key equivocated, carried in an `AuditEvent`.
 //! - [`state`]: [`Trust`], what a node holds (root, certificates, revocations), and what a key may
 //!   do at a time ([`Authority`]).
 //! - [`decide`]: [`Trust::decide`] on one change, under a deployment [`Policy`] (openIMIS's:
@@ -63,23 +64,28 @@ pub mod decide;
 pub mod document;
 pub mod envelope;
 pub mod error;
+pub mod evidence;
 pub mod keys;
 pub mod state;
 pub mod token;
 
-pub use check::{CheckError, Checked, check};
-pub use decide::{ChangeFacts, Policy};
+pub use check::{CheckError, Checked, check, places_at};
+pub use decide::{ChangeFacts, NODE_SYSTEM_PREFIX, Policy, claimed_identity};
 pub use document::{
-    CERTIFICATE_SYSTEM, REVOCATION_SYSTEM, TOKEN_EXTENSION, TRUST_SYSTEM, certificate_resource,
-    revocation_resource, token_of,
+    CERTIFICATE_SYSTEM, REVOCATION_SYSTEM, SUBJECT_SYSTEM, TOKEN_EXTENSION, TRUST_SYSTEM,
+    certificate_resource, revocation_resource, token_of,
 };
 pub use envelope::{CHANGE_DOMAIN, Envelope};
 pub use error::{Rejection, TrustError};
+pub use evidence::{
+    AUDIT_SYSTEM, EVIDENCE_EXTENSION, Equivocation, evidence_resource, make_evidence,
+    verify_evidence,
+};
 pub use fieldmesh_fhir_docs::openimis::{Capability, Role};
 pub use keys::{PeerKey, PublicKey, parse_key};
 pub use state::{Authority, Trust};
 pub use token::{
-    CERTIFICATE_DOMAIN, Certificate, REVOCATION_DOMAIN, Revocation, issue_certificate,
+    CERTIFICATE_DOMAIN, Certificate, REVOCATION_DOMAIN, Revocation, Vouched, issue_certificate,
     issue_revocation, verify_certificate, verify_revocation,
 };
 

@@ -30,6 +30,10 @@ pub struct Trust {
     revocations: BTreeMap<u32, Revocation>,
     /// Revocation numbers by revoked key.
     revoked_keys: HashMap<PublicKey, Vec<u32>>,
+    /// Proven equivocations: per key and document, the lowest sequence number equivocated.
+    equivocations: HashMap<(PublicKey, [u8; 16]), u64>,
+    /// The changes of revoked keys central vouched for: per key, per document, the heads.
+    vouched: HashMap<PublicKey, HashMap<[u8; 16], Vec<[u8; 32]>>>,
     /// Decompressed keys of the root and of every certified key (decompressing costs about a
     /// tenth of a signature check).
     keys: HashMap<PublicKey, VerifyingKey>,
@@ -44,6 +48,8 @@ impl Trust {
             serials: HashSet::new(),
             revocations: BTreeMap::new(),
             revoked_keys: HashMap::new(),
+            vouched: HashMap::new(),
+            equivocations: HashMap::new(),
             keys: VerifyingKey::from_bytes(&root)
                 .map(|k| HashMap::from([(root, k)]))
                 .unwrap_or_default(),
@@ -58,6 +64,13 @@ impl Trust {
     /// Adds a certificate or revocation token; returns whether it was new. A token not signed by
     /// the root is refused.
     pub fn add_token(&mut self, token: &str) -> Result<bool, TrustError> {
+        if token.starts_with("fme1.") {
+            let e = crate::evidence::verify_evidence(token)?;
+            let seq = self.equivocations.entry((e.key, e.doc)).or_insert(u64::MAX);
+            let new = e.seq < *seq;
+            *seq = (*seq).min(e.seq);
+            return Ok(new);
+        }
         if token.starts_with("fmr1.") {
             let rev = verify_revocation(&self.root, token)?;
             if self.revocations.contains_key(&rev.number) {
@@ -65,6 +78,16 @@ impl Trust {
             }
             let key = parse_key(&rev.subject)?;
             self.revoked_keys.entry(key).or_default().push(rev.number);
+            let vouched = self.vouched.entry(key).or_default();
+            for v in &rev.vouched {
+                let doc = uuid_bytes(&v.doc);
+                let head = hex::decode(&v.head)
+                    .ok()
+                    .and_then(|h| <[u8; 32]>::try_from(h).ok());
+                if let (Some(doc), Some(head)) = (doc, head) {
+                    vouched.entry(doc).or_default().push(head);
+                }
+            }
             self.revocations.insert(rev.number, rev);
             return Ok(true);
         }
@@ -111,19 +134,104 @@ impl Trust {
             .and_then(|n| self.revocations.get(n))
     }
 
-    /// Whether `envelope` carries `author`'s signature of its change (strictly).
-    pub fn verify_envelope(&self, envelope: &Envelope, author: &[u8]) -> bool {
+    /// The lowest sequence number at which `key` is proven to have equivocated in document
+    /// `doc`, if it is.
+    pub fn equivocated(&self, key: &[u8], doc: &[u8; 16]) -> Option<u64> {
+        let key = <[u8; 32]>::try_from(key).ok()?;
+        self.equivocations.get(&(key, *doc)).copied()
+    }
+
+    /// Whether the node `me` serves `peer` at its time `now`: sends it documents, takes its
+    /// documents, relays for it. The root always; a revoked key never; otherwise a key with a
+    /// certificate valid now (one starting within a day is accepted: clocks drift). Decided by
+    /// the node's own clock, with one exception: a node whose clock is outside its own
+    /// certificate's validity does not trust its clock for this (it would cut itself off from
+    /// every peer) and asks only for an unrevoked certificate. A peer not served gets only the
+    /// certificates about itself (its renewal) and may send only certificates. Changes are
+    /// decided on their own facts, alike everywhere, whoever serves whom.
+    pub fn serves(&self, me: &PublicKey, peer: &PublicKey, now: i64) -> bool {
+        /// How far ahead of the clock a certificate may start.
+        const SKEW: i64 = 86_400;
+        if *peer == self.root {
+            return true;
+        }
+        if self.revocation_of(peer).is_some() {
+            return false;
+        }
+        let clock_trusted = *me == self.root
+            || self
+                .certificates(me)
+                .iter()
+                .any(|c| c.not_before <= now && now < c.not_after);
+        self.certificates(peer)
+            .iter()
+            .any(|c| !clock_trusted || (c.not_before - SKEW <= now && now < c.not_after))
+    }
+
+    /// The first revocation of `key` this node holds, whatever the key claims to have seen.
+    pub fn revocation_of(&self, key: &[u8]) -> Option<&Revocation> {
+        let key = <[u8; 32]>::try_from(key).ok()?;
+        self.revoked_keys
+            .get(&key)?
+            .iter()
+            .min()
+            .and_then(|n| self.revocations.get(n))
+    }
+
+    /// The changes by the revoked key `author` in document `doc` that central vouched for:
+    /// the vouched heads and their ancestors among `changes` (every change of the document, as
+    /// `(hash, dependencies)`). Empty if central vouched for none.
+    pub fn vouched_changes(
+        &self,
+        author: &[u8],
+        doc: &[u8; 16],
+        changes: &[([u8; 32], Vec<[u8; 32]>)],
+    ) -> HashSet<[u8; 32]> {
+        let mut out = HashSet::new();
+        let Some(heads) = <[u8; 32]>::try_from(author)
+            .ok()
+            .and_then(|k| self.vouched.get(&k))
+            .and_then(|docs| docs.get(doc))
+        else {
+            return out;
+        };
+        let deps: HashMap<[u8; 32], &Vec<[u8; 32]>> =
+            changes.iter().map(|(h, d)| (*h, d)).collect();
+        let mut todo: Vec<[u8; 32]> = heads
+            .iter()
+            .filter(|h| deps.contains_key(*h))
+            .copied()
+            .collect();
+        while let Some(h) = todo.pop() {
+            if out.insert(h)
+                && let Some(d) = deps.get(&h)
+            {
+                todo.extend(d.iter().filter(|x| !out.contains(*x)));
+            }
+        }
+        out
+    }
+
+    /// Whether `envelope` carries `author`'s signature of its change, made in document `doc` of
+    /// type `ty` (strictly).
+    pub fn verify_envelope(
+        &self,
+        envelope: &Envelope,
+        author: &[u8],
+        doc: &[u8; 16],
+        ty: &str,
+    ) -> bool {
         let Ok(key) = <[u8; 32]>::try_from(author) else {
             return false;
         };
         match self.keys.get(&key) {
             Some(k) => k
                 .verify_strict(
-                    &Envelope::message(&envelope.hash, envelope.revocations_seen),
+                    &Envelope::message(doc, ty, &envelope.hash, envelope.revocations_seen),
                     &Signature::from_bytes(&envelope.signature),
                 )
                 .is_ok(),
-            None => envelope.verify(author),
+            None => envelope.verify(author, doc, ty),
         }
     }
 
@@ -178,4 +286,10 @@ impl Trust {
         scope.dedup();
         Ok(Authority { roles, scope })
     }
+}
+
+/// The 16 bytes of a UUID written as text (hyphens optional).
+fn uuid_bytes(s: &str) -> Option<[u8; 16]> {
+    let hex: String = s.chars().filter(|c| *c != '-').collect();
+    <[u8; 16]>::try_from(hex::decode(hex).ok()?).ok()
 }

@@ -16,6 +16,9 @@ const VILLAGE_A: &str = "village-a";
 const VILLAGE_B: &str = "village-b";
 const FACILITY: &str = "HF001";
 const DAY: i64 = 86_400;
+const DOC: fieldmesh_fhir_docs::DocId = fieldmesh_fhir_docs::DocId(uuid::Uuid::from_u128(
+    0x7f3c_2a9e_0000_4000_8000_0000_0000_0001,
+));
 const T0: i64 = 1_790_000_000;
 
 fn key(n: u8) -> SigningKey {
@@ -122,10 +125,10 @@ fn decide_signed(
     seen: u32,
 ) -> Result<(), Rejection> {
     let c = change(author, json, time);
-    let env = Envelope::sign(signer, c.hash, seen);
     let ty = json["resourceType"].as_str().unwrap_or_default();
+    let env = Envelope::sign(signer, DOC.as_bytes(), ty, c.hash, seen);
     w.trust
-        .decide(&OpenImis, ty, &c, Some(&env), &|_| false, None, json)
+        .decide(&OpenImis, &DOC, ty, &c, Some(&env), &|_| false, None, json)
 }
 
 fn variant(r: &Result<(), Rejection>) -> String {
@@ -220,6 +223,7 @@ fn each_rejection_reason_is_its_own_variant() {
     ];
     // Revocation of the officer, #1.
     let rev = Revocation {
+        vouched: Vec::new(),
         number: 1,
         subject: hex::encode(public(&w.officer)),
         reason: "phone lost".into(),
@@ -235,8 +239,26 @@ fn each_rejection_reason_is_its_own_variant() {
         "Revoked",
     ));
     cases.push((
-        "a change made before the revocation was known to its author",
+        "a change that claims to predate the revocation but that central did not vouch for",
         decide_signed(&w, &w.officer, &w.officer, &patient(VILLAGE_A), now, 0),
+        "RevokedUnvouched",
+    ));
+    // The same change, had central held it when it revoked the key, is accepted.
+    let c = change(&w.officer, &patient(VILLAGE_A), now);
+    let env = Envelope::sign(&w.officer, DOC.as_bytes(), "Patient", c.hash, 0);
+    cases.push((
+        "a change central vouched for in the revocation",
+        w.trust
+            .decide_author(
+                &OpenImis,
+                &DOC,
+                "Patient",
+                &c,
+                Some(&env),
+                &|_| false,
+                &|h| *h == c.hash,
+            )
+            .map(|_| ()),
         "accepted",
     ));
     // A change without an envelope, and one building on a rejected change.
@@ -245,6 +267,7 @@ fn each_rejection_reason_is_its_own_variant() {
         "a change without an envelope",
         w.trust.decide(
             &OpenImis,
+            &DOC,
             "Claim",
             &c,
             None,
@@ -256,11 +279,12 @@ fn each_rejection_reason_is_its_own_variant() {
     ));
     let mut dependent = c.clone();
     dependent.deps = vec![[7; 32]];
-    let env = Envelope::sign(&w.claims, dependent.hash, 0);
+    let env = Envelope::sign(&w.claims, DOC.as_bytes(), "Claim", dependent.hash, 0);
     cases.push((
         "a change depending on a rejected change",
         w.trust.decide(
             &OpenImis,
+            &DOC,
             "Claim",
             &dependent,
             Some(&env),
@@ -280,11 +304,12 @@ fn each_rejection_reason_is_its_own_variant() {
         ))
         .expect("valid");
     let c = change(&officer2, &patient(VILLAGE_B), now);
-    let env = Envelope::sign(&officer2, c.hash, 1);
+    let env = Envelope::sign(&officer2, DOC.as_bytes(), "Patient", c.hash, 1);
     cases.push((
         "an edit moving an insuree to another village",
         w.trust.decide(
             &OpenImis,
+            &DOC,
             "Patient",
             &c,
             Some(&env),
@@ -293,6 +318,28 @@ fn each_rejection_reason_is_its_own_variant() {
             &patient(VILLAGE_B),
         ),
         "OutOfScope",
+    ));
+    // An insuree claiming another node's identifier for another document.
+    let mut impostor = patient(VILLAGE_A);
+    impostor.insert(
+        "identifier".into(),
+        json!([{"system": "urn:fieldmesh:node:other", "value": "0d5e6f70-0000-4000-8000-000000000002"}]),
+    );
+    let c = change(&officer2, &impostor, now);
+    let env = Envelope::sign(&officer2, DOC.as_bytes(), "Patient", c.hash, 1);
+    cases.push((
+        "an insuree claiming another document's node identifier",
+        w.trust.decide(
+            &OpenImis,
+            &DOC,
+            "Patient",
+            &c,
+            Some(&env),
+            &|_| false,
+            None,
+            &impostor,
+        ),
+        "ForeignIdentifier",
     ));
 
     let mut failures = Vec::new();
@@ -318,6 +365,8 @@ fn each_rejection_reason_is_its_own_variant() {
         "NotPermitted",
         "OutOfScope",
         "DependsOnRejected",
+        "RevokedUnvouched",
+        "ForeignIdentifier",
     ] {
         assert!(seen.contains(v), "{v} not exercised");
     }
@@ -355,6 +404,7 @@ fn decisions_do_not_depend_on_the_order_certificates_arrive_in() {
         issue_revocation(
             root,
             &Revocation {
+                vouched: Vec::new(),
                 number: 1,
                 subject: hex::encode(public(&w.claims)),
                 reason: "left".into(),
@@ -364,6 +414,7 @@ fn decisions_do_not_depend_on_the_order_certificates_arrive_in() {
         issue_revocation(
             root,
             &Revocation {
+                vouched: Vec::new(),
                 number: 2,
                 subject: hex::encode(public(&key(8))),
                 reason: "lost".into(),
@@ -386,14 +437,17 @@ fn decisions_do_not_depend_on_the_order_certificates_arrive_in() {
             .iter()
             .map(|(k, json, seen)| {
                 let c = change(k, json, T0 + DAY);
-                let env = Envelope::sign(k, c.hash, *seen);
                 let ty = json["resourceType"].as_str().unwrap_or_default();
-                variant(&t.decide(&OpenImis, ty, &c, Some(&env), &|_| false, None, json))
+                let env = Envelope::sign(k, DOC.as_bytes(), ty, c.hash, *seen);
+                variant(&t.decide(&OpenImis, &DOC, ty, &c, Some(&env), &|_| false, None, json))
             })
             .collect()
     };
     let first = decide_all(&[0, 1, 2, 3]);
-    assert_eq!(first, vec!["accepted", "accepted", "Revoked", "OutOfScope"]);
+    assert_eq!(
+        first,
+        vec!["accepted", "RevokedUnvouched", "Revoked", "OutOfScope"]
+    );
     for order in [[3, 2, 1, 0], [2, 0, 3, 1], [1, 3, 0, 2]] {
         assert_eq!(decide_all(&order), first);
     }
@@ -427,15 +481,18 @@ fn tokens_not_signed_by_the_root_are_refused() {
 fn envelopes_round_trip_and_truncation_is_an_error() {
     let k = key(2);
     let envs: Vec<Envelope> = (0..3u8)
-        .map(|i| Envelope::sign(&k, [i; 32], u32::from(i)))
+        .map(|i| Envelope::sign(&k, DOC.as_bytes(), "Patient", [i; 32], u32::from(i)))
         .collect();
     let bytes = Envelope::encode_all(&envs);
     assert_eq!(bytes.len(), 3 * Envelope::LEN);
     let back = Envelope::decode_all(&bytes).expect("whole");
     for e in &envs {
         assert_eq!(back.get(&e.hash), Some(e));
-        assert!(e.verify(&public(&k)));
-        assert!(!e.verify(&public(&key(3))));
+        assert!(e.verify(&public(&k), DOC.as_bytes(), "Patient"));
+        assert!(!e.verify(&public(&key(3)), DOC.as_bytes(), "Patient"));
+        // The signature binds the document and its type: replayed elsewhere, it fails.
+        assert!(!e.verify(&public(&k), &[0; 16], "Patient"));
+        assert!(!e.verify(&public(&k), DOC.as_bytes(), "Contract"));
     }
     assert_eq!(
         Envelope::decode_all(&bytes[..150]),
@@ -444,7 +501,7 @@ fn envelopes_round_trip_and_truncation_is_an_error() {
     // A flipped bit in the revocation count breaks the signature.
     let mut e = envs[0];
     e.revocations_seen += 1;
-    assert!(!e.verify(&public(&k)));
+    assert!(!e.verify(&public(&k), DOC.as_bytes(), "Patient"));
 }
 
 mod arbitrary_input {
@@ -467,7 +524,7 @@ mod arbitrary_input {
             let e = Envelope::decode_all(&bytes);
             if let Ok(map) = e {
                 for env in map.values() {
-                    prop_assert!(!env.verify(&root));
+                    prop_assert!(!env.verify(&root, DOC.as_bytes(), "Patient"));
                 }
             }
         }
@@ -478,21 +535,27 @@ mod arbitrary_input {
 fn wire_envelopes_find_their_changes_by_prefix_even_when_prefixes_collide() {
     let k = key(2);
     let author = public(&k);
-    let a = Envelope::sign(&k, [1; 32], 0);
+    let a = Envelope::sign(&k, DOC.as_bytes(), "Patient", [1; 32], 0);
     let mut colliding = [1; 32];
     colliding[31] = 9; // same 8-byte prefix, another change
-    let b = Envelope::sign(&k, colliding, 3);
+    let b = Envelope::sign(&k, DOC.as_bytes(), "Patient", colliding, 3);
     let wire = Envelope::encode_wire(&[b, a]);
     assert_eq!(wire.len(), 2 * Envelope::WIRE_LEN);
-    let found = Envelope::match_wire(&wire, &[([1; 32], &author[..]), (colliding, &author[..])])
-        .expect("whole");
+    let found = Envelope::match_wire(
+        &wire,
+        &[([1; 32], &author[..]), (colliding, &author[..])],
+        DOC.as_bytes(),
+        "Patient",
+    )
+    .expect("whole");
     assert_eq!(found.get(&[1; 32]), Some(&a));
     assert_eq!(found.get(&colliding), Some(&b));
     // A change without an envelope is absent (and then refused as unsigned).
-    let none = Envelope::match_wire(&wire, &[([2; 32], &author[..])]).expect("whole");
+    let none = Envelope::match_wire(&wire, &[([2; 32], &author[..])], DOC.as_bytes(), "Patient")
+        .expect("whole");
     assert!(none.is_empty());
     assert_eq!(
-        Envelope::match_wire(&wire[..100], &[]),
+        Envelope::match_wire(&wire[..100], &[], DOC.as_bytes(), "Patient"),
         Err(TrustError::TruncatedEnvelopes(100))
     );
     // Stored envelopes convert to the wire form, filtered.

@@ -53,7 +53,22 @@ impl Certificate {
     }
 }
 
+/// A document's changes by a revoked key that central held when it revoked the key: the last
+/// of them (its ancestors are the others).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vouched {
+    /// The document id.
+    pub doc: String,
+    /// The hash of the key's last change central held in it (hex).
+    pub head: String,
+}
+
 /// A revocation: central withdraws a device key's certificates.
+///
+/// Once a node holds it, a change by the key is accepted only if central vouched for it: if it
+/// is one of the changes central held when it revoked the key (`vouched`), whatever the key
+/// claims about its clock or the revocations it had seen. Everything else the key made (before
+/// or after, on a stolen phone) stays in quarantine.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Revocation {
     /// Number, 1, 2, 3… in the order central issued them.
@@ -64,6 +79,9 @@ pub struct Revocation {
     pub reason: String,
     /// When central issued it (Unix seconds; informational).
     pub issued: i64,
+    /// The key's changes central held, per document.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vouched: Vec<Vouched>,
 }
 
 pub(crate) const B64: base64::engine::GeneralPurpose =
