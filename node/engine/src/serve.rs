@@ -46,18 +46,22 @@ impl Engine {
 
     /// The only documents a peer without a valid certificate is shown: the certificates and
     /// revocations about its own key (a device whose certificate expired gets its renewal this
-    /// way), found through the subject index, not by reading the log.
-    fn own_trust_documents(&self, peer: &PeerKey) -> Result<Vec<Item>, StoreError> {
+    /// way) and about this node's key (so two nodes that have never met learn each other's
+    /// certificates in their first session), found through the subject index, not by reading
+    /// the log.
+    fn restricted_documents(&self, peer: &PeerKey) -> Result<Vec<Item>, StoreError> {
         let mut items = Vec::new();
-        for id in self
-            .store
-            .find("Basic", SUBJECT_SYSTEM, &hex::encode(peer.0))?
-        {
-            if let Some(meta) = self.store.doc_meta(&id)? {
-                items.push((id, meta.heads, meta.seq));
+        let mut subjects = vec![hex::encode(peer.0), hex::encode(self.me.public())];
+        subjects.dedup();
+        for subject in subjects {
+            for id in self.store.find("Basic", SUBJECT_SYSTEM, &subject)? {
+                if let Some(meta) = self.store.doc_meta(&id)? {
+                    items.push((id, meta.heads, meta.seq));
+                }
             }
         }
         items.sort_by_key(|i| i.2);
+        items.dedup_by_key(|i| i.0);
         Ok(items)
     }
 
@@ -70,8 +74,8 @@ impl Engine {
         self.flush()?;
         let restricted = !self.certified(&Source::Peer(*peer));
         let items = if restricted {
-            let own = self.own_trust_documents(peer)?;
-            tracing::warn!(peer = %peer, offered = own.len(), "the peer has no valid certificate: offering it only its own certificates");
+            let own = self.restricted_documents(peer)?;
+            tracing::warn!(peer = %peer, offered = own.len(), "the peer has no valid certificate: offering it only its own certificates and this node's");
             own
         } else {
             self.items()?
@@ -112,7 +116,7 @@ impl Engine {
 
     /// The documents `wanted` as sent to `peer`: type, Automerge bytes (whole, or the changes
     /// after the heads the peer holds) and the envelopes of the changes sent. Only its own
-    /// certificates and revocations for a peer without a valid certificate.
+    /// certificates and revocations (and this node's) for a peer without a valid certificate.
     pub fn payloads(
         &mut self,
         peer: &PeerKey,
@@ -124,7 +128,7 @@ impl Engine {
                 None
             } else {
                 Some(
-                    self.own_trust_documents(peer)?
+                    self.restricted_documents(peer)?
                         .into_iter()
                         .map(|i| i.0)
                         .collect(),

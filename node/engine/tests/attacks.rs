@@ -597,7 +597,7 @@ fn an_equivocation_ends_with_the_same_document_on_every_honest_node() {
 }
 
 /// A device whose certificate expired is shown only its own certificates (which is how it gets
-/// its renewal), never anyone's data, nor other devices' certificates.
+/// its renewal) and the serving node's, never anyone's data, nor other devices' certificates.
 #[test]
 fn an_expired_device_is_served_only_its_own_certificates() {
     let root = key(1);
@@ -627,6 +627,7 @@ fn an_expired_device_is_served_only_its_own_certificates() {
         now(),
     );
     let other = cert_doc(&root, &key(4), &[B]);
+    let (expired_id, hub_cert_id) = (expired.id, hub_cert.id);
     let mut node = engine(3, &root);
     node.merge(vec![expired, hub_cert, other], &Source::Local)
         .unwrap();
@@ -636,7 +637,14 @@ fn an_expired_device_is_served_only_its_own_certificates() {
     assert!(!node.certified(&Source::Peer(peer(&officer))));
     let start = node.sync_start(&peer(&officer), "hub").unwrap();
     assert!(start.restricted);
-    assert_eq!(start.items.len(), 1, "its own certificate only");
+    let mut offered: Vec<_> = start.items.iter().map(|i| i.0).collect();
+    offered.sort();
+    let mut expected = vec![expired_id, hub_cert_id];
+    expected.sort();
+    assert_eq!(
+        offered, expected,
+        "its own certificate and the hub's, nobody else's"
+    );
     assert!(
         node.payloads(&peer(&officer), &[(data.id, vec![])])
             .unwrap()
