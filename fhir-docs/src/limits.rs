@@ -23,6 +23,10 @@ pub struct DocLimits {
     pub expanded: usize,
     /// Operations (rows of the largest operation column).
     pub ops: u64,
+    /// Objects (maps, lists, texts) the operations make: each costs about a kilobyte once
+    /// loaded, whatever its size, so a few hundred kilobytes of nested empty maps would take
+    /// a hundred megabytes.
+    pub objects: u64,
     /// Changes.
     pub changes: u64,
     /// Actors (authors) named by a chunk.
@@ -41,6 +45,7 @@ impl Default for DocLimits {
             bytes: 4 << 20,
             expanded: 16 << 20,
             ops: 250_000,
+            objects: 20_000,
             changes: 20_000,
             actors: 1_000,
             depth: 48,
@@ -70,6 +75,12 @@ pub enum TooLarge {
     /// More operations than allowed.
     #[error("the document holds more than {limit} operations")]
     Ops {
+        /// The limit.
+        limit: u64,
+    },
+    /// More objects than allowed.
+    #[error("the document makes more than {limit} objects")]
+    Objects {
         /// The limit.
         limit: u64,
     },
@@ -109,6 +120,8 @@ pub struct Shape {
     pub changes: u64,
     /// Operations.
     pub ops: u64,
+    /// Objects made (maps, lists, texts, tables).
+    pub objects: u64,
     /// Bytes once inflated.
     pub expanded: usize,
 }
@@ -243,6 +256,36 @@ fn rows(col_type: u32, data: &[u8], cap: u64) -> Result<u64, TooLarge> {
     Ok(rows)
 }
 
+/// The operation column of actions (column 4, integers), deflated or not.
+fn is_action_column(spec: u32) -> bool {
+    spec & !0b1000 == (4 << 4) | 2
+}
+
+/// The rows of an action column that make an object (actions 0, 2, 4 and 6: map, list, text,
+/// table), stopping as soon as they pass `cap`.
+fn make_rows(data: &[u8], cap: u64) -> Result<u64, TooLarge> {
+    let is_make = |a: u64| a < 7 && a.is_multiple_of(2);
+    let mut c = Cursor(data);
+    let mut makes = 0u64;
+    while !c.0.is_empty() && makes <= cap {
+        let count = c.sleb()?;
+        if count > 0 {
+            if is_make(c.uleb()?) {
+                makes = makes.saturating_add(count.unsigned_abs());
+            }
+        } else if count < 0 {
+            for _ in 0..count.unsigned_abs() {
+                if is_make(c.uleb()?) {
+                    makes += 1;
+                }
+            }
+        } else {
+            c.uleb()?; // a run of nulls
+        }
+    }
+    Ok(makes)
+}
+
 /// Column specifications and lengths of a chunk.
 fn columns(c: &mut Cursor<'_>) -> Result<Vec<(u32, u64)>, TooLarge> {
     let n = c.bounded(MAX_COLUMNS, TooLarge::Malformed("too many columns"))?;
@@ -277,6 +320,16 @@ fn max_rows(
         most = most.max(rows(spec & 0b111, data, cap)?);
         if most > cap {
             break;
+        }
+        if is_action_column(*spec) {
+            shape.objects = shape
+                .objects
+                .saturating_add(make_rows(data, limits.objects)?);
+            if shape.objects > limits.objects {
+                return Err(TooLarge::Objects {
+                    limit: limits.objects,
+                });
+            }
         }
     }
     Ok(most)
@@ -477,6 +530,36 @@ mod tests {
             inspect(&bytes, &limits),
             Err(TooLarge::Ops { limit: 250_000 })
         );
+    }
+
+    #[test]
+    fn many_small_objects_are_refused() {
+        let mut doc = AutoCommit::new();
+        let mut obj = ROOT;
+        for _ in 0..25_000 {
+            obj = doc.put_object(&obj, "a", ObjType::Map).expect("map");
+        }
+        doc.commit();
+        let limits = DocLimits::default();
+        for bytes in [doc.save(), doc.save_nocompress()] {
+            assert_eq!(
+                inspect(&bytes, &limits),
+                Err(TooLarge::Objects { limit: 20_000 })
+            );
+        }
+        let change = doc.get_changes(&[])[0].raw_bytes().to_vec();
+        assert_eq!(
+            inspect(&change, &limits),
+            Err(TooLarge::Objects { limit: 20_000 })
+        );
+        // A list, a text and a map of each kind are counted.
+        let mut doc = AutoCommit::new();
+        doc.put_object(ROOT, "l", ObjType::List).expect("list");
+        doc.put_object(ROOT, "t", ObjType::Text).expect("text");
+        doc.put_object(ROOT, "m", ObjType::Map).expect("map");
+        doc.put(ROOT, "s", "x").expect("scalar");
+        doc.commit();
+        assert_eq!(inspect(&doc.save(), &limits).map(|s| s.objects), Ok(3));
     }
 
     #[test]

@@ -133,6 +133,18 @@ pub fn init(data: &Path, name: &str, role: &str) -> Result<String> {
     Ok(out)
 }
 
+/// The secret key of a device that holds a certificate from the test root with `grant` (the
+/// `cert issue` arguments after `--subject`), made in `dir/name`: what a test peer uses to play
+/// a certified (and malicious, or stolen) device.
+pub fn certified_key(dir: &Path, name: &str, grant: &[&str]) -> Result<[u8; 32]> {
+    let data = dir.join(name);
+    init_uncertified(&data, name, "device")?;
+    certify(&data, grant)?;
+    let key = std::fs::read(data.join("node.key"))?;
+    key.try_into()
+        .map_err(|_| anyhow::anyhow!("node.key is not 32 bytes"))
+}
+
 /// Initialises a node in `data` that trusts the test root but holds no certificate.
 pub fn init_uncertified(data: &Path, name: &str, role: &str) -> Result<String> {
     let (_, root) = test_root();
@@ -246,7 +258,13 @@ impl Node {
             .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"])
             .args(extra)
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            // The node's log, beside its data directory, for a person reading a failure.
+            .stderr(Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(data.with_extension("log"))?,
+            ))
             .spawn()?;
         let stdout = child.stdout.take().context("no stdout")?;
         let mut reader = BufReader::new(stdout);
@@ -352,6 +370,30 @@ impl Node {
         let mut r = req.send(&serde_json::to_vec(body)?)?;
         let (s, h, b) = split(&mut r)?;
         Ok((s, h, serde_json::from_slice(&b).unwrap_or(Value::Null)))
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident memory now and at its peak, in MiB (`VmRSS`, `VmHWM`).
+    pub fn memory_mb(&self) -> Result<(f64, f64)> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
+        let field = |name: &str| -> f64 {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+                .unwrap_or(0.0)
+                / 1024.0
+        };
+        Ok((field("VmRSS:"), field("VmHWM:")))
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// `GET /status` → the number of documents.

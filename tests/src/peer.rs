@@ -177,10 +177,35 @@ impl TestPeer {
 
     /// Runs a whole sync session with the node as initiator, with the protocol's own driver,
     /// offering `docs` and sending them as they are (however crafted) when the node asks. Returns
-    /// how it ended: `Ok` with the number of documents the node asked for if the session
-    /// completed, an error saying where it stopped otherwise (the node closing the stream is the
-    /// expected end for refused input).
-    pub fn push(&mut self, docs: Vec<DocPayload>, secs: u64) -> Result<usize> {
+    /// how it went: how many documents the node asked for (so a test knows its attack was
+    /// delivered) and, if the node ended the session before it completed (the expected end for
+    /// refused input), why. Errors only if no session could be had at all.
+    ///
+    /// A node refuses a session while its own with this peer runs (the one it opens when the
+    /// peer connects, which fails at once: the test peer does not answer it); a session the node
+    /// closed before its first frame is tried again, a few times within `secs`.
+    pub fn push(&mut self, docs: Vec<DocPayload>, secs: u64) -> Result<Pushed> {
+        let until = std::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            let (mut asked, mut frames) = (0, 0);
+            let ended = self
+                .push_inner(docs.clone(), secs, &mut asked, &mut frames)
+                .err()
+                .map(|e| format!("{e:#}"));
+            if ended.is_none() || frames > 0 || std::time::Instant::now() >= until {
+                return Ok(Pushed { asked, ended });
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    fn push_inner(
+        &mut self,
+        docs: Vec<DocPayload>,
+        secs: u64,
+        asked: &mut usize,
+        frames: &mut usize,
+    ) -> Result<()> {
         use fieldmesh_protocol::{Driver, Local, Role, Start, Step};
         let start = Start {
             local: Local {
@@ -198,7 +223,6 @@ impl TestPeer {
         };
         let mut driver = Driver::new(Role::Initiator, start)?;
         let mut s = self.open()?;
-        let mut asked = 0;
         let mut todo: std::collections::VecDeque<Step> = driver.start()?.into();
         let deadline = std::time::Instant::now() + Duration::from_secs(secs);
         loop {
@@ -206,7 +230,7 @@ impl TestPeer {
                 match step {
                     Step::Send(frame) => self.send_frame(&mut s, &frame)?,
                     Step::Read(ids) => {
-                        asked += ids.len();
+                        *asked += ids.len();
                         let out: Vec<DocPayload> = docs
                             .iter()
                             .filter(|d| ids.iter().any(|(id, _)| *id == d.id))
@@ -218,7 +242,7 @@ impl TestPeer {
                     }
                     // What the node sends is not kept: the attacker only pushes.
                     Step::Merge(_) => todo.extend(driver.merged(0)),
-                    Step::Complete(_) => return Ok(asked),
+                    Step::Complete(_) => return Ok(()),
                 }
             }
             let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -228,11 +252,24 @@ impl TestPeer {
             let frame = self
                 .read_frame(&mut s, left.as_secs().max(1))
                 .with_context(|| {
-                    format!("the node ended the session after asking for {asked} document(s)")
+                    format!(
+                        "the node ended the session after asking for {} document(s)",
+                        *asked
+                    )
                 })?;
+            *frames += 1;
             todo.extend(driver.receive(&frame)?);
         }
     }
+}
+
+/// How a [`TestPeer::push`] went.
+#[derive(Debug)]
+pub struct Pushed {
+    /// Documents the node asked for.
+    pub asked: usize,
+    /// Why the session ended early, if it did (`None`: it completed).
+    pub ended: Option<String>,
 }
 
 /// Sixteen bytes naming this peer's (pretend) store.
@@ -243,4 +280,61 @@ fn uuid_bytes(id: &PeerId) -> Box<[u8; 16]> {
         out[i] = *b;
     }
     Box::new(out)
+}
+
+#[derive(NetworkBehaviour)]
+struct RelayProbe {
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    relay: libp2p::relay::client::Behaviour,
+}
+
+/// Asks the node at `addr` (ending in `/p2p/<id>`) for a relay reservation with the key `secret`
+/// (a fresh one when `None`): whether the node accepted it within `secs`.
+pub fn try_reserve(addr: &str, secret: Option<[u8; 32]>, secs: u64) -> Result<bool> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let keypair = match secret {
+        Some(mut s) => libp2p::identity::Keypair::ed25519_from_bytes(&mut s)?,
+        None => libp2p::identity::Keypair::generate_ed25519(),
+    };
+    let circuit: Multiaddr = format!("{addr}/p2p-circuit").parse()?;
+    rt.block_on(async {
+        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default().nodelay(true),
+                noise::Config::new,
+                yamux::Config::default,
+            )?
+            .with_relay_client(noise::Config::new, yamux::Config::default)?
+            .with_behaviour(|key, relay| RelayProbe {
+                identify: identify::Behaviour::new(identify::Config::new(
+                    "/fieldmesh/1".into(),
+                    key.public(),
+                )),
+                ping: ping::Behaviour::new(ping::Config::new()),
+                relay,
+            })?
+            .build();
+        swarm.listen_on(circuit)?;
+        let wait = async {
+            loop {
+                match swarm.select_next_some().await {
+                    SwarmEvent::Behaviour(RelayProbeEvent::Relay(
+                        libp2p::relay::client::Event::ReservationReqAccepted { .. },
+                    )) => return true,
+                    SwarmEvent::ListenerClosed { .. } | SwarmEvent::ListenerError { .. } => {
+                        return false;
+                    }
+                    _ => {}
+                }
+            }
+        };
+        Ok(tokio::time::timeout(Duration::from_secs(secs), wait)
+            .await
+            .unwrap_or(false))
+    })
 }

@@ -42,6 +42,8 @@ pub fn logging(cmd: &Command) -> Result<()> {
         }
         _ => tracing_subscriber::fmt()
             .with_env_filter(filter)
+            // Colours only on a terminal: a log redirected to a file stays readable.
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .with_writer(std::io::stderr)
             .init(),
     }
