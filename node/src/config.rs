@@ -205,6 +205,7 @@ impl DataDir {
             bail!("a node name may hold letters, digits, '-', '_' and '.' only (got {name:?})");
         }
         fs::create_dir_all(path).with_context(|| format!("cannot create {}", path.display()))?;
+        owner_only(path, 0o700)?;
         let keypair = Keypair::generate_ed25519();
         let secret = keypair
             .clone()
@@ -268,6 +269,8 @@ impl DataDir {
                 path.join(KEY_FILE).display()
             )
         })?;
+        // Data directories made before this rule (or by hand) are tightened: owner only.
+        owner_only(path, 0o700)?;
         Ok(Self {
             path: path.to_path_buf(),
             config,
@@ -328,6 +331,26 @@ impl DataDir {
     pub fn store_path(&self) -> PathBuf {
         self.path.join(STORE_FILE)
     }
+}
+
+/// Makes `path` (the data directory, the store) accessible to its owner only (`mode`, on Unix),
+/// if it is not already: it holds the personal data of insurees.
+pub fn owner_only(path: &Path, mode: u32) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let current = fs::metadata(path)
+            .with_context(|| format!("cannot read {}", path.display()))?
+            .permissions()
+            .mode();
+        if current & 0o077 != 0 {
+            fs::set_permissions(path, fs::Permissions::from_mode(mode))
+                .with_context(|| format!("cannot restrict {} to its owner", path.display()))?;
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (path, mode);
+    Ok(())
 }
 
 /// Writes a file readable by its owner only.

@@ -97,6 +97,14 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         data: PathBuf,
     },
+    /// Rebuild a damaged store from what can still be read (the node must not be running): every
+    /// readable document is checked again and kept, the damaged file is set aside, and what was
+    /// lost comes back from peers at the next sync.
+    Salvage {
+        /// The node's data directory.
+        #[arg(long, value_name = "DIR")]
+        data: PathBuf,
+    },
     /// Print the bearer token of the node's local API (apps send `Authorization: Bearer <token>`).
     Token {
         /// The node's data directory.
@@ -277,6 +285,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<()> {
         } => cli::load::run(&data, &files, !no_compact),
         Command::Check { data } => cli::check::run(&data),
         Command::Compact { data } => cli::compact::run(&data),
+        Command::Salvage { data } => cli::salvage::run(&data),
         Command::Demo(DemoCommand::Setup { out }) => cli::demo::setup_command(&out),
         Command::Demo(DemoCommand::Generate {
             seed,

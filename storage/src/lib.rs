@@ -283,6 +283,24 @@ pub trait Store: Send + Sync {
     /// Every index entry of the store: `(type, system, value, doc)` identities and
     /// `(target type, system, value, source doc)` references, for consistency checks.
     fn index_entries(&self) -> Result<IndexDump, StoreError>;
+    /// Every document id the store can still find, however damaged it is, with what could not
+    /// be read on the way (empty when nothing was damaged). A listing that never fails, for
+    /// serving what is readable, for `check` and for salvage; whether each document itself can
+    /// be read is for [`Store::doc_meta`] and [`Store::doc_bytes`] to say.
+    fn doc_ids_tolerant(&self) -> (Vec<DocId>, Vec<String>) {
+        let mut ids = Vec::new();
+        let mut after = 0;
+        loop {
+            match self.changes_since(after, 4096) {
+                Ok(page) if page.is_empty() => return (ids, Vec::new()),
+                Ok(page) => {
+                    after = page.last().map_or(after, |l| l.0);
+                    ids.extend(page.into_iter().map(|(_, id)| id));
+                }
+                Err(e) => return (ids, vec![format!("the log: {e}")]),
+            }
+        }
+    }
 }
 
 /// A shared store is a store: a simulation keeps its node's store while the node's engine
@@ -335,5 +353,8 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
     }
     fn index_entries(&self) -> Result<IndexDump, StoreError> {
         (**self).index_entries()
+    }
+    fn doc_ids_tolerant(&self) -> (Vec<DocId>, Vec<String>) {
+        (**self).doc_ids_tolerant()
     }
 }

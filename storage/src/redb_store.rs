@@ -46,11 +46,37 @@ fn engine(e: impl Into<redb::Error>, path: &Path) -> StoreError {
     }
 }
 
+/// Runs `f`, turning a panic inside redb into [`StoreError::Corrupt`]: redb trusts the pages it
+/// reads, and a damaged page (a bad sector, a flipped bit, a truncated copy) makes it index out
+/// of bounds. One damaged page must cost the records on it, not the process.
+fn shield<T>(path: &Path, f: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            tracing::error!(path = %path.display(), %what, "a page of the store file could not be read");
+            Err(StoreError::Corrupt(format!(
+                "a page of {} could not be read ({what})",
+                path.display()
+            )))
+        }
+    }
+}
+
+/// A key and its value, as read from a table.
+type Entry = (Vec<u8>, Vec<u8>);
+
 /// A store in one redb file.
 pub struct RedbStore {
-    db: Database,
+    /// `None` only between closing the database after an I/O error and opening it again.
+    db: std::sync::RwLock<Option<Database>>,
     path: PathBuf,
     budget: QuarantineBudget,
+    cache_bytes: usize,
 }
 
 impl std::fmt::Debug for RedbStore {
@@ -65,30 +91,118 @@ impl RedbStore {
     /// Opens the store file at `path`, creating it if it does not exist.
     pub fn open(path: impl AsRef<Path>, options: StoreOptions) -> Result<Self, StoreError> {
         let path = path.as_ref().to_path_buf();
+        shield(&path.clone(), || Self::open_unshielded(path, options))
+    }
+
+    fn open_unshielded(path: PathBuf, options: StoreOptions) -> Result<Self, StoreError> {
         let db = Database::builder()
             .set_cache_size(options.cache_bytes)
             .create(&path)
             .map_err(|e| engine(e, &path))?;
+        // The file holds the personal data of insurees: its owner only.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path)
+                .map_err(|e| StoreError::Io(format!("{}: {e}", path.display())))?
+                .permissions()
+                .mode();
+            if mode & 0o077 != 0 {
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                    .map_err(|e| StoreError::Io(format!("{}: {e}", path.display())))?;
+            }
+        }
         let store = Self {
-            db,
+            db: std::sync::RwLock::new(Some(db)),
             path,
             budget: options.quarantine,
+            cache_bytes: options.cache_bytes,
         };
-        // Create every table once so that readers never meet a missing one.
-        let txn = store.db.begin_write().map_err(|e| store.err(e))?;
-        for t in Table::ALL {
-            txn.open_table(def(t)).map_err(|e| store.err(e))?;
+        // Create every table once so that readers never meet a missing one. A store that has
+        // them all is only read here: a damaged one still opens, to serve what it can.
+        let complete = {
+            let txn = store.begin_read()?;
+            Table::ALL.iter().all(|t| txn.open_table(def(*t)).is_ok())
+        };
+        if !complete {
+            let txn = store.begin_write()?;
+            for t in Table::ALL {
+                txn.open_table(def(t)).map_err(|e| store.err(e))?;
+            }
+            txn.commit().map_err(|e| store.err(e))?;
         }
-        txn.commit().map_err(|e| store.err(e))?;
-        if store.store_id()? == [0; 16] {
+        match store.store_id() {
             // An empty commit gives a new store its id.
-            store.commit(Vec::new())?;
+            Ok(id) if id == [0; 16] => {
+                store.commit(Vec::new())?;
+            }
+            Ok(_) => {}
+            Err(StoreError::Corrupt(why)) => {
+                tracing::error!(path = %store.path.display(), %why, "the store is damaged");
+            }
+            Err(e) => return Err(e),
         }
         Ok(store)
     }
 
     fn err(&self, e: impl Into<redb::Error>) -> StoreError {
         engine(e, &self.path)
+    }
+
+    /// Closes the database and opens it again: after an I/O error (a full disk) redb refuses
+    /// every later write until it is reopened, which also repairs what the failed commit left.
+    /// If it cannot be opened yet (the disk is still full), the next transaction tries again.
+    fn reopen(&self) -> Result<(), StoreError> {
+        let mut db = self
+            .db
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Transactions still running keep the old file open until they end.
+        *db = None;
+        let fresh = Database::builder()
+            .set_cache_size(self.cache_bytes)
+            .create(&self.path)
+            .map_err(|e| self.err(e))?;
+        *db = Some(fresh);
+        tracing::info!(path = %self.path.display(), "the store was reopened after an I/O error");
+        Ok(())
+    }
+
+    /// Begins a transaction with `begin`, reopening the database first if it is closed or
+    /// refuses because of an earlier I/O error.
+    fn begin<T>(
+        &self,
+        begin: impl Fn(&Database) -> Result<T, redb::Error>,
+    ) -> Result<T, StoreError> {
+        let first = {
+            let db = self
+                .db
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            db.as_ref().map(&begin)
+        };
+        match first {
+            Some(Ok(t)) => return Ok(t),
+            Some(Err(redb::Error::PreviousIo)) | None => {}
+            Some(Err(e)) => return Err(self.err(e)),
+        }
+        self.reopen()?;
+        let db = self
+            .db
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match db.as_ref() {
+            Some(db) => begin(db).map_err(|e| self.err(e)),
+            None => Err(StoreError::Engine("the store is closed".into())),
+        }
+    }
+
+    fn begin_read(&self) -> Result<redb::ReadTransaction, StoreError> {
+        self.begin(|db| db.begin_read().map_err(redb::Error::from))
+    }
+
+    fn begin_write(&self) -> Result<redb::WriteTransaction, StoreError> {
+        self.begin(|db| db.begin_write().map_err(redb::Error::from))
     }
 
     /// The store's file.
@@ -98,11 +212,19 @@ impl RedbStore {
 
     /// Rewrites the file without free pages; returns whether anything was reclaimed.
     pub fn compact(&mut self) -> Result<bool, StoreError> {
-        self.db.compact().map_err(|e| engine(e, &self.path))
+        let path = self.path.clone();
+        let db = self
+            .db
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        shield(&path, || match db.as_mut() {
+            Some(db) => db.compact().map_err(|e| engine(e, &path)),
+            None => Ok(false),
+        })
     }
 
     fn read(&self) -> Result<ReadTxn, StoreError> {
-        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let txn = self.begin_read()?;
         Ok(ReadTxn {
             txn,
             path: self.path.clone(),
@@ -220,9 +342,9 @@ impl KvWrite for WriteTxn<'_> {
     }
 }
 
-impl Store for RedbStore {
-    fn commit(&self, writes: Vec<Write>) -> Result<Vec<u64>, StoreError> {
-        let mut txn = self.db.begin_write().map_err(|e| self.err(e))?;
+impl RedbStore {
+    fn commit_unshielded(&self, writes: Vec<Write>) -> Result<Vec<u64>, StoreError> {
+        let mut txn = self.begin_write()?;
         // Quick repair saves the allocator state with each commit (and implies two-phase commit),
         // so reopening after a crash or a pulled battery takes milliseconds, not a full scan.
         txn.set_quick_repair(true);
@@ -251,50 +373,117 @@ impl Store for RedbStore {
             }
         }
     }
+}
+
+impl RedbStore {
+    /// The entries of `table` that can be read: in key order until a damaged page stops the
+    /// walk, then backwards from the last key until one stops it again (what lies between is
+    /// lost). Also says what stopped each walk.
+    fn tolerant_entries(&self, table: Table) -> (Vec<Entry>, Vec<String>) {
+        let (mut forward, mut backward, mut problems) = (Vec::new(), Vec::new(), Vec::new());
+        let walk = |out: &mut Vec<Entry>, rev: bool| {
+            shield(&self.path, || {
+                let txn = self.begin_read()?;
+                let t = txn.open_table(def(table)).map_err(|e| self.err(e))?;
+                let range = t.range::<&[u8]>(..).map_err(|e| self.err(e))?;
+                let mut push = |entry: Result<_, redb::StorageError>| {
+                    let (k, v): (redb::AccessGuard<'_, &[u8]>, redb::AccessGuard<'_, &[u8]>) =
+                        entry.map_err(|e| self.err(e))?;
+                    out.push((k.value().to_vec(), v.value().to_vec()));
+                    Ok::<_, StoreError>(())
+                };
+                if rev {
+                    for entry in range.rev() {
+                        push(entry)?;
+                    }
+                } else {
+                    for entry in range {
+                        push(entry)?;
+                    }
+                }
+                Ok(())
+            })
+        };
+        if let Err(e) = walk(&mut forward, false) {
+            problems.push(format!("table {}: {e}", table.name()));
+            let last = forward.last().map(|(k, _)| k.clone());
+            if let Err(e) = walk(&mut backward, true) {
+                problems.push(format!("table {} (read backwards): {e}", table.name()));
+            }
+            backward.retain(|(k, _)| last.as_ref().is_none_or(|l| k > l));
+            backward.reverse();
+            forward.extend(backward);
+        }
+        (forward, problems)
+    }
+}
+
+impl Store for RedbStore {
+    fn doc_ids_tolerant(&self) -> (Vec<DocId>, Vec<String>) {
+        let mut ids = std::collections::BTreeSet::new();
+        let (docs, mut problems) = self.tolerant_entries(Table::Docs);
+        ids.extend(
+            docs.iter()
+                .filter_map(|(k, _)| DocId::try_from(&k[..]).ok()),
+        );
+        // The log names every document too: what a damaged page hides in one table the other
+        // may still show.
+        let (log, more) = self.tolerant_entries(Table::Log);
+        ids.extend(log.iter().filter_map(|(_, v)| DocId::try_from(&v[..]).ok()));
+        problems.extend(more);
+        (ids.into_iter().collect(), problems)
+    }
+    fn commit(&self, writes: Vec<Write>) -> Result<Vec<u64>, StoreError> {
+        shield(&self.path, || self.commit_unshielded(writes))
+    }
     fn doc_meta(&self, id: &DocId) -> Result<Option<DocMeta>, StoreError> {
-        ops::doc_meta(&self.read()?, id)
+        shield(&self.path, || ops::doc_meta(&self.read()?, id))
     }
     fn doc_bytes(&self, id: &DocId) -> Result<Option<Vec<u8>>, StoreError> {
-        ops::doc_bytes(&self.read()?, id)
+        shield(&self.path, || ops::doc_bytes(&self.read()?, id))
     }
     fn find(&self, ty: &str, system: &str, value: &str) -> Result<Vec<DocId>, StoreError> {
-        ops::find(&self.read()?, ty, system, value)
+        shield(&self.path, || ops::find(&self.read()?, ty, system, value))
     }
     fn find_value(&self, ty: &str, value: &str) -> Result<Vec<DocId>, StoreError> {
-        ops::find_value(&self.read()?, ty, value)
+        shield(&self.path, || ops::find_value(&self.read()?, ty, value))
     }
     fn referrers(&self, ty: &str, system: &str, value: &str) -> Result<Vec<DocId>, StoreError> {
-        ops::referrers(&self.read()?, ty, system, value)
+        shield(&self.path, || {
+            ops::referrers(&self.read()?, ty, system, value)
+        })
     }
     fn changes_since(&self, after: u64, limit: usize) -> Result<Vec<(u64, DocId)>, StoreError> {
-        ops::changes_since(&self.read()?, after, limit)
+        shield(&self.path, || {
+            ops::changes_since(&self.read()?, after, limit)
+        })
     }
     fn of_type(&self, ty: &str) -> Result<Vec<DocId>, StoreError> {
-        ops::of_type(&self.read()?, ty)
+        shield(&self.path, || ops::of_type(&self.read()?, ty))
     }
     fn envelopes(&self, id: &DocId) -> Result<Vec<u8>, StoreError> {
-        ops::envelopes(&self.read()?, id)
+        shield(&self.path, || ops::envelopes(&self.read()?, id))
     }
     fn checkpoint(&self, peer: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        ops::checkpoint(&self.read()?, peer)
+        shield(&self.path, || ops::checkpoint(&self.read()?, peer))
     }
     fn store_id(&self) -> Result<[u8; 16], StoreError> {
-        ops::store_id(&self.read()?)
+        shield(&self.path, || ops::store_id(&self.read()?))
     }
     fn quarantined(&self, limit: usize) -> Result<Vec<Quarantined>, StoreError> {
-        ops::quarantined(&self.read()?, limit)
+        shield(&self.path, || ops::quarantined(&self.read()?, limit))
     }
     fn quarantined_payload(&self, hash: &[u8; 32]) -> Result<Option<Vec<u8>>, StoreError> {
-        ops::quarantined_payload(&self.read()?, hash)
+        shield(&self.path, || ops::quarantined_payload(&self.read()?, hash))
     }
     fn stats(&self) -> Result<Stats, StoreError> {
-        ops::stats(&self.read()?)
+        shield(&self.path, || ops::stats(&self.read()?))
     }
     fn verify(&self) -> Result<Vec<String>, StoreError> {
-        ops::verify(&self.read()?)
+        shield(&self.path, || ops::verify(&self.read()?))
     }
     fn index_entries(&self) -> Result<crate::IndexDump, StoreError> {
-        ops::index_entries(&self.read()?)
+        shield(&self.path, || ops::index_entries(&self.read()?))
     }
 }
 
@@ -314,7 +503,11 @@ pub struct TableSize {
 impl RedbStore {
     /// Space used per table, for reports and benchmarks.
     pub fn table_sizes(&self) -> Result<Vec<(&'static str, TableSize)>, StoreError> {
-        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        shield(&self.path, || self.table_sizes_unshielded())
+    }
+
+    fn table_sizes_unshielded(&self) -> Result<Vec<(&'static str, TableSize)>, StoreError> {
+        let txn = self.begin_read()?;
         let mut out = Vec::new();
         for t in Table::ALL {
             let table = txn.open_table(def(t)).map_err(|e| self.err(e))?;

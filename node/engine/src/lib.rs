@@ -14,6 +14,7 @@
 //!   refused changes quarantined.
 //! - [`retract`]: revoked keys: the changes central vouches for, and taking out of the documents
 //!   the changes a node accepted from a key before it learnt of its revocation.
+//! - [`salvage`]: the readable documents of a damaged store, taken into a fresh one.
 //! - [`serve`]: what a sync session starts from, the documents it sends, its checkpoint.
 //! - [`sync`]: an engine as one side of an in-process session ([`EngineHost`]).
 //! - [`read`]: [`Reader`], reads and searches of committed data, off the write path.
@@ -35,6 +36,7 @@ pub mod par;
 pub mod read;
 pub mod receive;
 pub mod retract;
+pub mod salvage;
 pub mod serve;
 pub mod source;
 pub mod sync;
@@ -50,6 +52,7 @@ pub use load::parse_json;
 pub use par::par_map;
 pub use read::{Reader, Served};
 pub use receive::MergeReport;
+pub use salvage::SalvageReport;
 pub use source::Source;
 pub use sync::EngineHost;
 pub use write::Outcome;

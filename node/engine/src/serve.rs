@@ -23,6 +23,10 @@ impl Engine {
     }
 
     /// The documents whose record `keep` accepts, as [`Engine::items`] lists them.
+    ///
+    /// A damaged store still serves what it can read: a record that cannot be read is skipped
+    /// (and logged), and if the log itself cannot be read the documents are found by
+    /// [`fieldmesh_storage::Store::doc_ids_tolerant`].
     pub(crate) fn items_where(
         &self,
         keep: impl Fn(&DocMeta) -> bool,
@@ -30,18 +34,49 @@ impl Engine {
         let mut items = Vec::new();
         let mut after = 0;
         loop {
-            let page = self.store.changes_since(after, PAGE)?;
+            let page = match self.store.changes_since(after, PAGE) {
+                Ok(page) => page,
+                Err(e @ StoreError::Corrupt(_)) => {
+                    tracing::error!(error = %e, "the store's log cannot be read: listing the documents that can");
+                    return Ok(self.items_tolerant(keep));
+                }
+                Err(e) => return Err(e),
+            };
             let Some((last, _)) = page.last() else { break };
             after = *last;
             for (seq, id) in page {
-                if let Some(meta) = self.store.doc_meta(&id)?
-                    && keep(&meta)
-                {
-                    items.push((id, meta.heads, seq));
+                match self.store.doc_meta(&id) {
+                    Ok(Some(meta)) if keep(&meta) => items.push((id, meta.heads, seq)),
+                    Ok(_) => {}
+                    Err(e @ StoreError::Corrupt(_)) => {
+                        tracing::error!(doc = %uuid::Uuid::from_bytes(id), error = %e, "a document record cannot be read: skipped");
+                    }
+                    Err(e) => return Err(e),
                 }
             }
         }
         Ok(items)
+    }
+
+    /// [`Engine::items_where`] on a store whose log cannot be read.
+    fn items_tolerant(&self, keep: impl Fn(&DocMeta) -> bool) -> Vec<Item> {
+        let (ids, problems) = self.store.doc_ids_tolerant();
+        for p in &problems {
+            tracing::error!(problem = %p, "the store is damaged");
+        }
+        let mut items: Vec<Item> = ids
+            .into_iter()
+            .filter_map(|id| match self.store.doc_meta(&id) {
+                Ok(Some(meta)) => keep(&meta).then_some((id, meta.heads, meta.seq)),
+                Ok(None) => None,
+                Err(e) => {
+                    tracing::error!(doc = %uuid::Uuid::from_bytes(id), error = %e, "a document record cannot be read: skipped");
+                    None
+                }
+            })
+            .collect();
+        items.sort_by_key(|i| i.2);
+        items
     }
 
     /// The only documents a peer without a valid certificate is shown: the certificates and
@@ -139,25 +174,43 @@ impl Engine {
             if allowed.as_ref().is_some_and(|a| !a.contains(id)) {
                 continue;
             }
-            let Some(meta) = self.store.doc_meta(id)? else {
-                continue;
-            };
-            if !their_heads.is_empty()
-                && let Some(p) = self.changes_after(id, &meta.ty, their_heads)?
-            {
-                out.push(p);
-                continue;
-            }
-            if let Some(data) = self.store.doc_bytes(id)? {
-                out.push(DocPayload {
-                    id: *id,
-                    ty: meta.ty,
-                    data,
-                    envelopes: Envelope::stored_to_wire(&self.store.envelopes(id)?, |_| true),
-                });
+            // A document this (damaged) store cannot read is skipped, not the session.
+            match self.payload(id, their_heads) {
+                Ok(Some(p)) => out.push(p),
+                Ok(None) => {}
+                Err(SyncError::Store(e @ StoreError::Corrupt(_))) => {
+                    tracing::error!(peer = %peer, doc = %uuid::Uuid::from_bytes(*id), error = %e, "a document cannot be read: not sent");
+                }
+                Err(e) => return Err(e),
             }
         }
         Ok(out)
+    }
+
+    /// One document as sent: the changes after `their_heads` if this node holds them, else
+    /// the whole document.
+    fn payload(
+        &mut self,
+        id: &fieldmesh_storage::DocId,
+        their_heads: &Heads,
+    ) -> Result<Option<DocPayload>, SyncError> {
+        let Some(meta) = self.store.doc_meta(id)? else {
+            return Ok(None);
+        };
+        if !their_heads.is_empty()
+            && let Some(p) = self.changes_after(id, &meta.ty, their_heads)?
+        {
+            return Ok(Some(p));
+        }
+        let Some(data) = self.store.doc_bytes(id)? else {
+            return Ok(None);
+        };
+        Ok(Some(DocPayload {
+            id: *id,
+            ty: meta.ty,
+            data,
+            envelopes: Envelope::stored_to_wire(&self.store.envelopes(id)?, |_| true),
+        }))
     }
 
     /// The changes of `id` after `their_heads`, if this node's copy contains those heads.

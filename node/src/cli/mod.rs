@@ -9,6 +9,7 @@ pub mod keys;
 pub mod load;
 pub mod quarantine;
 pub mod run;
+pub mod salvage;
 
 use anyhow::{Context, Result};
 
