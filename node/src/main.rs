@@ -246,6 +246,15 @@ enum DemoCommand {
 }
 
 fn main() {
+    // redb panics on a damaged page of the store; the store turns that into an error and logs
+    // it (`storage/src/redb_store.rs`), so the default report with its backtrace would only
+    // frighten the person reading the output.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !info.location().is_some_and(|l| l.file().contains("/redb-")) {
+            default_hook(info);
+        }
+    }));
     let cli = Cli::parse();
     if let Err(e) = cli::logging(&cli.command) {
         eprintln!("error: {e:#}");

@@ -21,7 +21,14 @@ pub fn open_engine(dir: &DataDir) -> Result<Engine> {
             cache_bytes: dir.config.storage.cache_mib * 1024 * 1024,
             ..StoreOptions::default()
         },
-    )?;
+    )
+    .map_err(|e| match e {
+        fieldmesh_storage::StoreError::Corrupt(_) => anyhow::anyhow!(
+            "{e}; the store cannot be opened: `fieldmesh salvage --data {}` sets it aside, keeps what can still be read and lets the rest come back from peers",
+            dir.path.display()
+        ),
+        other => other.into(),
+    })?;
     Ok(Engine::new(
         Box::new(store),
         NodeIdentity::new(dir.config.system.clone(), &dir.secret(), dir.root_key()?),

@@ -267,14 +267,44 @@ impl Node {
             ))
             .spawn()?;
         let stdout = child.stdout.take().context("no stdout")?;
-        let mut reader = BufReader::new(stdout);
         let listens = 1 + extra.iter().filter(|a| **a == "--listen").count();
+        // Lines are read on a thread of their own so that a node that never becomes ready
+        // fails the test after a minute instead of hanging it.
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stdout);
+            loop {
+                let mut line = String::new();
+                match reader.read_line(&mut line) {
+                    Ok(n) if n > 0 => {
+                        if tx.send(line).is_err() {
+                            // Nobody listens any more: keep draining so the node never
+                            // blocks on a full pipe.
+                            let mut sink = String::new();
+                            while reader.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
+                                sink.clear();
+                            }
+                            return;
+                        }
+                    }
+                    _ => return,
+                }
+            }
+        });
+        let ready_by = Instant::now() + Duration::from_secs(60);
         let (mut base, mut addrs) = (None, Vec::new());
         while base.is_none() || addrs.len() < listens {
-            let mut line = String::new();
-            if reader.read_line(&mut line)? == 0 {
-                bail!("the node exited before it was ready");
-            }
+            let left = ready_by.saturating_duration_since(Instant::now());
+            let line = match rx.recv_timeout(left) {
+                Ok(line) => line,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    let _ = child.kill();
+                    bail!("the node was not ready within 60 s (listening on {addrs:?})");
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    bail!("the node exited before it was ready");
+                }
+            };
             if let Some(u) = line.split_whitespace().find(|w| w.starts_with("http://")) {
                 base = Some(u.trim_end_matches("/fhir/").to_string());
             }
@@ -282,17 +312,11 @@ impl Node {
                 addrs.push(a.trim().to_string());
             }
         }
+        drop(rx);
         let p2p = addrs
             .iter()
             .find(|a| a.contains("/tcp/") && !a.contains("p2p-circuit"))
             .cloned();
-        // Keep draining stdout so the node never blocks on a full pipe.
-        std::thread::spawn(move || {
-            let mut sink = String::new();
-            while reader.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
-                sink.clear();
-            }
-        });
         let base = base.context("no HTTP address")?;
         let p2p = p2p.context("no libp2p TCP address")?;
         let agent: ureq::Agent = ureq::Agent::config_builder()

@@ -177,13 +177,30 @@ impl Engine {
         let mut ids = self.store.of_type("Basic")?;
         ids.extend(self.store.of_type("AuditEvent")?);
         for id in ids {
-            let Some(bytes) = self.store.doc_bytes(&id)? else {
-                continue;
+            // One damaged trust document costs that document (its certificate comes back from
+            // peers after `fieldmesh salvage`), not every other certificate.
+            let read = self
+                .store
+                .doc_bytes(&id)
+                .map_err(ReadError::from)
+                .and_then(|bytes| {
+                    let Some(bytes) = bytes else { return Ok(None) };
+                    contain(
+                        || -> Result<_, ReadError> {
+                            Ok(document_to_json(&AutoCommit::load(&bytes)?)?)
+                        },
+                        ReadError::Damaged,
+                    )
+                    .map(Some)
+                });
+            let json = match read {
+                Ok(Some(json)) => json,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::error!(doc = %uuid::Uuid::from_bytes(id), error = %e, "a trust document cannot be read: skipped (`fieldmesh check`)");
+                    continue;
+                }
             };
-            let json = contain(
-                || -> Result<_, ReadError> { Ok(document_to_json(&AutoCommit::load(&bytes)?)?) },
-                ReadError::Damaged,
-            )?;
             if let Some(token) = token_of(&json)
                 && let Err(e) = self.trust.add_token(token)
             {

@@ -53,7 +53,13 @@ pub fn run(data: &Path) -> Result<()> {
         println!("store is consistent");
         Ok(())
     } else {
-        bail!("store problems: {}", problems.join("; "))
+        let (found, readable, _, _) = damage_report(&store);
+        bail!(
+            "store problems: {}: {readable} of the {found} documents it lists can be read; \
+             `fieldmesh salvage --data {}` rebuilds the store from them (the rest comes back from peers)",
+            problems.join("; "),
+            data.display()
+        )
     }
 }
 
@@ -61,19 +67,33 @@ pub fn run(data: &Path) -> Result<()> {
 /// envelopes), the ones that cannot with why, and what stopped the listing.
 type DamageReport = (usize, usize, Vec<(uuid::Uuid, String)>, Vec<String>);
 
+/// Whether Automerge loads `bytes` (which checks every change hash): the data of a damaged page
+/// may still decompress.
+fn loads(bytes: &[u8]) -> Result<(), String> {
+    let load = || fieldmesh_fhir_docs::automerge::AutoCommit::load(bytes).map(|_| ());
+    match std::panic::catch_unwind(load) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("its data does not load: {e}")),
+        Err(_) => Err("its data does not load (the Automerge library failed on it)".into()),
+    }
+}
+
 fn damage_report(store: &dyn Store) -> DamageReport {
     let (ids, damage) = store.doc_ids_tolerant();
     let mut lost = Vec::new();
     for id in &ids {
         let read = store.doc_meta(id).and_then(|m| {
-            store.doc_bytes(id)?;
+            let bytes = store.doc_bytes(id)?;
             store.envelopes(id)?;
-            Ok(m)
+            Ok(m.and(bytes))
         });
-        match read {
-            Ok(Some(_)) => {}
-            Ok(None) => lost.push((uuid::Uuid::from_bytes(*id), "its record is missing".into())),
-            Err(e) => lost.push((uuid::Uuid::from_bytes(*id), e.to_string())),
+        let why = match read {
+            Ok(Some(bytes)) => loads(&bytes).err(),
+            Ok(None) => Some("its record is missing".into()),
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(why) = why {
+            lost.push((uuid::Uuid::from_bytes(*id), why));
         }
     }
     (ids.len(), ids.len() - lost.len(), lost, damage)

@@ -3,9 +3,9 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use fieldmesh_engine::{Engine, NodeIdentity};
+use fieldmesh_engine::{Engine, NodeIdentity, SalvageReport};
 use fieldmesh_node::config::DataDir;
-use fieldmesh_storage::{RedbStore, StoreOptions};
+use fieldmesh_storage::{RedbStore, StoreError, StoreOptions};
 
 /// Salvages the store of the (stopped) node in `data`: the readable documents go into a fresh
 /// store file, which takes the place of the damaged one; the damaged file is kept beside it.
@@ -13,12 +13,19 @@ pub fn run(data: &Path) -> Result<()> {
     let dir = DataDir::open(data)?;
     let damaged_path = dir.store_path();
     let fresh_path = damaged_path.with_extension("salvage.redb");
-    let damaged = RedbStore::open(&damaged_path, StoreOptions::default()).with_context(|| {
-        format!(
-            "{} cannot be opened at all; restore a backup, or initialise the node again and let it sync",
-            damaged_path.display()
-        )
-    })?;
+    // A store damaged where redb keeps its own structures cannot be opened at all: then
+    // nothing can be read from it, and the node starts again from an empty store (keeping its
+    // key, certificate file and configuration) to get everything back from its peers.
+    let damaged = match RedbStore::open(&damaged_path, StoreOptions::default()) {
+        Ok(store) => Some(store),
+        Err(StoreError::Corrupt(why)) => {
+            println!("the store cannot be opened at all ({why}): nothing can be read from it");
+            None
+        }
+        Err(e) => {
+            return Err(e).with_context(|| format!("opening {}", damaged_path.display()));
+        }
+    };
     if fresh_path.exists() {
         std::fs::remove_file(&fresh_path)
             .with_context(|| format!("removing an earlier attempt {}", fresh_path.display()))?;
@@ -29,7 +36,10 @@ pub fn run(data: &Path) -> Result<()> {
         NodeIdentity::new(dir.config.system.clone(), &dir.secret(), dir.root_key()?),
         dir.config.storage.cache_documents,
     );
-    let report = engine.salvage(&damaged, "the damaged store")?;
+    let report = match &damaged {
+        Some(store) => engine.salvage(store, "the damaged store")?,
+        None => SalvageReport::default(),
+    };
     drop(engine);
     drop(damaged);
     let stamp = fieldmesh_engine::now();

@@ -15,7 +15,7 @@ pub mod discovery;
 pub mod peers;
 pub mod session;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -84,14 +84,29 @@ fn same_peer(dialled: &Multiaddr, remote: &Multiaddr, peer: &PeerId) -> bool {
             .filter(|p| !matches!(p, libp2p::multiaddr::Protocol::P2p(_)))
             .collect::<Multiaddr>()
     };
-    dialled
-        .iter()
-        .any(|p| matches!(p, libp2p::multiaddr::Protocol::P2p(id) if id == *peer))
-        || without_id(dialled) == without_id(remote)
+    // The peer an address names is its last `/p2p/` part: in a relay circuit
+    // (`…/p2p/HUB/p2p-circuit/p2p/DEVICE`) the hub is only the way there.
+    let target = dialled.iter().fold(None, |last, p| match p {
+        libp2p::multiaddr::Protocol::P2p(id) => Some(id),
+        _ => last,
+    });
+    match target {
+        Some(id) => id == *peer,
+        None => without_id(dialled) == without_id(remote),
+    }
 }
 
 fn unix_now() -> i64 {
     fieldmesh_engine::now()
+}
+
+/// How long a refused or lost relay reservation waits before it is asked for again.
+const RELISTEN: Duration = Duration::from_secs(3);
+
+/// Whether `addr` listens through a relay.
+fn is_circuit(addr: &Multiaddr) -> bool {
+    addr.iter()
+        .any(|p| matches!(p, libp2p::multiaddr::Protocol::P2pCircuit))
 }
 
 /// Runs the network until the process ends.
@@ -107,10 +122,18 @@ pub async fn run(
         peer_key(peer).is_some_and(|k| relay_engine.serves(&k.0))
     });
     let mut swarm = behaviour::build(keypair, &cfg, certified)?;
+    // Listeners on relay circuits, and those to open again: a hub reserves a circuit only for
+    // a device whose certificate it holds, which it learns in the first session with it, and a
+    // reservation ends when the hub restarts.
+    let mut circuits: HashMap<libp2p::core::transport::ListenerId, Multiaddr> = HashMap::new();
+    let mut relisten: Vec<(Multiaddr, tokio::time::Instant)> = Vec::new();
     for addr in &cfg.listen {
-        swarm
+        let id = swarm
             .listen_on(addr.clone())
             .with_context(|| format!("cannot listen on {addr}"))?;
+        if is_circuit(addr) {
+            circuits.insert(id, addr.clone());
+        }
     }
     let local = *swarm.local_peer_id();
     let started = tokio::time::Instant::now();
@@ -208,6 +231,20 @@ pub async fn run(
                 }
             }
         }
+        let due = tokio::time::Instant::now();
+        let ready: Vec<(Multiaddr, tokio::time::Instant)> =
+            relisten.extract_if(.., |(_, at)| *at <= due).collect();
+        for (addr, _) in ready {
+            match swarm.listen_on(addr.clone()) {
+                Ok(id) => {
+                    circuits.insert(id, addr);
+                }
+                Err(e) => {
+                    tracing::warn!(%addr, error = %e, "cannot listen on the relay circuit");
+                    relisten.push((addr, due + RELISTEN));
+                }
+            }
+        }
         let sleep = sched
             .next_wakeup(t)
             .map_or(MAX_SLEEP, |w| Duration::from_millis(w.saturating_sub(t)))
@@ -283,6 +320,15 @@ pub async fn run(
                     discovery.listening(&address);
                     sched.network_changed(now());
                 }
+                SwarmEvent::ListenerClosed { listener_id, reason, .. } => {
+                    if let Some(addr) = circuits.remove(&listener_id) {
+                        match reason {
+                            Err(e) => tracing::warn!(%addr, error = %e, "the relay refused or ended the reservation; trying again shortly"),
+                            Ok(()) => tracing::info!(%addr, "the relay circuit closed; opening it again shortly"),
+                        }
+                        relisten.push((addr, tokio::time::Instant::now() + RELISTEN));
+                    }
+                }
                 SwarmEvent::ExpiredListenAddr { address, .. } => {
                     discovery.expired(&address);
                     sched.network_changed(now());
@@ -318,5 +364,25 @@ pub async fn run(
             },
             () = tokio::time::sleep(sleep) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_relayed_address_names_the_device_not_the_hub() {
+        let (hub, device) = (PeerId::random(), PeerId::random());
+        let circuit: Multiaddr =
+            format!("/ip4/10.0.0.1/tcp/4001/p2p/{hub}/p2p-circuit/p2p/{device}")
+                .parse()
+                .expect("address");
+        let to_hub: Multiaddr = "/ip4/10.0.0.1/tcp/4001".parse().expect("address");
+        assert!(!same_peer(&circuit, &to_hub, &hub));
+        assert!(same_peer(&circuit, &circuit, &device));
+        let plain: Multiaddr = "/ip4/10.0.0.2/tcp/4001".parse().expect("address");
+        assert!(same_peer(&plain, &plain, &device));
+        assert!(!same_peer(&plain, &to_hub, &device));
     }
 }
