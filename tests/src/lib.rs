@@ -270,7 +270,7 @@ impl Node {
         let listens = 1 + extra.iter().filter(|a| **a == "--listen").count();
         // Lines are read on a thread of their own so that a node that never becomes ready
         // fails the test after a minute instead of hanging it.
-        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        let (tx, rx) = std::sync::mpsc::sync_channel::<String>(64);
         std::thread::spawn(move || {
             let mut reader = BufReader::new(stdout);
             loop {
