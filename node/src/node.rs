@@ -15,6 +15,14 @@ use crate::net::{NetConfig, PeerTable};
 
 /// Opens the engine of a data directory (the store is locked while it lives).
 pub fn open_engine(dir: &DataDir) -> Result<Engine> {
+    let rebuilt = dir.store_path().with_extension("salvage.redb");
+    if !dir.store_path().exists() && rebuilt.exists() {
+        anyhow::bail!(
+            "a salvage of {} was interrupted: run `fieldmesh salvage --data {}` again to finish it",
+            dir.path.display(),
+            dir.path.display()
+        );
+    }
     let store = RedbStore::open(
         dir.store_path(),
         StoreOptions {

@@ -59,6 +59,10 @@ pub enum StoreError {
     /// The storage engine reported an error.
     #[error("storage engine: {0}")]
     Engine(String),
+    /// An earlier write failed on the disk (a full disk): the store reopens itself and the
+    /// operation can be tried again.
+    #[error("an earlier write failed on the disk; the store is being reopened")]
+    Reopening,
 }
 
 /// How a document's bytes are written.

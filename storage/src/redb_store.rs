@@ -42,6 +42,9 @@ fn engine(e: impl Into<redb::Error>, path: &Path) -> StoreError {
         }
         redb::Error::Io(io) => StoreError::Io(format!("{}: {io}", path.display())),
         redb::Error::Corrupted(msg) => StoreError::Corrupt(msg),
+        redb::Error::PreviousIo | redb::Error::DatabaseClosed | redb::Error::LockPoisoned(_) => {
+            StoreError::Reopening
+        }
         other => StoreError::Engine(other.to_string()),
     }
 }
@@ -77,6 +80,8 @@ pub struct RedbStore {
     path: PathBuf,
     budget: QuarantineBudget,
     cache_bytes: usize,
+    /// Times the database was reopened: two threads that meet the same I/O error reopen it once.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for RedbStore {
@@ -117,14 +122,35 @@ impl RedbStore {
             path,
             budget: options.quarantine,
             cache_bytes: options.cache_bytes,
+            generation: std::sync::atomic::AtomicU64::new(0),
         };
         // Create every table once so that readers never meet a missing one. A store that has
         // them all is only read here: a damaged one still opens, to serve what it can.
-        let complete = {
+        let missing = {
             let txn = store.begin_read()?;
-            Table::ALL.iter().all(|t| txn.open_table(def(*t)).is_ok())
+            let mut missing = false;
+            for t in Table::ALL {
+                let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    txn.open_table(def(t)).map(|_| ())
+                }));
+                match opened {
+                    Ok(Ok(())) => {}
+                    Ok(Err(redb::TableError::TableDoesNotExist(_))) => missing = true,
+                    // A damaged table is read as far as it can be, never written to here.
+                    Ok(Err(e)) => {
+                        tracing::error!(table = t.name(), error = %e, "a table of the store cannot be opened");
+                    }
+                    Err(_) => {
+                        tracing::error!(
+                            table = t.name(),
+                            "a table of the store cannot be opened (a damaged page)"
+                        );
+                    }
+                }
+            }
+            missing
         };
-        if !complete {
+        if missing {
             let txn = store.begin_write()?;
             for t in Table::ALL {
                 txn.open_table(def(t)).map_err(|e| store.err(e))?;
@@ -152,11 +178,16 @@ impl RedbStore {
     /// Closes the database and opens it again: after an I/O error (a full disk) redb refuses
     /// every later write until it is reopened, which also repairs what the failed commit left.
     /// If it cannot be opened yet (the disk is still full), the next transaction tries again.
-    fn reopen(&self) -> Result<(), StoreError> {
+    fn reopen(&self, seen: u64) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering;
         let mut db = self
             .db
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if self.generation.load(Ordering::Acquire) != seen && db.is_some() {
+            // Another thread reopened it meanwhile.
+            return Ok(());
+        }
         // Transactions still running keep the old file open until they end.
         *db = None;
         let fresh = Database::builder()
@@ -164,6 +195,7 @@ impl RedbStore {
             .create(&self.path)
             .map_err(|e| self.err(e))?;
         *db = Some(fresh);
+        self.generation.fetch_add(1, Ordering::AcqRel);
         tracing::info!(path = %self.path.display(), "the store was reopened after an I/O error");
         Ok(())
     }
@@ -174,6 +206,7 @@ impl RedbStore {
         &self,
         begin: impl Fn(&Database) -> Result<T, redb::Error>,
     ) -> Result<T, StoreError> {
+        let seen = self.generation.load(std::sync::atomic::Ordering::Acquire);
         let first = {
             let db = self
                 .db
@@ -183,10 +216,15 @@ impl RedbStore {
         };
         match first {
             Some(Ok(t)) => return Ok(t),
-            Some(Err(redb::Error::PreviousIo)) | None => {}
+            Some(Err(
+                redb::Error::PreviousIo
+                | redb::Error::DatabaseClosed
+                | redb::Error::LockPoisoned(_),
+            ))
+            | None => {}
             Some(Err(e)) => return Err(self.err(e)),
         }
-        self.reopen()?;
+        self.reopen(seen)?;
         let db = self
             .db
             .read()
@@ -195,6 +233,21 @@ impl RedbStore {
             Some(db) => begin(db).map_err(|e| self.err(e)),
             None => Err(StoreError::Engine("the store is closed".into())),
         }
+    }
+
+    /// Runs a read, once more on a reopened database if an earlier failed write makes redb
+    /// refuse it (reads that miss the page cache meet that error too, not only writes).
+    fn reading<T>(&self, f: impl Fn(&ReadTxn) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        shield(&self.path, || {
+            let seen = self.generation.load(std::sync::atomic::Ordering::Acquire);
+            match f(&self.read()?) {
+                Err(StoreError::Reopening) => {
+                    self.reopen(seen)?;
+                    f(&self.read()?)
+                }
+                other => other,
+            }
+        })
     }
 
     fn begin_read(&self) -> Result<redb::ReadTransaction, StoreError> {
@@ -437,53 +490,49 @@ impl Store for RedbStore {
         shield(&self.path, || self.commit_unshielded(writes))
     }
     fn doc_meta(&self, id: &DocId) -> Result<Option<DocMeta>, StoreError> {
-        shield(&self.path, || ops::doc_meta(&self.read()?, id))
+        self.reading(|r| ops::doc_meta(r, id))
     }
     fn doc_bytes(&self, id: &DocId) -> Result<Option<Vec<u8>>, StoreError> {
-        shield(&self.path, || ops::doc_bytes(&self.read()?, id))
+        self.reading(|r| ops::doc_bytes(r, id))
     }
     fn find(&self, ty: &str, system: &str, value: &str) -> Result<Vec<DocId>, StoreError> {
-        shield(&self.path, || ops::find(&self.read()?, ty, system, value))
+        self.reading(|r| ops::find(r, ty, system, value))
     }
     fn find_value(&self, ty: &str, value: &str) -> Result<Vec<DocId>, StoreError> {
-        shield(&self.path, || ops::find_value(&self.read()?, ty, value))
+        self.reading(|r| ops::find_value(r, ty, value))
     }
     fn referrers(&self, ty: &str, system: &str, value: &str) -> Result<Vec<DocId>, StoreError> {
-        shield(&self.path, || {
-            ops::referrers(&self.read()?, ty, system, value)
-        })
+        self.reading(|r| ops::referrers(r, ty, system, value))
     }
     fn changes_since(&self, after: u64, limit: usize) -> Result<Vec<(u64, DocId)>, StoreError> {
-        shield(&self.path, || {
-            ops::changes_since(&self.read()?, after, limit)
-        })
+        self.reading(|r| ops::changes_since(r, after, limit))
     }
     fn of_type(&self, ty: &str) -> Result<Vec<DocId>, StoreError> {
-        shield(&self.path, || ops::of_type(&self.read()?, ty))
+        self.reading(|r| ops::of_type(r, ty))
     }
     fn envelopes(&self, id: &DocId) -> Result<Vec<u8>, StoreError> {
-        shield(&self.path, || ops::envelopes(&self.read()?, id))
+        self.reading(|r| ops::envelopes(r, id))
     }
     fn checkpoint(&self, peer: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        shield(&self.path, || ops::checkpoint(&self.read()?, peer))
+        self.reading(|r| ops::checkpoint(r, peer))
     }
     fn store_id(&self) -> Result<[u8; 16], StoreError> {
-        shield(&self.path, || ops::store_id(&self.read()?))
+        self.reading(|r| ops::store_id(r))
     }
     fn quarantined(&self, limit: usize) -> Result<Vec<Quarantined>, StoreError> {
-        shield(&self.path, || ops::quarantined(&self.read()?, limit))
+        self.reading(|r| ops::quarantined(r, limit))
     }
     fn quarantined_payload(&self, hash: &[u8; 32]) -> Result<Option<Vec<u8>>, StoreError> {
-        shield(&self.path, || ops::quarantined_payload(&self.read()?, hash))
+        self.reading(|r| ops::quarantined_payload(r, hash))
     }
     fn stats(&self) -> Result<Stats, StoreError> {
-        shield(&self.path, || ops::stats(&self.read()?))
+        self.reading(|r| ops::stats(r))
     }
     fn verify(&self) -> Result<Vec<String>, StoreError> {
-        shield(&self.path, || ops::verify(&self.read()?))
+        self.reading(|r| ops::verify(r))
     }
     fn index_entries(&self) -> Result<crate::IndexDump, StoreError> {
-        shield(&self.path, || ops::index_entries(&self.read()?))
+        self.reading(|r| ops::index_entries(r))
     }
 }
 

@@ -179,7 +179,7 @@ impl TestPeer {
     /// offering `docs` and sending them as they are (however crafted) when the node asks. Returns
     /// how it went: how many documents the node asked for (so a test knows its attack was
     /// delivered) and, if the node ended the session before it completed (the expected end for
-    /// refused input), why. Errors only if no session could be had at all.
+    /// refused input), why (including a stream the node would not open).
     ///
     /// A node refuses a session while its own with this peer runs (the one it opens when the
     /// peer connects, which fails at once: the test peer does not answer it); a session the node

@@ -395,9 +395,9 @@ fn two_thousand_forged_changes_are_refused_on_their_signatures_alone() {
     println!(
         "2,000 changes in one document: forged refused in {forged_secs:.2} s, signed but out of scope refused in {outside_secs:.2} s, signed in scope taken in {inside_secs:.2} s"
     );
-    assert!(forged_secs < 5.0, "{forged_secs} s");
-    assert!(outside_secs < 5.0, "{outside_secs} s");
-    assert!(inside_secs < 5.0, "{inside_secs} s");
+    assert!(forged_secs < 8.0, "{forged_secs} s");
+    assert!(outside_secs < 8.0, "{outside_secs} s");
+    assert!(inside_secs < 8.0, "{inside_secs} s");
     let (records, _) = quarantine_settles(&hub, 2);
     assert_eq!(records, 2, "{}", reasons(&hub));
     hub.wait_for(10, "the signed Patient in scope", |n| {
@@ -437,6 +437,7 @@ fn a_flood_of_sessions_gets_one_and_the_api_keeps_answering() {
         slowest.as_secs_f64() * 1000.0
     );
     assert!(open <= 1, "{open} sessions open");
+    assert!(!held.is_empty(), "the connection took no session at all");
     assert!(slowest < Duration::from_secs(2), "{slowest:?}");
     still_serves(&mut hub);
 }

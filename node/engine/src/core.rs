@@ -5,7 +5,7 @@
 //! then may the caller acknowledge them. [`Engine::flush_behind`] commits on a thread of its own
 //! while the caller prepares the next batch (bulk loads, received batches).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::num::NonZeroUsize;
 use std::sync::Arc;
 
@@ -136,6 +136,13 @@ pub struct Engine {
     reader: Reader,
     /// Bounds on every document this engine loads, from a peer, a file or a client.
     pub(crate) limits: DocLimits,
+    /// Documents this node found it cannot read (a damaged store): no longer offered to peers,
+    /// so that a peer asking for them does not fail every session until `fieldmesh salvage`.
+    pub(crate) unreadable: HashSet<fieldmesh_storage::DocId>,
+    /// A certificate or revocation could not be read at start: this node cannot know whom to
+    /// trust (a revocation may be among them), so it serves no peer beyond certificates until
+    /// the store is salvaged.
+    pub(crate) trust_damaged: bool,
 }
 
 impl Engine {
@@ -165,6 +172,8 @@ impl Engine {
             threads: std::thread::available_parallelism().map_or(1, NonZeroUsize::get),
             events: Vec::new(),
             limits: DocLimits::default(),
+            unreadable: HashSet::new(),
+            trust_damaged: false,
         };
         if let Err(e) = engine.load_trust() {
             tracing::error!(error = %e, "cannot read the certificates in the store");
@@ -197,7 +206,8 @@ impl Engine {
                 Ok(Some(json)) => json,
                 Ok(None) => continue,
                 Err(e) => {
-                    tracing::error!(doc = %uuid::Uuid::from_bytes(id), error = %e, "a trust document cannot be read: skipped (`fieldmesh check`)");
+                    tracing::error!(doc = %uuid::Uuid::from_bytes(id), error = %e, "a certificate or revocation cannot be read: serving no peer but certificates until `fieldmesh salvage`");
+                    self.trust_damaged = true;
                     continue;
                 }
             };
@@ -281,7 +291,9 @@ impl Engine {
     /// This decides only whom to serve and whose documents to take: see [`Trust::serves`].
     pub fn certified(&self, source: &Source) -> bool {
         match source {
-            Source::Peer(k) => self.trust.serves(&self.me.public(), &k.0, self.me.time()),
+            Source::Peer(k) => {
+                !self.trust_damaged && self.trust.serves(&self.me.public(), &k.0, self.me.time())
+            }
             Source::Local | Source::File(_) => true,
         }
     }

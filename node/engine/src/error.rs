@@ -232,6 +232,9 @@ pub enum Refusal {
     /// Its bytes are not a loadable Automerge document, or it cannot be checked.
     #[error("{0}")]
     Unreadable(#[from] DocError),
+    /// This node's copy of the document cannot be read (its store is damaged).
+    #[error("this node's copy cannot be read ({0}); `fieldmesh salvage` rebuilds the store")]
+    Damaged(String),
     /// It is not a resource of the type it claims, or not one this node holds.
     #[error("the document is not a {0} this node holds")]
     WrongType(String),

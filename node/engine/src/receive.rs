@@ -12,7 +12,7 @@ use automerge::{AutoCommit, ReadDoc};
 use fieldmesh_fhir_docs::limits::{DocLimits, TooLarge, chunks, inspect};
 use fieldmesh_fhir_docs::{DocId, document_to_json, profile};
 use fieldmesh_protocol::DocPayload;
-use fieldmesh_storage::{DocData, DocMeta, Quarantine, Write};
+use fieldmesh_storage::{DocData, DocMeta, Quarantine, StoreError, Write};
 use fieldmesh_trust::{Checked, Policy, Rejection, Trust, check, token_of};
 use serde_json::Value;
 
@@ -298,7 +298,14 @@ impl Engine {
         let mut seen = HashSet::new();
         for p in docs {
             let id = DocId(uuid::Uuid::from_bytes(p.id));
-            if seen.insert(id) && self.meta_of(&id)?.is_none() {
+            // A record this (damaged) store cannot read counts as held: merging into it then
+            // refuses that one document, not the session.
+            let held = match self.meta_of(&id) {
+                Ok(meta) => meta.is_some(),
+                Err(StoreError::Corrupt(_)) => true,
+                Err(e) => return Err(e.into()),
+            };
+            if seen.insert(id) && !held {
                 fresh.push(p);
             } else {
                 known.push(p);
@@ -402,6 +409,10 @@ impl Engine {
         from: &Source,
     ) -> Result<(bool, Refused), MergeOne> {
         let taken = self.take(&id).map_err(|e| match e {
+            ReadError::Store(StoreError::Corrupt(why)) => {
+                self.unreadable.insert(*id.as_bytes());
+                MergeOne::Refused(Refusal::Damaged(why))
+            }
             ReadError::Store(s) => MergeOne::Engine(s.into()),
             ReadError::Commit(c) => MergeOne::Engine(c.into()),
             ReadError::Document(d) => MergeOne::Refused(Refusal::Unreadable(d)),

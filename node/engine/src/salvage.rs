@@ -47,24 +47,12 @@ impl Engine {
             damage,
             ..SalvageReport::default()
         };
-        let mut payloads = Vec::new();
+        // Types first (records are small), then the documents in batches, certificates and
+        // revocations first: a large hub's store is never held in memory at once.
+        let mut order = Vec::with_capacity(ids.len());
         for id in ids {
-            let read = || -> Result<Option<DocPayload>, fieldmesh_storage::StoreError> {
-                let Some(meta) = damaged.doc_meta(&id)? else {
-                    return Ok(None);
-                };
-                let Some(data) = damaged.doc_bytes(&id)? else {
-                    return Ok(None);
-                };
-                Ok(Some(DocPayload {
-                    id,
-                    ty: meta.ty,
-                    data,
-                    envelopes: Envelope::stored_to_wire(&damaged.envelopes(&id)?, |_| true),
-                }))
-            };
-            match read() {
-                Ok(Some(p)) => payloads.push(p),
+            match damaged.doc_meta(&id) {
+                Ok(Some(meta)) => order.push((meta.ty != "Basic", id)),
                 Ok(None) => report
                     .unreadable
                     .push((uuid::Uuid::from_bytes(id), "its record is missing".into())),
@@ -73,13 +61,36 @@ impl Engine {
                     .push((uuid::Uuid::from_bytes(id), e.to_string())),
             }
         }
-        // Certificates and revocations first: the rest is checked against them.
-        payloads.sort_by_key(|p| p.ty != "Basic");
+        order.sort();
         let source = Source::File(name.to_string());
-        let mut iter = payloads.into_iter().peekable();
-        while iter.peek().is_some() {
-            let batch: Vec<DocPayload> = iter.by_ref().take(BATCH).collect();
-            let r = self.merge(batch, &source)?;
+        for batch in order.chunks(BATCH) {
+            let mut payloads = Vec::with_capacity(batch.len());
+            for (_, id) in batch {
+                let read = || -> Result<Option<DocPayload>, fieldmesh_storage::StoreError> {
+                    let Some(meta) = damaged.doc_meta(id)? else {
+                        return Ok(None);
+                    };
+                    let Some(data) = damaged.doc_bytes(id)? else {
+                        return Ok(None);
+                    };
+                    Ok(Some(DocPayload {
+                        id: *id,
+                        ty: meta.ty,
+                        data,
+                        envelopes: Envelope::stored_to_wire(&damaged.envelopes(id)?, |_| true),
+                    }))
+                };
+                match read() {
+                    Ok(Some(p)) => payloads.push(p),
+                    Ok(None) => report
+                        .unreadable
+                        .push((uuid::Uuid::from_bytes(*id), "its data is missing".into())),
+                    Err(e) => report
+                        .unreadable
+                        .push((uuid::Uuid::from_bytes(*id), e.to_string())),
+                }
+            }
+            let r = self.merge(payloads, &source)?;
             report.refused += r.refused;
         }
         self.flush()?;

@@ -45,6 +45,9 @@ impl Engine {
             let Some((last, _)) = page.last() else { break };
             after = *last;
             for (seq, id) in page {
+                if self.unreadable.contains(&id) {
+                    continue;
+                }
                 match self.store.doc_meta(&id) {
                     Ok(Some(meta)) if keep(&meta) => items.push((id, meta.heads, seq)),
                     Ok(_) => {}
@@ -66,6 +69,7 @@ impl Engine {
         }
         let mut items: Vec<Item> = ids
             .into_iter()
+            .filter(|id| !self.unreadable.contains(id))
             .filter_map(|id| match self.store.doc_meta(&id) {
                 Ok(Some(meta)) => keep(&meta).then_some((id, meta.heads, meta.seq)),
                 Ok(None) => None,
@@ -179,7 +183,10 @@ impl Engine {
                 Ok(Some(p)) => out.push(p),
                 Ok(None) => {}
                 Err(SyncError::Store(e @ StoreError::Corrupt(_))) => {
-                    tracing::error!(peer = %peer, doc = %uuid::Uuid::from_bytes(*id), error = %e, "a document cannot be read: not sent");
+                    // This session may fail for it (the peer asked for it); the next ones no
+                    // longer offer it.
+                    tracing::error!(peer = %peer, doc = %uuid::Uuid::from_bytes(*id), error = %e, "a document cannot be read: not sent, and no longer offered (`fieldmesh salvage`)");
+                    self.unreadable.insert(*id);
                 }
                 Err(e) => return Err(e),
             }

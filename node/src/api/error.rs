@@ -44,6 +44,9 @@ impl ApiError {
             StoreError::DiskFull(_) => {
                 ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "exception", message)
             }
+            StoreError::Reopening => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "transient", message)
+            }
             _ => Self::internal(message),
         }
     }

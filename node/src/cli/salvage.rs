@@ -13,6 +13,20 @@ pub fn run(data: &Path) -> Result<()> {
     let dir = DataDir::open(data)?;
     let damaged_path = dir.store_path();
     let fresh_path = damaged_path.with_extension("salvage.redb");
+    if !damaged_path.exists() && fresh_path.exists() {
+        // An earlier salvage stopped between setting the damaged file aside and putting the
+        // rebuilt one in place: finish it.
+        std::fs::rename(&fresh_path, &damaged_path)
+            .with_context(|| format!("putting {} in place", fresh_path.display()))?;
+        println!(
+            "finished an interrupted salvage: {} is the rebuilt store",
+            damaged_path.display()
+        );
+        return Ok(());
+    }
+    if !damaged_path.exists() {
+        anyhow::bail!("{} has no store to salvage", data.display());
+    }
     // A store damaged where redb keeps its own structures cannot be opened at all: then
     // nothing can be read from it, and the node starts again from an empty store (keeping its
     // key, certificate file and configuration) to get everything back from its peers.
@@ -43,7 +57,12 @@ pub fn run(data: &Path) -> Result<()> {
     drop(engine);
     drop(damaged);
     let stamp = fieldmesh_engine::now();
-    let aside = damaged_path.with_extension(format!("damaged-{stamp}.redb"));
+    let mut aside = damaged_path.with_extension(format!("damaged-{stamp}.redb"));
+    let mut n = 1;
+    while aside.exists() {
+        aside = damaged_path.with_extension(format!("damaged-{stamp}-{n}.redb"));
+        n += 1;
+    }
     std::fs::rename(&damaged_path, &aside)
         .with_context(|| format!("setting {} aside", damaged_path.display()))?;
     std::fs::rename(&fresh_path, &damaged_path)
