@@ -37,7 +37,11 @@ fn def(t: Table) -> TableDefinition<'static, &'static [u8], &'static [u8]> {
 fn engine(e: impl Into<redb::Error>, path: &Path) -> StoreError {
     match e.into() {
         redb::Error::DatabaseAlreadyOpen => StoreError::InUse(path.display().to_string()),
-        redb::Error::Io(io) if io.kind() == std::io::ErrorKind::StorageFull => {
+        // A full disk, or the user's disk quota (EDQUOT) used up: the same for whoever writes.
+        redb::Error::Io(io)
+            if io.kind() == std::io::ErrorKind::StorageFull
+                || io.kind() == std::io::ErrorKind::QuotaExceeded =>
+        {
             StoreError::DiskFull(io.to_string())
         }
         redb::Error::Io(io) => StoreError::Io(format!("{}: {io}", path.display())),
