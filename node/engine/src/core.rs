@@ -669,13 +669,24 @@ impl Resolver for Engine {
         let ids = self
             .find_ids(ty, &IdentifierQuery::Exact(key.clone()))
             .ok()?;
-        if !ids.is_empty() {
-            return pick_target(&ids, &key.value).map(|id| id.to_string());
-        }
-        // A reference made by id before its target arrived names the referring node's system:
-        // it means the document with that id, and no other carrying the value.
-        let id = DocId::parse(&key.value)?;
-        let meta = self.meta_of(&id).ok()??;
-        (meta.ty == ty).then(|| id.to_string())
+        resolve_identifier(ids, ty, key, |id| Some(self.meta_of(id).ok()??.ty))
     }
+}
+
+/// The local id a reference by identifier `key` to a `ty` resolves to, given the documents of
+/// that type carrying it (`ids`) and the type of a document by id (`type_of`): the target
+/// [`pick_target`] chooses among them; with none, a reference made by id before its target
+/// arrived (it names the referring node's system), which means the document with that id and
+/// no other carrying the value. One rule for writes, bulk loads and reads.
+pub(crate) fn resolve_identifier(
+    ids: Vec<DocId>,
+    ty: &str,
+    key: &IdentKey,
+    type_of: impl FnOnce(&DocId) -> Option<String>,
+) -> Option<String> {
+    if !ids.is_empty() {
+        return pick_target(&ids, &key.value).map(|id| id.to_string());
+    }
+    let id = DocId::parse(&key.value)?;
+    (type_of(&id)? == ty).then(|| id.to_string())
 }

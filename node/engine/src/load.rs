@@ -10,7 +10,6 @@ use std::num::NonZeroUsize;
 
 use fieldmesh_fhir_docs::limits::{DocLimits, check_json};
 use fieldmesh_fhir_docs::openimis::DEPENDENT_TYPES;
-use fieldmesh_fhir_docs::references::pick_target;
 use fieldmesh_fhir_docs::{DocId, IdentKey, Resolver, ValidationError, new_document, prepare};
 use fieldmesh_storage::{DocMeta, Store};
 use fieldmesh_trust::{Policy, Trust, token_of};
@@ -18,7 +17,7 @@ use serde_json::Value;
 
 use crate::Engine;
 use crate::core::PreparedDoc;
-use crate::core::{Live, heads_bytes};
+use crate::core::{Live, heads_bytes, resolve_identifier};
 use crate::error::WriteError;
 use crate::identity::NodeIdentity;
 use crate::par::par_map;
@@ -74,15 +73,10 @@ impl Resolver for View<'_> {
             .into_iter()
             .map(|b| DocId(uuid::Uuid::from_bytes(b)))
             .collect();
-        if !ids.is_empty() {
-            return pick_target(&ids, &key.value).map(|id| id.to_string());
-        }
-        let id = DocId::parse(&key.value)?;
-        let t = match self.staged(&id) {
-            Some(l) => l.meta.ty.clone(),
-            None => self.store.doc_meta(id.as_bytes()).ok()??.ty,
-        };
-        (t == ty).then(|| id.to_string())
+        resolve_identifier(ids, ty, key, |id| match self.staged(id) {
+            Some(l) => Some(l.meta.ty.clone()),
+            None => Some(self.store.doc_meta(id.as_bytes()).ok()??.ty),
+        })
     }
 }
 

@@ -11,7 +11,7 @@ use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 
 use automerge::AutoCommit;
-use fieldmesh_fhir_docs::references::{pick_target, targets_in};
+use fieldmesh_fhir_docs::references::targets_in;
 use fieldmesh_fhir_docs::resource::format_instant;
 use fieldmesh_fhir_docs::{
     Conflict, DocId, IdentKey, IdentifierQuery, Resolver, document_to_json, profile, render,
@@ -21,6 +21,7 @@ use fieldmesh_storage::{DocMeta, Store, StoreError};
 use lru::LruCache;
 use serde_json::{Map, Value};
 
+use crate::core::resolve_identifier;
 use crate::error::{DocError, ReadError, contain};
 
 /// A resource as served to a client.
@@ -78,13 +79,9 @@ impl Resolver for StoreResolver<'_> {
             .into_iter()
             .map(|b| DocId(uuid::Uuid::from_bytes(b)))
             .collect();
-        if !ids.is_empty() {
-            return pick_target(&ids, &key.value).map(|id| id.to_string());
-        }
-        // A reference made by id before its target arrived: the document with that id only.
-        let id = DocId::parse(&key.value)?;
-        let meta = self.0.doc_meta(id.as_bytes()).ok()??;
-        (meta.ty == ty).then(|| id.to_string())
+        resolve_identifier(ids, ty, key, |id| {
+            Some(self.0.doc_meta(id.as_bytes()).ok()??.ty)
+        })
     }
 }
 
