@@ -21,6 +21,22 @@ struct Behaviour {
     stream: libp2p_stream::Behaviour,
 }
 
+/// The peer's key: the ed25519 `secret` (a device's `node.key`), or a fresh one.
+fn keypair(secret: Option<[u8; 32]>) -> Result<libp2p::identity::Keypair> {
+    Ok(match secret {
+        Some(mut s) => libp2p::identity::Keypair::ed25519_from_bytes(&mut s)?,
+        None => libp2p::identity::Keypair::generate_ed25519(),
+    })
+}
+
+/// A small runtime of the test peer's own.
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?)
+}
+
 /// A test peer connected to one node.
 pub struct TestPeer {
     rt: tokio::runtime::Runtime,
@@ -41,19 +57,13 @@ impl TestPeer {
     /// (a fresh key when `None`). With `stall`, every sync stream the node opens is accepted and
     /// never answered.
     pub fn connect(addr: &str, secret: Option<[u8; 32]>, stall: bool) -> Result<Self> {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()?;
+        let rt = runtime()?;
         let addr: Multiaddr = addr.parse()?;
         let node = match addr.iter().last() {
             Some(libp2p::multiaddr::Protocol::P2p(id)) => id,
             _ => return Err(anyhow!("{addr} does not end in /p2p/<peer id>")),
         };
-        let keypair = match secret {
-            Some(mut s) => libp2p::identity::Keypair::ed25519_from_bytes(&mut s)?,
-            None => libp2p::identity::Keypair::generate_ed25519(),
-        };
+        let keypair = keypair(secret)?;
         let (connected_tx, connected_rx) = std::sync::mpsc::sync_channel(1);
         let (control, id) = rt.block_on(async {
             let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
@@ -292,14 +302,8 @@ struct RelayProbe {
 /// Asks the node at `addr` (ending in `/p2p/<id>`) for a relay reservation with the key `secret`
 /// (a fresh one when `None`): whether the node accepted it within `secs`.
 pub fn try_reserve(addr: &str, secret: Option<[u8; 32]>, secs: u64) -> Result<bool> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?;
-    let keypair = match secret {
-        Some(mut s) => libp2p::identity::Keypair::ed25519_from_bytes(&mut s)?,
-        None => libp2p::identity::Keypair::generate_ed25519(),
-    };
+    let rt = runtime()?;
+    let keypair = keypair(secret)?;
     let circuit: Multiaddr = format!("{addr}/p2p-circuit").parse()?;
     rt.block_on(async {
         let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
