@@ -38,6 +38,11 @@ pub enum Step {
     /// Merge these received documents and report with [`Driver::merged`] once durable. The host
     /// may merge several at once and go on reading frames meanwhile.
     Merge(Vec<DocPayload>),
+    /// The peer announced documents outside this node's scope, with its heads: tell
+    /// [`Driver::outside_held`] which of them this node holds with other heads (their steps go
+    /// out before the steps after this one). Those held with the same heads may be dropped if
+    /// the peer is one that keeps them (central or a hub).
+    Outside(Vec<(DocId, Heads)>),
     /// The session is complete and everything it brought is durable: record this checkpoint for
     /// the peer (if any); the totals are final.
     Complete(Option<Checkpoint>),
@@ -74,6 +79,9 @@ pub struct Totals {
     pub restricted: bool,
     /// The store sequence the session started from.
     pub seq: u64,
+    /// Documents outside one side's scope whose changes were exchanged: one more session
+    /// confirms the peer holds them all ([`crate::Scheduler::again`]).
+    pub outside_exchanged: u64,
 }
 
 /// Bytes a stream adds to each frame (its length).
@@ -126,6 +134,20 @@ impl Driver {
             .into_iter()
             .map(|m| self.send(encode(&m)))
             .collect()
+    }
+
+    /// What the host found of a [`Step::Outside`]: `(document, the peer's heads, this node's
+    /// heads)` of those it holds with other heads.
+    pub fn outside_held(&mut self, differ: Vec<(DocId, Heads, Heads)>) -> Vec<Step> {
+        self.totals.outside_exchanged += differ.len() as u64;
+        let actions = self.session.outside_held(differ);
+        self.steps(actions)
+    }
+
+    /// The host found, merging, documents the peer holds outside its scope (a stale copy of one
+    /// that moved away): one more session tells it (see [`Totals::outside_exchanged`]).
+    pub fn outside_found(&mut self, n: u64) {
+        self.totals.outside_exchanged += n;
     }
 
     /// A [`Step::Merge`] is durable; `changed` documents changed here.
@@ -191,6 +213,7 @@ impl Driver {
                     self.merging += 1;
                     out.push(Step::Merge(docs));
                 }
+                Action::Outside(theirs) => out.push(Step::Outside(theirs)),
                 Action::Finished => {
                     self.finished = true;
                     out.extend(self.complete_if_done());

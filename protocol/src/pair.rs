@@ -25,6 +25,16 @@ pub trait Host {
     fn read(&mut self, wanted: &[(DocId, Heads)]) -> Result<Vec<DocPayload>, HostError>;
     /// Merges received documents durably; returns how many changed.
     fn merge(&mut self, docs: Vec<DocPayload>) -> Result<usize, HostError>;
+    /// Of documents the peer announced as outside this side's scope (with its heads), those this
+    /// side holds with other heads, as `(document, the peer's heads, this side's heads)`; may
+    /// drop those it holds with the same heads (see [`Step::Outside`]). Holds none by default.
+    fn outside(
+        &mut self,
+        theirs: &[(DocId, Heads)],
+    ) -> Result<Vec<(DocId, Heads, Heads)>, HostError> {
+        let _ = theirs;
+        Ok(Vec::new())
+    }
     /// The session completed on this side: record the checkpoint (if any).
     fn complete(&mut self, checkpoint: Option<Checkpoint>) -> Result<(), HostError>;
 }
@@ -82,6 +92,10 @@ pub fn carry(
             Step::Merge(docs) => {
                 let changed = host.merge(docs)?;
                 driver.merged(changed)
+            }
+            Step::Outside(theirs) => {
+                let differ = host.outside(&theirs)?;
+                driver.outside_held(differ)
             }
             Step::Complete(checkpoint) => {
                 host.complete(checkpoint)?;

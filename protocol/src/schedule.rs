@@ -265,6 +265,16 @@ impl<P: Ord + Clone> Scheduler<P> {
         }
     }
 
+    /// A session with `peer` exchanged changes of documents outside one side's scope: one more
+    /// session confirms the peer holds every change of them (so that they may leave a device).
+    pub fn again(&mut self, peer: &P) {
+        let seq = self.seq;
+        if let Some(p) = self.peers.get_mut(peer) {
+            p.owed = p.owed.max(seq);
+            p.synced = p.synced.min(seq.saturating_sub(1));
+        }
+    }
+
     /// A peer opened a session with us: whether it may run.
     pub fn inbound(&mut self, peer: &P, now: Millis) -> Admit {
         let me_lower = self.me < *peer;

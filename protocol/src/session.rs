@@ -87,6 +87,11 @@ pub enum Action {
     SendDocs(Vec<(DocId, Heads)>),
     /// Merge these received documents into the store.
     Apply(Vec<DocPayload>),
+    /// The peer announced documents outside this node's scope that this node may hold, with
+    /// its heads: the host tells [`Session::outside_held`] which of them it holds with other
+    /// heads (and may drop those it holds with the same heads, once the peer is one that keeps
+    /// them).
+    Outside(Vec<(DocId, Heads)>),
     /// The session is over; both sides have what the other had. Once every received document is
     /// durably merged, the host records [`Session::checkpoint`] for the peer.
     Finished,
@@ -134,6 +139,10 @@ pub struct Local {
     pub seq: u64,
     /// The checkpoint recorded for this peer, if any.
     pub checkpoint: Option<Checkpoint>,
+    /// Documents outside the peer's scope that it may hold, with this node's heads (announced
+    /// in an `Outside` message; the peer may ask for their changes after heads it proves to
+    /// hold).
+    pub outside: Vec<(DocId, Heads)>,
 }
 
 /// Documents to send, in document order: the same inputs give the same frames (simulations
@@ -188,6 +197,11 @@ pub struct Session {
     expected: HashSet<DocId>,
     /// Documents this side asked for by item hash (reconciliation) and has not received yet.
     expected_count: usize,
+    /// The documents this side announced as outside the peer's scope.
+    outside: HashSet<DocId>,
+    /// This side is a new device that sent its few documents unasked: the responder sends it
+    /// everything, and nothing is exchanged about documents outside its scope.
+    new_device: bool,
 }
 
 impl std::fmt::Debug for Session {
@@ -224,6 +238,7 @@ impl Session {
             .collect();
         let by_hash = items.iter().map(|(d, h, _)| (*h, *d)).collect();
         let by_doc = items.iter().map(|(d, h, _)| (*d, *h)).collect();
+        let outside = local.outside.iter().map(|(d, _)| *d).collect();
         Ok(Self {
             role,
             local,
@@ -238,6 +253,8 @@ impl Session {
             stats: SessionStats::default(),
             expected: HashSet::new(),
             expected_count: 0,
+            outside,
+            new_device: false,
         })
     }
 
@@ -296,6 +313,31 @@ impl Session {
         (send, need)
     }
 
+    /// The `Outside` announcement, if this side has documents outside the peer's scope that the
+    /// peer may hold.
+    fn announce_outside(&self) -> Option<Action> {
+        (!self.local.outside.is_empty())
+            .then(|| Action::Send(Message::Outside(sorted(self.local.outside.clone()))))
+    }
+
+    /// What the host found of an [`Action::Outside`]: the documents it holds with heads other
+    /// than the peer's, as `(document, the peer's heads, this node's heads)`. This side sends
+    /// its changes after the peer's heads and asks for the peer's after its own; the session
+    /// ends only once they have arrived.
+    pub fn outside_held(&mut self, differ: Vec<(DocId, Heads, Heads)>) -> Vec<Action> {
+        if differ.is_empty() || self.finished {
+            return Vec::new();
+        }
+        let send: Vec<(DocId, Heads)> = differ
+            .iter()
+            .map(|(d, theirs, _)| (*d, theirs.clone()))
+            .collect();
+        let need: Vec<(DocId, Heads)> = differ.into_iter().map(|(d, _, mine)| (d, mine)).collect();
+        self.stats.docs_to_send += send.len();
+        self.expected.extend(need.iter().map(|(d, _)| *d));
+        vec![send_docs(send), Action::Send(Message::Need(sorted(need)))]
+    }
+
     /// The first actions: the initiator greets and opens the fast path (if it holds a checkpoint
     /// for the peer) or reconciliation; the responder waits.
     pub fn start(&mut self) -> Result<Vec<Action>, SessionError> {
@@ -304,10 +346,10 @@ impl Session {
             (Role::Initiator, Some(c)) => {
                 let have = self.changed_since(c.mine, &HashSet::new());
                 self.stats.announced = have.len();
-                Ok(vec![
-                    Action::Send(self.hello(Some(c))),
-                    Action::Send(Message::Have(have)),
-                ])
+                let mut actions = vec![Action::Send(self.hello(Some(c)))];
+                actions.extend(self.announce_outside());
+                actions.push(Action::Send(Message::Have(have)));
+                Ok(actions)
             }
             (Role::Initiator, None) => {
                 self.mode = Mode::Ranges;
@@ -323,6 +365,9 @@ impl Session {
                         .collect();
                     self.stats.docs_to_send += mine.len();
                     actions.push(send_docs(mine));
+                    self.new_device = true;
+                } else {
+                    actions.extend(self.announce_outside());
                 }
                 actions.push(Action::Send(Message::Reconcile(q)));
                 Ok(actions)
@@ -399,7 +444,9 @@ impl Session {
                         if accept {
                             self.mode = Mode::Fast;
                             self.stats.fast = true;
-                            Ok(vec![Action::Send(self.hello(self.local.checkpoint))])
+                            let mut actions = vec![Action::Send(self.hello(self.local.checkpoint))];
+                            actions.extend(self.announce_outside());
+                            Ok(actions)
                         } else if documents <= DUMP_BELOW as u64 && checkpoint.is_none() {
                             // A new device (nothing, or only its certificate and a few writes,
                             // which it sends unasked): everything goes, no reconciliation
@@ -408,7 +455,9 @@ impl Session {
                             Ok(vec![Action::Send(self.hello(None))])
                         } else {
                             self.mode = Mode::Ranges;
-                            Ok(vec![Action::Send(self.hello(None))])
+                            let mut actions = vec![Action::Send(self.hello(None))];
+                            actions.extend(self.announce_outside());
+                            Ok(actions)
                         }
                     }
                     Role::Initiator => {
@@ -431,6 +480,13 @@ impl Session {
             }
             (_, _, Message::Hello { .. }) => Err(SessionError::Unexpected("second Hello")),
             (_, Mode::Opening, _) => Err(SessionError::Unexpected("message before Hello")),
+            (_, Mode::Dump, Message::Outside(_)) => Ok(Vec::new()),
+            (_, _, Message::Outside(_)) if self.new_device => Ok(Vec::new()),
+            (_, _, Message::Outside(theirs)) => Ok(if theirs.is_empty() {
+                Vec::new()
+            } else {
+                vec![Action::Outside(theirs)]
+            }),
             (_, _, Message::Docs(docs)) => {
                 self.stats.docs_received += docs.len();
                 for d in &docs {
@@ -451,7 +507,11 @@ impl Session {
                 if !send.is_empty() {
                     actions.push(send_docs(send));
                 }
-                if want.is_empty() && mine.is_empty() {
+                if want.is_empty()
+                    && mine.is_empty()
+                    && self.local.outside.is_empty()
+                    && self.missing() == 0
+                {
                     actions.push(Action::Send(Message::Done));
                     actions.push(self.finish());
                     return Ok(actions);
@@ -476,10 +536,15 @@ impl Session {
                 actions.push(Action::Send(Message::Done));
                 Ok(actions)
             }
-            (_, Mode::Fast, Message::Need(wanted)) => {
+            (_, Mode::Fast | Mode::Ranges, Message::Need(wanted)) => {
+                // In reconciliation, only documents announced as outside the peer's scope are
+                // asked for by id.
+                let ranges = self.mode == Mode::Ranges;
                 let docs: Vec<(DocId, Heads)> = wanted
                     .into_iter()
-                    .filter(|(d, _)| self.by_doc.contains_key(d))
+                    .filter(|(d, _)| {
+                        self.outside.contains(d) || (!ranges && self.by_doc.contains_key(d))
+                    })
                     .collect();
                 self.stats.docs_to_send += docs.len();
                 Ok(if docs.is_empty() {
@@ -489,7 +554,6 @@ impl Session {
                 })
             }
             (_, Mode::Fast, Message::Want(_)) => Err(SessionError::Unexpected("Want")),
-            (_, Mode::Ranges, Message::Need(_)) => Err(SessionError::Unexpected("Need")),
             (_, Mode::Fast | Mode::Ranges, Message::Done) if self.missing() > 0 => {
                 Err(SessionError::Incomplete(self.missing()))
             }

@@ -12,9 +12,9 @@
 use crate::DocId;
 
 /// libp2p protocol id of this version of the protocol.
-pub const PROTOCOL_ID: &str = "/fieldmesh/sync/4";
+pub const PROTOCOL_ID: &str = "/fieldmesh/sync/5";
 /// First byte of every frame.
-pub const WIRE_VERSION: u8 = 3;
+pub const WIRE_VERSION: u8 = 4;
 /// Largest frame accepted or produced (8 MiB).
 pub const MAX_FRAME: usize = 8 * 1024 * 1024;
 
@@ -107,6 +107,11 @@ pub enum Message {
     Reconcile(Vec<u8>),
     /// Item hashes whose documents the sender wants (it cannot name the documents: it lacks them).
     Want(Vec<[u8; 32]>),
+    /// Documents outside the receiver's scope that it may hold (they left its villages, or it
+    /// left theirs), with the sender's heads. A receiver holding one with other heads sends its
+    /// copy and asks for the sender's changes (`Need`); one holding the same heads knows the
+    /// sender holds every change of it.
+    Outside(Vec<(DocId, Heads)>),
     /// Documents, batched across many documents.
     Docs(Vec<DocPayload>),
     /// The sender has nothing more to send in this session.
@@ -122,6 +127,7 @@ const DONE: u8 = 5;
 const DOCS_ZSTD: u8 = 6;
 const HAVE: u8 = 7;
 const NEED: u8 = 8;
+const OUTSIDE: u8 = 9;
 
 /// The heads of a document (Automerge change hashes). At most 255 travel with an item; a
 /// document with more concurrent heads is announced with the first 255, which only costs a
@@ -276,6 +282,7 @@ pub fn encode(m: &Message) -> Vec<u8> {
         }
         Message::Have(items) => put_heads_list(&mut out, HAVE, items),
         Message::Need(items) => put_heads_list(&mut out, NEED, items),
+        Message::Outside(items) => put_heads_list(&mut out, OUTSIDE, items),
         Message::Reconcile(p) => {
             out.push(RECONCILE);
             put_bytes(&mut out, p);
@@ -361,6 +368,7 @@ pub fn decode(frame: &[u8]) -> Result<Message, WireError> {
         },
         HAVE => Message::Have(read_heads_list(&mut r)?),
         NEED => Message::Need(read_heads_list(&mut r)?),
+        OUTSIDE => Message::Outside(read_heads_list(&mut r)?),
         RECONCILE => Message::Reconcile(r.bytes()?.to_vec()),
         WANT => {
             let n = r.count(32)?;
@@ -436,6 +444,14 @@ mod tests {
                 0..20
             )
             .prop_map(Message::Need),
+            prop::collection::vec(
+                (
+                    any::<[u8; 16]>(),
+                    prop::collection::vec(any::<[u8; 32]>(), 0..3)
+                ),
+                0..20
+            )
+            .prop_map(Message::Outside),
             prop::collection::vec(any::<u8>(), 0..200).prop_map(Message::Reconcile),
             prop::collection::vec(any::<[u8; 32]>(), 0..20).prop_map(Message::Want),
             prop::collection::vec(

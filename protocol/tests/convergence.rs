@@ -73,6 +73,7 @@ impl Replica {
             store: self.store,
             seq: self.next_seq - 1,
             checkpoint: self.checkpoints.get(peer).copied(),
+            outside: Vec::new(),
         }
     }
 }
@@ -372,7 +373,7 @@ fn wire(actions: Vec<Action>, me: &Replica) -> Vec<Message> {
             Action::SendDocs(ids) => {
                 out.extend(pack(ids.iter().map(|(id, _)| payload(me, id)).collect()))
             }
-            Action::Apply(_) | Action::Finished => {}
+            Action::Apply(_) | Action::Outside(_) | Action::Finished => {}
         }
     }
     out

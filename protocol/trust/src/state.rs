@@ -15,7 +15,7 @@ use crate::{
 /// What a change's author may do, as its certificates say.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Authority<'a> {
-    /// Roles (union over valid certificates).
+    /// Roles (union over the valid certificates that start latest: a renewal supersedes).
     pub roles: Vec<Role>,
     /// Scope (union); ignored for central.
     pub scope: Vec<&'a str>,
@@ -274,6 +274,14 @@ impl Trust {
             let from = certs.iter().map(|c| c.not_before).min().unwrap_or_default();
             return Err(Rejection::NotYetValid { at, from });
         }
+        // A renewal supersedes: of the certificates valid at `at`, those issued to start latest
+        // decide (a device re-scoped to other villages writes in the new ones from the new
+        // certificate's start; what it wrote before is judged by the certificate it had).
+        let latest = valid.iter().map(|c| c.not_before).max().unwrap_or_default();
+        let valid: Vec<&Certificate> = valid
+            .into_iter()
+            .filter(|c| c.not_before == latest)
+            .collect();
         let mut roles: Vec<Role> = valid.iter().flat_map(|c| c.roles.iter().copied()).collect();
         roles.sort();
         roles.dedup();
