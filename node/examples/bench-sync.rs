@@ -3,7 +3,9 @@
 //! 1. Cold sync between two real `fieldmesh` processes over libp2p TCP on loopback: one node
 //!    loaded with synthetic openIMIS data, an empty one dialling it. Time until the empty node holds
 //!    everything, bytes on the wire per resource, peak RSS of the receiver.
-//! 2. Warm resync of two 100,000-document stores differing by d documents, at the protocol level
+//! 2. First sync of one enrolment officer's scope (two villages) from that hub, which now holds
+//!    everything: time, bytes and documents received, beside the cold sync of everything above.
+//! 3. Warm resync of two 100,000-document stores differing by d documents, at the protocol level
 //!    (the same `Session` code the node runs): round trips and reconciliation bytes.
 //!
 //! ```sh
@@ -268,6 +270,9 @@ fn main() -> Result<()> {
         "bench",
         "--role",
         "hub",
+        // Its area is the whole region: it holds everything.
+        "--location",
+        "R1",
         "--out",
         cert_s,
     ])?;
@@ -330,10 +335,112 @@ fn main() -> Result<()> {
         peak as f64 / 1024.0
     );
     let _ = a.child.kill();
+    let _ = (a.child.wait(),);
+    officer_first_sync(
+        &bin,
+        &dir,
+        &run_ok,
+        da_s,
+        &agent,
+        &b,
+        resources,
+        secs,
+        received + sent,
+    )?;
     let _ = b.child.kill();
-    let _ = (a.child.wait(), b.child.wait());
+    let _ = b.child.wait();
 
     warm()
+}
+
+/// A new enrolment officer's phone (two villages) syncs from the hub that holds everything.
+#[allow(clippy::too_many_arguments)]
+fn officer_first_sync(
+    bin: &Path,
+    dir: &Path,
+    run_ok: &dyn Fn(&[&str]) -> Result<String>,
+    central: &str,
+    agent: &ureq::Agent,
+    hub: &Running,
+    resources: u64,
+    all_secs: f64,
+    all_bytes: u64,
+) -> Result<()> {
+    let dc = dir.join("c");
+    let dc_s = dc.to_str().unwrap_or_default();
+    let root = run_ok(&["id", "--data", central])?;
+    run_ok(&[
+        "init", "--data", dc_s, "--role", "device", "--name", "c", "--root", &root,
+    ])?;
+    let c_id = run_ok(&["id", "--data", dc_s])?;
+    let cert = dir.join("c.cert");
+    let cert_s = cert.to_str().unwrap_or_default();
+    run_ok(&[
+        "cert",
+        "issue",
+        "--data",
+        central,
+        "--subject",
+        &c_id,
+        "--user",
+        "EO0001",
+        "--role",
+        "enrolment-officer",
+        "--location",
+        "R1D0W0V0",
+        "--location",
+        "R1D0W0V1",
+        "--out",
+        cert_s,
+    ])?;
+    run_ok(&["cert", "install", "--data", dc_s, cert_s])?;
+    let t = Instant::now();
+    let mut c = start(bin, &dc, &["--peer", &hub.p2p.clone()])?;
+    let mut peak = 0;
+    // Done once a session completed and the count stayed put for a second (the first sessions
+    // bring the certificate and locations, then the villages).
+    let (mut last, mut since) = (0u64, Instant::now());
+    let secs = loop {
+        peak = peak.max(rss_kib(c.child.id()).unwrap_or(0));
+        let st = status(agent, &c.http)?;
+        let docs = st["documents"].as_u64().unwrap_or(0);
+        if docs != last {
+            (last, since) = (docs, Instant::now());
+        }
+        let sessions = st["connected_peers"][0]["sessions"].as_u64().unwrap_or(0);
+        if sessions >= 2 && docs > 1 && since.elapsed() > Duration::from_secs(1) {
+            break since.duration_since(t).as_secs_f64();
+        }
+        if t.elapsed() > Duration::from_secs(600) {
+            bail!("the officer's first sync did not finish");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let st = status(agent, &c.http)?;
+    let received = st["connected_peers"][0]["bytes_received"]
+        .as_u64()
+        .unwrap_or(0);
+    let sent = st["connected_peers"][0]["bytes_sent"].as_u64().unwrap_or(0);
+    println!();
+    println!(
+        "| first sync from a hub holding {resources} resources | documents received | time | bytes (both ways) | peak RSS |"
+    );
+    println!("|---|---|---|---|---|");
+    println!(
+        "| everything (a hub of the whole region, above) | {resources} | {all_secs:.2} s | {:.1} MB | |",
+        all_bytes as f64 / 1e6
+    );
+    println!(
+        "| an enrolment officer's scope: two villages | {last} | {secs:.2} s | {:.2} MB | {:.0} MB |",
+        (received + sent) as f64 / 1e6,
+        peak as f64 / 1024.0
+    );
+    if std::env::var_os("BENCH_VERBOSE").is_some() {
+        println!("{:#}", st["scope"]);
+    }
+    let _ = c.child.kill();
+    let _ = c.child.wait();
+    Ok(())
 }
 
 /// Warm resync of two 100,000-document stores differing by d documents, through the protocol
@@ -434,6 +541,7 @@ fn warm() -> Result<()> {
                     store: store_a,
                     seq: seq_a,
                     checkpoint: cp(store_b, N, N),
+                    outside: Vec::new(),
                 },
                 items: items_a.clone(),
             };
@@ -443,6 +551,7 @@ fn warm() -> Result<()> {
                     store: store_b,
                     seq: N,
                     checkpoint: cp(store_a, N, N),
+                    outside: Vec::new(),
                 },
                 items: base.clone(),
             };

@@ -56,6 +56,8 @@ pub struct IssueRequest {
     pub facilities: Vec<String>,
     /// Days of validity from now.
     pub days: u32,
+    /// A renewal or re-scoping: counts from now, not from an hour ago.
+    pub renewal: bool,
 }
 
 /// A document authored and signed by `central` holding `resource`.
@@ -108,7 +110,7 @@ pub fn issue(central: &DataDir, req: &IssueRequest) -> Result<CertFile> {
     if req.roles.contains(&Role::ClaimAdministrator) && req.facilities.is_empty() {
         bail!("a claim administrator needs their facility: --facility CODE-OR-UUID");
     }
-    let start = now() - 3600;
+    let start = if req.renewal { now() } else { now() - 3600 };
     let cert = Certificate {
         serial: uuid::Uuid::new_v4().to_string(),
         subject: hex::encode(subject),

@@ -67,6 +67,14 @@ enum Command {
         from: PeerKey,
         reply: Reply<MergeReport, MergeError>,
     },
+    Outside {
+        peer: PeerKey,
+        theirs: Vec<([u8; 16], Heads)>,
+        reply: Reply<Vec<([u8; 16], Heads, Heads)>, SyncError>,
+    },
+    Scope {
+        reply: Reply<Value, SyncError>,
+    },
     /// Commit what is waiting, reply, and end the thread.
     Stop,
 }
@@ -306,6 +314,26 @@ impl EngineHandle {
             .await
     }
 
+    /// Of documents `peer` announced as outside this node's scope, those held here with other
+    /// heads; drops those held with the same heads when the peer keeps them (central, a hub).
+    pub async fn outside(
+        &self,
+        peer: PeerKey,
+        theirs: Vec<([u8; 16], Heads)>,
+    ) -> Result<Vec<([u8; 16], Heads, Heads)>, HandleError<SyncError>> {
+        self.call(|reply| Command::Outside {
+            peer,
+            theirs,
+            reply,
+        })
+        .await
+    }
+
+    /// What this node holds by its scope, and what waits outside it (for `/status`).
+    pub async fn scope(&self) -> Result<Value, HandleError<SyncError>> {
+        self.call(|reply| Command::Scope { reply }).await
+    }
+
     /// Merges documents from a peer; answers once durable.
     pub async fn merge(
         &self,
@@ -467,6 +495,16 @@ fn execute(engine: &mut Engine, cmd: Command, deferred: &mut Vec<Deferred>) {
         }
         Command::Payloads { peer, ids, reply } => {
             let _ = reply.send(engine.payloads(&peer, &ids));
+        }
+        Command::Outside {
+            peer,
+            theirs,
+            reply,
+        } => {
+            let _ = reply.send(engine.outside_check(&peer, &theirs));
+        }
+        Command::Scope { reply } => {
+            let _ = reply.send(engine.scope_report().map(|r| r.to_json()));
         }
         Command::Merge { docs, from, reply } => {
             deferred.push(Deferred::Merged(

@@ -138,9 +138,15 @@ enum Command {
 enum CertCommand {
     /// On central: sign a certificate for a device and write it to a file to install there.
     ///
-    /// Roles: central, hub, enrolment-officer (needs --location), claim-administrator (needs
-    /// --facility). Central must be stopped for its store to hold the certificate too; if it is
-    /// running, the certificate still reaches it when the device syncs.
+    /// Roles: central, hub (--location names its area: districts or wards), enrolment-officer
+    /// (needs --location: its villages), claim-administrator (needs --facility; --location names
+    /// the catchment villages whose insurees it checks coverage of). A device holds and is sent
+    /// only the documents of those places (and everything below them) and reference data.
+    /// Central must be stopped for its store to hold the certificate too; if it is running, the
+    /// certificate still reaches it when the device syncs.
+    ///
+    /// A device's newest certificate supersedes its earlier ones: to move an officer to other
+    /// villages, issue a new one with --renewal.
     Issue {
         /// Central's data directory (its key signs).
         #[arg(long, value_name = "DIR")]
@@ -154,7 +160,8 @@ enum CertCommand {
         /// Role (repeatable).
         #[arg(long, required = true, value_parser = parse_role)]
         role: Vec<fieldmesh_trust::Role>,
-        /// A village the officer works in: Location code or UUID (repeatable).
+        /// A place: a village of an officer, the area (district, ward) of a hub, a catchment
+        /// village of a claim administrator: Location code or UUID (repeatable).
         #[arg(long, value_name = "CODE-OR-UUID")]
         location: Vec<String>,
         /// The facility of a claim administrator: Organization code or UUID (repeatable).
@@ -163,6 +170,13 @@ enum CertCommand {
         /// Days of validity.
         #[arg(long, default_value_t = 365)]
         days: u32,
+        /// A renewal or re-scoping of a device that already holds a certificate: it counts from
+        /// now (a first certificate counts from an hour ago, a margin for a slow clock), so that
+        /// what the device wrote before stays judged by its earlier certificate, and what it
+        /// writes from now on by this one. Data of places no longer in scope leave the device
+        /// once a hub or central holds every change of them.
+        #[arg(long)]
+        renewal: bool,
         /// Certificate file to write.
         #[arg(long, value_name = "FILE")]
         out: PathBuf,

@@ -138,6 +138,8 @@ pub struct Reference {
     pub villages: Vec<(String, String, String, String, String, String)>,
     /// `(uuid, code)` of each health facility.
     pub facilities: Vec<(String, String)>,
+    /// `(uuid, code)` of each district.
+    pub districts: Vec<(String, String)>,
     /// `(uuid, code, price)` of items (Medication).
     pub items: Vec<(String, String, String)>,
     /// `(uuid, code, price)` of services (ActivityDefinition).
@@ -150,8 +152,16 @@ pub struct Reference {
     pub resources: Vec<Value>,
 }
 
-/// Builds the reference data for `seed`.
+/// Builds the reference data for `seed`: one region of two districts.
 pub fn reference_data(rng: &mut Rng) -> Reference {
+    reference_data_for(rng, 2)
+}
+
+/// Builds the reference data of one region of `districts` districts, each with one health
+/// facility (whose address names the district) and two wards of three villages; the districts
+/// and villages come in order (district `d` holds villages `6d..6d+6`). Two districts give
+/// [`reference_data`].
+pub fn reference_data_for(rng: &mut Rng, district_count: usize) -> Reference {
     let mut resources = Vec::new();
     let loc_type = |code: &str, display: &str| json!({"coding": [{"system": format!("{IG}/CodeSystem/location-type"), "code": code, "display": display}]});
     let region = rng.uuid();
@@ -159,9 +169,16 @@ pub fn reference_data(rng: &mut Rng) -> Reference {
         "name": "Tahoua", "status": "active", "mode": "instance", "physicalType": loc_type("R", "Region")}));
     let mut villages = Vec::new();
     let mut facilities = Vec::new();
-    for d in 0..2 {
+    let mut districts = Vec::new();
+    for d in 0..district_count {
         let district = rng.uuid();
-        let dname = ["Birni-N'Konni", "Madaoua"][d];
+        let dname = match d {
+            0 => "Birni-N'Konni".to_string(),
+            1 => "Madaoua".to_string(),
+            d => format!("District {}", d + 1),
+        };
+        let dname = dname.as_str();
+        districts.push((district.clone(), format!("R1D{d}")));
         resources.push(json!({"resourceType": "Location", "id": district, "identifier": [identifier("Code", &format!("R1D{d}"))],
             "name": dname, "status": "active", "mode": "instance", "physicalType": loc_type("D", "District"),
             "partOf": reference("Location", &region)}));
@@ -293,6 +310,7 @@ pub fn reference_data(rng: &mut Rng) -> Reference {
     Reference {
         villages,
         facilities,
+        districts,
         items,
         services,
         product,

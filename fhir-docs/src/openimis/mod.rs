@@ -158,10 +158,123 @@ impl std::fmt::Display for Capability {
     }
 }
 
-/// The types that name no place of their own and lie where the insurees and families they
-/// concern lie (policies, their coverage, payments): they carry those places, copied from the
-/// family or insuree when the document is written, in [`PLACE_EXTENSION`] extensions.
-pub const DEPENDENT_TYPES: [&str; 4] = ["Contract", "Coverage", "PaymentNotice", "Invoice"];
+/// The types that name no place of their own and lie where the insurees, families or claims
+/// they concern lie (policies, their coverage, payments, adjudications): they carry those
+/// places, copied from the family, insuree or claim when the document is written, in
+/// [`PLACE_EXTENSION`] extensions.
+pub const DEPENDENT_TYPES: [&str; 6] = [
+    "Contract",
+    "Coverage",
+    "PaymentNotice",
+    "Invoice",
+    "ClaimResponse",
+    "CoverageEligibilityResponse",
+];
+
+/// Whether a document of type `ty` names places a [`DEPENDENT_TYPES`] document takes on:
+/// insurees, families, claims, eligibility requests, and dependent documents themselves.
+pub fn places_taken_from(ty: &str) -> bool {
+    matches!(
+        ty,
+        "Patient" | "Group" | "Claim" | "CoverageEligibilityRequest"
+    ) || DEPENDENT_TYPES.contains(&ty)
+}
+
+/// Pseudo resource type under which the engine indexes the places a document is held at (as
+/// reference-index entries `(PLACE_INDEX, "", place)`): the one definition of where a
+/// document is, used by authorization ([`places`]) and replication alike.
+pub const PLACE_INDEX: &str = "urn:fieldmesh:place";
+
+/// Pseudo resource type of the places a document was held at before it moved (an insuree who
+/// changed village): devices of those places may still hold it and are told it left.
+pub const LEFT_INDEX: &str = "urn:fieldmesh:left-place";
+
+/// Pseudo resource type of the keys that authored changes of a document (hex): a node serving a
+/// document serves the certificates of its authors with it, so that the receiver can check it.
+pub const AUTHOR_INDEX: &str = "urn:fieldmesh:author";
+
+/// The place of documents every certified device holds: reference data (locations, facilities,
+/// practitioners, products, items, services), certificates, revocations and evidence.
+pub const EVERYWHERE: &str = "*";
+
+/// The places a document is held at: its [`places`]; for a location or a facility, itself (by
+/// every name it goes by: a node holds the locations of its reach and their ancestors, see the
+/// engine's `scope`); [`EVERYWHERE`] for a type that names none (the rest of the reference data:
+/// practitioners, products, items, services; revocations, evidence). A document of a placed type
+/// that names no place (only central may write one) is held at no place: only by nodes that hold
+/// everything.
+pub fn holding_places(ty: &str, json: &Map<String, Value>) -> Vec<String> {
+    if matches!(ty, "Location" | "Organization") {
+        let names = place_names(json);
+        if !names.is_empty() {
+            return names;
+        }
+    }
+    places(ty, json).unwrap_or_else(|| vec![EVERYWHERE.to_string()])
+}
+
+/// The names a location or facility goes by: its id and its identifier values (a certificate
+/// and a reference may use either).
+pub fn place_names(json: &Map<String, Value>) -> Vec<String> {
+    let mut out: Vec<String> = json
+        .get("id")
+        .and_then(Value::as_str)
+        .map(String::from)
+        .into_iter()
+        .collect();
+    for i in json
+        .get("identifier")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        if let Some(v) = i.get("value").and_then(Value::as_str) {
+            out.push(v.to_string());
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// The places a location or facility lies in: a `Location`'s `partOf`, an `Organization`'s
+/// `partOf` and the locations of its addresses (openIMIS gives a health facility its district
+/// that way). Empty for other types. A certificate naming a district or ward covers every
+/// place below it.
+pub fn parent_places(ty: &str, json: &Map<String, Value>) -> Vec<String> {
+    const AREA: &[&str] = &["Location", "Organization"];
+    let mut out = Vec::new();
+    if !matches!(ty, "Location" | "Organization") {
+        return out;
+    }
+    if let Some(r) = json.get("partOf") {
+        push_places(r, AREA, &mut out);
+    }
+    if ty == "Organization" {
+        for a in json
+            .get("address")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            for e in a
+                .get("extension")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                if e.get("url").and_then(Value::as_str) == Some(LOCATION_EXTENSION)
+                    && let Some(r) = e.get("valueReference")
+                {
+                    push_places(r, AREA, &mut out);
+                }
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
 
 /// Extension on a document of a [`DEPENDENT_TYPES`] type naming a place of the family or
 /// insuree it concerns (`valueReference`, as in the family's own address). Written by the node

@@ -11,7 +11,9 @@ use std::sync::Arc;
 
 use automerge::{AutoCommit, ChangeHash};
 use fieldmesh_fhir_docs::DocLimits;
-use fieldmesh_fhir_docs::openimis::OpenImis;
+use fieldmesh_fhir_docs::openimis::{
+    AUTHOR_INDEX, LEFT_INDEX, OpenImis, PLACE_INDEX, holding_places,
+};
 use fieldmesh_fhir_docs::references::pick_target;
 use fieldmesh_fhir_docs::{DocId, IdentKey, IdentifierQuery, Resolver, document_to_json, profile};
 use fieldmesh_storage::{
@@ -52,19 +54,104 @@ impl Live {
     }
 }
 
-/// The index entries a stored resource carries (its identities and the targets it points at),
-/// taken from the whole document.
+/// The index entries a stored resource carries (its identities, the targets it points at and
+/// the places it is held at), taken from the whole document.
 pub fn entries_of_json(json: &Map<String, Value>) -> IndexEntries {
+    let ty = json
+        .get("resourceType")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let mut references: Vec<(String, String, String)> =
+        fieldmesh_fhir_docs::references::targets_in(json)
+            .into_iter()
+            .map(|r| (r.ty, r.key.system, r.key.value))
+            .collect();
+    references.extend(place_entries(ty, json));
     IndexEntries {
         identifiers: fieldmesh_fhir_docs::identifiers::identifier_keys(json)
             .into_iter()
             .map(|k| (k.system, k.value))
             .collect(),
-        references: fieldmesh_fhir_docs::references::targets_in(json)
-            .into_iter()
-            .map(|r| (r.ty, r.key.system, r.key.value))
-            .collect(),
+        references,
     }
+}
+
+/// The index entries naming the places a `ty` reading `json` is held at
+/// ([`fieldmesh_fhir_docs::openimis::holding_places`]), under the pseudo type
+/// [`PLACE_INDEX`]: what a session lists to serve a peer its scope, without reading documents.
+///
+/// A certificate has none: who holds it depends on the places of the certificate and of the
+/// holder through the location tree (see [`crate::scope`]), not on one place.
+pub(crate) fn place_entries(ty: &str, json: &Map<String, Value>) -> Vec<(String, String, String)> {
+    if ty == "Basic" && token_of(json).is_some_and(|t| t.starts_with(CERTIFICATE_TOKEN)) {
+        return Vec::new();
+    }
+    holding_places(ty, json)
+        .into_iter()
+        .map(|p| (PLACE_INDEX.to_string(), String::new(), p))
+        .collect()
+}
+
+/// The index entry naming `key` as an author of a document ([`AUTHOR_INDEX`]). Entries are
+/// only ever added: the authors of a document only grow.
+pub(crate) fn author_entry(key: &[u8]) -> (String, String, String) {
+    (AUTHOR_INDEX.to_string(), String::new(), hex::encode(key))
+}
+
+/// The author entries of the changes of `doc` after `heads` (all of them for none).
+pub(crate) fn author_entries(
+    doc: &mut AutoCommit,
+    heads: &[ChangeHash],
+) -> Vec<(String, String, String)> {
+    let mut keys: Vec<Vec<u8>> = doc
+        .get_changes(heads)
+        .iter()
+        .map(|c| c.actor_id().to_bytes().to_vec())
+        .filter(|a| a.len() == 32)
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys.iter().map(|k| author_entry(k)).collect()
+}
+
+/// The prefix of certificate tokens.
+pub(crate) const CERTIFICATE_TOKEN: &str = "fmc1.";
+
+/// `entries` of a document's new state, with the places it was held at before and is no longer
+/// (from `previous`, its entries before) kept as [`LEFT_INDEX`] entries: the devices of those
+/// places may still hold it and are told it left. Returning to a place clears its entry. Its
+/// authors ([`AUTHOR_INDEX`]) are kept too.
+pub(crate) fn with_left(mut entries: IndexEntries, previous: &IndexEntries) -> IndexEntries {
+    let now: HashSet<&str> = entries
+        .references
+        .iter()
+        .filter(|(t, _, _)| t == PLACE_INDEX)
+        .map(|(_, _, p)| p.as_str())
+        .collect();
+    let mut left: Vec<String> = previous
+        .references
+        .iter()
+        .filter(|(t, _, _)| t == PLACE_INDEX || t == LEFT_INDEX)
+        .map(|(_, _, p)| p.clone())
+        .filter(|p| !now.contains(p.as_str()))
+        .collect();
+    left.sort();
+    left.dedup();
+    entries.references.extend(
+        left.into_iter()
+            .map(|p| (LEFT_INDEX.to_string(), String::new(), p)),
+    );
+    // The authors only grow.
+    entries.references.extend(
+        previous
+            .references
+            .iter()
+            .filter(|(t, _, _)| t == AUTHOR_INDEX)
+            .cloned(),
+    );
+    entries.references.sort();
+    entries.references.dedup();
+    entries
 }
 
 pub(crate) fn heads_bytes(heads: &[ChangeHash]) -> Vec<[u8; 32]> {
@@ -143,6 +230,8 @@ pub struct Engine {
     /// trust (a revocation may be among them), so it serves no peer beyond certificates until
     /// the store is salvaged.
     pub(crate) trust_damaged: bool,
+    /// Reaches, the location tree, what each session offers its peer.
+    pub(crate) scope: crate::scope::ScopeState,
 }
 
 impl Engine {
@@ -174,6 +263,7 @@ impl Engine {
             limits: DocLimits::default(),
             unreadable: HashSet::new(),
             trust_damaged: false,
+            scope: crate::scope::ScopeState::default(),
         };
         if let Err(e) = engine.load_trust() {
             tracing::error!(error = %e, "cannot read the certificates in the store");
@@ -256,6 +346,12 @@ impl Engine {
     /// a modified device that writes what it likes (its peers still refuse it). For tests only.
     pub fn play_byzantine(&mut self) {
         self.check_local = false;
+    }
+
+    /// Keeps every document it ever held, whatever its scope: a device that never hands data
+    /// off. For the simulation's canary only (its privacy invariant must catch it).
+    pub fn play_hoarder(&mut self) {
+        self.scope.hoard = true;
     }
 
     /// The trust state (certificates and revocations known here).
@@ -341,6 +437,7 @@ impl Engine {
             }
         }
         if new {
+            self.scope_changed(false);
             tracing::info!("learned a new certificate or revocation");
             self.push(Write::ForgetCheckpoints, None);
         }
@@ -379,6 +476,9 @@ impl Engine {
     fn note_stored(&mut self, seqs: &[u64], docs: Vec<Option<StagedDoc>>) {
         for (seq, d) in seqs.iter().zip(docs) {
             let Some(d) = d else { continue };
+            if matches!(d.ty.as_str(), "Location" | "Organization") {
+                self.scope_changed(true);
+            }
             match self.events.last_mut() {
                 Some(e) if e.source == d.source => {
                     e.seq = e.seq.max(*seq);

@@ -15,6 +15,8 @@
 //! - [`retract`]: revoked keys: the changes central vouches for, and taking out of the documents
 //!   the changes a node accepted from a key before it learnt of its revocation.
 //! - [`salvage`]: the readable documents of a damaged store, taken into a fresh one.
+//! - [`scope`]: what a node holds and serves: the [`Reach`] of a certificate (places and the
+//!   location tree below them), a peer's share, documents outside scope and when they leave.
 //! - [`serve`]: what a sync session starts from, the documents it sends, its checkpoint.
 //! - [`sync`]: an engine as one side of an in-process session ([`EngineHost`]).
 //! - [`read`]: [`Reader`], reads and searches of committed data, off the write path.
@@ -37,6 +39,7 @@ pub mod read;
 pub mod receive;
 pub mod retract;
 pub mod salvage;
+pub mod scope;
 pub mod serve;
 pub mod source;
 pub mod sync;
@@ -53,6 +56,7 @@ pub use par::par_map;
 pub use read::{Reader, Served};
 pub use receive::MergeReport;
 pub use salvage::SalvageReport;
+pub use scope::{Reach, ScopeReport};
 pub use source::Source;
 pub use sync::EngineHost;
 pub use write::Outcome;

@@ -127,7 +127,11 @@ fn prepare_line(
             heads: heads_bytes(&doc.get_heads()),
             updated: me.time(),
         },
-        entries: entries_of(&prepared),
+        entries: {
+            let mut e = entries_of(&prepared);
+            e.references.push(crate::core::author_entry(&me.public()));
+            e
+        },
         bytes: fieldmesh_storage::codec::encode(&doc.save_nocompress())?,
     }))
 }

@@ -17,9 +17,13 @@ use fieldmesh_trust::{Checked, Policy, Rejection, Trust, check, token_of};
 use serde_json::Value;
 
 use crate::Engine;
-use crate::core::{COMPACT_AFTER_CHUNKS, Live, PreparedDoc, entries_of_json, heads_bytes};
+use crate::core::{
+    COMPACT_AFTER_CHUNKS, Live, PreparedDoc, author_entries, entries_of_json, heads_bytes,
+    with_left,
+};
 use crate::error::{MergeError, ReadError, Refusal, WriteError, contain};
 use crate::par::par_map;
+use crate::scope::Reach;
 use crate::source::Source;
 
 /// Refused changes: hash and reason.
@@ -124,6 +128,12 @@ pub struct MergeReport {
     pub changed: usize,
     /// Documents refused whole or in part (their refused changes are in quarantine).
     pub refused: usize,
+    /// Documents new to this node outside its scope, not kept.
+    pub outside: usize,
+    /// Documents the peer sent that are outside its own scope by this node's copy (an insuree
+    /// who moved away from its villages): the peer holds a stale copy, and is told so in the
+    /// next session (`Outside`).
+    pub stale: usize,
 }
 
 /// A received document new to this node, checked: what to stage (if any change was accepted)
@@ -185,7 +195,8 @@ fn prepare_checked(
     }
     .map_err(|e| Refusal::Unreadable(e.into()))?;
     let json = checked.json;
-    let entries = entries_of_json(&json);
+    let mut entries = entries_of_json(&json);
+    entries.references.extend(author_entries(&mut doc, &[]));
     let own = id.to_string();
     let origin = entries
         .identifiers
@@ -228,6 +239,7 @@ impl Engine {
         docs: Vec<DocPayload>,
         from: &Source,
     ) -> Result<MergeReport, MergeError> {
+        let ids: Vec<[u8; 16]> = docs.iter().map(|p| p.id).collect();
         let (certs, docs): (Vec<_>, Vec<_>) = docs.into_iter().partition(|p| p.ty == "Basic");
         let (evidence, docs): (Vec<_>, Vec<_>) =
             docs.into_iter().partition(|p| p.ty == "AuditEvent");
@@ -247,11 +259,22 @@ impl Engine {
             return Err(MergeError::Uncertified { peer });
         }
         // Evidence of equivocations next, so that a batch carrying it and the equivocating
-        // document is decided as if they had come in order.
-        for batch in [evidence, docs] {
+        // document is decided as if they had come in order; then locations and facilities,
+        // so that the documents of a place below them are kept by a node certified for it.
+        let (places, docs): (Vec<_>, Vec<_>) = docs
+            .into_iter()
+            .partition(|p| matches!(p.ty.as_str(), "Location" | "Organization"));
+        for batch in [evidence, places, docs] {
+            let places = batch
+                .iter()
+                .any(|p| matches!(p.ty.as_str(), "Location" | "Organization"));
             let r = self.merge_batch(batch, from)?;
             report.changed += r.changed;
             report.refused += r.refused;
+            report.outside += r.outside;
+            if places && r.changed > 0 {
+                self.flush()?;
+            }
             self.report_equivocations()?;
             if self.tokens_pending() {
                 self.flush()?;
@@ -260,6 +283,9 @@ impl Engine {
                 self.retract()
                     .map_err(|e| MergeError::Retract(Box::new(e)))?;
             }
+        }
+        if let Source::Peer(peer) = from {
+            report.stale = self.note_stale(peer, &ids)?;
         }
         // The commit overlaps the next batch; the engine thread waits for it before replying.
         self.flush_behind()?;
@@ -284,6 +310,20 @@ impl Engine {
             }
         }
         Ok(())
+    }
+
+    /// The reach a document new to this node must be within to be kept, when it comes from a
+    /// peer (`None`: anything is kept; a file or this node's own data is taken whole, and a node
+    /// that holds no certificate of its own, which certified peers send only certificates, is
+    /// not limited).
+    fn reach_for_receiving(&mut self, from: &Source) -> Result<Option<Reach>, StoreError> {
+        let me = self.me.public();
+        if !matches!(from, Source::Peer(_))
+            || (self.trust.certificates(&me).is_empty() && me != self.me.root)
+        {
+            return Ok(None);
+        }
+        Ok(Some(self.my_reach()?).filter(|r| *r != Reach::All))
     }
 
     fn merge_batch(
@@ -318,6 +358,7 @@ impl Engine {
         })
         .ok_or(MergeError::Thread)?;
         let mut report = MergeReport::default();
+        let reach = self.reach_for_receiving(from)?;
         for (p, prepared) in fresh.iter().zip(prepared) {
             match prepared {
                 Ok(r) => {
@@ -326,6 +367,15 @@ impl Engine {
                         self.quarantine(p, from, r.rejected);
                     }
                     if let Some(d) = r.doc {
+                        let keep = match &reach {
+                            Some(reach) => self.keeps_new(reach, &d)?,
+                            None => true,
+                        };
+                        if !keep {
+                            tracing::warn!(source = %from, doc = %d.id, ty = %d.meta.ty, "a peer sent a document outside this node's scope: not kept");
+                            report.outside += 1;
+                            continue;
+                        }
                         self.stage_received(d, from.clone());
                         report.changed += 1;
                     }
@@ -368,6 +418,15 @@ impl Engine {
     fn quarantine(&mut self, p: &DocPayload, from: &Source, rejected: Refused) {
         if rejected.is_empty() {
             return;
+        }
+        if let Source::Peer(peer) = from
+            && rejected
+                .iter()
+                .any(|(_, r)| matches!(r, Rejection::UnknownKey { .. }))
+        {
+            // Its author's certificate may come later in this session, or only in another:
+            // no checkpoint, so the next session reconciles everything and offers it again.
+            self.scope.unchecked.insert(*peer);
         }
         let hash = payload_hash(p);
         if self.refused.put(hash, ()).is_some() {
@@ -425,8 +484,18 @@ impl Engine {
             let time = self.me.time();
             let r = prepare_received(p, &self.trust, self.policy.as_ref(), &self.limits, time)
                 .map_err(MergeOne::Refused)?;
-            let changed = r.doc.is_some();
-            if let Some(d) = r.doc {
+            let reach = self
+                .reach_for_receiving(from)
+                .map_err(|e| MergeOne::Engine(e.into()))?;
+            let d = match (r.doc, &reach) {
+                (Some(d), Some(reach)) => self
+                    .keeps_new(reach, &d)
+                    .map_err(|e| MergeOne::Engine(e.into()))?
+                    .then_some(d),
+                (d, _) => d,
+            };
+            let changed = d.is_some();
+            if let Some(d) = d {
                 self.stage_received(d, from.clone());
             }
             return Ok((changed, r.rejected));
@@ -537,10 +606,13 @@ impl Engine {
             (DocData::Append(doc.save_after(&before)), chunks + 1)
         };
         let heads = heads_bytes(&doc.get_heads());
+        let authors = author_entries(doc, &before);
         live.meta.chunks = chunks;
         live.meta.heads = heads;
         live.meta.updated = self.me.time();
-        let previous = std::mem::replace(&mut live.entries, entries_of_json(&checked.json));
+        let mut entries = with_left(entries_of_json(&checked.json), &live.entries);
+        entries.references.extend(authors);
+        let previous = std::mem::replace(&mut live.entries, entries);
         self.learn(&checked.json);
         self.stage(
             &id,

@@ -32,7 +32,7 @@ pub(crate) enum Retraction {
         seq: u64,
     },
 }
-use crate::core::{entries_of_json, heads_bytes};
+use crate::core::{entries_of_json, heads_bytes, with_left};
 use crate::error::ReadError;
 use crate::source::Source;
 
@@ -231,7 +231,7 @@ impl Engine {
         live.meta.heads = heads_bytes(&rebuilt.get_heads());
         live.meta.chunks = 1;
         live.meta.updated = self.me.time();
-        let entries = entries_of_json(&json);
+        let entries = with_left(entries_of_json(&json), &live.entries);
         let previous = std::mem::replace(&mut live.entries, entries);
         let data = DocData::Full(rebuilt.save_nocompress());
         live.doc = Some(rebuilt);

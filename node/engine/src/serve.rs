@@ -112,19 +112,22 @@ impl Engine {
     pub fn sync_start(&mut self, peer: &PeerKey, node: &str) -> Result<Start, SyncError> {
         self.flush()?;
         let restricted = !self.certified(&Source::Peer(*peer));
-        let items = if restricted {
+        let (items, outside, checkpoint) = if restricted {
             let own = self.restricted_documents(peer)?;
             tracing::warn!(peer = %peer, offered = own.len(), "the peer has no valid certificate: offering it only its own certificates and this node's");
-            own
+            self.scope.fingerprints.remove(peer);
+            (own, Vec::new(), None)
         } else {
-            self.items()?
-        };
-        let checkpoint = if restricted {
-            None
-        } else {
-            self.store
-                .checkpoint(&peer.peer_id())?
-                .and_then(|b| Checkpoint::from_bytes(&b))
+            let (items, outside, fingerprints) = self.share_with(peer)?;
+            tracing::debug!(peer = %peer, offered = items.len(), outside = outside.len(), "session share");
+            // A checkpoint counts only under the reaches it was recorded under: documents
+            // newly within either would never be announced on the checkpoint path.
+            let checkpoint = self.store.checkpoint(&peer.peer_id())?.and_then(|b| {
+                (b.len() > 64 && b[..64] == fingerprints[..])
+                    .then(|| Checkpoint::from_bytes(&b[64..]))
+                    .flatten()
+            });
+            (items, outside, checkpoint)
         };
         Ok(Start {
             local: Local {
@@ -132,6 +135,7 @@ impl Engine {
                 store: self.store.store_id()?,
                 seq: self.store.stats()?.last_seq,
                 checkpoint,
+                outside,
             },
             items,
             restricted,
@@ -146,9 +150,21 @@ impl Engine {
         checkpoint: &Checkpoint,
     ) -> Result<(), SyncError> {
         self.flush()?;
+        let Some(fingerprints) = self.scope.fingerprints.remove(peer) else {
+            return Ok(());
+        };
+        self.scope.offered.remove(peer);
+        let mut value = fingerprints.to_vec();
+        if self.scope.unchecked.remove(peer) {
+            // Changes by a key without a certificate here were refused: the next session
+            // reconciles everything (an empty record is no checkpoint).
+            value.clear();
+        } else {
+            value.extend(checkpoint.to_bytes());
+        }
         self.store.commit(vec![Write::Checkpoint {
             peer: peer.peer_id(),
-            value: checkpoint.to_bytes(),
+            value,
         }])?;
         Ok(())
     }
@@ -176,6 +192,10 @@ impl Engine {
         let mut out = Vec::with_capacity(wanted.len());
         for (id, their_heads) in wanted {
             if allowed.as_ref().is_some_and(|a| !a.contains(id)) {
+                continue;
+            }
+            if allowed.is_none() && !self.may_send(peer, id, their_heads)? {
+                tracing::warn!(peer = %peer, doc = %uuid::Uuid::from_bytes(*id), "asked for a document outside its scope that it does not prove to hold: not sent");
                 continue;
             }
             // A document this (damaged) store cannot read is skipped, not the session.

@@ -58,6 +58,13 @@ impl Host for EngineHost<'_> {
         Ok(report.changed)
     }
 
+    fn outside(
+        &mut self,
+        theirs: &[([u8; 16], Heads)],
+    ) -> Result<Vec<([u8; 16], Heads, Heads)>, HostError> {
+        Ok(self.engine.outside_check(&self.peer, theirs)?)
+    }
+
     fn complete(&mut self, checkpoint: Option<Checkpoint>) -> Result<(), HostError> {
         if let Some(c) = checkpoint {
             self.engine.record_checkpoint(&self.peer, &c)?;

@@ -7,7 +7,9 @@
 
 use automerge::AutoCommit;
 use fieldmesh_fhir_docs::limits::check_json;
-use fieldmesh_fhir_docs::openimis::{DEPENDENT_TYPES, declare_places, place_references};
+use fieldmesh_fhir_docs::openimis::{
+    DEPENDENT_TYPES, declare_places, place_references, places_taken_from,
+};
 use fieldmesh_fhir_docs::resource::format_instant;
 use fieldmesh_fhir_docs::{
     DocId, Prepared, Resolver, ValidationError, apply_diff, document_to_json, new_document,
@@ -18,7 +20,9 @@ use fieldmesh_trust::{Envelope, Policy, Trust, claimed_identity, places_at};
 use serde_json::{Map, Value};
 
 use crate::Engine;
-use crate::core::{COMPACT_AFTER_CHUNKS, Live, heads_bytes};
+use crate::core::{
+    COMPACT_AFTER_CHUNKS, Live, author_entry, heads_bytes, place_entries, with_left,
+};
 use crate::error::{DocError, ReadError, WriteError};
 use crate::identity::NodeIdentity;
 use crate::read::Served;
@@ -36,17 +40,19 @@ pub enum Outcome {
 }
 
 pub(crate) fn entries_of(p: &Prepared) -> IndexEntries {
+    let mut references: Vec<(String, String, String)> = p
+        .references
+        .iter()
+        .map(|r| (r.ty.clone(), r.key.system.clone(), r.key.value.clone()))
+        .collect();
+    references.extend(place_entries(&p.ty, &p.json));
     IndexEntries {
         identifiers: p
             .identifiers
             .iter()
             .map(|k| (k.system.clone(), k.value.clone()))
             .collect(),
-        references: p
-            .references
-            .iter()
-            .map(|r| (r.ty.clone(), r.key.system.clone(), r.key.value.clone()))
-            .collect(),
+        references,
     }
 }
 
@@ -123,8 +129,7 @@ impl Engine {
         }
         let mut found: Vec<Value> = Vec::new();
         for r in &prepared.references {
-            let concerned = matches!(r.ty.as_str(), "Patient" | "Group")
-                || DEPENDENT_TYPES.contains(&r.ty.as_str());
+            let concerned = places_taken_from(&r.ty);
             let Some(id) = concerned
                 .then(|| Resolver::find(&*self, &r.ty, &r.key))
                 .flatten()
@@ -216,7 +221,9 @@ impl Engine {
         let ty = prepared.ty.clone();
         let origin = self.me.system.clone();
         self.learn(&prepared.json);
-        self.stage_new(id, ty, origin, doc, entries_of(&prepared));
+        let mut entries = entries_of(&prepared);
+        entries.references.push(author_entry(&self.me.public()));
+        self.stage_new(id, ty, origin, doc, entries);
         Ok(id)
     }
 
@@ -360,7 +367,9 @@ impl Engine {
         live.meta.chunks = chunks;
         live.meta.heads = heads;
         live.meta.updated = self.me.time();
-        let previous = std::mem::replace(&mut live.entries, entries_of(&prepared));
+        let mut entries = with_left(entries_of(&prepared), &live.entries);
+        entries.references.push(author_entry(&self.me.public()));
+        let previous = std::mem::replace(&mut live.entries, entries);
         self.stage(
             doc_id,
             &live.meta,

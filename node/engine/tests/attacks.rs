@@ -110,6 +110,8 @@ fn accepted() -> MergeReport {
     MergeReport {
         changed: 1,
         refused: 0,
+        outside: 0,
+        stale: 0,
     }
 }
 
@@ -117,6 +119,8 @@ fn refused() -> MergeReport {
     MergeReport {
         changed: 0,
         refused: 1,
+        outside: 0,
+        stale: 0,
     }
 }
 
@@ -237,7 +241,14 @@ fn policies_and_payments_lie_where_their_family_lives() {
     doc.put(ROOT, "status", "terminated").unwrap();
     doc.commit_with(CommitOptions::default().with_time(now()));
     let p = signed_payload(&mut doc, policy, "Contract", &[&w.a, &w.b]);
-    assert_eq!(merge(&mut w.receiver, p, &w.b), refused());
+    // B sent a document outside its own scope: it is told so in its next session.
+    assert_eq!(
+        merge(&mut w.receiver, p, &w.b),
+        MergeReport {
+            stale: 1,
+            ..refused()
+        }
+    );
     let r = reasons(&w.receiver);
     assert!(r.contains("Contract at village-a is outside"), "{r}");
     assert!(r.contains("Contract at no place"), "{r}");
@@ -316,7 +327,9 @@ fn a_merge_never_moves_a_document_out_of_its_authors_scope() {
         r,
         MergeReport {
             changed: 1,
-            refused: 1
+            refused: 1,
+            outside: 0,
+            stale: 0,
         }
     );
     let why = reasons(&receiver);
@@ -494,7 +507,9 @@ fn a_stolen_phone_cannot_write_past_its_revocation() {
         r,
         MergeReport {
             changed: 1,
-            refused: 2
+            refused: 2,
+            outside: 0,
+            stale: 1,
         }
     );
     let why = reasons(&late);
@@ -532,7 +547,7 @@ fn an_equivocation_ends_with_the_same_document_on_every_honest_node() {
                 k,
                 "HUB",
                 &[Role::Hub],
-                &[],
+                &[A],
                 &[],
                 (now() - 3600, now() + 86_400),
             ),

@@ -52,7 +52,12 @@ fn reasons(e: &Engine) -> Vec<String> {
 }
 
 fn report(changed: usize, refused: usize) -> MergeReport {
-    MergeReport { changed, refused }
+    MergeReport {
+        changed,
+        refused,
+        outside: 0,
+        stale: 0,
+    }
 }
 
 /// A peer source for a key.
@@ -149,7 +154,9 @@ fn refused_changes_are_quarantined_never_applied_never_forwarded() {
         .iter()
         .map(|p| p.id)
         .collect();
-    let MergeReport { changed, refused } = s
+    let MergeReport {
+        changed, refused, ..
+    } = s
         .receiver
         .merge(
             vec![forged, stranger, location, elsewhere],
@@ -222,7 +229,9 @@ fn a_change_built_on_a_refused_change_is_refused_and_the_rest_applies() {
         envelopes,
         ..base
     };
-    let MergeReport { changed, refused } = s.receiver.merge(vec![p], &from(&s.officer)).unwrap();
+    let MergeReport {
+        changed, refused, ..
+    } = s.receiver.merge(vec![p], &from(&s.officer)).unwrap();
     s.receiver.flush().unwrap();
     assert_eq!((changed, refused), (1, 1));
     let r = reasons(&s.receiver).join("\n");
@@ -250,7 +259,9 @@ fn equivocation_is_quarantined() {
     let mut other = patient(VILLAGE);
     other["birthDate"] = json!("1991-01-01");
     let twin = forge(&s.officer, &other, id, now());
-    let MergeReport { changed, refused } = s.receiver.merge(vec![twin], &from(&s.officer)).unwrap();
+    let MergeReport {
+        changed, refused, ..
+    } = s.receiver.merge(vec![twin], &from(&s.officer)).unwrap();
     s.receiver.flush().unwrap();
     assert_eq!((changed, refused), (0, 1));
     assert!(
@@ -447,7 +458,9 @@ fn an_edit_after_a_merge_is_authored_and_signed_by_this_node() {
     r["telecom"] = json!([{"system": "phone", "value": "+227 90 00 00 00"}]);
     b.update("Patient", &sid, r, None).unwrap();
     b.flush().unwrap();
-    let MergeReport { changed, refused } = s
+    let MergeReport {
+        changed, refused, ..
+    } = s
         .officer_engine
         .merge(vec![sent(&mut b, id, vec![])], &from(&s.officer))
         .unwrap();

@@ -13,6 +13,10 @@ const QUARANTINE_LIMIT: usize = 1000;
 pub(super) async fn status(State(st): State<AppState>) -> Result<Response, ApiError> {
     let stats = st.engine.stats().await?;
     let trust = st.engine.trust_summary();
+    let scope = match st.engine.scope().await {
+        Ok(v) => v,
+        Err(e) => json!({"error": e.to_string()}),
+    };
     let i = &st.info;
     let peers = st.peers.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let connected: Vec<Value> = peers
@@ -35,6 +39,7 @@ pub(super) async fn status(State(st): State<AppState>) -> Result<Response, ApiEr
         "known_peers": peers,
         "quarantined": stats.quarantined,
         "trust": trust,
+        "scope": scope,
         "last_seq": stats.last_seq,
         "version": env!("CARGO_PKG_VERSION"),
     }))

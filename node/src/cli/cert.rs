@@ -18,6 +18,7 @@ pub fn run(cmd: CertCommand) -> Result<()> {
             location,
             facility,
             days,
+            renewal,
             out,
         } => {
             let central = DataDir::open(&data)?;
@@ -30,6 +31,7 @@ pub fn run(cmd: CertCommand) -> Result<()> {
                     locations: location,
                     facilities: facility,
                     days,
+                    renewal,
                 },
             )?;
             std::fs::write(&out, serde_json::to_vec_pretty(&file)?)

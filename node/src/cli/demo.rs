@@ -65,11 +65,14 @@ fn demo_grant(name: &str) -> (Vec<fieldmesh_trust::Role>, Vec<usize>, Vec<usize>
     use fieldmesh_trust::Role as R;
     match name {
         "central" => (vec![R::Central], vec![], vec![]),
+        // The hub's area is the first district (added below): the team's villages and the
+        // facility lie in it.
         "hub" => (vec![R::Hub], vec![], vec![]),
         // One team: a shared village and one of their own each.
         "officer-1" => (vec![R::EnrolmentOfficer], vec![0, 1], vec![]),
         "officer-2" => (vec![R::EnrolmentOfficer], vec![0, 2], vec![]),
-        _ => (vec![R::ClaimAdministrator], vec![], vec![0]),
+        // The facility, and the team's villages as its catchment (coverage checks offline).
+        _ => (vec![R::ClaimAdministrator], vec![0, 1, 2], vec![0]),
     }
 }
 
@@ -109,6 +112,11 @@ fn setup(out: &Path) -> Result<Value> {
             locations.push(v.0.clone());
             locations.push(v.1.clone());
         }
+        if *name == "hub" {
+            let district = &refdata.districts[0];
+            locations.push(district.0.clone());
+            locations.push(district.1.clone());
+        }
         let mut hfs = Vec::new();
         for f in &facilities {
             hfs.push(f.0.clone());
@@ -127,6 +135,7 @@ fn setup(out: &Path) -> Result<Value> {
                 locations,
                 facilities: hfs,
                 days: 3650,
+                renewal: false,
             },
         )?;
         nodes.push(json!({
@@ -463,7 +472,7 @@ fn walkthrough(
         .read_json()?;
     if arrived {
         println!(
-            "8. officer-2, which never connected to officer-1, serves the Patient after {:.1} s: it came through the hub, which checked officer-1's signature and certificate ({} documents on officer-2 now, with central's reference data)",
+            "8. officer-2, which never connected to officer-1, serves the Patient after {:.1} s: it came through the hub, which checked officer-1's signature and certificate ({} documents on officer-2 now: the families of the shared village and central's reference data; those of officer-1's own village never reach it, being outside its scope)",
             t.elapsed().as_secs_f64(),
             st["documents"]
         );

@@ -269,6 +269,9 @@ pub async fn run(
                     Ok(totals) => {
                         sched.started(&peer, outcome.outbound, totals.seq);
                         sched.ended(&peer, outcome.outbound, Ended::Complete, t);
+                        if totals.outside_exchanged > 0 {
+                            sched.again(&peer);
+                        }
                         info.completed(&totals, unix_now());
                         tracing::info!(%peer, fast = totals.fast, sent = totals.docs_sent, received = totals.docs_received, bytes_out = totals.bytes_sent, bytes_in = totals.bytes_received, "sync session done");
                     }

@@ -94,6 +94,12 @@ async fn run(
                         todo.push_front(s);
                     }
                 }
+                Step::Outside(theirs) => {
+                    let differ = engine.outside(peer, theirs).await?;
+                    for s in driver.outside_held(differ).into_iter().rev() {
+                        todo.push_front(s);
+                    }
+                }
                 Step::Merge(docs) => {
                     if merging.len() >= MERGES_IN_FLIGHT
                         && let Some(oldest) = merging.pop_front()
@@ -145,5 +151,6 @@ fn settled(driver: &mut Driver, report: MergeReport) -> Vec<Step> {
             "documents refused in a sync session"
         );
     }
+    driver.outside_found(report.stale as u64);
     driver.merged(report.changed)
 }
