@@ -84,39 +84,108 @@ fn cdf_svg(title: &str, series: &[(&str, &str, &[f64])]) -> String {
     svg
 }
 
-/// A histogram as SVG bars.
-fn histogram_svg(title: &str, xlabel: &str, values: &[u64], bins: usize) -> String {
-    let (w, h, pad) = (640.0, 360.0, 50.0);
-    let max = values.iter().copied().max().unwrap_or(1).max(1) as f64;
-    let mut counts = vec![0usize; bins];
-    for v in values {
-        let b = ((*v as f64 / max) * (bins as f64 - 1.0)).round() as usize;
-        counts[b.min(bins - 1)] += 1;
-    }
-    let top = counts.iter().copied().max().unwrap_or(1).max(1) as f64;
-    let bw = (w - 2.0 * pad) / bins as f64;
+/// Bytes per device-day as a histogram on a log scale: one bin per half decade (1 B … the
+/// largest value) plus one for days with nothing sent, one bar per series side by side, the
+/// height the share of that series' device-days (so officers and hubs compare although there are
+/// twenty times more officers).
+fn bytes_svg(title: &str, series: &[(&str, &str, &[u64])]) -> String {
+    let (w, h, pad) = (720.0, 380.0, 60.0);
+    let max = series
+        .iter()
+        .flat_map(|(_, _, v)| v.iter())
+        .copied()
+        .max()
+        .unwrap_or(1)
+        .max(10) as f64;
+    // Bin 0: nothing sent; bin k ≥ 1: [10^((k-1)/2), 10^(k/2)).
+    let bins = (max.log10() * 2.0).ceil() as usize + 1;
+    let bin = |v: u64| {
+        if v == 0 {
+            0
+        } else {
+            ((v as f64).log10() * 2.0).floor() as usize + 1
+        }
+    };
+    let shares: Vec<Vec<f64>> = series
+        .iter()
+        .map(|(_, _, values)| {
+            let mut counts = vec![0usize; bins + 1];
+            for v in values.iter() {
+                counts[bin(*v).min(bins)] += 1;
+            }
+            let n = values.len().max(1) as f64;
+            counts.iter().map(|c| *c as f64 / n).collect()
+        })
+        .collect();
+    let top = shares.iter().flatten().copied().fold(0.01f64, f64::max);
+    let slots = bins + 1;
+    let bw = (w - 2.0 * pad) / slots as f64;
     let mut svg = format!(
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
 <rect width="100%" height="100%" fill="white"/>
 <text x="{}" y="20" text-anchor="middle" font-size="14">{title}</text>
-<text x="{}" y="{}" text-anchor="middle">{xlabel} (0 to {:.0})</text>
-<text x="{}" y="{}" text-anchor="end">{top:.0}</text>
+<line x1="{pad}" y1="{}" x2="{}" y2="{}" stroke="black"/>
+<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{}" stroke="black"/>
+<text x="{}" y="{}" text-anchor="middle">bytes sent in a day (log scale; "0": nothing)</text>
+<text x="15" y="{}" transform="rotate(-90 15 {})" text-anchor="middle">share of device-days</text>
+<text x="{}" y="{}" text-anchor="end">{:.0}%</text>
+<text x="{}" y="{}" text-anchor="end">0%</text>
 "#,
         w / 2.0,
+        h - pad,
+        w - pad,
+        h - pad,
+        h - pad,
         w / 2.0,
-        h - 10.0,
-        max,
+        h - 12.0,
+        h / 2.0,
+        h / 2.0,
         pad - 5.0,
-        pad + 4.0
+        pad + 4.0,
+        top * 100.0,
+        pad - 5.0,
+        h - pad
     );
-    for (i, c) in counts.iter().enumerate() {
-        let bh = (h - 2.0 * pad) * *c as f64 / top;
+    let label = |k: usize| -> String {
+        if k == 0 {
+            return "0".into();
+        }
+        let v = 10f64.powf((k - 1) as f64 / 2.0);
+        match v {
+            v if v >= 1e6 => format!("{:.0}M", v / 1e6),
+            v if v >= 1e3 => format!("{:.0}k", v / 1e3),
+            v => format!("{v:.0}"),
+        }
+    };
+    for k in 0..slots {
+        if k == 0 || k % 2 == 1 {
+            let _ = writeln!(
+                svg,
+                r#"<text x="{:.1}" y="{}" text-anchor="middle">{}</text>"#,
+                pad + bw * k as f64 + if k == 0 { bw / 2.0 } else { 0.0 },
+                h - pad + 15.0,
+                label(k)
+            );
+        }
+    }
+    let n = series.len().max(1) as f64;
+    for (i, ((name, color, values), share)) in series.iter().zip(&shares).enumerate() {
+        for (k, s) in share.iter().enumerate() {
+            let bh = (h - 2.0 * pad) * s / top;
+            let _ = writeln!(
+                svg,
+                r#"<rect x="{:.1}" y="{:.1}" width="{:.1}" height="{bh:.1}" fill="{color}"/>"#,
+                pad + bw * k as f64 + bw * 0.9 * i as f64 / n,
+                h - pad - bh,
+                bw * 0.9 / n
+            );
+        }
         let _ = writeln!(
             svg,
-            r##"<rect x="{:.1}" y="{:.1}" width="{:.1}" height="{bh:.1}" fill="#4a7bb7"/>"##,
-            pad + bw * i as f64,
-            h - pad - bh,
-            bw * 0.9
+            r#"<text x="{}" y="{}" fill="{color}" text-anchor="end">{name} ({} device-days)</text>"#,
+            w - pad,
+            pad + 16.0 * i as f64,
+            values.len()
         );
     }
     svg.push_str("</svg>\n");
@@ -144,11 +213,12 @@ pub fn write(dir: &Path, sc: &Scenario, o: &Outcome) -> Result<(), SimError> {
     .map_err(err)?;
     std::fs::write(
         dir.join("bytes.svg"),
-        histogram_svg(
-            "Bytes sent per device per day",
-            "bytes",
-            &o.bytes_per_device_day,
-            30,
+        bytes_svg(
+            "Bytes sent per device per day, by role",
+            &[
+                ("officers' phones", "#4a7bb7", &o.bytes_per_device_day),
+                ("hubs", "#e67e22", &o.bytes_per_hub_day),
+            ],
         ),
     )
     .map_err(err)?;
@@ -199,6 +269,18 @@ pub fn write(dir: &Path, sc: &Scenario, o: &Outcome) -> Result<(), SimError> {
         bytes.get(bytes.len() / 2).copied().unwrap_or(0),
         bytes.get(bytes.len() * 9 / 10).copied().unwrap_or(0),
         bytes.last().copied().unwrap_or(0)
+    );
+    let mut hub_bytes = o.bytes_per_hub_day.clone();
+    hub_bytes.sort_unstable();
+    let _ = writeln!(
+        md,
+        "| bytes per hub per day: median / 90% / max | {} / {} / {} |",
+        hub_bytes.get(hub_bytes.len() / 2).copied().unwrap_or(0),
+        hub_bytes
+            .get(hub_bytes.len() * 9 / 10)
+            .copied()
+            .unwrap_or(0),
+        hub_bytes.last().copied().unwrap_or(0)
     );
     let _ = writeln!(md, "| trace | `{}` |", o.trace);
     md.push_str("\n![latency](latency.svg)\n\n![bytes per device per day](bytes.svg)\n");

@@ -41,6 +41,16 @@ pub struct Partition {
     pub to_day: Option<u32>,
 }
 
+/// Officers given a new certificate naming other villages, on one day.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rescope {
+    /// The day central issues the new certificates.
+    pub day: u32,
+    /// How many officers (the first honest ones of each hub, in turn).
+    pub officers: usize,
+}
+
 /// A deployment and its month.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -89,6 +99,16 @@ pub struct Scenario {
     /// A partition between hubs and central.
     #[serde(default)]
     pub partition: Option<Partition>,
+    /// Officers re-scoped to other villages of their district (a new certificate).
+    #[serde(default)]
+    pub rescope: Option<Rescope>,
+    /// Probability that an officer moves an insuree of theirs to their other village on a day.
+    #[serde(default)]
+    pub move_probability: f64,
+    /// Canary: every device keeps everything it ever held (never hands data off). The privacy
+    /// and scope invariants must then fail.
+    #[serde(default)]
+    pub canary_hoarding_devices: bool,
     /// Rounds of full connectivity after the last day within which honest nodes must converge.
     pub heal_rounds: u32,
 }

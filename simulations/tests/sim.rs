@@ -33,6 +33,12 @@ fn small_seeds_keep_every_invariant() {
             "seed {seed}: the wrong clock refused nothing"
         );
         assert!(o.acknowledged > 50 && !o.latency_central.is_empty());
+        // Scope changes really happened, and data really left devices.
+        assert!(
+            o.rescoped > 0 && o.moved > 0,
+            "seed {seed}: no scope change"
+        );
+        assert!(o.left_devices > 0, "seed {seed}: nothing was handed off");
     }
 }
 
@@ -56,7 +62,24 @@ fn the_canary_fails() {
         "the canary passed: faults or invariants are broken"
     );
     assert!(
-        o.violations.iter().any(|v| v.contains("did not converge")),
+        o.violations
+            .iter()
+            .any(|v| v.contains("do not hold exactly their scope")),
+        "{:?}",
+        o.violations
+    );
+}
+
+/// Devices that never hand data off: the privacy invariant (and holding exactly one's scope)
+/// must catch them.
+#[test]
+fn the_privacy_canary_fails() {
+    let o = run(&scenario("canary-hoarding.json"), 1).unwrap();
+    assert!(o.rescoped > 0 && o.moved > 0, "nothing left any scope");
+    assert!(
+        o.violations
+            .iter()
+            .any(|v| v.contains("outside its scope for")),
         "{:?}",
         o.violations
     );

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use fieldmesh_storage::Store as _;
 use sha2::{Digest, Sha256};
 
+use super::contact::Items;
 use super::{Kind, World, fail};
 use crate::SimError;
 
@@ -58,8 +59,7 @@ impl World {
         }
     }
 
-    fn digest(&mut self, i: usize) -> Result<[u8; 32], SimError> {
-        let items = self.items(i)?;
+    fn digest(items: &Items) -> [u8; 32] {
         let mut h = Sha256::new();
         for (id, heads) in items {
             h.update(id);
@@ -67,7 +67,7 @@ impl World {
                 h.update(x);
             }
         }
-        Ok(h.finalize().into())
+        h.finalize().into()
     }
 
     fn honest(&self) -> Vec<usize> {
@@ -76,14 +76,13 @@ impl World {
             .collect()
     }
 
+    /// Whether every honest node holds exactly the documents of its scope, with central's
+    /// heads.
     pub(crate) fn converged(&mut self) -> Result<bool, SimError> {
-        let mut first = None;
         for i in self.honest() {
-            let d = self.digest(i)?;
-            match first {
-                None => first = Some(d),
-                Some(f) if f != d => return Ok(false),
-                Some(_) => {}
+            let held = self.held(i)?;
+            if Self::digest(&held) != Self::digest(&self.expected(i)?) {
+                return Ok(false);
             }
         }
         Ok(true)
@@ -92,54 +91,93 @@ impl World {
     /// The invariants at the end.
     pub(crate) fn finish(&mut self) -> Result<(), SimError> {
         if self.out.converged_after.is_none() {
-            let central = self.digest(0)?;
             let mut differ = Vec::new();
             for i in self.honest() {
-                if self.digest(i)? != central {
+                let held = self.held(i)?;
+                let expected = self.expected(i)?;
+                if held != expected {
                     let docs = self.documents(i);
-                    let theirs: HashMap<[u8; 16], Vec<[u8; 32]>> =
-                        self.items(i)?.into_iter().collect();
-                    let example = self
-                        .items(0)?
-                        .into_iter()
+                    let theirs: HashMap<[u8; 16], Vec<[u8; 32]>> = held.into_iter().collect();
+                    let wanted: HashMap<[u8; 16], Vec<[u8; 32]>> =
+                        expected.iter().cloned().collect();
+                    let missing = expected
+                        .iter()
                         .find(|(id, h)| theirs.get(id) != Some(h))
                         .map(|(id, h)| {
                             format!(
                                 "; e.g. {} has {} heads on central, {} there",
-                                uuid::Uuid::from_bytes(id),
+                                uuid::Uuid::from_bytes(*id),
                                 h.len(),
-                                theirs.get(&id).map_or(0, Vec::len)
+                                theirs.get(id).map_or(0, Vec::len)
                             )
-                        })
-                        .unwrap_or_default();
+                        });
+                    let extra = theirs
+                        .keys()
+                        .find(|id| !wanted.contains_key(*id))
+                        .map(|id| {
+                            format!(
+                                "; e.g. {} held outside its scope",
+                                uuid::Uuid::from_bytes(*id)
+                            )
+                        });
                     differ.push(format!(
-                        "{} ({docs} documents{example})",
-                        self.nodes[i].name
+                        "{} ({docs} documents, {} expected{})",
+                        self.nodes[i].name,
+                        expected.len(),
+                        missing.or(extra).unwrap_or_default()
                     ));
                 }
             }
             let central_docs = self.documents(0);
             let v = format!(
-                "honest nodes did not converge within {} rounds of full connectivity: central holds {central_docs} documents; {} differ: {}",
+                "honest nodes do not hold exactly their scope within {} rounds of full connectivity: central holds {central_docs} documents; {} differ: {}",
                 self.sc.heal_rounds,
                 differ.len(),
                 differ.join(", ")
             );
             self.out.violations.push(v);
         }
-        // Nothing acknowledged is lost: every acknowledged write is on its author and on central.
+        // Nothing acknowledged is lost: every acknowledged write is on central, and on its
+        // author unless it left the author's scope (re-scoped, or the insuree moved away).
         let mut lost = Vec::new();
-        let mut ids: Vec<&[u8; 16]> = self.tracked.keys().collect();
+        let mut ids: Vec<[u8; 16]> = self.tracked.keys().copied().collect();
         ids.sort();
-        for id in ids {
-            let t = &self.tracked[id];
+        let mut scopes: HashMap<usize, std::collections::HashSet<[u8; 16]>> = HashMap::new();
+        for id in &ids {
+            let author = self.tracked[id].author;
+            if let std::collections::hash_map::Entry::Vacant(v) = scopes.entry(author) {
+                let expected = {
+                    let key = self.nodes[author].key.0;
+                    let e = self.nodes[0].engine();
+                    let reach = e.reach_of(&key).map_err(|er| fail("central", er))?;
+                    e.items_within(&reach, &key)
+                        .map_err(|er| fail("central", er))?
+                        .into_iter()
+                        .map(|i| i.0)
+                        .collect()
+                };
+                v.insert(expected);
+            }
+        }
+        for id in &ids {
+            let id = *id;
+            let t = &self.tracked[&id];
             for node in [t.author, 0] {
-                if self.nodes[node].store.doc_meta(id).ok().flatten().is_none()
-                    && (node != 0 || self.out.converged_after.is_some())
-                {
+                let gone = self.nodes[node]
+                    .store
+                    .doc_meta(&id)
+                    .ok()
+                    .flatten()
+                    .is_none();
+                let must = if node == 0 {
+                    self.out.converged_after.is_some()
+                } else {
+                    scopes.get(&node).is_none_or(|s| s.contains(&id))
+                };
+                if gone && must {
                     lost.push(format!(
                         "{} lost on {}",
-                        uuid::Uuid::from_bytes(*id),
+                        uuid::Uuid::from_bytes(id),
                         self.nodes[node].name
                     ));
                 }
@@ -185,6 +223,10 @@ impl World {
             .map_err(|e| fail("central", e))?;
         let mut unresolved = Vec::new();
         for (ty, system, value, src) in &dump.references {
+            if ty.starts_with("urn:fieldmesh:") {
+                // Where documents are held, not references.
+                continue;
+            }
             let store = &self.nodes[0].store;
             let found = !store.find(ty, system, value).unwrap_or_default().is_empty()
                 || (uuid::Uuid::parse_str(value).is_ok()
@@ -215,6 +257,14 @@ impl World {
             }
         }
         self.out.central_documents = self.documents(0);
+        for i in 0..self.nodes.len() {
+            let name = self.nodes[i].name.clone();
+            self.out.left_devices += self.nodes[i]
+                .engine()
+                .scope_report()
+                .map_err(|e| fail(&name, e))?
+                .left;
+        }
         let line = format!(
             "end: central {} docs, quarantined {}, converged {:?}",
             self.out.central_documents, self.out.quarantined, self.out.converged_after

@@ -7,16 +7,18 @@
 //! - `work`: what officers do each day (enrol, edit, crash; forge, for byzantine ones).
 //! - `contact`: nodes meeting, sessions with faults, bundles by hand, the heal phase.
 //! - `invariants`: arrivals, convergence and the checks at the end.
+//! - `scope`: re-scoping officers, insurees who move, what each node must hold, privacy.
 
 mod contact;
 mod invariants;
+mod scope;
 mod work;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use fieldmesh_engine::{Engine, NodeIdentity};
-use fieldmesh_fhir_docs::openimis::demo::{Reference, Rng, reference_data};
+use fieldmesh_fhir_docs::openimis::demo::{Reference, Rng, reference_data_for};
 use fieldmesh_protocol::{Limits, Millis, Scheduler};
 use fieldmesh_storage::MemStore;
 use fieldmesh_trust::ed25519_dalek::SigningKey;
@@ -31,6 +33,8 @@ use crate::{Scenario, SimError};
 /// Simulated time of day 0, 00:00 (2026-11-01, UTC).
 pub const T0: i64 = 1_793_491_200;
 pub(crate) const DAY: i64 = 86_400;
+/// Villages of each district of the reference data.
+pub(crate) const VILLAGES_PER_DISTRICT: usize = 6;
 
 /// What a run found.
 #[derive(Debug, Clone, Default)]
@@ -55,6 +59,14 @@ pub struct Outcome {
     pub latency_village: Vec<f64>,
     /// Bytes sent per device per day (one value per officer-day).
     pub bytes_per_device_day: Vec<u64>,
+    /// Bytes sent per hub per day (one value per hub-day).
+    pub bytes_per_hub_day: Vec<u64>,
+    /// Officers re-scoped to other villages, and insurees moved to another village.
+    pub rescoped: usize,
+    /// Insurees moved to another village.
+    pub moved: usize,
+    /// Documents that left a device once central or a hub held every change of them.
+    pub left_devices: u64,
     /// Documents with concurrent values of one field on central at the end.
     pub conflicts: usize,
     /// Changes quarantined, summed over honest nodes.
@@ -94,6 +106,8 @@ pub(crate) struct Node {
     /// Officers: their hub; hubs: themselves.
     pub hub: usize,
     pub villages: Vec<usize>,
+    /// Villages of a new certificate central issued, taken up once the device holds it.
+    pub next_villages: Option<Vec<usize>>,
     pub byzantine: bool,
     pub skew: i64,
     pub fam_rng: Rng,
@@ -132,6 +146,8 @@ pub(crate) struct World {
     /// Documents edited (conflict candidates).
     pub edited: HashSet<[u8; 16]>,
     pub insuree_no: u64,
+    /// Documents an officer held outside its scope, and since when (the privacy invariant).
+    pub outside_since: HashMap<(usize, String), i64>,
 }
 
 pub(crate) fn fail(node: &str, e: impl std::fmt::Display) -> SimError {
@@ -163,7 +179,8 @@ impl World {
     fn new(sc: Scenario, seed: u64) -> Result<Self, SimError> {
         // The world's draws must not repeat the reference data's (same generator).
         let mut rng = Rng::new(seed ^ 0x005E_ED0F_A11F_1E1D);
-        let refdata = reference_data(&mut Rng::new(seed));
+        // One district per hub (at least two), six villages each.
+        let refdata = reference_data_for(&mut Rng::new(seed), sc.hubs.max(2));
         let mut nodes = Vec::new();
         let secret = |rng: &mut Rng| {
             let mut s = [0u8; 32];
@@ -194,6 +211,7 @@ impl World {
                 sched: Scheduler::new(key, limits(), 0, 0, false),
                 hub,
                 villages,
+                next_villages: None,
                 byzantine: false,
                 skew: 0,
                 fam_rng,
@@ -212,14 +230,13 @@ impl World {
             let s = secret(&mut rng);
             add(format!("hub-{h}"), Kind::Hub, 1 + h, vec![], &mut rng, s);
         }
-        let villages = refdata.villages.len();
         for h in 0..sc.hubs {
             for o in 0..sc.officers_per_hub {
                 let s = secret(&mut rng);
-                // Officers of one hub work in pairs: each pair shares a village, and each
-                // officer has one of their own.
-                let base = (h * 5 + o / 2 * 3) % villages;
-                let own = (base + 1 + o % 2) % villages;
+                // Officers of one hub work in the hub's district, in pairs: each pair shares a
+                // village, and each officer has another.
+                let base = h * VILLAGES_PER_DISTRICT + (o / 2) % VILLAGES_PER_DISTRICT;
+                let own = h * VILLAGES_PER_DISTRICT + (o / 2 + 1 + o % 2) % VILLAGES_PER_DISTRICT;
                 add(
                     format!("officer-{h}-{o}"),
                     Kind::Officer,
@@ -256,6 +273,7 @@ impl World {
             bad_docs: HashSet::new(),
             edited: HashSet::new(),
             insuree_no: seed % 1_000_000,
+            outside_since: HashMap::new(),
         };
         for i in 0..w.nodes.len() {
             w.start_engine(i);
@@ -273,11 +291,16 @@ impl World {
                 &n.secret,
                 self.root,
             ),
-            32,
+            // A phone keeps few live documents (each costs ~20× its saved size); a thousand
+            // engines in one process keep the run within memory.
+            8,
         );
         e.set_clock(self.now + n.skew);
         if n.byzantine {
             e.play_byzantine();
+        }
+        if self.sc.canary_hoarding_devices && n.kind == Kind::Officer {
+            e.play_hoarder();
         }
         n.engine = Some(e);
     }
@@ -325,7 +348,11 @@ impl World {
         let mut certs = Vec::new();
         for n in &self.nodes[1..] {
             let (roles, locations) = match n.kind {
-                Kind::Hub => (vec![TrustRole::Hub], vec![]),
+                // A hub holds its district: every place below it.
+                Kind::Hub => (
+                    vec![TrustRole::Hub],
+                    vec![self.refdata.districts[n.hub - 1].0.clone()],
+                ),
                 _ => (
                     vec![TrustRole::EnrolmentOfficer],
                     n.villages
@@ -356,7 +383,7 @@ impl World {
                 .engine()
                 .create(res, None, true, &|_| None)
                 .map_err(|e| fail("central", e))?;
-            cert_ids.push((*doc.as_bytes(), Vec::new()));
+            cert_ids.push(*doc.as_bytes());
         }
         for r in self.refdata.resources.clone() {
             self.nodes[0]
@@ -369,12 +396,21 @@ impl World {
             .flush()
             .map_err(|e| fail("central", e))?;
         self.drain_events(0);
-        let any = self.nodes[1].key;
-        let payloads = self.nodes[0]
-            .engine()
-            .payloads(&any, &cert_ids)
-            .map_err(|e| fail("central", e))?;
+        // Each node is given the certificates it holds by its scope (its own, its hub's, its
+        // village colleagues').
+        let certificates: std::collections::HashSet<[u8; 16]> = cert_ids.iter().copied().collect();
         for i in 1..self.nodes.len() {
+            let key = self.nodes[i].key;
+            let e = self.nodes[0].engine();
+            let reach = e.reach_of(&key.0).map_err(|er| fail("central", er))?;
+            let mine: Vec<([u8; 16], Vec<[u8; 32]>)> = e
+                .items_within(&reach, &key.0)
+                .map_err(|er| fail("central", er))?
+                .into_iter()
+                .filter(|(id, _, _)| certificates.contains(id))
+                .map(|(id, _, _)| (id, Vec::new()))
+                .collect();
+            let payloads = e.payloads(&key, &mine).map_err(|er| fail("central", er))?;
             self.clock(i);
             let e = self.nodes[i].engine();
             e.merge(payloads.clone(), &fieldmesh_engine::Source::Local)
@@ -420,6 +456,9 @@ impl World {
         for i in self.officers() {
             self.nodes[i].bytes_today = 0;
         }
+        if self.sc.rescope.as_ref().is_some_and(|r| r.day == day) {
+            self.rescope()?;
+        }
         for i in self.officers() {
             self.work(i, day)?;
             self.now += 60;
@@ -432,6 +471,14 @@ impl World {
         for i in self.officers() {
             let b = self.nodes[i].bytes_today;
             self.out.bytes_per_device_day.push(b);
+        }
+        for i in self.hubs() {
+            let b = self.nodes[i].bytes_today;
+            self.out.bytes_per_hub_day.push(b);
+            self.nodes[i].bytes_today = 0;
+        }
+        if day % 5 == 4 {
+            self.privacy()?;
         }
         Ok(())
     }
@@ -461,5 +508,11 @@ pub fn summary(o: &Outcome) -> BTreeMap<&'static str, String> {
         o.conflicts.to_string(),
     );
     m.insert("documents on central", o.central_documents.to_string());
+    m.insert("officers re-scoped", o.rescoped.to_string());
+    m.insert("insurees moved to another village", o.moved.to_string());
+    m.insert(
+        "documents that left a device (safe hand-off)",
+        o.left_devices.to_string(),
+    );
     m
 }

@@ -15,6 +15,13 @@ impl World {
     /// maybe edit an insuree, maybe crash; a byzantine officer also forges.
     pub(crate) fn work(&mut self, i: usize, day: u32) -> Result<(), SimError> {
         self.clock(i);
+        self.take_up_scope(i)?;
+        if self.nodes[i].next_villages.is_some() {
+            // Told of the re-assignment, the officer syncs before working again: a write in the
+            // old villages after the new certificate starts would be refused (and quarantined)
+            // by every node, as a revoked key's would.
+            return Ok(());
+        }
         let rate = self.sc.families_per_officer_day;
         let mut families = rate.floor() as u64;
         if self.chance(rate - rate.floor()) {
@@ -95,6 +102,9 @@ impl World {
         }
         if self.chance(self.sc.edit_probability) {
             self.edit(i)?;
+        }
+        if !self.nodes[i].byzantine && self.chance(self.sc.move_probability) {
+            self.move_insuree(i)?;
         }
         if self.nodes[i].byzantine {
             self.forge(i, day)?;
