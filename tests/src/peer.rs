@@ -45,6 +45,8 @@ pub struct TestPeer {
     pub node: PeerId,
     /// This peer's id.
     pub id: PeerId,
+    /// The node name it gives in its `Hello` (whatever it likes: a node must not care).
+    pub name: String,
 }
 
 /// A sync stream opened by the test peer.
@@ -119,6 +121,7 @@ impl TestPeer {
             control,
             node,
             id,
+            name: "attacker".into(),
         })
     }
 
@@ -197,13 +200,17 @@ impl TestPeer {
     pub fn push(&mut self, docs: Vec<DocPayload>, secs: u64) -> Result<Pushed> {
         let until = std::time::Instant::now() + Duration::from_secs(secs);
         loop {
-            let (mut asked, mut frames) = (0, 0);
+            let (mut asked, mut frames, mut received) = (0, 0, Vec::new());
             let ended = self
-                .push_inner(docs.clone(), secs, &mut asked, &mut frames)
+                .push_inner(docs.clone(), secs, &mut asked, &mut frames, &mut received)
                 .err()
                 .map(|e| format!("{e:#}"));
             if ended.is_none() || frames > 0 || std::time::Instant::now() >= until {
-                return Ok(Pushed { asked, ended });
+                return Ok(Pushed {
+                    asked,
+                    ended,
+                    received,
+                });
             }
             std::thread::sleep(Duration::from_millis(250));
         }
@@ -215,14 +222,16 @@ impl TestPeer {
         secs: u64,
         asked: &mut usize,
         frames: &mut usize,
+        received: &mut Vec<DocPayload>,
     ) -> Result<()> {
         use fieldmesh_protocol::{Driver, Local, Role, Start, Step};
         let start = Start {
             local: Local {
-                node: "attacker".into(),
+                node: self.name.clone(),
                 store: *uuid_bytes(&self.id),
                 seq: docs.len() as u64,
                 checkpoint: None,
+                outside: Vec::new(),
             },
             items: docs
                 .iter()
@@ -250,8 +259,12 @@ impl TestPeer {
                             todo.push_front(step);
                         }
                     }
-                    // What the node sends is not kept: the attacker only pushes.
-                    Step::Merge(_) => todo.extend(driver.merged(0)),
+                    // What the node sends is kept for the test to look at, not merged.
+                    Step::Merge(docs) => {
+                        received.extend(docs);
+                        todo.extend(driver.merged(0));
+                    }
+                    Step::Outside(_) => todo.extend(driver.outside_held(Vec::new())),
                     Step::Complete(_) => return Ok(()),
                 }
             }
@@ -280,6 +293,8 @@ pub struct Pushed {
     pub asked: usize,
     /// Why the session ended early, if it did (`None`: it completed).
     pub ended: Option<String>,
+    /// The documents the node sent.
+    pub received: Vec<DocPayload>,
 }
 
 /// Sixteen bytes naming this peer's (pretend) store.
