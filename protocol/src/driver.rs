@@ -79,9 +79,22 @@ pub struct Totals {
     pub restricted: bool,
     /// The store sequence the session started from.
     pub seq: u64,
-    /// Documents outside one side's scope whose changes were exchanged: one more session
-    /// confirms the peer holds them all ([`crate::Scheduler::again`]).
+    /// Documents outside one side's scope whose changes were exchanged: if something changed
+    /// here, one more session confirms the peer holds them all ([`Totals::again`]).
     pub outside_exchanged: u64,
+    /// Documents the peer was found to hold outside its scope (a stale copy), new to this node:
+    /// the next session tells it.
+    pub stale_found: u64,
+}
+
+impl Totals {
+    /// Whether one more session is due at once ([`crate::Scheduler::again`]): a hand-off
+    /// exchange is confirmed by the next one, and a peer found holding a stale copy is told.
+    /// (The host does not repeat an exchange with the same heads on both sides, so this does not
+    /// loop.)
+    pub fn again(&self) -> bool {
+        self.stale_found > 0 || (self.outside_exchanged > 0 && self.changed > 0)
+    }
 }
 
 /// Bytes a stream adds to each frame (its length).
@@ -145,9 +158,9 @@ impl Driver {
     }
 
     /// The host found, merging, documents the peer holds outside its scope (a stale copy of one
-    /// that moved away): one more session tells it (see [`Totals::outside_exchanged`]).
+    /// that moved away): one more session tells it (see [`Totals::again`]).
     pub fn outside_found(&mut self, n: u64) {
-        self.totals.outside_exchanged += n;
+        self.totals.stale_found += n;
     }
 
     /// A [`Step::Merge`] is durable; `changed` documents changed here.

@@ -199,6 +199,10 @@ pub struct Session {
     expected_count: usize,
     /// The documents this side announced as outside the peer's scope.
     outside: HashSet<DocId>,
+    /// Documents outside this side's scope whose changes it asked for: the responder does not
+    /// end the session before the peer had the chance to answer (but a missing answer is no
+    /// error).
+    awaiting_outside: HashSet<DocId>,
     /// This side is a new device that sent its few documents unasked: the responder sends it
     /// everything, and nothing is exchanged about documents outside its scope.
     new_device: bool,
@@ -254,6 +258,7 @@ impl Session {
             expected: HashSet::new(),
             expected_count: 0,
             outside,
+            awaiting_outside: HashSet::new(),
             new_device: false,
         })
     }
@@ -322,8 +327,8 @@ impl Session {
 
     /// What the host found of an [`Action::Outside`]: the documents it holds with heads other
     /// than the peer's, as `(document, the peer's heads, this node's heads)`. This side sends
-    /// its changes after the peer's heads and asks for the peer's after its own; the session
-    /// ends only once they have arrived.
+    /// its changes after the peer's heads and asks for the peer's after its own (which arrive
+    /// before the peer's `Done`, if the peer holds every head named).
     pub fn outside_held(&mut self, differ: Vec<(DocId, Heads, Heads)>) -> Vec<Action> {
         if differ.is_empty() || self.finished {
             return Vec::new();
@@ -333,8 +338,11 @@ impl Session {
             .map(|(d, theirs, _)| (*d, theirs.clone()))
             .collect();
         let need: Vec<(DocId, Heads)> = differ.into_iter().map(|(d, _, mine)| (d, mine)).collect();
+        // Not counted as expected: the peer sends its changes only after heads it holds all of
+        // (it may have refused one of this side's), and a hand-off not confirmed now is
+        // confirmed in a later session.
         self.stats.docs_to_send += send.len();
-        self.expected.extend(need.iter().map(|(d, _)| *d));
+        self.awaiting_outside.extend(need.iter().map(|(d, _)| *d));
         vec![send_docs(send), Action::Send(Message::Need(sorted(need)))]
     }
 
@@ -491,6 +499,7 @@ impl Session {
                 self.stats.docs_received += docs.len();
                 for d in &docs {
                     self.expected.remove(&d.id);
+                    self.awaiting_outside.remove(&d.id);
                 }
                 self.expected_count = self.expected_count.saturating_sub(docs.len());
                 Ok(vec![Action::Apply(docs)])
@@ -511,6 +520,7 @@ impl Session {
                     && mine.is_empty()
                     && self.local.outside.is_empty()
                     && self.missing() == 0
+                    && self.awaiting_outside.is_empty()
                 {
                     actions.push(Action::Send(Message::Done));
                     actions.push(self.finish());

@@ -201,6 +201,9 @@ pub enum Write {
         id: DocId,
         /// Its index entries, to remove.
         entries: IndexEntries,
+        /// Reference-index types whose every entry for this document goes too, found by
+        /// scanning them (entries only ever added, which the caller may not know all of).
+        purge: Vec<String>,
     },
 }
 

@@ -163,8 +163,8 @@ pub fn apply(
                 }
                 seqs.push(0);
             }
-            Write::Remove { id, entries } => {
-                if remove_doc(kv, &id, &entries)? {
+            Write::Remove { id, entries, purge } => {
+                if remove_doc(kv, &id, &entries, &purge)? {
                     documents = documents.saturating_sub(1);
                 }
                 seqs.push(0);
@@ -461,6 +461,7 @@ fn remove_doc(
     kv: &mut dyn KvWrite,
     id: &DocId,
     entries: &crate::IndexEntries,
+    purge: &[String],
 ) -> Result<bool, StoreError> {
     let Some(meta) = kv
         .get(Table::Docs, id)?
@@ -477,6 +478,18 @@ fn remove_doc(
     }
     for (t, s, v) in &entries.references {
         kv.del(Table::Refs, &ref_key(t, s, v, id))?;
+    }
+    for t in purge {
+        let mut keys = Vec::new();
+        kv.scan(Table::Refs, &key(&[t.as_bytes()]), &mut |k, _| {
+            if trailing_id(k).as_ref() == Some(id) {
+                keys.push(k.to_vec());
+            }
+            true
+        })?;
+        for k in keys {
+            kv.del(Table::Refs, &k)?;
+        }
     }
     kv.del(Table::Log, &meta.seq.to_be_bytes())?;
     kv.del(Table::Envelopes, id)?;

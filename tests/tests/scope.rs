@@ -308,6 +308,13 @@ fn each_device_holds_its_scope_and_scope_changes_lose_nothing() {
     assert!(scope["left_since_start"].as_u64().unwrap() >= 5, "{scope}");
     // B keeps the shared village, including what A wrote there before it left.
     assert!(holds(&b, "Patient", &a_shared));
+    // The CLI says the same of the stopped device.
+    let (_, a_data) = a.terminate(20).unwrap();
+    let out = run_ok(&["check", "--data", a_data.to_str().unwrap()]).unwrap();
+    assert!(
+        out.contains("scope: holds") && out.contains("0 document(s) outside it wait"),
+        "{out}"
+    );
 }
 
 /// A certified officer's phone that says in its `Hello` whatever it likes (that it is central,

@@ -239,7 +239,7 @@ impl Engine {
         docs: Vec<DocPayload>,
         from: &Source,
     ) -> Result<MergeReport, MergeError> {
-        let ids: Vec<[u8; 16]> = docs.iter().map(|p| p.id).collect();
+        self.scope.accepted.clear();
         let (certs, docs): (Vec<_>, Vec<_>) = docs.into_iter().partition(|p| p.ty == "Basic");
         let (evidence, docs): (Vec<_>, Vec<_>) =
             docs.into_iter().partition(|p| p.ty == "AuditEvent");
@@ -284,8 +284,11 @@ impl Engine {
                     .map_err(|e| MergeError::Retract(Box::new(e)))?;
             }
         }
-        if let Source::Peer(peer) = from {
-            report.stale = self.note_stale(peer, &ids)?;
+        if let Source::Peer(peer) = from
+            && self.certified(from)
+        {
+            let accepted = std::mem::take(&mut self.scope.accepted);
+            report.stale = self.note_stale(peer, &accepted)?;
         }
         // The commit overlaps the next batch; the engine thread waits for it before replying.
         self.flush_behind()?;
@@ -376,6 +379,7 @@ impl Engine {
                             report.outside += 1;
                             continue;
                         }
+                        self.scope.accepted.push(*d.id.as_bytes());
                         self.stage_received(d, from.clone());
                         report.changed += 1;
                     }
@@ -397,6 +401,9 @@ impl Engine {
             let id = DocId(uuid::Uuid::from_bytes(p.id));
             match self.merge_one(id, &p, from) {
                 Ok((doc_changed, rejected)) => {
+                    if rejected.is_empty() {
+                        self.scope.accepted.push(p.id);
+                    }
                     report.changed += usize::from(doc_changed);
                     if !rejected.is_empty() {
                         report.refused += 1;

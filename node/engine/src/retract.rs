@@ -223,6 +223,10 @@ impl Engine {
                 Write::Remove {
                     id: *doc_id.as_bytes(),
                     entries: live.entries.clone(),
+                    purge: vec![
+                        fieldmesh_fhir_docs::openimis::LEFT_INDEX.to_string(),
+                        fieldmesh_fhir_docs::openimis::AUTHOR_INDEX.to_string(),
+                    ],
                 },
                 None,
             );

@@ -64,11 +64,10 @@ impl Reach {
     pub fn holds(&self, entries: &IndexEntries) -> bool {
         match self {
             Reach::All => true,
-            Reach::Places { places, above } => entries.references.iter().any(|(t, _, p)| {
-                t == PLACE_INDEX
-                    && (p == EVERYWHERE
-                        || places.contains(p.as_str())
-                        || above.contains(p.as_str()))
+            // The places above count for their locations only (kept on receipt whatever the
+            // reach: see `Engine::keeps_new`), never for what lies at them.
+            Reach::Places { places, .. } => entries.references.iter().any(|(t, _, p)| {
+                t == PLACE_INDEX && (p == EVERYWHERE || places.contains(p.as_str()))
             }),
         }
     }
@@ -209,6 +208,8 @@ pub(crate) struct ScopeState {
     pub reaches: HashMap<[u8; 32], (u64, Reach)>,
     /// The documents offered to each peer in its current session.
     pub offered: HashMap<PeerKey, HashSet<[u8; 16]>>,
+    /// The documents announced to each peer as outside its scope in its current session.
+    pub announced: HashMap<PeerKey, HashSet<[u8; 16]>>,
     /// The reach fingerprints (the peer's, this node's) each current session started under.
     pub fingerprints: HashMap<PeerKey, [u8; 64]>,
     /// Documents that left this node since it started.
@@ -223,6 +224,11 @@ pub(crate) struct ScopeState {
     pub unchecked: HashSet<PeerKey>,
     /// Never hand documents off (the simulation's canary).
     pub hoard: bool,
+    /// The places each certificate covers (by serial), as of a generation.
+    pub cert_places: HashMap<String, (u64, Arc<BTreeSet<String>>)>,
+    /// The documents of the merge in progress whose every change was accepted (only those can
+    /// show that the sender holds a stale copy).
+    pub accepted: Vec<[u8; 16]>,
 }
 
 /// Whether documents of type `ty` stay on a node once held, whatever its scope: certificates
@@ -231,6 +237,10 @@ pub(crate) struct ScopeState {
 pub fn is_reference(ty: &str) -> bool {
     matches!(ty, "Basic" | "Location" | "Organization")
 }
+
+/// Documents announced as outside a peer's scope in one session, at most (an `Outside` frame
+/// stays far below the frame limit; the rest go in the next sessions).
+const OUTSIDE_PER_SESSION: usize = 20_000;
 
 /// Stale documents remembered per peer, at most.
 const STALE_PER_PEER: usize = 10_000;
@@ -373,12 +383,24 @@ impl Engine {
         if cert.subject == hex::encode(holder) || cert.roles.contains(&Role::Central) {
             return Ok(true);
         }
-        let named = cert.scope();
-        let tree = self.tree()?;
-        Ok(tree
-            .expand(named.iter().map(String::as_str))
-            .iter()
-            .any(|p| places.contains(p)))
+        let covered = match self.scope.cert_places.get(&cert.serial) {
+            Some((g, p)) if *g == self.scope.generation => Arc::clone(p),
+            _ => {
+                let named = cert.scope();
+                let tree = self.tree()?;
+                let p = Arc::new(tree.expand(named.iter().map(String::as_str)));
+                self.scope
+                    .cert_places
+                    .insert(cert.serial.clone(), (self.scope.generation, Arc::clone(&p)));
+                p
+            }
+        };
+        // Iterate the smaller set.
+        Ok(if covered.len() <= places.len() {
+            covered.iter().any(|p| places.contains(p))
+        } else {
+            places.iter().any(|p| covered.contains(p))
+        })
     }
 
     /// The certificate (and revocation) documents `holder`, of `reach`, holds: those relevant
@@ -447,19 +469,40 @@ impl Engine {
         reach: &Reach,
         holder: &[u8; 32],
     ) -> Result<Vec<Item>, StoreError> {
+        self.items_of(reach, Some(holder))
+    }
+
+    /// [`Engine::items_within`] without certificates (cheaper: no certificate is looked at).
+    pub fn placed_within(&mut self, reach: &Reach) -> Result<Vec<Item>, StoreError> {
+        self.items_of(reach, None)
+    }
+
+    fn items_of(
+        &mut self,
+        reach: &Reach,
+        holder: Option<&[u8; 32]>,
+    ) -> Result<Vec<Item>, StoreError> {
         let Reach::Places { places, above } = reach else {
             return self.items();
         };
         let mut ids = self.held_at(
             PLACE_INDEX,
-            places
-                .iter()
-                .chain(above)
-                .map(String::as_str)
-                .chain([EVERYWHERE]),
+            places.iter().map(String::as_str).chain([EVERYWHERE]),
         )?;
-        let certificates = self.certificates_within(reach, holder, &ids)?;
-        ids.extend(certificates);
+        // Above its places: their locations only, not what lies there.
+        for id in self.held_at(PLACE_INDEX, above.iter().map(String::as_str))? {
+            if self
+                .store
+                .doc_meta(&id)?
+                .is_some_and(|m| matches!(m.ty.as_str(), "Location" | "Organization"))
+            {
+                ids.insert(id);
+            }
+        }
+        if let Some(holder) = holder {
+            let certificates = self.certificates_within(reach, holder, &ids)?;
+            ids.extend(certificates);
+        }
         let mut items = Vec::with_capacity(ids.len());
         for id in ids {
             if self.unreadable.contains(&id) {
@@ -504,6 +547,7 @@ impl Engine {
             let mut ids: Vec<[u8; 16]> =
                 ids.into_iter().filter(|id| !offered.contains(id)).collect();
             ids.sort();
+            ids.truncate(OUTSIDE_PER_SESSION);
             for id in &ids {
                 if let Ok(Some(meta)) = self.store.doc_meta(id) {
                     outside.push((*id, meta.heads));
@@ -512,6 +556,7 @@ impl Engine {
             // The certificates of their authors go too: the peer checks the changes it is sent
             // of them.
             let outside_ids: HashSet<[u8; 16]> = ids.into_iter().collect();
+            self.scope.announced.insert(*peer, outside_ids.clone());
             let mut more = Vec::new();
             for id in self.certificates_within(&Reach::nothing(), &[0; 32], &outside_ids)? {
                 if offered.insert(id)
@@ -538,6 +583,7 @@ impl Engine {
             self.scope.offered.insert(*peer, offered);
         } else {
             self.scope.offered.remove(peer);
+            self.scope.announced.remove(peer);
         }
         self.scope.fingerprints.insert(*peer, fingerprints);
         Ok((items, outside, fingerprints))
@@ -585,8 +631,9 @@ impl Engine {
     }
 
     /// Whether `peer` may be sent document `id` after `their_heads`: it is within the peer's
-    /// reach, or the peer proves it holds it (it names at least one change of it this node
-    /// holds: change hashes cannot be guessed).
+    /// share, or it was announced to the peer as outside its scope in this session and the
+    /// peer proves it holds it (every head it names is a change this node holds: change hashes
+    /// cannot be guessed), in which case only the changes after those heads go.
     pub(crate) fn may_send(
         &mut self,
         peer: &PeerKey,
@@ -610,17 +657,27 @@ impl Engine {
         if offered {
             return Ok(true);
         }
-        if their_heads.is_empty() {
+        // Outside the peer's share: only a document announced to it as outside its scope in this
+        // session (held at a place it was certified for, left its places, or sent by it), and
+        // only to a peer that proves it holds it.
+        let announced = self
+            .scope
+            .announced
+            .get(peer)
+            .is_some_and(|a| a.contains(id));
+        if !announced || their_heads.is_empty() {
             return Ok(false);
         }
         let doc_id = DocId(uuid::Uuid::from_bytes(*id));
         let Ok(Some(mut live)) = self.take(&doc_id) else {
             return Ok(false);
         };
+        // Every head named must be held: then only the changes after them go (never the whole
+        // document), and heads this node announced itself bring nothing new.
         let proven = live.doc.as_mut().is_some_and(|doc| {
             their_heads
                 .iter()
-                .any(|h| doc.get_change_by_hash(&ChangeHash(*h)).is_some())
+                .all(|h| doc.get_change_by_hash(&ChangeHash(*h)).is_some())
         });
         let dirty = self.has_pending_write(&doc_id);
         self.put_back(doc_id, live, dirty);
@@ -649,6 +706,25 @@ impl Engine {
     ///
     /// Decided like [`Engine::reach_of`], by the peer's latest certificate whatever the clock
     /// (a device whose clock is wrong still hands off to its hub), unless the key is revoked.
+    fn keeps_for(&mut self, peer: &PeerKey, entries: &IndexEntries) -> Result<bool, StoreError> {
+        if !self.keeps(peer) {
+            return Ok(false);
+        }
+        let reach = self.reach_of(&peer.0)?;
+        if reach.holds(entries) {
+            return Ok(true);
+        }
+        // A hub whose area this node cannot see covers the document (its location tree lacks
+        // the document's places: a device re-scoped before it held its old villages'
+        // locations) is trusted with it; a hub whose area this node sees, and which does not
+        // cover it, is not (two hubs must not hand a document off to each other).
+        let tree = self.tree()?;
+        Ok(!entries
+            .references
+            .iter()
+            .any(|(t, _, p)| t == PLACE_INDEX && tree.by_name.contains_key(p.as_str())))
+    }
+
     fn keeps(&mut self, peer: &PeerKey) -> bool {
         if peer.0 == self.me.root {
             return true;
@@ -677,8 +753,12 @@ impl Engine {
         peer: &PeerKey,
         theirs: &[(fieldmesh_protocol::DocId, Heads)],
     ) -> Result<Vec<(fieldmesh_protocol::DocId, Heads, Heads)>, SyncError> {
+        if !self.certified(&crate::source::Source::Peer(*peer)) {
+            return Ok(Vec::new());
+        }
         let keeps = self.keeps(peer);
         let mine = self.my_reach()?;
+        let theirs = &theirs[..theirs.len().min(OUTSIDE_PER_SESSION)];
         let mut differ = Vec::new();
         for (id, their_heads) in theirs {
             let doc_id = DocId(uuid::Uuid::from_bytes(*id));
@@ -702,6 +782,7 @@ impl Engine {
             // Certificates, locations and facilities stay: they check history, they tell which
             // places a peer's certificate covers, and they hold no insuree's data.
             if !keeps
+                || !self.keeps_for(peer, &live.entries)?
                 || self.scope.hoard
                 || is_reference(&live.meta.ty)
                 || mine.holds(&live.entries)
@@ -716,6 +797,7 @@ impl Engine {
                 Write::Remove {
                     id: *id,
                     entries: live.entries,
+                    purge: vec![LEFT_INDEX.to_string(), AUTHOR_INDEX.to_string()],
                 },
                 None,
             );
@@ -731,9 +813,8 @@ impl Engine {
         let reach = self.my_reach()?;
         let mut waiting = Vec::new();
         if let Reach::Places { .. } = &reach {
-            let me = self.me.public();
             let within: HashSet<[u8; 16]> = self
-                .items_within(&reach, &me)?
+                .placed_within(&reach)?
                 .into_iter()
                 .map(|i| i.0)
                 .collect();

@@ -154,6 +154,7 @@ impl Engine {
             return Ok(());
         };
         self.scope.offered.remove(peer);
+        self.scope.announced.remove(peer);
         let mut value = fingerprints.to_vec();
         if self.scope.unchecked.remove(peer) {
             // Changes by a key without a certificate here were refused: the next session

@@ -1,5 +1,6 @@
-//! `fieldmesh check`: a stopped node's counters, space per table, and the index check; on a
-//! damaged store, what can still be read and how to salvage it.
+//! `fieldmesh check`: a stopped node's counters, space per table, what it holds by scope and
+//! what waits outside it, and the index check; on a damaged store, what can still be read and
+//! how to salvage it.
 
 use std::path::Path;
 
@@ -33,6 +34,7 @@ pub fn run(data: &Path) -> Result<()> {
             );
         }
     };
+    let scope = engine.scope_report();
     drop(engine);
     let store = RedbStore::open(dir.store_path(), StoreOptions::default())?;
     println!(
@@ -49,6 +51,25 @@ pub fn run(data: &Path) -> Result<()> {
         "{}: {} documents, {} quarantined, last sequence {}",
         dir.config.name, stats.documents, stats.quarantined, stats.last_seq
     );
+    match scope {
+        Ok(r) => {
+            let holds = match &r.reach {
+                fieldmesh_engine::Reach::All => "everything".to_string(),
+                fieldmesh_engine::Reach::Places { places, .. } => {
+                    format!("{} place name(s) by its certificate", places.len())
+                }
+            };
+            println!(
+                "scope: holds {holds}; {} document(s) outside it wait to be handed off (they leave \
+                 once central or a hub holds every change of them, at the next sync with one)",
+                r.waiting.len()
+            );
+            for (ty, id) in r.waiting.iter().take(10) {
+                println!("  waiting: {ty}/{id}");
+            }
+        }
+        Err(e) => println!("scope: cannot be told: {e}"),
+    }
     if problems.is_empty() {
         println!("store is consistent");
         Ok(())

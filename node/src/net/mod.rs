@@ -269,7 +269,7 @@ pub async fn run(
                     Ok(totals) => {
                         sched.started(&peer, outcome.outbound, totals.seq);
                         sched.ended(&peer, outcome.outbound, Ended::Complete, t);
-                        if totals.outside_exchanged > 0 {
+                        if totals.again() {
                             sched.again(&peer);
                         }
                         info.completed(&totals, unix_now());

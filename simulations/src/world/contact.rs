@@ -194,14 +194,10 @@ impl World {
         self.nodes[b]
             .sched
             .ended(&ka, false, how(out.b.is_some()), t);
-        if out.a.is_some_and(|t| t.outside_exchanged > 0)
-            || self.nodes[a].engine().take_stale_found(&kb) > 0
-        {
+        if out.a.is_some_and(|t| t.again()) || self.nodes[a].engine().take_stale_found(&kb) > 0 {
             self.nodes[a].sched.again(&kb);
         }
-        if out.b.is_some_and(|t| t.outside_exchanged > 0)
-            || self.nodes[b].engine().take_stale_found(&ka) > 0
-        {
+        if out.b.is_some_and(|t| t.again()) || self.nodes[b].engine().take_stale_found(&ka) > 0 {
             self.nodes[b].sched.again(&ka);
         }
         if !complete {

@@ -150,7 +150,7 @@ impl World {
                     let key = self.nodes[author].key.0;
                     let e = self.nodes[0].engine();
                     let reach = e.reach_of(&key).map_err(|er| fail("central", er))?;
-                    e.items_within(&reach, &key)
+                    e.placed_within(&reach)
                         .map_err(|er| fail("central", er))?
                         .into_iter()
                         .map(|i| i.0)

@@ -175,7 +175,7 @@ impl World {
             .map_err(|er| fail("central", er))?;
         let mut items: Items = self.nodes[0]
             .engine()
-            .items_within(&reach, &key)
+            .placed_within(&reach)
             .map_err(|er| fail("central", er))?
             .into_iter()
             .filter(|(id, _, _)| !is_certificate(store.as_ref(), id))
