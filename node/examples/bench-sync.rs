@@ -408,7 +408,7 @@ fn officer_first_sync(
             (last, since) = (docs, Instant::now());
         }
         let sessions = st["connected_peers"][0]["sessions"].as_u64().unwrap_or(0);
-        if sessions >= 2 && docs > 1 && since.elapsed() > Duration::from_secs(1) {
+        if sessions >= 2 && docs > 100 && since.elapsed() > Duration::from_secs(3) {
             break since.duration_since(t).as_secs_f64();
         }
         if t.elapsed() > Duration::from_secs(600) {

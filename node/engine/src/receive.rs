@@ -375,8 +375,14 @@ impl Engine {
                             None => true,
                         };
                         if !keep {
-                            tracing::warn!(source = %from, doc = %d.id, ty = %d.meta.ty, "a peer sent a document outside this node's scope: not kept");
+                            tracing::debug!(source = %from, doc = %d.id, ty = %d.meta.ty, "a peer sent a document outside this node's scope: not kept");
                             report.outside += 1;
+                            if let Source::Peer(peer) = from {
+                                // This node's reach may still be growing (its locations came in
+                                // this session): no checkpoint, and one more session.
+                                self.scope.unchecked.insert(*peer);
+                                *self.scope.stale_found.entry(*peer).or_default() += 1;
+                            }
                             continue;
                         }
                         self.scope.accepted.push(*d.id.as_bytes());

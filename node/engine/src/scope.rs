@@ -224,6 +224,8 @@ pub(crate) struct ScopeState {
     pub unchecked: HashSet<PeerKey>,
     /// Never hand documents off (the simulation's canary).
     pub hoard: bool,
+    /// The last scope report: (log sequence, generation, documents left), when, the report.
+    pub report: Option<((u64, u64, u64), std::time::Instant, ScopeReport)>,
     /// The places each certificate covers (by serial), as of a generation.
     pub cert_places: HashMap<String, (u64, Arc<BTreeSet<String>>)>,
     /// The documents of the merge in progress whose every change was accepted (only those can
@@ -241,6 +243,9 @@ pub fn is_reference(ty: &str) -> bool {
 /// Documents announced as outside a peer's scope in one session, at most (an `Outside` frame
 /// stays far below the frame limit; the rest go in the next sessions).
 const OUTSIDE_PER_SESSION: usize = 20_000;
+
+/// How stale the scope report `/status` shows may be, at most.
+const REPORT_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Stale documents remembered per peer, at most.
 const STALE_PER_PEER: usize = 10_000;
@@ -459,7 +464,16 @@ impl Engine {
         if matches!(d.meta.ty.as_str(), "Location" | "Organization") {
             return Ok(true);
         }
-        Ok(reach.holds(&d.entries))
+        if reach.holds(&d.entries) {
+            return Ok(true);
+        }
+        // A place this node cannot place yet may lie in its reach: its locations may come
+        // later in this very session (a hub's first sync sends documents in id order). Kept;
+        // if it lies outside once the locations are here, it waits to be handed off.
+        let tree = self.tree()?;
+        Ok(d.entries.references.iter().any(|(t, _, p)| {
+            t == PLACE_INDEX && p != EVERYWHERE && !tree.by_name.contains_key(p.as_str())
+        }))
     }
 
     /// The documents `holder`, of `reach`, holds, as [`Engine::items`] lists them (in log
@@ -831,8 +845,25 @@ impl Engine {
     }
 
     /// The documents this node holds outside its reach (waiting to leave), and how many left.
+    /// Listing them reads every document record: the report is computed again only when the
+    /// store or the scope changed, and at most every few seconds (`/status` may be polled).
     pub fn scope_report(&mut self) -> Result<ScopeReport, SyncError> {
         self.flush()?;
+        let seq = self.store.stats()?.last_seq;
+        let key = (seq, self.scope.generation, self.scope.left);
+        if let Some((k, at, r)) = &self.scope.report
+            && (*k == key || at.elapsed() < REPORT_EVERY)
+        {
+            return Ok(r.clone());
+        }
+        let r = self.scope_report_now()?;
+        self.scope.report = Some((key, std::time::Instant::now(), r.clone()));
+        Ok(r)
+    }
+
+    /// [`Engine::scope_report`] computed now, whatever was computed before (the simulation's
+    /// invariants, which must not depend on the wall clock).
+    pub fn scope_report_now(&mut self) -> Result<ScopeReport, SyncError> {
         let reach = self.my_reach()?;
         let mut waiting = Vec::new();
         for (id, _, _) in self.waiting()? {

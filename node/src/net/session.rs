@@ -151,6 +151,6 @@ fn settled(driver: &mut Driver, report: MergeReport) -> Vec<Step> {
             "documents refused in a sync session"
         );
     }
-    driver.outside_found(report.stale as u64);
+    driver.outside_found((report.stale + report.outside) as u64);
     driver.merged(report.changed)
 }

@@ -261,7 +261,7 @@ impl World {
             let name = self.nodes[i].name.clone();
             self.out.left_devices += self.nodes[i]
                 .engine()
-                .scope_report()
+                .scope_report_now()
                 .map_err(|e| fail(&name, e))?
                 .left;
         }

@@ -205,7 +205,7 @@ impl World {
             let name = self.nodes[i].name.clone();
             let report = self.nodes[i]
                 .engine()
-                .scope_report()
+                .scope_report_now()
                 .map_err(|e| fail(&name, e))?;
             let now = self.now;
             let waiting: std::collections::HashSet<String> =
