@@ -464,16 +464,10 @@ impl Engine {
         if matches!(d.meta.ty.as_str(), "Location" | "Organization") {
             return Ok(true);
         }
-        if reach.holds(&d.entries) {
-            return Ok(true);
-        }
-        // A place this node cannot place yet may lie in its reach: its locations may come
-        // later in this very session (a hub's first sync sends documents in id order). Kept;
-        // if it lies outside once the locations are here, it waits to be handed off.
-        let tree = self.tree()?;
-        Ok(d.entries.references.iter().any(|(t, _, p)| {
-            t == PLACE_INDEX && p != EVERYWHERE && !tree.by_name.contains_key(p.as_str())
-        }))
+        // A document refused here because this node's reach is still growing (its locations
+        // come in this very session) comes again in the next session: no checkpoint is recorded
+        // and one more session is asked for (see `receive`).
+        Ok(reach.holds(&d.entries))
     }
 
     /// The documents `holder`, of `reach`, holds, as [`Engine::items`] lists them (in log
