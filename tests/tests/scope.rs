@@ -303,9 +303,13 @@ fn each_device_holds_its_scope_and_scope_changes_lose_nothing() {
         wait_gone(&a, "Patient", id, what);
         assert!(holds(&hub, "Patient", id), "{what}: still on the hub");
     }
-    let scope = status_scope(&a);
-    assert_eq!(scope["outside_scope_waiting"], 0, "{scope}");
-    assert!(scope["left_since_start"].as_u64().unwrap() >= 5, "{scope}");
+    // `/status` computes the scope report at most every few seconds.
+    a.wait_for(WAIT, "the scope report", |n| {
+        let scope = status_scope(n);
+        Ok(scope["outside_scope_waiting"] == 0
+            && scope["left_since_start"].as_u64().unwrap_or(0) >= 5)
+    })
+    .unwrap();
     // B keeps the shared village, including what A wrote there before it left.
     assert!(holds(&b, "Patient", &a_shared));
     // The CLI says the same of the stopped device.

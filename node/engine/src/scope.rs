@@ -385,7 +385,11 @@ impl Engine {
         let Reach::Places { places, .. } = reach else {
             return Ok(true);
         };
-        if cert.subject == hex::encode(holder) || cert.roles.contains(&Role::Central) {
+        // Its own, this node's (a peer needs it to serve this node), and central-role ones.
+        if cert.subject == hex::encode(holder)
+            || cert.subject == hex::encode(self.me.public())
+            || cert.roles.contains(&Role::Central)
+        {
             return Ok(true);
         }
         let covered = match self.scope.cert_places.get(&cert.serial) {
