@@ -1,13 +1,11 @@
 //! The index check: every document's identities and reference targets must be exactly the index
 //! entries that name it (`fieldmesh check`, and the end of the crash and sync tests).
 
-use automerge::AutoCommit;
-use fieldmesh_fhir_docs::document_to_json;
 use fieldmesh_storage::IndexDump;
 
 use crate::Engine;
 use crate::core::entries_of_json;
-use crate::error::{ReadError, contain};
+use crate::error::ReadError;
 
 impl Engine {
     /// Commits what is staged, then checks the store (its own consistency) and every document
@@ -32,12 +30,7 @@ impl Engine {
                     continue;
                 };
                 let bytes = self.store.doc_bytes(&id)?.unwrap_or_default();
-                let json = match contain(
-                    || -> Result<_, ReadError> {
-                        Ok(document_to_json(&AutoCommit::load(&bytes)?)?)
-                    },
-                    ReadError::Damaged,
-                ) {
+                let json = match crate::core::json_of_stored(&bytes) {
                     Ok(j) => j,
                     Err(e) => {
                         problems.push(format!("document {}: {e}", uuid::Uuid::from_bytes(id)));

@@ -114,6 +114,15 @@ pub(crate) fn author_entries(
     keys.iter().map(|k| author_entry(k)).collect()
 }
 
+/// The JSON of a document as the store holds it (the Automerge load checks every change hash),
+/// a panic in the Automerge library contained as [`ReadError::Damaged`].
+pub(crate) fn json_of_stored(bytes: &[u8]) -> Result<Map<String, Value>, ReadError> {
+    contain(
+        || -> Result<_, ReadError> { Ok(document_to_json(&AutoCommit::load(bytes)?)?) },
+        ReadError::Damaged,
+    )
+}
+
 /// The prefix of certificate tokens.
 pub(crate) const CERTIFICATE_TOKEN: &str = "fmc1.";
 

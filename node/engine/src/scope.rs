@@ -21,11 +21,11 @@
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
-use automerge::{AutoCommit, ChangeHash};
+use automerge::ChangeHash;
+use fieldmesh_fhir_docs::DocId;
 use fieldmesh_fhir_docs::openimis::{
     AUTHOR_INDEX, EVERYWHERE, LEFT_INDEX, PLACE_INDEX, Role, parent_places, place_names,
 };
-use fieldmesh_fhir_docs::{DocId, document_to_json};
 use fieldmesh_protocol::{Heads, Item};
 use fieldmesh_storage::{IndexEntries, StoreError, Write};
 use fieldmesh_trust::PeerKey;
@@ -34,7 +34,7 @@ use sha2::{Digest, Sha256};
 
 use crate::Engine;
 use crate::core::CERTIFICATE_TOKEN;
-use crate::error::{ReadError, SyncError, contain};
+use crate::error::{ReadError, SyncError};
 
 /// The places a node may hold documents of.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -262,12 +262,7 @@ impl Engine {
                 let Some(bytes) = self.store.doc_bytes(&id)? else {
                     continue;
                 };
-                let json = match contain(
-                    || -> Result<_, ReadError> {
-                        Ok(document_to_json(&AutoCommit::load(&bytes)?)?)
-                    },
-                    ReadError::Damaged,
-                ) {
+                let json = match crate::core::json_of_stored(&bytes) {
                     Ok(json) => json,
                     Err(e) => {
                         tracing::warn!(doc = %uuid::Uuid::from_bytes(id), error = %e, "a location cannot be read: left out of the location tree");
