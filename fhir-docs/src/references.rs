@@ -5,11 +5,20 @@
 //! (`"reference": "Patient/<local id>"`, or openIMIS's `Patient/<CHFID>`) is translated to a logical
 //! one through a [`Resolver`]; on read, each logical reference that resolves on this node gets back
 //! a `reference` of `<Type>/<local id>`, so clients see ids that work on the node they talk to.
+//!
+//! A reference that already carries an `identifier` (openIMIS writes `{reference, type,
+//! identifier: {type, value}, display}`) keeps it exactly as sent: the identity this node stores
+//! for it goes in a [`TARGET_EXTENSION`] on the reference instead, which reads drop again once
+//! the reference resolves. Translating ids never drops what a client sent.
 
 use serde_json::{Map, Value};
 
 use crate::identifiers::{IdentKey, OPENIMIS_IDENTIFIER_TYPES, keys_of_identifier};
 use crate::profile::is_resource_type;
+
+/// Extension on a reference holding the identity (`valueIdentifier` with `system` and
+/// `value`) stored for it when the client's own `identifier` is kept as sent.
+pub const TARGET_EXTENSION: &str = "urn:fieldmesh:StructureDefinition/reference-target";
 
 /// What reference translation needs to know about the node's store.
 pub trait Resolver {
@@ -103,8 +112,46 @@ pub fn to_logical(
         let ident = logical_for(resolver, &ty, &id, fallback_system);
         obj.remove("reference");
         obj.insert("type".into(), Value::String(ty));
-        obj.insert("identifier".into(), Value::Object(ident));
+        if obj.get("identifier").is_some_and(Value::is_object) {
+            set_target(obj, ident);
+        } else {
+            obj.insert("identifier".into(), Value::Object(ident));
+        }
     });
+}
+
+/// Records `ident` as the identity of the reference `obj` in a [`TARGET_EXTENSION`], replacing
+/// any it had and keeping every other extension.
+fn set_target(obj: &mut Map<String, Value>, ident: Map<String, Value>) {
+    let mut ext: Vec<Value> = match obj.remove("extension") {
+        Some(Value::Array(a)) => a,
+        Some(other) => vec![other],
+        None => Vec::new(),
+    };
+    ext.retain(|e| e.get("url").and_then(Value::as_str) != Some(TARGET_EXTENSION));
+    ext.push(serde_json::json!({"url": TARGET_EXTENSION, "valueIdentifier": ident}));
+    obj.insert("extension".into(), Value::Array(ext));
+}
+
+/// The identity stored in a reference's [`TARGET_EXTENSION`], if it has one.
+pub fn stored_target(obj: &Map<String, Value>) -> Option<&Map<String, Value>> {
+    obj.get("extension")?
+        .as_array()?
+        .iter()
+        .find(|e| e.get("url").and_then(Value::as_str) == Some(TARGET_EXTENSION))?
+        .get("valueIdentifier")?
+        .as_object()
+}
+
+/// Drops the [`TARGET_EXTENSION`] of a reference (and `extension` if nothing else is left).
+fn drop_target(obj: &mut Map<String, Value>) {
+    let Some(Value::Array(ext)) = obj.get_mut("extension") else {
+        return;
+    };
+    ext.retain(|e| e.get("url").and_then(Value::as_str) != Some(TARGET_EXTENSION));
+    if ext.is_empty() {
+        obj.remove("extension");
+    }
 }
 
 /// The logical targets stored in a resource (for the reference index).
@@ -133,7 +180,10 @@ fn logical_target(obj: &Map<String, Value>) -> Option<(String, IdentKey)> {
     if !is_resource_type(ty) {
         return None;
     }
-    let ident = obj.get("identifier").and_then(Value::as_object)?;
+    let ident = match stored_target(obj) {
+        Some(stored) => stored,
+        None => obj.get("identifier").and_then(Value::as_object)?,
+    };
     // The first key with a system: the identifier's own system, else its openIMIS type code.
     keys_of_identifier(ident)
         .into_iter()
@@ -141,13 +191,16 @@ fn logical_target(obj: &Map<String, Value>) -> Option<(String, IdentKey)> {
         .map(|k| (ty.to_string(), k))
 }
 
-/// Adds `reference: "<Type>/<local id>"` to every logical reference that resolves on this node.
+/// Adds `reference: "<Type>/<local id>"` to every logical reference that resolves on this node
+/// (dropping the [`TARGET_EXTENSION`] it then no longer needs: the reference reads as the client
+/// sent it, with this node's id).
 pub fn render(value: &mut Value, resolver: &dyn Resolver) {
     walk_mut(value, &mut |obj| {
         let Some((ty, key)) = logical_target(obj) else {
             return;
         };
         if let Some(id) = resolver.find(&ty, &key) {
+            drop_target(obj);
             let mut out = Map::with_capacity(obj.len() + 1);
             out.insert("reference".into(), Value::String(format!("{ty}/{id}")));
             out.extend(std::mem::take(obj));
@@ -235,5 +288,47 @@ mod tests {
         render(&mut v, &r);
         assert_eq!(v["patient"]["reference"], "Patient/p1");
         assert_eq!(v["x"]["reference"], format!("Group/{id}"));
+    }
+
+    #[test]
+    fn a_client_identifier_is_kept_and_the_stored_identity_beside_it() {
+        let r = Fake(HashMap::from([(
+            ("Patient".into(), IdentKey::openimis_code("070707081")),
+            "p1".to_string(),
+        )]));
+        let uuid_type = json!({"coding": [{"system": OPENIMIS_IDENTIFIER_TYPES, "code": "UUID"}]});
+        let sent = json!({"reference": "Patient/0b5c5d3e-1111-4a44-9e0e-000000000001",
+            "type": "Patient", "display": "070707081",
+            "identifier": {"type": uuid_type, "value": "0b5c5d3e-1111-4a44-9e0e-000000000001"}});
+        let mut v = json!({"resourceType": "Claim", "patient": sent});
+        to_logical(&mut v, &r, "urn:fieldmesh:node:a", &|_| None);
+        // The client's identifier is untouched; the identity stored for the reference is the
+        // UUID under the fallback system, in the target extension.
+        assert_eq!(v["patient"]["identifier"], sent["identifier"]);
+        assert_eq!(v["patient"]["display"], "070707081");
+        let targets = targets_in(v.as_object().unwrap());
+        assert_eq!(
+            targets,
+            vec![RefTarget {
+                ty: "Patient".into(),
+                key: IdentKey::new(
+                    "urn:fieldmesh:node:a",
+                    "0b5c5d3e-1111-4a44-9e0e-000000000001"
+                )
+            }]
+        );
+        // Unresolved here: the extension stays, so that a read-modify-write keeps the target.
+        let mut unresolved = v.clone();
+        render(&mut unresolved, &r);
+        assert!(stored_target(unresolved["patient"].as_object().unwrap()).is_some());
+        // Resolved: it reads exactly as sent, with this node's id.
+        let mut code = json!({"resourceType": "Claim", "patient": {"reference": "Patient/070707081",
+            "type": "Patient", "identifier": {"type": {"coding": [{"system": OPENIMIS_IDENTIFIER_TYPES, "code": "Code"}]}, "value": "070707081"}}});
+        let sent_code = code["patient"].clone();
+        to_logical(&mut code, &r, "urn:fieldmesh:node:a", &|_| None);
+        render(&mut code, &r);
+        let mut expected = sent_code;
+        expected["reference"] = json!("Patient/p1");
+        assert_eq!(code["patient"], expected);
     }
 }

@@ -79,8 +79,9 @@ pub fn prepare(
     resolver: &dyn Resolver,
     bundle_ids: &dyn Fn(&str) -> Option<(String, String)>,
 ) -> Result<Prepared, ValidationError> {
-    validate(&resource, expected_type)?;
     let mut resource = resource;
+    normalise_quirks(&mut resource);
+    validate(&resource, expected_type)?;
     to_logical(&mut resource, resolver, origin_system, bundle_ids);
     let Value::Object(mut json) = resource else {
         return Err(ValidationError::one("(root)", "must be a JSON object"));
@@ -108,6 +109,22 @@ pub fn prepare(
         json,
         references,
     })
+}
+
+/// Turns what openIMIS accepts but FHIR does not into valid FHIR before validation: its own
+/// tests post `Group.actual` as the string `"True"` (Django reads it as a boolean); it is
+/// stored as the boolean it means.
+pub fn normalise_quirks(resource: &mut Value) {
+    if resource.get("resourceType").and_then(Value::as_str) == Some("Group")
+        && let Some(actual) = resource.get_mut("actual")
+        && let Some(text) = actual.as_str()
+    {
+        match text.to_ascii_lowercase().as_str() {
+            "true" => *actual = Value::Bool(true),
+            "false" => *actual = Value::Bool(false),
+            _ => {}
+        }
+    }
 }
 
 /// Renders a stored resource for a client of this node.

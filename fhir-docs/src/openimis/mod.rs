@@ -355,6 +355,16 @@ fn push_places(r: &Value, types: &[&str], out: &mut Vec<String>) {
         out.push(v.as_str().map_or_else(|| v.to_string(), String::from));
         named = true;
     }
+    // The identity stored for a reference whose client identifier was kept as sent names a
+    // place too.
+    if let Some(v) = r
+        .as_object()
+        .and_then(crate::references::stored_target)
+        .and_then(|t| t.get("value"))
+    {
+        out.push(v.as_str().map_or_else(|| v.to_string(), String::from));
+        named = true;
+    }
     if let Some(s) = r.get("reference") {
         let s = s.as_str().map_or_else(|| s.to_string(), String::from);
         let exact = s.split_once('/').and_then(|(ty, id)| {
