@@ -174,6 +174,11 @@ impl Default for QuarantineBudget {
     }
 }
 
+/// Prefix of checkpoint records that hold this node's own state rather than what a peer had
+/// (central's services' cursor, the numbers used from a lease): kept when checkpoints are
+/// forgotten.
+pub const LOCAL_CHECKPOINT_PREFIX: &str = "local:";
+
 /// One write in a commit batch.
 #[derive(Debug, Clone)]
 pub enum Write {
@@ -192,6 +197,7 @@ pub enum Write {
     Quarantine(Quarantine),
     /// Forget every per-peer checkpoint, so that the next session with each peer reconciles
     /// everything (after the trust state changed, changes refused before may now be accepted).
+    /// Records under [`LOCAL_CHECKPOINT_PREFIX`] are this node's own state and stay.
     ForgetCheckpoints,
     /// Remove a document whose every change was taken out (by a revoked key that central did not
     /// vouch for): its record, data, signatures and index entries. The changes themselves are

@@ -8,8 +8,8 @@ use crate::kv::{KvRead, KvWrite, Reader, Table, Writer, be_u64, key, parts};
 use sha2::{Digest, Sha256};
 
 use crate::{
-    DocData, DocId, DocMeta, DocWrite, IndexDump, Quarantine, QuarantineBudget, Quarantined, Stats,
-    StoreError, Write, codec,
+    DocData, DocId, DocMeta, DocWrite, IndexDump, LOCAL_CHECKPOINT_PREFIX, Quarantine,
+    QuarantineBudget, Quarantined, Stats, StoreError, Write, codec,
 };
 
 const NEXT_SEQ: &[u8] = b"next_seq";
@@ -158,7 +158,10 @@ pub fn apply(
                     peers.push(k.to_vec());
                     true
                 })?;
-                for p in peers {
+                for p in peers
+                    .into_iter()
+                    .filter(|p| !p.starts_with(LOCAL_CHECKPOINT_PREFIX.as_bytes()))
+                {
                     kv.del(Table::Checkpoints, &p)?;
                 }
                 seqs.push(0);

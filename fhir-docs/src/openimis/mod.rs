@@ -11,6 +11,9 @@
 //! The FHIR shapes follow `FHIR-MAPPING.md` (openIMIS's own FHIR module and its test payloads).
 
 pub mod demo;
+pub mod flags;
+pub mod numbers;
+pub mod persons;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -338,6 +341,18 @@ pub fn place_references<'a>(
                 for e in ext {
                     push_ext(e, PLACE_EXTENSION, FACILITY);
                 }
+            }
+        }
+        // Reference data central writes for some places only (a block of numbers leased to a
+        // device lies at the device's places); other `Basic` documents (certificates,
+        // revocations) name none.
+        "Basic" => {
+            let ext = json.get("extension").and_then(Value::as_array)?;
+            for e in ext {
+                push_ext(e, PLACE_EXTENSION, FACILITY);
+            }
+            if out.is_empty() {
+                return None;
             }
         }
         _ => return None,

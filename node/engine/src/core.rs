@@ -11,6 +11,8 @@ use std::sync::Arc;
 
 use automerge::{AutoCommit, ChangeHash};
 use fieldmesh_fhir_docs::DocLimits;
+use fieldmesh_fhir_docs::openimis::flags::flag_entries;
+use fieldmesh_fhir_docs::openimis::persons::{PERSON_KEY_INDEX, blocking_keys};
 use fieldmesh_fhir_docs::openimis::{
     AUTHOR_INDEX, LEFT_INDEX, OpenImis, PLACE_INDEX, holding_places,
 };
@@ -66,7 +68,7 @@ pub fn entries_of_json(json: &Map<String, Value>) -> IndexEntries {
             .into_iter()
             .map(|r| (r.ty, r.key.system, r.key.value))
             .collect();
-    references.extend(place_entries(ty, json));
+    references.extend(derived_entries(ty, json));
     IndexEntries {
         identifiers: fieldmesh_fhir_docs::identifiers::identifier_keys(json)
             .into_iter()
@@ -74,6 +76,23 @@ pub fn entries_of_json(json: &Map<String, Value>) -> IndexEntries {
             .collect(),
         references,
     }
+}
+
+/// The index entries a `ty` reading `json` carries besides its identifiers and references: its
+/// places ([`place_entries`]), a Patient's blocking keys for duplicate detection
+/// ([`PERSON_KEY_INDEX`]) and the flags central put on it ([`FLAG_INDEX`]).
+pub(crate) fn derived_entries(
+    ty: &str,
+    json: &Map<String, Value>,
+) -> Vec<(String, String, String)> {
+    let mut out = place_entries(ty, json);
+    out.extend(
+        blocking_keys(ty, json)
+            .into_iter()
+            .map(|k| (PERSON_KEY_INDEX.to_string(), String::new(), k)),
+    );
+    out.extend(flag_entries(json));
+    out
 }
 
 /// The index entries naming the places a `ty` reading `json` is held at
@@ -241,6 +260,11 @@ pub struct Engine {
     pub(crate) trust_damaged: bool,
     /// Reaches, the location tree, what each session offers its peer.
     pub(crate) scope: crate::scope::ScopeState,
+    /// Numbers used from each lease central gave this device (also in the store, under
+    /// `local:lease:<lease doc>`).
+    pub(crate) lease_used: HashMap<DocId, u64>,
+    /// The deployment's rules for business numbers, checked on local writes (none: any).
+    pub(crate) numbers: Option<crate::central::NumberConfig>,
 }
 
 impl Engine {
@@ -273,6 +297,8 @@ impl Engine {
             unreadable: HashSet::new(),
             trust_damaged: false,
             scope: crate::scope::ScopeState::default(),
+            lease_used: HashMap::new(),
+            numbers: None,
         };
         if let Err(e) = engine.load_trust() {
             tracing::error!(error = %e, "cannot read the certificates in the store");
@@ -328,6 +354,12 @@ impl Engine {
     /// Sets the bounds on documents (tests; the defaults are far above any real resource).
     pub fn set_limits(&mut self, limits: DocLimits) {
         self.limits = limits;
+    }
+
+    /// Sets the deployment's rules for business numbers: local writes of a number that breaks
+    /// them are refused (as openIMIS refuses them).
+    pub fn set_number_rules(&mut self, numbers: crate::central::NumberConfig) {
+        self.numbers = Some(numbers);
     }
 
     /// Sets this node's clock (simulations): its changes are dated `t` and its certificate is

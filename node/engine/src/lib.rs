@@ -20,6 +20,8 @@
 //! - [`serve`]: what a sync session starts from, the documents it sends, its checkpoint.
 //! - [`sync`]: an engine as one side of an in-process session ([`EngineHost`]).
 //! - [`read`]: [`Reader`], reads and searches of committed data, off the write path.
+//! - [`central`]: central's services: canonical ids, business numbers and their leases,
+//!   duplicate persons, flags; driven by the store's change log.
 //! - [`check`]: the index check of `fieldmesh check`.
 //! - [`events`]: what was stored, by source, once durable.
 //! - [`source`]: [`Source`], where a change comes from; [`identity`]: who this node is and its
@@ -28,6 +30,7 @@
 //! The feature `test-support` adds [`test_support`]: certificate builders, forged documents and
 //! in-memory sessions between engines, for tests, benchmarks and the simulation.
 
+pub mod central;
 pub mod check;
 pub mod core;
 pub mod error;

@@ -6,7 +6,9 @@
 //! acknowledges.
 
 use automerge::AutoCommit;
+use fieldmesh_fhir_docs::identifiers::OPENIMIS_IDENTIFIER_TYPES;
 use fieldmesh_fhir_docs::limits::check_json;
+use fieldmesh_fhir_docs::openimis::numbers::NumberKind;
 use fieldmesh_fhir_docs::openimis::{
     DEPENDENT_TYPES, declare_places, place_references, places_taken_from,
 };
@@ -21,12 +23,15 @@ use serde_json::{Map, Value};
 
 use crate::Engine;
 use crate::core::{
-    COMPACT_AFTER_CHUNKS, Live, author_entry, heads_bytes, place_entries, with_left,
+    COMPACT_AFTER_CHUNKS, Live, author_entry, derived_entries, heads_bytes, with_left,
 };
 use crate::error::{DocError, ReadError, WriteError};
 use crate::identity::NodeIdentity;
 use crate::read::Served;
 use crate::source::Source;
+
+/// A document's resource type and stored JSON.
+pub(crate) type TypedJson = (String, Map<String, Value>);
 
 /// What a write did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,7 +50,7 @@ pub(crate) fn entries_of(p: &Prepared) -> IndexEntries {
         .iter()
         .map(|r| (r.ty.clone(), r.key.system.clone(), r.key.value.clone()))
         .collect();
-    references.extend(place_entries(&p.ty, &p.json));
+    references.extend(derived_entries(&p.ty, &p.json));
     IndexEntries {
         identifiers: p
             .identifiers
@@ -168,6 +173,56 @@ impl Engine {
         Ok(())
     }
 
+    /// A new Patient or Claim that comes without its business number (an identifier typed
+    /// `Code`) takes the next one of the leases central gave this device, if it holds one with
+    /// numbers left; central assigns one otherwise when the resource reaches it.
+    fn number_from_lease(&mut self, resource: &mut Value) -> Result<(), WriteError> {
+        let Some(kind) = resource
+            .get("resourceType")
+            .and_then(Value::as_str)
+            .and_then(NumberKind::of_type)
+        else {
+            return Ok(());
+        };
+        let Some(map) = resource.as_object_mut() else {
+            return Ok(());
+        };
+        if !self.check_local || crate::central::business_number(map).is_some() {
+            return Ok(());
+        }
+        if let Some(number) = self.take_leased_number(kind)? {
+            let code = serde_json::json!({"type": {"coding": [{"system": OPENIMIS_IDENTIFIER_TYPES, "code": "Code"}]},
+                "value": number});
+            match map.get_mut("identifier") {
+                Some(Value::Array(list)) => list.push(code),
+                _ => {
+                    map.insert("identifier".into(), Value::Array(vec![code]));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses a business number that breaks the deployment's rule (length, check digit), as
+    /// openIMIS would, before anything is written: the officer retypes the card's number.
+    fn check_number(&self, prepared: &Prepared) -> Result<(), WriteError> {
+        let Some(kind) = NumberKind::of_type(&prepared.ty) else {
+            return Ok(());
+        };
+        if let (Some(config), Some(number)) = (
+            &self.numbers,
+            crate::central::business_number(&prepared.json),
+        ) {
+            config.rule(kind).check(kind, number).map_err(|e| {
+                WriteError::Invalid(ValidationError::one(
+                    format!("{}.identifier", prepared.ty),
+                    format!("{e} (openIMIS error {})", e.code()),
+                ))
+            })?;
+        }
+        Ok(())
+    }
+
     /// Creates a resource. `bundle_ids` resolves bundle-local `urn:uuid:` references.
     /// `keep_id` keeps the resource's own `id` as document id when it is a UUID not used here yet
     /// (loading exported data keeps its references working).
@@ -197,6 +252,8 @@ impl Engine {
         bundle_ids: &dyn Fn(&str) -> Option<(String, String)>,
     ) -> Result<DocId, WriteError> {
         check_json(&resource, &self.limits)?;
+        let mut resource = resource;
+        self.number_from_lease(&mut resource)?;
         let mut prepared = prepare(
             resource,
             expected_type,
@@ -205,6 +262,7 @@ impl Engine {
             &*self,
             bundle_ids,
         )?;
+        self.check_number(&prepared)?;
         self.declare_places(&mut prepared)?;
         if self.check_local {
             authorize(
@@ -332,8 +390,8 @@ impl Engine {
             &*self,
             &|_| None,
         )?;
+        self.check_number(&prepared)?;
         self.declare_places(&mut prepared)?;
-        let chunks = live.meta.chunks;
         let doc = live.doc(doc_id)?;
         let old = document_to_json(doc)?;
         if old == prepared.json {
@@ -352,12 +410,28 @@ impl Engine {
                 &prepared.json,
             )?;
         }
+        self.commit_edit(doc_id, live, &old, &prepared.json, entries_of(&prepared))
+    }
+
+    /// Edits the live document `doc_id` from reading `old` to reading `new` (one change by this
+    /// node, signed) and stages it with its index entries `entries`.
+    pub(crate) fn commit_edit(
+        &mut self,
+        doc_id: &DocId,
+        live: &mut Live,
+        old: &Map<String, Value>,
+        new: &Map<String, Value>,
+        entries: IndexEntries,
+    ) -> Result<Outcome, WriteError> {
+        let chunks = live.meta.chunks;
+        let ty = live.meta.ty.clone();
+        let doc = live.doc(doc_id)?;
         let heads_before = doc.get_heads();
-        if apply_diff(doc, &old, &prepared.json)? == 0 {
+        if apply_diff(doc, old, new)? == 0 {
             return Ok(Outcome::Unchanged);
         }
         doc.commit_with(automerge::transaction::CommitOptions::default().with_time(self.me.time()));
-        let envelopes = sign_heads(&self.me, &self.trust, doc_id, ty, doc);
+        let envelopes = sign_heads(&self.me, &self.trust, doc_id, &ty, doc);
         let (data, chunks) = if chunks >= COMPACT_AFTER_CHUNKS {
             (DocData::Full(doc.save_nocompress()), 1)
         } else {
@@ -367,7 +441,7 @@ impl Engine {
         live.meta.chunks = chunks;
         live.meta.heads = heads;
         live.meta.updated = self.me.time();
-        let mut entries = with_left(entries_of(&prepared), &live.entries);
+        let mut entries = with_left(entries, &live.entries);
         entries.references.push(author_entry(&self.me.public()));
         let previous = std::mem::replace(&mut live.entries, entries);
         self.stage(
@@ -380,6 +454,46 @@ impl Engine {
             Source::Local,
         );
         Ok(Outcome::Updated)
+    }
+
+    /// The stored JSON of document `id` (staged writes included), if this node holds it.
+    pub(crate) fn stored_json(
+        &mut self,
+        id: &DocId,
+    ) -> Result<Option<TypedJson>, ReadError> {
+        let Some(mut live) = self.take(id)? else {
+            return Ok(None);
+        };
+        let was_dirty = self.has_pending_write(id);
+        let json = live
+            .doc(id)
+            .map_err(ReadError::from)
+            .and_then(|d| Ok(document_to_json(d)?));
+        let ty = live.meta.ty.clone();
+        self.put_back(*id, live, was_dirty);
+        Ok(Some((ty, json?)))
+    }
+
+    /// Edits document `id`, which reads `old`, to read `new`: one signed change by this node,
+    /// staged. For central's services, which decide edits from what the store holds rather
+    /// than from a client's request.
+    pub(crate) fn edit_stored(
+        &mut self,
+        id: &DocId,
+        old: &Map<String, Value>,
+        new: &Map<String, Value>,
+    ) -> Result<Outcome, WriteError> {
+        let Some(mut live) = self.take(id)? else {
+            return Err(WriteError::NotFound {
+                ty: String::new(),
+                id: id.to_string(),
+            });
+        };
+        let was_dirty = self.has_pending_write(id);
+        let result = self.commit_edit(id, &mut live, old, new, crate::entries_of_json(new));
+        let dirty = was_dirty || matches!(result, Ok(Outcome::Updated));
+        self.put_back(*id, live, dirty);
+        result
     }
 
     /// The resource `ty/id` as this node holds it now, staged writes included: the answer to a

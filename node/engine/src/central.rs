@@ -1,0 +1,944 @@
+//! Central's services: canonical ids, business numbers, duplicate persons, number leases.
+//!
+//! Central is the authoritative peer. Every resource created elsewhere gets, on its first
+//! processing here, central's identifier: central's identifier system (its node system) with
+//! the *canonical id*, the id openIMIS will know it by: the creator's UUID (the document id), or
+//! the openIMIS UUID it already carries, unless another resource of its type already has that
+//! canonical id, in which case a new UUID. Then:
+//!
+//! - **Business numbers** (a Patient's insurance number, a Claim's code: identifiers typed
+//!   `Code`): a missing one is assigned from central's counter; one that fails the deployment's
+//!   [`NumberRule`] is flagged `number-invalid`; one held by an earlier registration is flagged
+//!   `number-taken` on the later one (and `number-reused` on the earlier), visibly, with a
+//!   reason the app shows after the next sync (see [`fieldmesh_fhir_docs::openimis::flags`]).
+//!   "Earlier" is central's order of processing, a fact no device can forge: a resource that has
+//!   central's identifier and is not flagged `number-taken` owns its number.
+//! - **Duplicate persons**: a Patient that shares a blocking key
+//!   ([`fieldmesh_fhir_docs::openimis::persons`]) with an earlier Patient (same identity
+//!   document, or same normalised name, birth date and village) is linked `replaced-by` to it,
+//!   and the earlier one `replaces` it (`Patient.link`); nothing is deleted, every reference
+//!   still resolves. Candidates come from the index of blocking keys: a few lookups per arrival.
+//! - **Leases**: every certified enrolment officer holds a block of insurance numbers, every
+//!   claim administrator a block of claim codes, so that they assign valid, unique numbers
+//!   offline. A new block is leased when half of the last is used. A lease is a `Basic`
+//!   document ([`Lease`]) at the device's places; the counter it came from has moved past it in
+//!   the same commit, so a lease is never handed out twice, across restarts too.
+//!
+//! Every edit is an ordinary change signed by central's key, which syncs back like any other.
+//!
+//! # Driven by what the engine commits
+//!
+//! [`Central::step`] reads the store's change log from a cursor and processes what was
+//! committed since; the cursor and the services' counters are a record of the store
+//! ([`STATE_KEY`]) written in the same commit as the edits they led to. A crash loses no
+//! arrival: the next step starts where the last committed one ended. Central's own edits come
+//! back through the log and are recognised by their heads; processing is idempotent anyway.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use fieldmesh_fhir_docs::identifiers::{OPENIMIS_IDENTIFIER_TYPES, openimis_type_code};
+use fieldmesh_fhir_docs::openimis::Role;
+use fieldmesh_fhir_docs::openimis::flags::{FLAG_INDEX, Flag, FlagCode, flags_of, set_flags};
+use fieldmesh_fhir_docs::openimis::numbers::{LEASE_HOLDER_SYSTEM, Lease, NumberKind, NumberRule};
+use fieldmesh_fhir_docs::openimis::persons::{PERSON_KEY_INDEX, blocking_keys};
+use fieldmesh_fhir_docs::{DocId, IdentKey, IdentifierQuery};
+use fieldmesh_storage::{LOCAL_CHECKPOINT_PREFIX, StoreError, Write};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+
+use crate::Engine;
+use crate::error::{ReadError, WriteError};
+
+/// The store record of central's services' state.
+pub const STATE_KEY: &str = "local:central";
+
+/// Log entries one step processes at most.
+pub const STEP_ENTRIES: usize = 2000;
+
+/// Leases one step issues at most.
+const LEASES_PER_STEP: usize = 200;
+
+/// Flagged resources `/status` lists at most.
+const FLAGGED_LISTED: usize = 100;
+
+/// What central's services do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NumberConfig {
+    /// The rule of insurance numbers (openIMIS `insuree_number_*` settings).
+    #[serde(default = "default_chfid_rule")]
+    pub chfid: NumberRule,
+    /// The rule of claim codes.
+    #[serde(default = "default_claim_rule")]
+    pub claim_code: NumberRule,
+    /// Numbers in one lease.
+    #[serde(default = "default_lease_size")]
+    pub lease_size: u64,
+}
+
+fn default_chfid_rule() -> NumberRule {
+    NumberRule::fixed(9, Some(7))
+}
+
+fn default_claim_rule() -> NumberRule {
+    NumberRule {
+        min_length: None,
+        max_length: Some(8),
+        modulo_root: None,
+    }
+}
+
+fn default_lease_size() -> u64 {
+    200
+}
+
+impl Default for NumberConfig {
+    /// Insurance numbers of 9 digits with a check digit modulo 7; claim codes of at most 8
+    /// characters (openIMIS's column), made as 8 digits; leases of 200.
+    fn default() -> Self {
+        Self {
+            chfid: default_chfid_rule(),
+            claim_code: default_claim_rule(),
+            lease_size: default_lease_size(),
+        }
+    }
+}
+
+impl NumberConfig {
+    /// The rule of a kind of number.
+    pub fn rule(&self, kind: NumberKind) -> NumberRule {
+        match kind {
+            NumberKind::Chfid => self.chfid,
+            NumberKind::ClaimCode => self.claim_code,
+        }
+    }
+}
+
+/// A lease central handed out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct LeaseRecord {
+    kind: NumberKind,
+    holder: String,
+    first: u64,
+    count: u64,
+    /// Numbers of it central has seen used.
+    used: u64,
+}
+
+/// The services' durable state ([`STATE_KEY`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct State {
+    /// The last store log sequence processed.
+    cursor: u64,
+    /// The next counter of each kind of number.
+    next: BTreeMap<NumberKind, u64>,
+    /// Canonical ids given.
+    canonical: u64,
+    /// Of which new UUIDs because the creator's collided.
+    collisions: u64,
+    /// Numbers central assigned itself (resources that came without one).
+    assigned: BTreeMap<NumberKind, u64>,
+    /// Leases handed out.
+    leases: Vec<LeaseRecord>,
+    /// Registrations flagged for a number held by an earlier one.
+    numbers_taken: u64,
+    /// Registrations flagged for a number that breaks the rule.
+    numbers_invalid: u64,
+    /// Duplicate persons found and linked.
+    persons_linked: u64,
+}
+
+/// What one step did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StepReport {
+    /// Log entries read.
+    pub read: usize,
+    /// Documents edited.
+    pub edited: usize,
+    /// Canonical ids given.
+    pub canonical: usize,
+    /// Leases issued.
+    pub leases: usize,
+    /// Whether the log holds more to process.
+    pub more: bool,
+}
+
+/// Central's services failed; nothing of the step was staged past the failure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CentralError {
+    /// The store could not be read.
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    /// A document could not be read.
+    #[error("{0}")]
+    Read(#[from] ReadError),
+    /// An edit could not be made.
+    #[error("{0}")]
+    Write(#[from] WriteError),
+    /// The services' state record is unreadable.
+    #[error("the record of central's services is damaged: {0}")]
+    State(String),
+    /// This node is not central (its key is not the root of trust).
+    #[error("central's services run only on central (the node whose key is the root of trust)")]
+    NotCentral,
+}
+
+/// Central's services over an engine. See the module docs.
+pub struct Central {
+    config: NumberConfig,
+    state: State,
+    /// Heads of the documents this service edited and has not seen back in the log yet.
+    own: HashMap<DocId, Vec<[u8; 32]>>,
+    /// Whether the state changed since it was last staged.
+    dirty: bool,
+}
+
+impl Central {
+    /// Central's services over `engine`, resuming from their record in its store.
+    pub fn open(engine: &Engine, config: NumberConfig) -> Result<Self, CentralError> {
+        if engine.identity().public() != engine.identity().root {
+            return Err(CentralError::NotCentral);
+        }
+        let state = match engine.store().checkpoint(STATE_KEY)? {
+            Some(bytes) => {
+                serde_json::from_slice(&bytes).map_err(|e| CentralError::State(e.to_string()))?
+            }
+            None => State::default(),
+        };
+        Ok(Self {
+            config,
+            state,
+            own: HashMap::new(),
+            dirty: false,
+        })
+    }
+
+    /// Whether the store's log holds arrivals not processed yet.
+    pub fn has_work(&self, engine: &Engine) -> bool {
+        engine
+            .store()
+            .stats()
+            .is_ok_and(|s| s.last_seq > self.state.cursor)
+    }
+
+    /// Processes up to `max` log entries committed since the last step, then issues the leases
+    /// due. Stages every edit and the new state; the caller commits ([`Engine::flush`]).
+    pub fn step(&mut self, engine: &mut Engine, max: usize) -> Result<StepReport, CentralError> {
+        let mut report = StepReport::default();
+        let entries = engine.store().changes_since(self.state.cursor, max)?;
+        report.read = entries.len();
+        report.more = entries.len() == max;
+        let mut seen = HashSet::new();
+        for (seq, raw) in entries {
+            let id = DocId(uuid::Uuid::from_bytes(raw));
+            if seen.insert(id) {
+                self.process(engine, &id, &mut report)?;
+            }
+            self.state.cursor = seq;
+            self.dirty = true;
+        }
+        report.leases = self.issue_leases(engine)?;
+        if self.dirty {
+            let value =
+                serde_json::to_vec(&self.state).map_err(|e| CentralError::State(e.to_string()))?;
+            engine.push(
+                Write::Checkpoint {
+                    peer: STATE_KEY.into(),
+                    value,
+                },
+                None,
+            );
+            self.dirty = false;
+        }
+        Ok(report)
+    }
+
+    /// Processes one document that changed.
+    fn process(
+        &mut self,
+        engine: &mut Engine,
+        id: &DocId,
+        report: &mut StepReport,
+    ) -> Result<(), CentralError> {
+        let Some(meta) = engine.meta_of(id)? else {
+            return Ok(());
+        };
+        if self.own.get(id).is_some_and(|h| *h == meta.heads) {
+            self.own.remove(id);
+            return Ok(());
+        }
+        if !served_type(&meta.ty) {
+            return Ok(());
+        }
+        let Some((ty, old)) = engine.stored_json(id)? else {
+            return Ok(());
+        };
+        let mut new = old.clone();
+        let me = engine.identity().system.clone();
+        let first_time = central_id(&new, &me).is_none();
+        if first_time {
+            self.give_canonical_id(engine, id, &ty, &mut new)?;
+            report.canonical += 1;
+        }
+        let mut related = Vec::new();
+        if let Some(kind) = NumberKind::of_type(&ty) {
+            if business_number(&new).is_none() {
+                self.assign_number(engine, kind, &mut new)?;
+            } else if first_time {
+                self.count_lease_use(kind, business_number(&new).unwrap_or_default());
+            }
+            related.extend(self.number_flags(engine, id, kind, &mut new)?);
+        }
+        if ty == "Patient" {
+            related.extend(self.link_duplicate(engine, id, &mut new)?);
+        }
+        if new != old {
+            self.edit(engine, id, &old, &new)?;
+            report.edited += 1;
+        }
+        // The registrations this one shares a number or a person with may change too.
+        for (other, change) in related {
+            if other == *id {
+                continue;
+            }
+            let Some((_, o_old)) = engine.stored_json(&other)? else {
+                continue;
+            };
+            let mut o_new = o_old.clone();
+            match change {
+                Related::Number(kind) => {
+                    self.number_flags(engine, &other, kind, &mut o_new)?;
+                }
+                Related::Replaces(link) => add_link(&mut o_new, link, "replaces"),
+            }
+            if o_new != o_old {
+                self.edit(engine, &other, &o_old, &o_new)?;
+                report.edited += 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn edit(
+        &mut self,
+        engine: &mut Engine,
+        id: &DocId,
+        old: &Map<String, Value>,
+        new: &Map<String, Value>,
+    ) -> Result<(), CentralError> {
+        engine.edit_stored(id, old, new)?;
+        if let Some(meta) = engine.meta_of(id)? {
+            self.own.insert(*id, meta.heads);
+        }
+        Ok(())
+    }
+
+    /// Adds central's identifier with the canonical id: the openIMIS UUID the resource carries,
+    /// else its document id, unless another resource of its type has it already.
+    fn give_canonical_id(
+        &mut self,
+        engine: &Engine,
+        id: &DocId,
+        ty: &str,
+        json: &mut Map<String, Value>,
+    ) -> Result<(), CentralError> {
+        let me = engine.identity().system.clone();
+        let candidate = openimis_uuid(json).unwrap_or_else(|| id.to_string());
+        let taken = |system: &str| -> Result<bool, StoreError> {
+            Ok(engine
+                .find_ids(
+                    ty,
+                    &IdentifierQuery::Exact(IdentKey::new(system, candidate.clone())),
+                )?
+                .iter()
+                .any(|d| d != id))
+        };
+        let collides = taken(&me)? || taken("openimis-type:UUID")?;
+        let value = if collides {
+            self.state.collisions += 1;
+            let fresh = uuid::Uuid::new_v4().to_string();
+            tracing::warn!(doc = %id, ty, taken = %candidate, canonical = %fresh, "canonical id collides: a new UUID");
+            fresh
+        } else {
+            candidate
+        };
+        push_identifier(
+            json,
+            json!({"system": me,
+                "type": {"coding": [{"system": OPENIMIS_IDENTIFIER_TYPES, "code": "UUID"}]},
+                "value": value}),
+        );
+        self.state.canonical += 1;
+        Ok(())
+    }
+
+    /// Assigns a resource that came without a business number one from central's counter.
+    fn assign_number(
+        &mut self,
+        engine: &Engine,
+        kind: NumberKind,
+        json: &mut Map<String, Value>,
+    ) -> Result<(), CentralError> {
+        let Some(number) = self.next_free(engine, kind)? else {
+            tracing::error!(kind = kind.name(), "no numbers left under the rule");
+            return Ok(());
+        };
+        push_identifier(
+            json,
+            json!({"type": {"coding": [{"system": OPENIMIS_IDENTIFIER_TYPES, "code": "Code"}]},
+                "value": number}),
+        );
+        *self.state.assigned.entry(kind).or_default() += 1;
+        Ok(())
+    }
+
+    /// The next number of central's counter no resource holds yet.
+    fn next_free(
+        &mut self,
+        engine: &Engine,
+        kind: NumberKind,
+    ) -> Result<Option<String>, CentralError> {
+        let rule = self.config.rule(kind);
+        loop {
+            let n = self.counter(kind);
+            if n >= rule.capacity() {
+                return Ok(None);
+            }
+            *self.state.next.entry(kind).or_default() = n + 1;
+            self.dirty = true;
+            let Some(number) = rule.make(n) else { continue };
+            if engine
+                .find_ids(
+                    kind.resource_type(),
+                    &IdentifierQuery::Exact(IdentKey::openimis_code(number.clone())),
+                )?
+                .is_empty()
+            {
+                return Ok(Some(number));
+            }
+        }
+    }
+
+    /// The next counter of `kind`: numbers start at 1 followed by zeros (`100000004`, not
+    /// `000000016`).
+    fn counter(&self, kind: NumberKind) -> u64 {
+        self.state.next.get(&kind).copied().unwrap_or_else(|| {
+            let rule = self.config.rule(kind);
+            rule.capacity() / 10
+        })
+    }
+
+    fn count_lease_use(&mut self, kind: NumberKind, number: &str) {
+        for l in &mut self.state.leases {
+            if l.kind == kind {
+                let lease = Lease {
+                    kind,
+                    holder: String::new(),
+                    first: l.first,
+                    count: l.count,
+                    rule: self.config.rule(kind),
+                };
+                if lease.contains(number) {
+                    l.used += 1;
+                    self.dirty = true;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Sets the number flags of document `id` (reading `json`) from what the store holds now;
+    /// returns the other registrations of its number, whose flags may change with it.
+    fn number_flags(
+        &mut self,
+        engine: &mut Engine,
+        id: &DocId,
+        kind: NumberKind,
+        json: &mut Map<String, Value>,
+    ) -> Result<Vec<(DocId, Related)>, CentralError> {
+        let me = engine.identity().system.clone();
+        let mut flags: Vec<Flag> = flags_of(json)
+            .into_iter()
+            .filter(|f| {
+                !matches!(
+                    f.code,
+                    FlagCode::NumberTaken | FlagCode::NumberReused | FlagCode::NumberInvalid
+                )
+            })
+            .collect();
+        let mut related: Vec<(DocId, Related)> = flags_of(json)
+            .iter()
+            .filter(|f| matches!(f.code, FlagCode::NumberTaken | FlagCode::NumberReused))
+            .filter_map(|f| f.other.as_ref().and_then(|o| other_doc(engine, kind, o)))
+            .map(|d| (d, Related::Number(kind)))
+            .collect();
+        let Some(number) = business_number(json).map(String::from) else {
+            set_flags(json, flags);
+            return Ok(related);
+        };
+        if let Err(e) = self.config.rule(kind).check(kind, &number) {
+            if !had_flag(json, FlagCode::NumberInvalid) {
+                self.state.numbers_invalid += 1;
+                self.dirty = true;
+            }
+            flags.push(Flag {
+                code: FlagCode::NumberInvalid,
+                reason: format!("{e}; openIMIS will refuse it (error {})", e.code()),
+                other: None,
+                value: Some(number.clone()),
+            });
+        }
+        let ty = kind.resource_type();
+        let others = engine.find_ids(
+            ty,
+            &IdentifierQuery::Exact(IdentKey::openimis_code(number.clone())),
+        )?;
+        let mut owner = None;
+        let mut taker = None;
+        for other in others.iter().filter(|o| *o != id) {
+            related.push((*other, Related::Number(kind)));
+            let Some((_, o)) = engine.stored_json(other)? else {
+                continue;
+            };
+            let Some(canonical) = central_id(&o, &me) else {
+                continue; // not processed yet: it will be flagged when it is
+            };
+            let taken_there = flags_of(&o)
+                .iter()
+                .any(|f| f.code == FlagCode::NumberTaken && f.value.as_deref() == Some(&number));
+            let reference = json!({"type": ty, "identifier": {"system": me, "value": canonical}});
+            if taken_there {
+                taker.get_or_insert(reference);
+            } else {
+                owner.get_or_insert(reference);
+            }
+        }
+        if let Some(owner) = owner {
+            if !had_flag(json, FlagCode::NumberTaken) {
+                self.state.numbers_taken += 1;
+                self.dirty = true;
+                tracing::info!(doc = %id, kind = kind.name(), number, "a number registered earlier for another resource: flagged");
+            }
+            flags.push(Flag {
+                code: FlagCode::NumberTaken,
+                reason: format!(
+                    "{} {number} was registered earlier for another {}; this one needs a new {}",
+                    kind.label(),
+                    ty,
+                    kind.label()
+                ),
+                other: Some(owner),
+                value: Some(number.clone()),
+            });
+        } else if let Some(taker) = taker {
+            flags.push(Flag {
+                code: FlagCode::NumberReused,
+                reason: format!(
+                    "{} {number} was entered again for another {} registered later, which \
+                     was flagged; this registration keeps it",
+                    kind.label(),
+                    ty
+                ),
+                other: Some(taker),
+                value: Some(number.clone()),
+            });
+        }
+        set_flags(json, flags);
+        related.sort_by_key(|(d, _)| *d);
+        related.dedup_by_key(|(d, _)| *d);
+        Ok(related)
+    }
+
+    /// Links Patient `id` (reading `json`) `replaced-by` an earlier registration of the same
+    /// person, if there is one; returns the earlier registration, to link back.
+    fn link_duplicate(
+        &mut self,
+        engine: &mut Engine,
+        id: &DocId,
+        json: &mut Map<String, Value>,
+    ) -> Result<Vec<(DocId, Related)>, CentralError> {
+        let me = engine.identity().system.clone();
+        if has_link(json, "replaced-by") {
+            return Ok(Vec::new());
+        }
+        let mut candidates = Vec::new();
+        for key in blocking_keys("Patient", json) {
+            for raw in engine.store().referrers(PERSON_KEY_INDEX, "", &key)? {
+                let other = DocId(uuid::Uuid::from_bytes(raw));
+                if other != *id && !candidates.contains(&other) {
+                    candidates.push(other);
+                }
+            }
+        }
+        candidates.sort();
+        for other in candidates {
+            let Some((ty, o)) = engine.stored_json(&other)? else {
+                continue;
+            };
+            if ty != "Patient" || has_link(&o, "replaced-by") {
+                continue;
+            }
+            let Some(canonical) = central_id(&o, &me) else {
+                continue; // not processed yet: it will find this one when it is
+            };
+            let Some(mine) = central_id(json, &me).map(String::from) else {
+                continue;
+            };
+            let earlier =
+                json!({"type": "Patient", "identifier": {"system": me, "value": canonical}});
+            let later = json!({"type": "Patient", "identifier": {"system": me, "value": mine}});
+            add_link(json, earlier.clone(), "replaced-by");
+            let mut flags = flags_of(json);
+            flags.push(Flag {
+                code: FlagCode::DuplicatePerson,
+                reason: "this person was registered earlier (same identity document, or same \
+                         name, birth date and village): this registration is replaced by the \
+                         earlier one; nothing was deleted"
+                    .into(),
+                other: Some(earlier),
+                value: None,
+            });
+            set_flags(json, flags);
+            self.state.persons_linked += 1;
+            self.dirty = true;
+            tracing::info!(doc = %id, earlier = %other, "duplicate person linked");
+            return Ok(vec![(other, Related::Replaces(later))]);
+        }
+        Ok(Vec::new())
+    }
+
+    /// Leases a block of numbers to every certified enrolment officer (insurance numbers) and
+    /// claim administrator (claim codes) without one, or with half of its last one used.
+    fn issue_leases(&mut self, engine: &mut Engine) -> Result<usize, CentralError> {
+        let now = engine.identity().time();
+        let mut due: Vec<(NumberKind, String, Vec<String>)> = Vec::new();
+        {
+            let trust = engine.trust();
+            let held = trust.revocations_held();
+            let (certs, _) = trust.all();
+            for c in certs {
+                let Ok(key) = c.subject_key() else { continue };
+                if trust.authority(&key, now, held).is_err() {
+                    continue;
+                }
+                for role in &c.roles {
+                    let kind = match role {
+                        Role::EnrolmentOfficer => NumberKind::Chfid,
+                        Role::ClaimAdministrator => NumberKind::ClaimCode,
+                        _ => continue,
+                    };
+                    let mine = self
+                        .state
+                        .leases
+                        .iter()
+                        .filter(|l| l.kind == kind && l.holder == c.subject);
+                    let (total, last) = mine.fold((0, None), |(t, _), l| (t + l.count, Some(l)));
+                    let needs = match last {
+                        None => total == 0,
+                        Some(l) => l.used * 2 >= l.count,
+                    };
+                    if needs && !due.iter().any(|(k, h, _)| *k == kind && *h == c.subject) {
+                        due.push((kind, c.subject.clone(), c.scope()));
+                    }
+                }
+            }
+        }
+        let mut issued = 0;
+        for (kind, holder, places) in due.into_iter().take(LEASES_PER_STEP) {
+            let rule = self.config.rule(kind);
+            let first = self.counter(kind);
+            let count = self.config.lease_size;
+            if first.saturating_add(count) > rule.capacity() {
+                tracing::error!(
+                    kind = kind.name(),
+                    "no numbers left to lease under the rule"
+                );
+                break;
+            }
+            *self.state.next.entry(kind).or_default() = first + count;
+            let lease = Lease {
+                kind,
+                holder: holder.clone(),
+                first,
+                count,
+                rule,
+            };
+            let at: Vec<Value> = places
+                .iter()
+                .map(|p| json!({"type": "Location", "identifier": {"value": p}}))
+                .collect();
+            engine.create(
+                Value::Object(lease.to_json(&at)),
+                Some("Basic"),
+                false,
+                &|_| None,
+            )?;
+            self.state.leases.push(LeaseRecord {
+                kind,
+                holder,
+                first,
+                count,
+                used: 0,
+            });
+            self.dirty = true;
+            issued += 1;
+        }
+        Ok(issued)
+    }
+
+    /// The services' figures for `/status`.
+    pub fn status(&self, engine: &Engine) -> Value {
+        let awaiting = engine
+            .store()
+            .changes_since(self.state.cursor, 1_000_000)
+            .map(|v| v.len())
+            .unwrap_or_default();
+        let mut numbers = Map::new();
+        for kind in NumberKind::ALL {
+            let leases: Vec<&LeaseRecord> = self
+                .state
+                .leases
+                .iter()
+                .filter(|l| l.kind == kind)
+                .collect();
+            numbers.insert(
+                kind.name().into(),
+                json!({
+                    "rule": self.config.rule(kind),
+                    "leases": leases.len(),
+                    "leased": leases.iter().map(|l| l.count).sum::<u64>(),
+                    "used_from_leases": leases.iter().map(|l| l.used).sum::<u64>(),
+                    "assigned_by_central": self.state.assigned.get(&kind).copied().unwrap_or_default(),
+                    "next_counter": self.counter(kind),
+                }),
+            );
+        }
+        json!({
+            "awaiting_processing": awaiting,
+            "processed_up_to_seq": self.state.cursor,
+            "canonical_ids": {"assigned": self.state.canonical, "new_uuid_on_collision": self.state.collisions},
+            "numbers": numbers,
+            "flagged": {"number_taken": self.state.numbers_taken, "number_invalid": self.state.numbers_invalid},
+            "duplicate_persons": {"found": self.state.persons_linked, "linked": self.state.persons_linked},
+        })
+    }
+}
+
+/// A change to make to another registration after processing one.
+enum Related {
+    /// Its number flags may change.
+    Number(NumberKind),
+    /// It gets a `replaces` link to this (logical reference).
+    Replaces(Value),
+}
+
+/// Whether central's services process documents of this type (not certificates, revocations,
+/// evidence or central's own reference data).
+fn served_type(ty: &str) -> bool {
+    !matches!(ty, "Basic" | "AuditEvent")
+}
+
+/// The value of central's identifier (`system`) on a resource.
+fn central_id<'a>(json: &'a Map<String, Value>, system: &str) -> Option<&'a str> {
+    identifiers(json).find_map(|i| {
+        (i.get("system").and_then(Value::as_str) == Some(system))
+            .then(|| i.get("value").and_then(Value::as_str))
+            .flatten()
+    })
+}
+
+/// The openIMIS UUID a resource carries (an identifier typed `UUID`), if it is one.
+fn openimis_uuid(json: &Map<String, Value>) -> Option<String> {
+    identifiers(json).find_map(|i| {
+        let map = i.as_object()?;
+        (openimis_type_code(map) == Some("UUID") && map.get("system").is_none())
+            .then(|| map.get("value").and_then(Value::as_str))
+            .flatten()
+            .filter(|v| uuid::Uuid::parse_str(v).is_ok())
+            .map(String::from)
+    })
+}
+
+/// A resource's business number: its first identifier typed `Code` (or `MR`, `SB`).
+pub fn business_number(json: &Map<String, Value>) -> Option<&str> {
+    identifiers(json).find_map(|i| {
+        let map = i.as_object()?;
+        (openimis_type_code(map) == Some("Code"))
+            .then(|| map.get("value").and_then(Value::as_str))
+            .flatten()
+            .filter(|v| !v.is_empty())
+    })
+}
+
+fn identifiers(json: &Map<String, Value>) -> impl Iterator<Item = &Value> {
+    json.get("identifier")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+}
+
+fn push_identifier(json: &mut Map<String, Value>, identifier: Value) {
+    match json.get_mut("identifier") {
+        Some(Value::Array(list)) => list.push(identifier),
+        _ => {
+            json.insert("identifier".into(), Value::Array(vec![identifier]));
+        }
+    }
+}
+
+fn had_flag(json: &Map<String, Value>, code: FlagCode) -> bool {
+    flags_of(json).iter().any(|f| f.code == code)
+}
+
+fn has_link(json: &Map<String, Value>, kind: &str) -> bool {
+    json.get("link")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .any(|l| l.get("type").and_then(Value::as_str) == Some(kind))
+}
+
+fn add_link(json: &mut Map<String, Value>, other: Value, kind: &str) {
+    let link = json!({"other": other, "type": kind});
+    match json.get_mut("link") {
+        Some(Value::Array(list)) => {
+            if !list.contains(&link) {
+                list.push(link);
+            }
+        }
+        _ => {
+            json.insert("link".into(), Value::Array(vec![link]));
+        }
+    }
+}
+
+/// The document a flag's `other` reference names (central's identifier), if held here.
+fn other_doc(engine: &Engine, kind: NumberKind, other: &Value) -> Option<DocId> {
+    let system = other.pointer("/identifier/system")?.as_str()?;
+    let value = other.pointer("/identifier/value")?.as_str()?;
+    engine
+        .find_ids(
+            kind.resource_type(),
+            &IdentifierQuery::Exact(IdentKey::new(system, value)),
+        )
+        .ok()?
+        .into_iter()
+        .next()
+}
+
+impl Engine {
+    /// The resources central flagged that this node holds (at most 100): type, id, code,
+    /// reason. What an officer's app shows after a sync; `/status` lists them.
+    pub fn flagged(&mut self) -> Result<Vec<Value>, CentralError> {
+        let mut out = Vec::new();
+        let mut ids: Vec<[u8; 16]> = Vec::new();
+        for code in FlagCode::ALL {
+            for id in self.store.referrers(FLAG_INDEX, "", code.name())? {
+                if !ids.contains(&id) {
+                    ids.push(id);
+                }
+            }
+        }
+        for raw in ids.into_iter().take(FLAGGED_LISTED) {
+            let id = DocId(uuid::Uuid::from_bytes(raw));
+            let Some((ty, json)) = self.stored_json(&id)? else {
+                continue;
+            };
+            for f in flags_of(&json) {
+                out.push(json!({
+                    "resourceType": ty,
+                    "id": id.to_string(),
+                    "code": f.code.name(),
+                    "number": f.value,
+                    "reason": f.reason,
+                }));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The next number of kind `kind` from the leases central gave this device, marked used
+    /// (durably with the next commit, in the same commit as the resource that takes it when
+    /// called from a write): `None` when no lease holds one left. A number some resource here
+    /// already holds is skipped.
+    pub fn take_leased_number(&mut self, kind: NumberKind) -> Result<Option<String>, ReadError> {
+        let me = hex::encode(self.me.public());
+        let ids = self.find_ids(
+            "Basic",
+            &IdentifierQuery::Exact(IdentKey::new(LEASE_HOLDER_SYSTEM, me.clone())),
+        )?;
+        let mut leases = Vec::new();
+        for id in ids {
+            if let Some((_, json)) = self.stored_json(&id)?
+                && let Some(lease) = Lease::from_json(&json)
+                && lease.kind == kind
+                && lease.holder == me
+            {
+                leases.push((id, lease));
+            }
+        }
+        leases.sort_by_key(|(_, l)| l.first);
+        for (id, lease) in leases {
+            let key = format!("{LOCAL_CHECKPOINT_PREFIX}lease:{id}");
+            let mut used = match self.lease_used.get(&id) {
+                Some(u) => *u,
+                None => self
+                    .store
+                    .checkpoint(&key)?
+                    .and_then(|b| String::from_utf8(b).ok())
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0),
+            };
+            while used < lease.count {
+                let number = lease.number(used);
+                used += 1;
+                self.lease_used.insert(id, used);
+                self.push(
+                    Write::Checkpoint {
+                        peer: key.clone(),
+                        value: used.to_string().into_bytes(),
+                    },
+                    None,
+                );
+                let Some(number) = number else { continue };
+                let held = self.find_ids(
+                    kind.resource_type(),
+                    &IdentifierQuery::Exact(IdentKey::openimis_code(number.clone())),
+                )?;
+                if held.is_empty() {
+                    return Ok(Some(number));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// The numbers left in this device's leases, by kind.
+    pub fn leased_numbers_left(&mut self) -> Result<Value, ReadError> {
+        let me = hex::encode(self.me.public());
+        let ids = self.find_ids(
+            "Basic",
+            &IdentifierQuery::Exact(IdentKey::new(LEASE_HOLDER_SYSTEM, me.clone())),
+        )?;
+        let mut left: BTreeMap<&'static str, u64> = BTreeMap::new();
+        for id in ids {
+            if let Some((_, json)) = self.stored_json(&id)?
+                && let Some(lease) = Lease::from_json(&json)
+                && lease.holder == me
+            {
+                let used = match self.lease_used.get(&id) {
+                    Some(u) => *u,
+                    None => self
+                        .store
+                        .checkpoint(&format!("{LOCAL_CHECKPOINT_PREFIX}lease:{id}"))?
+                        .and_then(|b| String::from_utf8(b).ok())
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or(0),
+                };
+                *left.entry(lease.kind.name()).or_default() += lease.count.saturating_sub(used);
+            }
+        }
+        Ok(json!(left))
+    }
+}
