@@ -1,7 +1,8 @@
 //! A node's data directory: its config file, its key and its store.
 //!
 //! ```text
-//! DIR/fieldmesh.toml   configuration (name, role, identifier system, HTTP address, cache sizes)
+//! DIR/fieldmesh.toml   configuration (name, role, identifier system, HTTP address, cache sizes,
+//!                      the rules of business numbers)
 //! DIR/node.key         the node's ed25519 secret key (32 bytes, readable by its owner only)
 //! DIR/api.token        the bearer token of the local FHIR API (readable by its owner only)
 //! DIR/store.redb       the document store
@@ -71,6 +72,10 @@ pub struct Config {
     pub sync: SyncConfig,
     /// The deployment's root of trust.
     pub trust: TrustConfig,
+    /// The deployment's rules for business numbers (insurance numbers, claim codes) and the
+    /// size of the blocks central leases to devices. The same on every node.
+    #[serde(default)]
+    pub numbers: fieldmesh_engine::central::NumberConfig,
 }
 
 /// `[trust]` section.
@@ -237,6 +242,7 @@ impl DataDir {
             http: HttpConfig::default(),
             storage: StorageConfig::default(),
             sync: SyncConfig::default(),
+            numbers: fieldmesh_engine::central::NumberConfig::default(),
         };
         let text = toml::to_string_pretty(&config).context("cannot write the config")?;
         fs::write(path.join(CONFIG_FILE), text)

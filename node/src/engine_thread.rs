@@ -14,11 +14,13 @@
 
 use std::thread;
 
+use fieldmesh_engine::central::{Central, CentralError, STEP_ENTRIES};
 use fieldmesh_engine::{
     Engine, MergeError, MergeReport, Outcome, ReadError, Reader, Served, Source, Stored, SyncError,
     WriteError,
 };
 use fieldmesh_fhir_docs::IdentifierQuery;
+use fieldmesh_fhir_docs::openimis::numbers::NumberKind;
 use fieldmesh_protocol::{Checkpoint, DocPayload, Heads, Start};
 use fieldmesh_storage::{Quarantined, Stats};
 use fieldmesh_trust::PeerKey;
@@ -75,6 +77,13 @@ enum Command {
     Scope {
         reply: Reply<Value, SyncError>,
     },
+    Local {
+        reply: Reply<Value, CentralError>,
+    },
+    Reserve {
+        kind: NumberKind,
+        reply: Reply<Option<String>, ReadError>,
+    },
     /// Commit what is waiting, reply, and end the thread.
     Stop,
 }
@@ -108,8 +117,12 @@ pub struct EngineHandle {
 }
 
 impl EngineHandle {
-    /// Starts the engine thread.
-    pub fn spawn(engine: Engine) -> std::io::Result<(Self, thread::JoinHandle<()>)> {
+    /// Starts the engine thread; on central, with central's services (`central`), which it
+    /// runs whenever the store holds arrivals they have not processed and no command waits.
+    pub fn spawn(
+        engine: Engine,
+        central: Option<Central>,
+    ) -> std::io::Result<(Self, thread::JoinHandle<()>)> {
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
         let (events, _) = broadcast::channel(EVENT_QUEUE);
         let last = engine.stats().map(|s| s.last_seq).unwrap_or_default();
@@ -126,7 +139,7 @@ impl EngineHandle {
         };
         let join = thread::Builder::new()
             .name("fieldmesh-engine".into())
-            .spawn(move || run(engine, rx, publish))?;
+            .spawn(move || run(engine, rx, publish, central))?;
         Ok((
             Self {
                 tx,
@@ -334,6 +347,21 @@ impl EngineHandle {
         self.call(|reply| Command::Scope { reply }).await
     }
 
+    /// This node's own figures for `/status`: its flagged resources, the numbers left in its
+    /// leases and, on central, what central's services did.
+    pub async fn local_status(&self) -> Result<Value, HandleError<CentralError>> {
+        self.call(|reply| Command::Local { reply }).await
+    }
+
+    /// Takes the next number of `kind` from this device's leases; answers once it is durably
+    /// marked used (`None`: no lease holds one left).
+    pub async fn reserve(
+        &self,
+        kind: NumberKind,
+    ) -> Result<Option<String>, HandleError<ReadError>> {
+        self.call(|reply| Command::Reserve { kind, reply }).await
+    }
+
     /// Merges documents from a peer; answers once durable.
     pub async fn merge(
         &self,
@@ -370,14 +398,89 @@ enum Deferred {
         Reply<MergeReport, MergeError>,
         Result<MergeReport, MergeError>,
     ),
+    Reserved(
+        Reply<Option<String>, ReadError>,
+        Result<Option<String>, ReadError>,
+    ),
 }
 
-fn run(mut engine: Engine, mut rx: mpsc::Receiver<Command>, publish: Publish) {
+fn run(
+    mut engine: Engine,
+    mut rx: mpsc::Receiver<Command>,
+    publish: Publish,
+    mut central: Option<Central>,
+) {
     let mut stop = false;
+    // Central's services wait for the next command after a failed step (no hot loop).
+    let mut central_failed = false;
     while !stop {
-        let Some(first) = rx.blocking_recv() else {
-            break;
+        let work = !central_failed && central.as_ref().is_some_and(|c| c.has_work(&engine));
+        let first = if work {
+            match rx.try_recv() {
+                Ok(cmd) => Some(cmd),
+                Err(mpsc::error::TryRecvError::Empty) => None,
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+            }
+        } else {
+            match rx.blocking_recv() {
+                Some(cmd) => Some(cmd),
+                None => break,
+            }
         };
+        if let Some(first) = first {
+            central_failed = false;
+            stop = run_batch(&mut engine, &mut rx, &publish, first, central.as_ref());
+        }
+        if !stop && let Some(c) = central.as_mut() {
+            central_failed = !central_step(&mut engine, c, &publish);
+        }
+    }
+    if let Err(e) = engine.flush() {
+        tracing::error!(error = %e, "final commit failed");
+    }
+    publish_after_commit(&mut engine, &publish);
+}
+
+/// One step of central's services, committed and published; false if it failed.
+fn central_step(engine: &mut Engine, central: &mut Central, publish: &Publish) -> bool {
+    let report = central.step(engine, STEP_ENTRIES);
+    let committed = engine.flush();
+    publish_after_commit(engine, publish);
+    match (report, committed) {
+        (Ok(r), Ok(_)) => {
+            if r.edited > 0 || r.leases > 0 {
+                tracing::info!(
+                    read = r.read,
+                    edited = r.edited,
+                    canonical = r.canonical,
+                    leases = r.leases,
+                    "central's services"
+                );
+            }
+            true
+        }
+        (Err(e), _) => {
+            tracing::error!(error = %e, "central's services failed; they try again after the next command");
+            false
+        }
+        (_, Err(e)) => {
+            tracing::error!(error = %e, "central's services could not commit; they try again after the next command");
+            false
+        }
+    }
+}
+
+/// Runs `first` and every command waiting behind it (up to [`MAX_BATCH`]), commits their
+/// writes in one transaction, then replies. Returns whether a stop was asked.
+fn run_batch(
+    engine: &mut Engine,
+    rx: &mut mpsc::Receiver<Command>,
+    publish: &Publish,
+    first: Command,
+    central: Option<&Central>,
+) -> bool {
+    let mut stop = false;
+    {
         let mut deferred = Vec::new();
         let mut next = Some(first);
         let mut taken = 0;
@@ -386,7 +489,7 @@ fn run(mut engine: Engine, mut rx: mpsc::Receiver<Command>, publish: Publish) {
                 stop = true;
                 break;
             }
-            execute(&mut engine, cmd, &mut deferred);
+            execute(engine, cmd, &mut deferred, central);
             taken += 1;
             if taken < MAX_BATCH {
                 next = rx.try_recv().ok();
@@ -422,17 +525,20 @@ fn run(mut engine: Engine, mut rx: mpsc::Receiver<Command>, publish: Publish) {
                 (Deferred::Merged(reply, r), Err(e)) => {
                     let _ = reply.send(r.and(Err(MergeError::Commit(e.clone()))));
                 }
+                (Deferred::Reserved(reply, r), Ok(_)) => {
+                    let _ = reply.send(r);
+                }
+                (Deferred::Reserved(reply, r), Err(e)) => {
+                    let _ = reply.send(r.and(Err(ReadError::Commit(e.clone()))));
+                }
             }
         }
         if let Err(e) = &committed {
             tracing::error!(error = %e, "a commit failed; its writes were not acknowledged");
         }
-        publish_after_commit(&mut engine, &publish);
+        publish_after_commit(engine, publish);
     }
-    if let Err(e) = engine.flush() {
-        tracing::error!(error = %e, "final commit failed");
-    }
-    publish_after_commit(&mut engine, &publish);
+    stop
 }
 
 fn publish_after_commit(engine: &mut Engine, publish: &Publish) {
@@ -463,7 +569,12 @@ fn publish_after_commit(engine: &mut Engine, publish: &Publish) {
     }
 }
 
-fn execute(engine: &mut Engine, cmd: Command, deferred: &mut Vec<Deferred>) {
+fn execute(
+    engine: &mut Engine,
+    cmd: Command,
+    deferred: &mut Vec<Deferred>,
+    central: Option<&Central>,
+) {
     match cmd {
         Command::Create { ty, body, reply } => {
             let r = engine
@@ -506,6 +617,12 @@ fn execute(engine: &mut Engine, cmd: Command, deferred: &mut Vec<Deferred>) {
         Command::Scope { reply } => {
             let _ = reply.send(engine.scope_report().map(|r| r.to_json()));
         }
+        Command::Local { reply } => {
+            let _ = reply.send(local_status(engine, central));
+        }
+        Command::Reserve { kind, reply } => {
+            deferred.push(Deferred::Reserved(reply, engine.take_leased_number(kind)));
+        }
         Command::Merge { docs, from, reply } => {
             deferred.push(Deferred::Merged(
                 reply,
@@ -514,6 +631,19 @@ fn execute(engine: &mut Engine, cmd: Command, deferred: &mut Vec<Deferred>) {
         }
         Command::Stop => {}
     }
+}
+
+/// This node's flagged resources, the numbers left in its leases and, on central, the figures
+/// of central's services.
+fn local_status(engine: &mut Engine, central: Option<&Central>) -> Result<Value, CentralError> {
+    let mut out = serde_json::json!({
+        "flagged": engine.flagged()?,
+        "leased_numbers_left": engine.leased_numbers_left()?,
+    });
+    if let Some(c) = central {
+        out["central"] = c.status(engine);
+    }
+    Ok(out)
 }
 
 /// The resource as written, for the reply.

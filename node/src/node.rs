@@ -77,7 +77,16 @@ pub async fn run_with(
         tracing::warn!("playing a byzantine device: local writes are not checked");
         engine.play_byzantine();
     }
-    let (handle, engine_thread) = EngineHandle::spawn(engine)?;
+    engine.set_number_rules(dir.config.numbers.clone());
+    let central = match dir.config.role {
+        crate::config::Role::Central => Some(
+            fieldmesh_engine::central::Central::open(&engine, dir.config.numbers.clone()).map_err(
+                |e| anyhow::anyhow!("{e}: is {} central's data directory?", dir.path.display()),
+            )?,
+        ),
+        _ => None,
+    };
+    let (handle, engine_thread) = EngineHandle::spawn(engine, central)?;
     let info = NodeInfo {
         name: dir.config.name.clone(),
         role: dir.config.role.to_string(),

@@ -3,8 +3,9 @@
 //! [`fieldmesh`] builds the binary once (with the same profile as the tests) and returns its path;
 //! [`Node`] initialises a data directory, starts `fieldmesh run` on a free loopback port and kills
 //! the process when dropped; [`peer::TestPeer`] is a libp2p peer the tests drive frame by frame
-//! (a silent peer, an attacker).
+//! (a silent peer, an attacker); [`deploy`] sets up a field deployment of them.
 
+pub mod deploy;
 pub mod peer;
 
 use std::io::{BufRead, BufReader};

@@ -6,15 +6,11 @@
 //! write made just before; a device that lies in its `Hello` gets nothing more.
 #![allow(clippy::unwrap_used)] // tests may panic on unexpected errors
 
-use std::path::Path;
-
 use fieldmesh_fhir_docs::openimis::LOCATION_EXTENSION;
+use fieldmesh_tests::deploy::{WAIT, device, holds, location, post, start, wait_gone, wait_holds};
 use fieldmesh_tests::peer::TestPeer;
-use fieldmesh_tests::{Node, certified_key, certify, init, init_uncertified, run_ok};
+use fieldmesh_tests::{Node, certified_key, init, run_ok};
 use serde_json::{Value, json};
-
-/// Seconds to wait for sync to deliver (or take away) something.
-const WAIT: u64 = 90;
 
 /// A district with three villages and two facilities, and a village of another district, as
 /// central wrote them.
@@ -26,22 +22,6 @@ struct Places {
     other: String,
     facility_1: String,
     facility_2: String,
-}
-
-fn post(n: &Node, ty: &str, body: Value) -> String {
-    let (status, _, r) = n.post(&format!("/fhir/{ty}"), &body).unwrap();
-    assert_eq!(status, 201, "{ty}: {r}");
-    r["id"].as_str().unwrap().to_string()
-}
-
-fn location(n: &Node, code: &str, kind: &str, part_of: Option<&str>) -> String {
-    let mut l = json!({"resourceType": "Location", "name": code, "status": "active", "mode": "instance",
-        "identifier": [{"type": {"coding": [{"code": "Code"}]}, "value": code}],
-        "physicalType": {"coding": [{"code": kind}]}});
-    if let Some(p) = part_of {
-        l["partOf"] = json!({"reference": format!("Location/{p}")});
-    }
-    post(n, "Location", l)
 }
 
 fn reference_data(central: &Node) -> Places {
@@ -83,36 +63,6 @@ fn claim(patient: &str, facility: &str) -> Value {
         "billablePeriod": {"start": "2026-11-20", "end": "2026-11-20"},
         "patient": {"reference": format!("Patient/{patient}")},
         "provider": {"reference": format!("Organization/{facility}")}})
-}
-
-fn holds(n: &Node, ty: &str, id: &str) -> bool {
-    n.get(&format!("/fhir/{ty}/{id}")).unwrap().0 == 200
-}
-
-fn wait_holds(n: &Node, ty: &str, id: &str, what: &str) {
-    n.wait_for(WAIT, what, |n| Ok(holds(n, ty, id))).unwrap();
-}
-
-fn wait_gone(n: &Node, ty: &str, id: &str, what: &str) {
-    n.wait_for(WAIT, what, |n| Ok(!holds(n, ty, id))).unwrap();
-}
-
-/// A device certified with `grant` (the `cert issue` arguments after `--subject`), started with
-/// `peers`.
-fn device(dir: &Path, name: &str, grant: &[&str], peers: &[&str]) -> Node {
-    let data = dir.join(name);
-    init_uncertified(&data, name, "device").unwrap();
-    certify(&data, grant).unwrap();
-    start(&data, peers)
-}
-
-fn start(data: &Path, peers: &[&str]) -> Node {
-    let mut args = Vec::new();
-    for p in peers {
-        args.push("--peer");
-        args.push(*p);
-    }
-    Node::run_with(data.to_path_buf(), &args).unwrap()
 }
 
 fn status_scope(n: &Node) -> Value {

@@ -179,8 +179,11 @@ pub enum CentralError {
     /// The services' state record is unreadable.
     #[error("the record of central's services is damaged: {0}")]
     State(String),
-    /// This node is not central (its key is not the root of trust).
-    #[error("central's services run only on central (the node whose key is the root of trust)")]
+    /// This node is not central: its key is neither the root of trust nor certified with the
+    /// central role.
+    #[error(
+        "central's services run only on central: this node's key is neither the root of trust nor certified with the central role"
+    )]
     NotCentral,
 }
 
@@ -192,12 +195,20 @@ pub struct Central {
     own: HashMap<DocId, Vec<[u8; 32]>>,
     /// Whether the state changed since it was last staged.
     dirty: bool,
+    /// The store's last sequence when a step last found the log read to its end (writes that
+    /// take a sequence but leave no log entry, quarantine records, are not work).
+    read_to: u64,
 }
 
 impl Central {
     /// Central's services over `engine`, resuming from their record in its store.
     pub fn open(engine: &Engine, config: NumberConfig) -> Result<Self, CentralError> {
-        if engine.identity().public() != engine.identity().root {
+        let me = engine.identity();
+        let certified_central = engine
+            .trust()
+            .authority(&me.public(), me.time(), engine.trust().revocations_held())
+            .is_ok_and(|a| a.roles.contains(&Role::Central));
+        if me.public() != me.root && !certified_central {
             return Err(CentralError::NotCentral);
         }
         let state = match engine.store().checkpoint(STATE_KEY)? {
@@ -211,6 +222,7 @@ impl Central {
             state,
             own: HashMap::new(),
             dirty: false,
+            read_to: 0,
         })
     }
 
@@ -219,16 +231,20 @@ impl Central {
         engine
             .store()
             .stats()
-            .is_ok_and(|s| s.last_seq > self.state.cursor)
+            .is_ok_and(|s| s.last_seq > self.state.cursor.max(self.read_to))
     }
 
     /// Processes up to `max` log entries committed since the last step, then issues the leases
     /// due. Stages every edit and the new state; the caller commits ([`Engine::flush`]).
     pub fn step(&mut self, engine: &mut Engine, max: usize) -> Result<StepReport, CentralError> {
         let mut report = StepReport::default();
+        let last = engine.store().stats()?.last_seq;
         let entries = engine.store().changes_since(self.state.cursor, max)?;
         report.read = entries.len();
         report.more = entries.len() == max;
+        if !report.more {
+            self.read_to = last;
+        }
         let mut seen = HashSet::new();
         for (seq, raw) in entries {
             let id = DocId(uuid::Uuid::from_bytes(raw));

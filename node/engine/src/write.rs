@@ -457,10 +457,7 @@ impl Engine {
     }
 
     /// The stored JSON of document `id` (staged writes included), if this node holds it.
-    pub(crate) fn stored_json(
-        &mut self,
-        id: &DocId,
-    ) -> Result<Option<TypedJson>, ReadError> {
+    pub(crate) fn stored_json(&mut self, id: &DocId) -> Result<Option<TypedJson>, ReadError> {
         let Some(mut live) = self.take(id)? else {
             return Ok(None);
         };

@@ -120,6 +120,12 @@ impl From<ReadError> for ApiError {
     }
 }
 
+impl From<fieldmesh_engine::central::CentralError> for ApiError {
+    fn from(e: fieldmesh_engine::central::CentralError) -> Self {
+        Self::internal(e.to_string())
+    }
+}
+
 impl<E> From<HandleError<E>> for ApiError
 where
     ApiError: From<E>,

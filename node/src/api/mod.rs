@@ -10,7 +10,11 @@
 //! - `GET /<Type>/<id>/$automerge` (the saved Automerge document); `GET /metadata`
 //!   (CapabilityStatement).
 //!
-//! Besides, `GET /status` reports the node and its peers, `GET /quarantine` the refused changes.
+//! Besides, `GET /status` reports the node and its peers (on central, what central's services
+//! did; on a device, which of its resources central flagged and the numbers left in its leases),
+//! `GET /quarantine` the refused changes, `GET /flags` the flagged resources with their
+//! reasons, and `POST /numbers/chfid` (or `/numbers/claim-code`) hands out the next number of
+//! the device's leases.
 //!
 //! The API is for the apps of the device's own user: every route but `/status` and
 //! `/fhir/metadata` (which carry no resource content) needs `Authorization: Bearer <token>`, the
@@ -78,6 +82,11 @@ pub fn router(engine: EngineHandle, info: NodeInfo, peers: PeerTable, token: Str
     Router::new()
         .route("/status", get(status::status))
         .route("/quarantine", get(status::quarantine))
+        .route("/flags", get(status::flags))
+        .route(
+            "/numbers/{kind}",
+            axum::routing::post(status::reserve_number),
+        )
         .route("/fhir/metadata", get(fhir::metadata))
         .route("/fhir/{ty}", get(fhir::search).post(fhir::create))
         .route("/fhir/{ty}/{id}", get(fhir::read).put(fhir::update))
