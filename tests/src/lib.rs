@@ -188,6 +188,39 @@ pub fn set_sync(data: &Path, frame_timeout: u64, resync: u64) -> Result<()> {
     Ok(())
 }
 
+/// Sets the insurance-number rule of the node in `data` (`[numbers.chfid]`): `length` digits,
+/// the last the rest modulo `modulo`.
+pub fn set_chfid_rule(data: &Path, length: usize, modulo: u32) -> Result<()> {
+    let path = data.join("fieldmesh.toml");
+    let text = std::fs::read_to_string(&path)?;
+    let mut out = String::new();
+    let mut in_section = false;
+    for line in text.lines() {
+        if line.starts_with('[') {
+            in_section = line.trim() == "[numbers.chfid]";
+            out.push_str(line);
+            out.push('\n');
+            if in_section {
+                out.push_str(&format!(
+                    "min_length = {length}\nmax_length = {length}\nmodulo_root = {modulo}\n"
+                ));
+            }
+            continue;
+        }
+        if !in_section {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    anyhow::ensure!(
+        out.contains("modulo_root"),
+        "no [numbers.chfid] section in {}",
+        path.display()
+    );
+    std::fs::write(&path, out)?;
+    Ok(())
+}
+
 /// Runs `fieldmesh check` on a stopped node and fails unless its store is consistent.
 pub fn check(data: &Path) -> Result<()> {
     let out = run_ok(&["check", "--data", data.to_str().unwrap_or_default()])?;

@@ -7,16 +7,16 @@
 
 use fieldmesh_fhir_docs::openimis::LOCATION_EXTENSION;
 use fieldmesh_fhir_docs::openimis::flags::FLAG_EXTENSION;
-use fieldmesh_tests::deploy::{WAIT, device, location, post, start};
-use fieldmesh_tests::{Node, init};
+use fieldmesh_tests::deploy::{WAIT, location, post, start};
+use fieldmesh_tests::{Node, certify, init, init_uncertified, set_chfid_rule};
 use serde_json::{Value, json};
 use unicode_normalization::UnicodeNormalization;
 
 const IG: &str = "https://openimis.github.io/openimis_fhir_r4_ig";
 
-/// An insurance number typed from a pre-printed card: valid under the default rule (9 digits,
-/// check digit modulo 7: 20000000 mod 7 = 6), outside every lease.
-const CARD: &str = "200000006";
+/// An insurance number typed from a pre-printed card: valid under the default rule (10
+/// digits, the last the first nine modulo 7: 200000000 mod 7 = 4), outside every lease.
+const CARD: &str = "2000000004";
 
 fn address(village: &str) -> Value {
     json!({"use": "home", "extension": [{"url": LOCATION_EXTENSION,
@@ -99,6 +99,15 @@ fn dangling(v: &Value, path: &str, out: &mut Vec<String>) {
     }
 }
 
+/// A node of the deployment, certified with `grant`, under Niger's insurance-number rule.
+fn device(dir: &std::path::Path, name: &str, grant: &[&str], peers: &[&str]) -> Node {
+    let data = dir.join(name);
+    init_uncertified(&data, name, "device").unwrap();
+    certify(&data, grant).unwrap();
+    set_chfid_rule(&data, 10, 7).unwrap();
+    start(&data, peers)
+}
+
 fn refs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
@@ -149,6 +158,7 @@ fn officers_offline_then_through_the_hub_get_central_ids_flags_and_links() {
     let d = dir.path();
     let central_data = d.join("central");
     init(&central_data, "central", "central").unwrap();
+    set_chfid_rule(&central_data, 10, 7).unwrap();
     let central = start(&central_data, &[]);
     let district = location(&central, "D1", "D", None);
     let shared = location(&central, "VS", "V", Some(&district));
@@ -233,7 +243,7 @@ fn officers_offline_then_through_the_hub_get_central_ids_flags_and_links() {
     let (status, _, oo) = b
         .post(
             "/fhir/Patient",
-            &patient("X", "Y", "2000-01-01", &own_b, Some("200000007")),
+            &patient("X", "Y", "2000-01-01", &own_b, Some("2000000005")),
         )
         .unwrap();
     assert_eq!(status, 422, "{oo}");

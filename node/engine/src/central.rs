@@ -66,26 +66,14 @@ const FLAGGED_LISTED: usize = 100;
 #[serde(deny_unknown_fields)]
 pub struct NumberConfig {
     /// The rule of insurance numbers (openIMIS `insuree_number_*` settings).
-    #[serde(default = "default_chfid_rule")]
+    #[serde(default)]
     pub chfid: NumberRule,
     /// The rule of claim codes.
-    #[serde(default = "default_claim_rule")]
+    #[serde(default)]
     pub claim_code: NumberRule,
     /// Numbers in one lease.
     #[serde(default = "default_lease_size")]
     pub lease_size: u64,
-}
-
-fn default_chfid_rule() -> NumberRule {
-    NumberRule::fixed(9, Some(7))
-}
-
-fn default_claim_rule() -> NumberRule {
-    NumberRule {
-        min_length: None,
-        max_length: Some(8),
-        modulo_root: None,
-    }
 }
 
 fn default_lease_size() -> u64 {
@@ -93,12 +81,13 @@ fn default_lease_size() -> u64 {
 }
 
 impl Default for NumberConfig {
-    /// Insurance numbers of 9 digits with a check digit modulo 7; claim codes of at most 8
-    /// characters (openIMIS's column), made as 8 digits; leases of 200.
+    /// As openIMIS's default settings: any non-empty number is valid (set the deployment's
+    /// rule, e.g. Niger's 10 digits with a check digit modulo 7, in `[numbers.chfid]`); leases
+    /// of 200.
     fn default() -> Self {
         Self {
-            chfid: default_chfid_rule(),
-            claim_code: default_claim_rule(),
+            chfid: NumberRule::default(),
+            claim_code: NumberRule::default(),
             lease_size: default_lease_size(),
         }
     }
@@ -110,6 +99,30 @@ impl NumberConfig {
         match kind {
             NumberKind::Chfid => self.chfid,
             NumberKind::ClaimCode => self.claim_code,
+        }
+    }
+
+    /// The rule numbers central makes of `kind` follow: the deployment's, of the length it
+    /// sets, else of 9 digits for insurance numbers and 8 for claim codes (openIMIS's claim
+    /// code column holds 8 characters).
+    pub fn making_rule(&self, kind: NumberKind) -> NumberRule {
+        let mut rule = self.rule(kind);
+        if rule.min_length.is_none() && rule.max_length.is_none() {
+            let length = match kind {
+                NumberKind::Chfid => 9,
+                NumberKind::ClaimCode => 8,
+            };
+            rule.max_length = Some(length);
+        }
+        rule
+    }
+
+    /// Niger's rule for insurance numbers (10 digits, the last the first nine modulo 7), as
+    /// the demo deployment and its synthetic data use.
+    pub fn niger() -> Self {
+        Self {
+            chfid: NumberRule::fixed(10, Some(7)),
+            ..Self::default()
         }
     }
 }
@@ -415,7 +428,7 @@ impl Central {
         engine: &Engine,
         kind: NumberKind,
     ) -> Result<Option<String>, CentralError> {
-        let rule = self.config.rule(kind);
+        let rule = self.config.making_rule(kind);
         loop {
             let n = self.counter(kind);
             if n >= rule.capacity() {
@@ -436,13 +449,15 @@ impl Central {
         }
     }
 
-    /// The next counter of `kind`: numbers start at 1 followed by zeros (`100000004`, not
-    /// `000000016`).
+    /// The next counter of `kind`. Central's numbers start in the middle of the range the rule
+    /// allows (`5000000004` for 10 digits), leaving the lower half to numbers printed on cards
+    /// before the deployment; a number some resource holds already is never made again.
     fn counter(&self, kind: NumberKind) -> u64 {
-        self.state.next.get(&kind).copied().unwrap_or_else(|| {
-            let rule = self.config.rule(kind);
-            rule.capacity() / 10
-        })
+        self.state
+            .next
+            .get(&kind)
+            .copied()
+            .unwrap_or_else(|| self.config.making_rule(kind).capacity() / 2)
     }
 
     fn count_lease_use(&mut self, kind: NumberKind, number: &str) {
@@ -453,7 +468,7 @@ impl Central {
                     holder: String::new(),
                     first: l.first,
                     count: l.count,
-                    rule: self.config.rule(kind),
+                    rule: self.config.making_rule(kind),
                 };
                 if lease.contains(number) {
                     l.used += 1;
@@ -662,7 +677,7 @@ impl Central {
         }
         let mut issued = 0;
         for (kind, holder, places) in due.into_iter().take(LEASES_PER_STEP) {
-            let rule = self.config.rule(kind);
+            let rule = self.config.making_rule(kind);
             let first = self.counter(kind);
             let count = self.config.lease_size;
             if first.saturating_add(count) > rule.capacity() {

@@ -44,7 +44,7 @@ struct World {
 fn officer_engine(n: u8, root: &SigningKey) -> Engine {
     let mut e =
         fieldmesh_engine::test_support::engine(&[n; 32], &format!("officer-{n}"), &public(root));
-    e.set_number_rules(NumberConfig::default());
+    e.set_number_rules(NumberConfig::niger());
     e
 }
 
@@ -88,7 +88,7 @@ fn world(central_store: Box<dyn Store>) -> World {
         e.merge(certs.clone(), &Source::Local).unwrap();
         e.flush().unwrap();
     }
-    let services = Central::open(&central, NumberConfig::default()).unwrap();
+    let services = Central::open(&central, NumberConfig::niger()).unwrap();
     World {
         root,
         central,
@@ -172,9 +172,9 @@ fn central_gives_canonical_ids_flags_a_number_used_twice_and_links_a_duplicate_p
             &|_| None,
         )
         .unwrap();
-    let card = "200000006";
+    let card = "2000000004";
     assert!(
-        NumberConfig::default()
+        NumberConfig::niger()
             .chfid
             .check(NumberKind::Chfid, card)
             .is_ok()
@@ -189,7 +189,7 @@ fn central_gives_canonical_ids_flags_a_number_used_twice_and_links_a_duplicate_p
         .unwrap();
     let nfc =
         w.a.create(
-            patient("Ouédraogo", "Aïcha", "1990-03-24", "V2", Some("200000010")),
+            patient("Ouédraogo", "Aïcha", "1990-03-24", "V2", Some("2000000015")),
             None,
             false,
             &|_| None,
@@ -198,7 +198,7 @@ fn central_gives_canonical_ids_flags_a_number_used_twice_and_links_a_duplicate_p
     w.a.flush().unwrap();
     // A number that fails the check digit is refused on the device, as openIMIS refuses it.
     let bad = w.a.create(
-        patient("X", "Y", "2000-01-01", "V1", Some("200000007")),
+        patient("X", "Y", "2000-01-01", "V1", Some("2000000005")),
         None,
         false,
         &|_| None,
@@ -249,7 +249,7 @@ fn central_gives_canonical_ids_flags_a_number_used_twice_and_links_a_duplicate_p
         .unwrap()
         .to_string();
     assert!(
-        NumberConfig::default()
+        NumberConfig::niger()
             .chfid
             .check(NumberKind::Chfid, &number)
             .is_ok()
@@ -362,7 +362,7 @@ fn the_services_resume_after_a_restart_and_never_lease_a_number_twice() {
         NodeIdentity::new(CENTRAL.into(), &[1; 32], public(&w.root)),
         256,
     );
-    let mut services = Central::open(&central, NumberConfig::default()).unwrap();
+    let mut services = Central::open(&central, NumberConfig::niger()).unwrap();
     let after = services.status(&central);
     assert_eq!(after["numbers"], first["numbers"]);
     assert!(after["awaiting_processing"].as_u64().unwrap() > 0);
@@ -391,7 +391,7 @@ fn a_canonical_id_that_collides_gets_a_new_uuid_and_a_missing_number_is_assigned
     // A resource central holds, imported from openIMIS with its UUID...
     let imported = DocId::new();
     let openimis_uuid = uuid::Uuid::new_v4().to_string();
-    let mut r = patient("Abdou", "Moussa", "1960-01-01", "V1", Some("300000002"));
+    let mut r = patient("Abdou", "Moussa", "1960-01-01", "V1", Some("3000000006"));
     r["id"] = json!(imported.to_string());
     r["identifier"].as_array_mut().unwrap().push(
         json!({"type": {"coding": [{"system": OPENIMIS_IDENTIFIER_TYPES, "code": "UUID"}]}, "value": openimis_uuid}),
@@ -432,7 +432,7 @@ fn a_canonical_id_that_collides_gets_a_new_uuid_and_a_missing_number_is_assigned
         .map(|i| i["value"].as_str().unwrap().to_string());
     let number = number.expect("central assigned a number");
     assert!(
-        NumberConfig::default()
+        NumberConfig::niger()
             .chfid
             .check(NumberKind::Chfid, &number)
             .is_ok()
