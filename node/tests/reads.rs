@@ -113,7 +113,7 @@ fn reads_answer_while_a_write_waits_for_its_commit_and_never_show_it_early() {
         .merge(vec![certificate_doc(&root, &cert, now())], &Source::Local)
         .unwrap();
     engine.flush().unwrap();
-    let (handle, thread) = EngineHandle::spawn(engine).unwrap();
+    let (handle, thread) = EngineHandle::spawn(engine, None).unwrap();
     let patient = |family: &str| {
         json!({"resourceType": "Patient", "name": [{"family": family}], "birthDate": "1990-01-01",
             "identifier": [{"system": "urn:test", "value": family}]})

@@ -108,6 +108,9 @@ fn device(dir: &std::path::Path, name: &str, grant: &[&str], peers: &[&str]) -> 
     start(&data, peers)
 }
 
+/// A resource a node should hold: type, id, the system of the node that created it.
+type Held<'a> = (&'a str, &'a str, &'a str);
+
 fn refs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
@@ -333,7 +336,7 @@ fn officers_offline_then_through_the_hub_get_central_ids_flags_and_links() {
         .unwrap()
         .to_string();
     let types = ["Patient", "Patient", "Group", "Contract"];
-    let mut held: Vec<(&Node, Vec<(&str, &str, &str)>)> = Vec::new();
+    let mut held: Vec<(&Node, Vec<Held<'_>>)> = Vec::new();
     let everything: Vec<(&str, &str, &str)> = types
         .iter()
         .zip(&fam_a)

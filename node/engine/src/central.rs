@@ -185,10 +185,10 @@ pub enum CentralError {
     Store(#[from] StoreError),
     /// A document could not be read.
     #[error("{0}")]
-    Read(#[from] ReadError),
+    Read(Box<ReadError>),
     /// An edit could not be made.
     #[error("{0}")]
-    Write(#[from] WriteError),
+    Write(Box<WriteError>),
     /// The services' state record is unreadable.
     #[error("the record of central's services is damaged: {0}")]
     State(String),
@@ -198,6 +198,18 @@ pub enum CentralError {
         "central's services run only on central: this node's key is neither the root of trust nor certified with the central role"
     )]
     NotCentral,
+}
+
+impl From<ReadError> for CentralError {
+    fn from(e: ReadError) -> Self {
+        CentralError::Read(Box::new(e))
+    }
+}
+
+impl From<WriteError> for CentralError {
+    fn from(e: WriteError) -> Self {
+        CentralError::Write(Box::new(e))
+    }
 }
 
 /// Central's services over an engine. See the module docs.
