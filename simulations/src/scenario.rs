@@ -109,8 +109,21 @@ pub struct Scenario {
     /// and scope invariants must then fail.
     #[serde(default)]
     pub canary_hoarding_devices: bool,
+    /// Central's services (canonical ids, business numbers, duplicate persons, leases) run on
+    /// central after every session and bundle that reaches it. On unless set to false.
+    #[serde(default = "on")]
+    pub central_services: bool,
+    /// Probability that an officer registers again, on a day, an insuree of its villages it
+    /// holds (same name, birth date, village and card number, as a second officer would):
+    /// central must flag the number and link the person.
+    #[serde(default)]
+    pub duplicate_probability: f64,
     /// Rounds of full connectivity after the last day within which honest nodes must converge.
     pub heal_rounds: u32,
+}
+
+fn on() -> bool {
+    true
 }
 
 impl Scenario {

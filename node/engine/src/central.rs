@@ -398,7 +398,8 @@ impl Central {
         let collides = taken(&me)? || taken("openimis-type:UUID")?;
         let value = if collides {
             self.state.collisions += 1;
-            let fresh = uuid::Uuid::new_v4().to_string();
+            // A new UUID, derived from the document's own id: every run decides alike.
+            let fresh = derived_uuid(&["canonical", &id.to_string()]).to_string();
             tracing::warn!(doc = %id, ty, taken = %candidate, canonical = %fresh, "canonical id collides: a new UUID");
             fresh
         } else {
@@ -711,12 +712,11 @@ impl Central {
                 .iter()
                 .map(|p| json!({"type": "Location", "identifier": {"value": p}}))
                 .collect();
-            engine.create(
-                Value::Object(lease.to_json(&at)),
-                Some("Basic"),
-                false,
-                &|_| None,
-            )?;
+            let mut doc = lease.to_json(&at);
+            // One document per block: its id follows from the block.
+            let id = derived_uuid(&["lease", kind.name(), &first.to_string()]);
+            doc.insert("id".into(), Value::String(id.to_string()));
+            engine.create(Value::Object(doc), Some("Basic"), true, &|_| None)?;
             self.state.leases.push(LeaseRecord {
                 kind,
                 holder,
@@ -766,6 +766,20 @@ impl Central {
             "duplicate_persons": {"found": self.state.persons_linked, "linked": self.state.persons_linked},
         })
     }
+}
+
+/// A UUID (v8, RFC 9562) derived from `parts`: the same parts give the same UUID.
+fn derived_uuid(parts: &[&str]) -> uuid::Uuid {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for p in parts {
+        h.update(p.as_bytes());
+        h.update([0]);
+    }
+    let digest = h.finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_custom_bytes(bytes).into_uuid()
 }
 
 /// A change to make to another registration after processing one.

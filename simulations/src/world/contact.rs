@@ -203,6 +203,9 @@ impl World {
         if !complete {
             self.out.aborted += 1;
         }
+        if a == 0 || b == 0 {
+            self.run_central()?;
+        }
         let got_a = self.drain_events(a).len();
         let got_b = self.drain_events(b).len();
         let line = format!(

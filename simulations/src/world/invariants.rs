@@ -59,6 +59,108 @@ impl World {
         }
     }
 
+    /// What central's services must have settled once the world converged: every resource
+    /// created elsewhere has exactly one canonical id, no two resources of a type share one;
+    /// of the insurees holding one card number exactly one keeps it (the others are flagged);
+    /// every insuree registered twice is linked to the other registration.
+    fn central_invariants(&mut self) -> Result<(), SimError> {
+        use fieldmesh_fhir_docs::openimis::flags::{FlagCode, flags_of};
+        use fieldmesh_fhir_docs::openimis::persons::blocking_keys;
+        let system = "urn:fieldmesh:node:central";
+        let dump = self.nodes[0]
+            .store
+            .index_entries()
+            .map_err(|e| fail("central", e))?;
+        let mut canonical: HashMap<(String, String), Vec<[u8; 16]>> = HashMap::new();
+        let mut numbers: HashMap<String, Vec<[u8; 16]>> = HashMap::new();
+        for (ty, sys, value, doc) in &dump.identifiers {
+            if sys == system {
+                canonical
+                    .entry((ty.clone(), value.clone()))
+                    .or_default()
+                    .push(*doc);
+            }
+            if ty == "Patient" && sys == "openimis-type:Code" {
+                numbers.entry(value.clone()).or_default().push(*doc);
+            }
+        }
+        let shared: Vec<_> = canonical.iter().filter(|(_, d)| d.len() > 1).collect();
+        if let Some(((ty, v), docs)) = shared.first() {
+            self.out.violations.push(format!(
+                "{} canonical ids name several resources, e.g. {ty} {v} ({} documents)",
+                shared.len(),
+                docs.len()
+            ));
+        }
+        let with_id: std::collections::HashSet<[u8; 16]> =
+            canonical.values().flatten().copied().collect();
+        let mut missing = Vec::new();
+        let ids: Vec<[u8; 16]> = {
+            let mut v: Vec<[u8; 16]> = self.tracked.keys().copied().collect();
+            v.sort();
+            v
+        };
+        for id in ids {
+            let held = self.nodes[0].store.doc_meta(&id).ok().flatten();
+            if held.is_some() && !with_id.contains(&id) {
+                missing.push(uuid::Uuid::from_bytes(id).to_string());
+            }
+        }
+        if !missing.is_empty() {
+            self.out.violations.push(format!(
+                "{} resources created elsewhere have no canonical id on central, e.g. {}",
+                missing.len(),
+                missing[0]
+            ));
+        }
+        let reader = self.nodes[0].engine().reader();
+        let read = |doc: &[u8; 16]| {
+            reader
+                .read("Patient", &uuid::Uuid::from_bytes(*doc).to_string())
+                .ok()
+                .and_then(|s| s.resource.as_object().cloned())
+                .unwrap_or_default()
+        };
+        let mut numbers: Vec<(String, Vec<[u8; 16]>)> =
+            numbers.into_iter().filter(|(_, d)| d.len() > 1).collect();
+        numbers.sort();
+        for (number, docs) in numbers {
+            let keep = docs
+                .iter()
+                .filter(|d| {
+                    !flags_of(&read(d))
+                        .iter()
+                        .any(|f| f.code == FlagCode::NumberTaken)
+                })
+                .count();
+            if keep != 1 {
+                self.out.violations.push(format!(
+                    "card number {number} is held by {} insurees, {keep} of them unflagged (exactly one keeps it)",
+                    docs.len()
+                ));
+            }
+        }
+        let linked = |j: &serde_json::Map<String, serde_json::Value>| {
+            j.get("link")
+                .and_then(serde_json::Value::as_array)
+                .is_some_and(|l| l.iter().any(|x| x["type"] == "replaced-by"))
+        };
+        for (original, copy) in self.duplicates.clone() {
+            let (a, b) = (read(&original), read(&copy));
+            // Still the same person by the rule (one of them may have moved since).
+            let ka = blocking_keys("Patient", &a);
+            let same = blocking_keys("Patient", &b).iter().any(|k| ka.contains(k));
+            if same && !linked(&a) && !linked(&b) {
+                self.out.violations.push(format!(
+                    "insuree {} registered again as {} and neither is linked replaced-by",
+                    uuid::Uuid::from_bytes(original),
+                    uuid::Uuid::from_bytes(copy)
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn digest(items: &Items) -> [u8; 32] {
         let mut h = Sha256::new();
         for (id, heads) in items {
@@ -244,6 +346,9 @@ impl World {
                 unresolved.len(),
                 unresolved[0]
             ));
+        }
+        if self.services.is_some() && self.out.converged_after.is_some() {
+            self.central_invariants()?;
         }
         // Conflicts on central among edited documents.
         let mut edited: Vec<[u8; 16]> = self.edited.iter().copied().collect();

@@ -17,6 +17,7 @@ mod work;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
+use fieldmesh_engine::central::{Central, NumberConfig, STEP_ENTRIES};
 use fieldmesh_engine::{Engine, NodeIdentity};
 use fieldmesh_fhir_docs::openimis::demo::{Reference, Rng, reference_data_for};
 use fieldmesh_protocol::{Limits, Millis, Scheduler};
@@ -75,6 +76,10 @@ pub struct Outcome {
     pub refused_local: u64,
     /// Phone crashes.
     pub crashes: usize,
+    /// Edits and leases central's services made.
+    pub central_edits: u64,
+    /// Insurees registered twice.
+    pub duplicates: usize,
     /// Documents on central at the end.
     pub central_documents: u64,
     /// Wall-clock seconds the run took.
@@ -148,6 +153,10 @@ pub(crate) struct World {
     pub insuree_no: u64,
     /// Documents an officer held outside its scope, and since when (the privacy invariant).
     pub outside_since: HashMap<(usize, String), i64>,
+    /// Central's services, when the scenario runs them.
+    pub services: Option<Central>,
+    /// Insurees registered twice: (the registration copied, the copy).
+    pub duplicates: Vec<([u8; 16], [u8; 16])>,
 }
 
 pub(crate) fn fail(node: &str, e: impl std::fmt::Display) -> SimError {
@@ -274,11 +283,19 @@ impl World {
             edited: HashSet::new(),
             insuree_no: seed % 1_000_000,
             outside_since: HashMap::new(),
+            services: None,
+            duplicates: Vec::new(),
         };
         for i in 0..w.nodes.len() {
             w.start_engine(i);
         }
         w.provision()?;
+        if w.sc.central_services {
+            let s = Central::open(w.nodes[0].engine(), NumberConfig::niger())
+                .map_err(|e| fail("central", e))?;
+            w.services = Some(s);
+            w.run_central()?;
+        }
         Ok(w)
     }
 
@@ -296,6 +313,7 @@ impl World {
             8,
         );
         e.set_clock(self.now + n.skew);
+        e.set_number_rules(NumberConfig::niger());
         if n.byzantine {
             e.play_byzantine();
         }
@@ -303,6 +321,34 @@ impl World {
             e.play_hoarder();
         }
         n.engine = Some(e);
+    }
+
+    /// Runs central's services until every arrival is processed (as the central node does
+    /// between commands), and hands their edits to central's scheduler.
+    pub(crate) fn run_central(&mut self) -> Result<(), SimError> {
+        let Some(mut services) = self.services.take() else {
+            return Ok(());
+        };
+        self.clock(0);
+        let e = self.nodes[0].engine();
+        let mut edited = 0;
+        loop {
+            let r = services
+                .step(e, STEP_ENTRIES)
+                .map_err(|er| fail("central's services", er))?;
+            e.flush().map_err(|er| fail("central's services", er))?;
+            edited += r.edited + r.leases;
+            if !r.more && !services.has_work(e) {
+                break;
+            }
+        }
+        self.services = Some(services);
+        self.out.central_edits += edited as u64;
+        if edited > 0 {
+            self.record(format!("central's services edited {edited}"));
+        }
+        self.drain_events(0);
+        Ok(())
     }
 
     /// Simulated milliseconds, the schedulers' clock.
@@ -503,6 +549,11 @@ pub fn summary(o: &Outcome) -> BTreeMap<&'static str, String> {
     );
     m.insert("local writes refused", o.refused_local.to_string());
     m.insert("crashes", o.crashes.to_string());
+    m.insert(
+        "central's services: edits and leases",
+        o.central_edits.to_string(),
+    );
+    m.insert("insurees registered twice", o.duplicates.to_string());
     m.insert(
         "documents with conflicts on central",
         o.conflicts.to_string(),

@@ -103,12 +103,91 @@ impl World {
         if self.chance(self.sc.edit_probability) {
             self.edit(i)?;
         }
+        if !self.nodes[i].byzantine && self.chance(self.sc.duplicate_probability) {
+            self.register_again(i)?;
+        }
         if !self.nodes[i].byzantine && self.chance(self.sc.move_probability) {
             self.move_insuree(i)?;
         }
         if self.nodes[i].byzantine {
             self.forge(i, day)?;
         }
+        Ok(())
+    }
+
+    /// Registers again an insuree of the officer's villages that it holds: same name, birth
+    /// date, address and card number, a new registration (as a second officer who did not know
+    /// of the first would).
+    fn register_again(&mut self, i: usize) -> Result<(), SimError> {
+        let mut candidates: Vec<[u8; 16]> = self
+            .tracked
+            .iter()
+            .filter(|(_, t)| {
+                t.village
+                    .is_some_and(|v| self.nodes[i].villages.contains(&v))
+            })
+            .map(|(id, _)| *id)
+            .filter(|id| {
+                self.nodes[i]
+                    .store
+                    .doc_meta(id)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|m| m.ty == "Patient")
+            })
+            .collect();
+        candidates.sort();
+        if candidates.is_empty() {
+            return Ok(());
+        }
+        let original = candidates[self.rng.below(candidates.len() as u64) as usize];
+        let name = self.nodes[i].name.clone();
+        let sid = uuid::Uuid::from_bytes(original).to_string();
+        let served = self.nodes[i]
+            .engine()
+            .served("Patient", &sid)
+            .map_err(|e| fail(&name, e))?;
+        let mut copy = served.resource;
+        let Some(map) = copy.as_object_mut() else {
+            return Ok(());
+        };
+        map.remove("meta");
+        map.remove("link");
+        let new_id = uuid::Uuid::from_u64_pair(self.rng.next_u64(), self.rng.next_u64());
+        map.insert("id".into(), json!(new_id.to_string()));
+        // Only the card number: the other identifiers named the first registration.
+        if let Some(Value::Array(ids)) = map.get_mut("identifier") {
+            ids.retain(|x| x.get("system").is_none());
+        }
+        if let Some(Value::Array(ext)) = map.get_mut("extension") {
+            ext.retain(|e| {
+                e.get("url").and_then(Value::as_str)
+                    != Some(fieldmesh_fhir_docs::openimis::flags::FLAG_EXTENSION)
+            });
+        }
+        let village = village_of(&copy, &self.refdata);
+        let id = match self.nodes[i]
+            .engine()
+            .create(copy, Some("Patient"), true, &|_| None)
+        {
+            Ok(id) => id,
+            Err(WriteError::Forbidden(_)) => return Ok(()),
+            Err(e) => return Err(fail(&name, e)),
+        };
+        self.nodes[i].engine().flush().map_err(|e| fail(&name, e))?;
+        self.drain_events(i);
+        self.tracked.insert(
+            *id.as_bytes(),
+            Tracked {
+                created: self.now,
+                author: i,
+                village,
+            },
+        );
+        self.out.acknowledged += 1;
+        self.out.duplicates += 1;
+        self.duplicates.push((original, *id.as_bytes()));
+        self.record(format!("{name} registered {sid} again as {id}"));
         Ok(())
     }
 
