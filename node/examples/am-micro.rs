@@ -129,5 +129,30 @@ fn main() -> anyhow::Result<()> {
         "json serialise    {:6.1} µs",
         t.elapsed().as_secs_f64() * 1e6 / n
     );
+    // Loading saved documents: with the head check (the default) and without it.
+    let saved: Vec<Vec<u8>> = docs
+        .iter()
+        .map(|d| new_document(d, actor.clone(), 0).map(|mut x| x.save()))
+        .collect::<Result<_, _>>()?;
+    for (label, mode) in [
+        ("load (check heads)", automerge::VerificationMode::Check),
+        ("load (no check)   ", automerge::VerificationMode::DontCheck),
+    ] {
+        let t = Instant::now();
+        for b in &saved {
+            let opts = automerge::LoadOptions::new().verification_mode(mode);
+            std::hint::black_box(automerge::AutoCommit::load_with_options(b, opts)?);
+        }
+        println!("{label} {:6.1} µs", t.elapsed().as_secs_f64() * 1e6 / n);
+    }
+    let t = Instant::now();
+    for b in &saved {
+        let d = automerge::AutoCommit::load(b)?;
+        std::hint::black_box(fieldmesh_fhir_docs::document_to_json(&d)?);
+    }
+    println!(
+        "load + to_json     {:6.1} µs",
+        t.elapsed().as_secs_f64() * 1e6 / n
+    );
     Ok(())
 }

@@ -444,7 +444,14 @@ fn run(
 /// One step of central's services, committed and published; false if it failed.
 fn central_step(engine: &mut Engine, central: &mut Central, publish: &Publish) -> bool {
     let report = central.step(engine, STEP_ENTRIES);
-    let committed = engine.flush();
+    // While the log holds more, the commit runs beside the next step (which waits for it
+    // before its own); the last one is committed at once, so that its edits sync now.
+    let more = report.as_ref().is_ok_and(|r| r.more);
+    let committed = if more {
+        engine.flush_behind().map(|()| 0)
+    } else {
+        engine.flush()
+    };
     publish_after_commit(engine, publish);
     match (report, committed) {
         (Ok(r), Ok(_)) => {

@@ -47,13 +47,15 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use crate::Engine;
+use crate::core::Loaded;
 use crate::error::{ReadError, WriteError};
 
 /// The store record of central's services' state.
 pub const STATE_KEY: &str = "local:central";
 
-/// Log entries one step processes at most.
-pub const STEP_ENTRIES: usize = 2000;
+/// Log entries one step processes at most: read together on every core, and kept in the
+/// engine's cache of live documents (256 by default) until edited.
+pub const STEP_ENTRIES: usize = 200;
 
 /// Leases one step issues at most.
 const LEASES_PER_STEP: usize = 200;
@@ -174,6 +176,8 @@ pub struct StepReport {
     pub leases: usize,
     /// Whether the log holds more to process.
     pub more: bool,
+    /// Time spent finding duplicate persons (index lookups and reading the candidates).
+    pub duplicate_check_nanos: u128,
 }
 
 /// Central's services failed; nothing of the step was staged past the failure.
@@ -220,6 +224,8 @@ pub struct Central {
     own: HashMap<DocId, Vec<[u8; 32]>>,
     /// Whether the state changed since it was last staged.
     dirty: bool,
+    /// Documents this step edited for another's sake: what was read of them ahead is stale.
+    touched: HashSet<DocId>,
     /// The store's last sequence when a step last found the log read to its end (writes that
     /// take a sequence but leave no log entry, quarantine records, are not work).
     read_to: u64,
@@ -247,6 +253,7 @@ impl Central {
             state,
             own: HashMap::new(),
             dirty: false,
+            touched: HashSet::new(),
             read_to: 0,
         })
     }
@@ -270,11 +277,32 @@ impl Central {
         if !report.more {
             self.read_to = last;
         }
+        // Read the batch's documents on every core first (reading is most of the work).
+        // Not central's own edits coming back, nor what the services leave alone.
+        let mut ids: Vec<DocId> = Vec::with_capacity(entries.len());
+        for (_, raw) in &entries {
+            let id = DocId(uuid::Uuid::from_bytes(*raw));
+            let Some(meta) = engine.meta_of(&id)? else {
+                continue;
+            };
+            if self.own.get(&id).is_some_and(|h| *h == meta.heads) {
+                self.own.remove(&id);
+            } else if served_type(&meta.ty) {
+                ids.push(id);
+            }
+        }
+        self.touched.clear();
+        let mut loaded = engine.preload(&ids, &fields_for);
         let mut seen = HashSet::new();
+        let wanted: HashSet<DocId> = ids.iter().copied().collect();
         for (seq, raw) in entries {
             let id = DocId(uuid::Uuid::from_bytes(raw));
-            if seen.insert(id) {
-                self.process(engine, &id, &mut report)?;
+            if wanted.contains(&id) && seen.insert(id) {
+                // Unless an earlier document of the batch changed it since.
+                let json = loaded
+                    .remove(&id)
+                    .filter(|_| !engine.has_pending_write(&id) && !self.touched.contains(&id));
+                self.process(engine, &id, json, &mut report)?;
             }
             self.state.cursor = seq;
             self.dirty = true;
@@ -300,6 +328,7 @@ impl Central {
         &mut self,
         engine: &mut Engine,
         id: &DocId,
+        loaded: Option<Loaded>,
         report: &mut StepReport,
     ) -> Result<(), CentralError> {
         let Some(meta) = engine.meta_of(id)? else {
@@ -312,8 +341,12 @@ impl Central {
         if !served_type(&meta.ty) {
             return Ok(());
         }
-        let Some((ty, old)) = engine.stored_json(id)? else {
-            return Ok(());
+        let (ty, old, preloaded) = match loaded {
+            Some(l) => (l.ty, l.json, Some((l.live, l.partial))),
+            None => match engine.stored_json(id)? {
+                Some((ty, json)) => (ty, json, None),
+                None => return Ok(()),
+            },
         };
         let mut new = old.clone();
         let me = engine.identity().system.clone();
@@ -332,11 +365,21 @@ impl Central {
             related.extend(self.number_flags(engine, id, kind, &mut new)?);
         }
         if ty == "Patient" {
+            let t = std::time::Instant::now();
             related.extend(self.link_duplicate(engine, id, &mut new)?);
+            report.duplicate_check_nanos += t.elapsed().as_nanos();
         }
         if new != old {
-            self.edit(engine, id, &old, &new)?;
+            match preloaded {
+                Some((live, partial)) => {
+                    engine.edit_loaded(id, live, partial, &old, &new)?;
+                    self.note_own(engine, id, &new)?;
+                }
+                None => self.edit(engine, id, &old, &new)?,
+            }
             report.edited += 1;
+        } else if let Some((live, false)) = preloaded {
+            engine.put_back(*id, live, false);
         }
         // The registrations this one shares a number or a person with may change too.
         for (other, change) in related {
@@ -355,6 +398,7 @@ impl Central {
             }
             if o_new != o_old {
                 self.edit(engine, &other, &o_old, &o_new)?;
+                self.touched.insert(other);
                 report.edited += 1;
             }
         }
@@ -369,7 +413,21 @@ impl Central {
         new: &Map<String, Value>,
     ) -> Result<(), CentralError> {
         engine.edit_stored(id, old, new)?;
-        if let Some(meta) = engine.meta_of(id)? {
+        self.note_own(engine, id, new)
+    }
+
+    /// Remembers the heads of central's edit of `id`, which reads `new`, to skip it when the
+    /// log brings it back. A registration edited before its own turn (a flag set because of
+    /// another) is still to be processed when the log brings it: only a processed one's edit
+    /// is skipped.
+    fn note_own(
+        &mut self,
+        engine: &Engine,
+        id: &DocId,
+        new: &Map<String, Value>,
+    ) -> Result<(), CentralError> {
+        let processed = central_id(new, &engine.identity().system).is_some();
+        if processed && let Some(meta) = engine.meta_of(id)? {
             self.own.insert(*id, meta.heads);
         }
         Ok(())
@@ -788,6 +846,31 @@ enum Related {
     Number(NumberKind),
     /// It gets a `replaces` link to this (logical reference).
     Replaces(Value),
+}
+
+/// The root fields central's services read of a document of type `ty`: its identifiers,
+/// flags (extensions) and, for an insuree, what finds the same person again; for a claim, its
+/// facility (its place).
+fn fields_for(ty: &str) -> Option<&'static [&'static str]> {
+    Some(match ty {
+        "Patient" => &[
+            "resourceType",
+            "identifier",
+            "extension",
+            "link",
+            "name",
+            "birthDate",
+            "address",
+        ],
+        "Claim" | "CoverageEligibilityRequest" => &[
+            "resourceType",
+            "identifier",
+            "extension",
+            "provider",
+            "facility",
+        ],
+        _ => &["resourceType", "identifier", "extension"],
+    })
 }
 
 /// Whether central's services process documents of this type (not certificates, revocations,

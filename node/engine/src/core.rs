@@ -38,6 +38,15 @@ const REFUSED_MEMORY: usize = 4096;
 /// Incremental chunks a document may collect before it is saved whole again.
 pub(crate) const COMPACT_AFTER_CHUNKS: u32 = 16;
 
+/// A document read ahead by [`Engine::preload`]: its type, its JSON (only some root fields when
+/// `partial`), and the live document to edit.
+pub(crate) struct Loaded {
+    pub ty: String,
+    pub json: Map<String, Value>,
+    pub partial: bool,
+    pub live: Live,
+}
+
 /// A live document with what the store knows about it.
 pub(crate) struct Live {
     /// The document; `None` for a staged bulk-loaded or received document whose memory was
@@ -659,6 +668,65 @@ impl Engine {
             meta,
             entries,
         }))
+    }
+
+    /// Loads the documents of `ids` that are not in memory, on every core, and reads the
+    /// root fields `fields(type)` of each (all of them for `None`): work spread over the cores
+    /// before a caller that edits them one by one ([`Engine::edit_loaded`]). A document that
+    /// cannot be read here is left out (whoever needs it reads it again, and meets the error
+    /// then).
+    pub(crate) fn preload(
+        &mut self,
+        ids: &[DocId],
+        fields: &(dyn Fn(&str) -> Option<&'static [&'static str]> + Sync),
+    ) -> HashMap<DocId, Loaded> {
+        let mut missing: Vec<DocId> = ids
+            .iter()
+            .filter(|id| {
+                !self.dirty.contains_key(id)
+                    && !self.in_flight.contains_key(id)
+                    && !self.cache.contains(id)
+            })
+            .copied()
+            .collect();
+        missing.sort();
+        missing.dedup();
+        let store = Arc::clone(&self.store);
+        let actor = self.me.actor.clone();
+        let loaded = crate::par::par_map(&missing, self.threads, |id| {
+            let meta = store.doc_meta(id.as_bytes()).ok()??;
+            let bytes = store.doc_bytes(id.as_bytes()).ok()??;
+            contain(
+                || -> Result<_, ReadError> {
+                    let doc = AutoCommit::load(&bytes)?.with_actor(actor.clone());
+                    let (json, partial) = match fields(&meta.ty) {
+                        Some(keys) => (
+                            fieldmesh_fhir_docs::convert::document_fields(&doc, keys)?,
+                            true,
+                        ),
+                        None => (document_to_json(&doc)?, false),
+                    };
+                    Ok(Loaded {
+                        ty: meta.ty.clone(),
+                        json,
+                        partial,
+                        live: Live {
+                            doc: Some(doc),
+                            meta,
+                            entries: IndexEntries::default(),
+                        },
+                    })
+                },
+                ReadError::Damaged,
+            )
+            .ok()
+        })
+        .unwrap_or_default();
+        missing
+            .into_iter()
+            .zip(loaded)
+            .filter_map(|(id, l)| Some((id, l?)))
+            .collect()
     }
 
     /// Puts a document back after using it.

@@ -471,6 +471,36 @@ impl Engine {
         Ok(Some((ty, json?)))
     }
 
+    /// Edits the preloaded document `id` ([`Engine::preload`]) from `old` to `new`, as
+    /// [`Engine::edit_stored`] does. When `partial`, `old` holds only some root fields of it:
+    /// `old` and `new` are those fields: the change touches only them, and the index entries
+    /// they give (identifiers, references, places, flags, blocking keys) are replaced in the
+    /// store, the others kept. The document is then not kept in memory (its entries there would
+    /// be partial): it is read again when next needed.
+    pub(crate) fn edit_loaded(
+        &mut self,
+        id: &DocId,
+        mut live: Live,
+        partial: bool,
+        old: &Map<String, Value>,
+        new: &Map<String, Value>,
+    ) -> Result<Outcome, WriteError> {
+        if partial {
+            live.entries = crate::entries_of_json(old);
+        }
+        let result = self.commit_edit(id, &mut live, old, new, crate::entries_of_json(new));
+        if partial {
+            live.doc = None;
+        }
+        let dirty = matches!(result, Ok(Outcome::Updated));
+        if dirty {
+            self.dirty.insert(*id, live);
+        } else if live.doc.is_some() {
+            self.put_back(*id, live, false);
+        }
+        result
+    }
+
     /// Edits document `id`, which reads `old`, to read `new`: one signed change by this node,
     /// staged. For central's services, which decide edits from what the store holds rather
     /// than from a client's request.

@@ -101,9 +101,14 @@ fn world(central_store: Box<dyn Store>) -> World {
 impl World {
     /// Runs central's services until the log is processed, committing each step.
     fn process(&mut self) -> usize {
+        self.process_by(STEP_ENTRIES)
+    }
+
+    /// [`World::process`] with steps of `max` log entries.
+    fn process_by(&mut self, max: usize) -> usize {
         let mut edited = 0;
         loop {
-            let r = self.services.step(&mut self.central, STEP_ENTRIES).unwrap();
+            let r = self.services.step(&mut self.central, max).unwrap();
             self.central.flush().unwrap();
             edited += r.edited;
             if !r.more && !self.services.has_work(&self.central) {
@@ -441,4 +446,46 @@ fn a_canonical_id_that_collides_gets_a_new_uuid_and_a_missing_number_is_assigned
         w.services.status(&w.central)["numbers"]["chfid"]["assigned_by_central"],
         1
     );
+}
+
+/// Two registrations of one number arriving together: the second is flagged while the first
+/// is processed, before its own turn; it is still processed (its canonical id) when its turn
+/// comes, and exactly one of them keeps the number.
+#[test]
+fn a_registration_flagged_before_its_turn_is_still_processed() {
+    let mut w = world(Box::new(MemStore::new()));
+    let card = "2000000004";
+    let first =
+        w.a.create(
+            patient("Abdou", "Ali", "1970-01-01", "V1", Some(card)),
+            None,
+            false,
+            &|_| None,
+        )
+        .unwrap();
+    let second =
+        w.a.create(
+            patient("Garba", "Sani", "1980-01-01", "V1", Some(card)),
+            None,
+            false,
+            &|_| None,
+        )
+        .unwrap();
+    w.a.flush().unwrap();
+    w.sync(2);
+    // One entry per step: the second's own entry comes after the step that flagged it.
+    w.process_by(1);
+    let (j1, j2) = (
+        json_of(&mut w.central, "Patient", &first.to_string()),
+        json_of(&mut w.central, "Patient", &second.to_string()),
+    );
+    assert!(
+        canonical(&j1).is_some() && canonical(&j2).is_some(),
+        "{j1:?} {j2:?}"
+    );
+    let taken = [&j1, &j2]
+        .iter()
+        .filter(|j| flag_codes(j).contains(&FlagCode::NumberTaken))
+        .count();
+    assert_eq!(taken, 1, "{j1:?} {j2:?}");
 }
