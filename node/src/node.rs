@@ -80,9 +80,10 @@ pub async fn run_with(
     engine.set_number_rules(dir.config.numbers.clone());
     let central = match dir.config.role {
         crate::config::Role::Central => Some(
-            fieldmesh_engine::central::Central::open(&engine, dir.config.numbers.clone()).map_err(
-                |e| anyhow::anyhow!("{e}: is {} central's data directory?", dir.path.display()),
-            )?,
+            fieldmesh_engine::central::Central::open(&mut engine, dir.config.numbers.clone())
+                .map_err(|e| {
+                    anyhow::anyhow!("{e}: is {} central's data directory?", dir.path.display())
+                })?,
         ),
         _ => None,
     };

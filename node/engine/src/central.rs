@@ -26,15 +26,28 @@
 //!
 //! Every edit is an ordinary change signed by central's key, which syncs back like any other.
 //!
+//! # At receipt
+//!
+//! Most arrivals need nothing but their canonical id. Central gives it in the pass that checks a
+//! received document, on the worker thread that loaded it ([`canonical_at_receipt`], called by
+//! the engine's merge once [`Central::open`] turned it on): the change is signed by central and
+//! stored with the document in the same commit, and what the services need of the document
+//! (its business number, blocking keys, whether it carries flags or links) is kept for the step,
+//! which then decides from the indexes alone whether anything more is to be done and reads the
+//! document only if so. Whatever the receipt pass declines (a document carrying an openIMIS UUID,
+//! an id some other resource holds, a change refused in part) and whatever a restart forgot is
+//! decided by the step, from the document itself.
+//!
 //! # Driven by what the engine commits
 //!
 //! [`Central::step`] reads the store's change log from a cursor and processes what was
 //! committed since; the cursor and the services' counters are a record of the store
 //! ([`STATE_KEY`]) written in the same commit as the edits they led to. A crash loses no
 //! arrival: the next step starts where the last committed one ended. Central's own edits come
-//! back through the log and are recognised by their heads; processing is idempotent anyway.
+//! back through the log and are processed again like any change: processing is idempotent, and
+//! they are few (most arrivals get their canonical id as central receives them, see below).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 
 use fieldmesh_fhir_docs::identifiers::{OPENIMIS_IDENTIFIER_TYPES, openimis_type_code};
 use fieldmesh_fhir_docs::openimis::Role;
@@ -176,7 +189,8 @@ pub struct StepReport {
     pub leases: usize,
     /// Whether the log holds more to process.
     pub more: bool,
-    /// Time spent finding duplicate persons (index lookups and reading the candidates).
+    /// Time spent on insurees' numbers and finding duplicate persons (index lookups, and
+    /// reading the candidates when there are some).
     pub duplicate_check_nanos: u128,
 }
 
@@ -220,8 +234,6 @@ impl From<WriteError> for CentralError {
 pub struct Central {
     config: NumberConfig,
     state: State,
-    /// Heads of the documents this service edited and has not seen back in the log yet.
-    own: HashMap<DocId, Vec<[u8; 32]>>,
     /// Whether the state changed since it was last staged.
     dirty: bool,
     /// Documents this step edited for another's sake: what was read of them ahead is stale.
@@ -233,7 +245,7 @@ pub struct Central {
 
 impl Central {
     /// Central's services over `engine`, resuming from their record in its store.
-    pub fn open(engine: &Engine, config: NumberConfig) -> Result<Self, CentralError> {
+    pub fn open(engine: &mut Engine, config: NumberConfig) -> Result<Self, CentralError> {
         let me = engine.identity();
         let certified_central = engine
             .trust()
@@ -248,10 +260,10 @@ impl Central {
             }
             None => State::default(),
         };
+        engine.canonical_at_receipt = true;
         Ok(Self {
             config,
             state,
-            own: HashMap::new(),
             dirty: false,
             touched: HashSet::new(),
             read_to: 0,
@@ -285,10 +297,35 @@ impl Central {
             let Some(meta) = engine.meta_of(&id)? else {
                 continue;
             };
-            if self.own.get(&id).is_some_and(|h| *h == meta.heads) {
-                self.own.remove(&id);
-            } else if served_type(&meta.ty) {
-                ids.push(id);
+            if served_type(&meta.ty) {
+                // A resource without a business number that got its canonical id as central
+                // received it has nothing more to be done: not read at all.
+                let settled = NumberKind::of_type(&meta.ty).is_none()
+                    && meta.ty != "Patient"
+                    && engine
+                        .find_ids(
+                            &meta.ty,
+                            &IdentifierQuery::Exact(IdentKey::new(
+                                engine.identity().system.clone(),
+                                id.to_string(),
+                            )),
+                        )?
+                        .contains(&id);
+                let t = std::time::Instant::now();
+                let clean = settled || self.nothing_to_do(engine, &id, &meta.ty)?;
+                if meta.ty == "Patient" {
+                    report.duplicate_check_nanos += t.elapsed().as_nanos();
+                }
+                if !clean {
+                    ids.push(id);
+                } else if let Some(facts) = engine.canonical_given.remove(&id) {
+                    self.state.canonical += 1;
+                    report.canonical += 1;
+                    self.dirty = true;
+                    if let (Some(kind), Some(n)) = (NumberKind::of_type(&meta.ty), &facts.number) {
+                        self.count_lease_use(kind, n);
+                    }
+                }
             }
         }
         self.touched.clear();
@@ -323,6 +360,45 @@ impl Central {
         Ok(report)
     }
 
+    /// Whether a document given its canonical id as central received it needs nothing more,
+    /// judged from what was taken of it then ([`Facts`]) and the indexes, without reading it: it
+    /// has a valid business number no other resource holds (if its type has one), shares no
+    /// blocking key with another insuree, and carries no flag or link to reconsider.
+    fn nothing_to_do(&self, engine: &Engine, id: &DocId, ty: &str) -> Result<bool, CentralError> {
+        let Some(facts) = engine.canonical_given.get(id) else {
+            return Ok(false);
+        };
+        if facts.flagged || facts.linked {
+            return Ok(false);
+        }
+        if let Some(kind) = NumberKind::of_type(ty) {
+            let Some(number) = &facts.number else {
+                return Ok(false);
+            };
+            if self.config.rule(kind).check(kind, number).is_err() {
+                return Ok(false);
+            }
+            let holders = engine.find_ids(
+                ty,
+                &IdentifierQuery::Exact(IdentKey::openimis_code(number.clone())),
+            )?;
+            if holders.iter().any(|d| d != id) {
+                return Ok(false);
+            }
+        }
+        for key in &facts.keys {
+            if engine
+                .store()
+                .referrers(PERSON_KEY_INDEX, "", key)?
+                .iter()
+                .any(|d| d != id.as_bytes())
+            {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     /// Processes one document that changed.
     fn process(
         &mut self,
@@ -334,10 +410,6 @@ impl Central {
         let Some(meta) = engine.meta_of(id)? else {
             return Ok(());
         };
-        if self.own.get(id).is_some_and(|h| *h == meta.heads) {
-            self.own.remove(id);
-            return Ok(());
-        }
         if !served_type(&meta.ty) {
             return Ok(());
         }
@@ -350,9 +422,15 @@ impl Central {
         };
         let mut new = old.clone();
         let me = engine.identity().system.clone();
-        let first_time = central_id(&new, &me).is_none();
-        if first_time {
+        // First seen here: without central's identifier, or given it as central received it.
+        let given_at_receipt = engine.canonical_given.remove(id).is_some();
+        let first_time = central_id(&new, &me).is_none() || given_at_receipt;
+        if central_id(&new, &me).is_none() {
             self.give_canonical_id(engine, id, &ty, &mut new)?;
+        } else if given_at_receipt {
+            self.state.canonical += 1;
+        }
+        if first_time {
             report.canonical += 1;
         }
         let mut related = Vec::new();
@@ -373,7 +451,6 @@ impl Central {
             match preloaded {
                 Some((live, partial)) => {
                     engine.edit_loaded(id, live, partial, &old, &new)?;
-                    self.note_own(engine, id, &new)?;
                 }
                 None => self.edit(engine, id, &old, &new)?,
             }
@@ -413,23 +490,6 @@ impl Central {
         new: &Map<String, Value>,
     ) -> Result<(), CentralError> {
         engine.edit_stored(id, old, new)?;
-        self.note_own(engine, id, new)
-    }
-
-    /// Remembers the heads of central's edit of `id`, which reads `new`, to skip it when the
-    /// log brings it back. A registration edited before its own turn (a flag set because of
-    /// another) is still to be processed when the log brings it: only a processed one's edit
-    /// is skipped.
-    fn note_own(
-        &mut self,
-        engine: &Engine,
-        id: &DocId,
-        new: &Map<String, Value>,
-    ) -> Result<(), CentralError> {
-        let processed = central_id(new, &engine.identity().system).is_some();
-        if processed && let Some(meta) = engine.meta_of(id)? {
-            self.own.insert(*id, meta.heads);
-        }
         Ok(())
     }
 
@@ -463,12 +523,7 @@ impl Central {
         } else {
             candidate
         };
-        push_identifier(
-            json,
-            json!({"system": me,
-                "type": {"coding": [{"system": OPENIMIS_IDENTIFIER_TYPES, "code": "UUID"}]},
-                "value": value}),
-        );
+        push_identifier(json, canonical_identifier(&me, &value));
         self.state.canonical += 1;
         Ok(())
     }
@@ -846,6 +901,78 @@ enum Related {
     Number(NumberKind),
     /// It gets a `replaces` link to this (logical reference).
     Replaces(Value),
+}
+
+/// Gives a document central receives from elsewhere its canonical id in the pass that checks
+/// it, on the worker thread that loaded it: one load and one store write instead of two, on
+/// every core. Declines (leaving it to [`Central::step`], which decides every case) when the
+/// document already has central's identifier, carries an openIMIS UUID (which may be its
+/// canonical id), or when another resource of its type holds its id as central's or openIMIS's
+/// UUID; and on any error. When it adds the identifier, `json`, `doc` and `envelopes` hold the
+/// new state and its signed change, and it returns what the services need of the document and
+/// the change's bytes (stored after the received bytes: no second save of the document).
+pub(crate) fn canonical_at_receipt(
+    c: &crate::receive::AtReceipt<'_>,
+    id: &DocId,
+    ty: &str,
+    doc: &mut automerge::AutoCommit,
+    json: &mut Map<String, Value>,
+    envelopes: &mut Vec<u8>,
+) -> Option<(Facts, Vec<u8>)> {
+    if !served_type(ty) || central_id(json, &c.me.system).is_some() || openimis_uuid(json).is_some()
+    {
+        return None;
+    }
+    let value = id.to_string();
+    for system in [c.me.system.as_str(), "openimis-type:UUID"] {
+        match c.store.find(ty, system, &value) {
+            Ok(held) if held.iter().all(|d| d == id.as_bytes()) => {}
+            _ => return None,
+        }
+    }
+    let old: Map<String, Value> = json
+        .get("identifier")
+        .map(|i| ("identifier".to_string(), i.clone()))
+        .into_iter()
+        .collect();
+    let mut new = old.clone();
+    push_identifier(&mut new, canonical_identifier(&c.me.system, &value));
+    doc.set_actor(c.me.actor.clone());
+    let before = doc.get_heads();
+    if fieldmesh_fhir_docs::apply_diff(doc, &old, &new).is_err() {
+        return None;
+    }
+    doc.commit_with(automerge::transaction::CommitOptions::default().with_time(c.me.time()));
+    for h in doc.get_heads() {
+        fieldmesh_trust::Envelope::sign(&c.me.key, id.as_bytes(), ty, h.0, c.seen)
+            .encode_into(envelopes);
+    }
+    json.extend(new);
+    let facts = Facts {
+        number: business_number(json).map(String::from),
+        keys: Vec::new(),
+        flagged: !flags_of(json).is_empty(),
+        linked: json.contains_key("link"),
+    };
+    Some((facts, doc.save_after(&before)))
+}
+
+/// What central's services need to know of a document it gave its canonical id as it received
+/// it, taken in that pass: most arrivals then need no second reading at all.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Facts {
+    number: Option<String>,
+    /// Its blocking keys (filled from its index entries).
+    pub keys: Vec<String>,
+    flagged: bool,
+    linked: bool,
+}
+
+/// Central's identifier with a canonical id.
+fn canonical_identifier(system: &str, value: &str) -> Value {
+    json!({"system": system,
+        "type": {"coding": [{"system": OPENIMIS_IDENTIFIER_TYPES, "code": "UUID"}]},
+        "value": value})
 }
 
 /// The root fields central's services read of a document of type `ty`: its identifiers,

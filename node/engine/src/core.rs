@@ -274,6 +274,12 @@ pub struct Engine {
     pub(crate) lease_used: HashMap<DocId, u64>,
     /// The deployment's rules for business numbers, checked on local writes (none: any).
     pub(crate) numbers: Option<crate::central::NumberConfig>,
+    /// Central: documents from elsewhere get their canonical id as they are received (set by
+    /// [`crate::central::Central::open`]).
+    pub(crate) canonical_at_receipt: bool,
+    /// Documents given their canonical id at receipt whose processing by central's services
+    /// is still to come, with what the services need of them.
+    pub(crate) canonical_given: HashMap<DocId, crate::central::Facts>,
 }
 
 impl Engine {
@@ -308,6 +314,8 @@ impl Engine {
             scope: crate::scope::ScopeState::default(),
             lease_used: HashMap::new(),
             numbers: None,
+            canonical_at_receipt: false,
+            canonical_given: HashMap::new(),
         };
         if let Err(e) = engine.load_trust() {
             tracing::error!(error = %e, "cannot read the certificates in the store");

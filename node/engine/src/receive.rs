@@ -22,6 +22,7 @@ use crate::core::{
     with_left,
 };
 use crate::error::{MergeError, ReadError, Refusal, WriteError, contain};
+use crate::identity::NodeIdentity;
 use crate::par::par_map;
 use crate::scope::Reach;
 use crate::source::Source;
@@ -141,6 +142,8 @@ pub struct MergeReport {
 pub(crate) struct Received {
     doc: Option<PreparedDoc>,
     rejected: Refused,
+    /// Central gave it its canonical id as it received it: what its services need of it.
+    canonical: Option<crate::central::Facts>,
 }
 
 /// Prepares a document received from a peer that this node does not hold yet: loads it (which
@@ -152,13 +155,22 @@ fn prepare_received(
     policy: &dyn Policy,
     limits: &DocLimits,
     time: i64,
+    central: Option<&AtReceipt<'_>>,
 ) -> Result<Received, Refusal> {
     // Bounded before anything is built: a few kilobytes may describe millions of operations.
     inspect(&p.data, limits)?;
     contain(
-        || prepare_checked(p, trust, policy, time),
+        || prepare_checked(p, trust, policy, time, central),
         Refusal::Panicked,
     )
+}
+
+/// What central needs to give a document its canonical id as it receives it
+/// ([`crate::central`]): its identity, and its store to see that no other resource has that id.
+pub(crate) struct AtReceipt<'a> {
+    pub me: &'a NodeIdentity,
+    pub seen: u32,
+    pub store: &'a dyn fieldmesh_storage::Store,
 }
 
 fn prepare_checked(
@@ -166,6 +178,7 @@ fn prepare_checked(
     trust: &Trust,
     policy: &dyn Policy,
     time: i64,
+    central: Option<&AtReceipt<'_>>,
 ) -> Result<Received, Refusal> {
     let id = DocId(uuid::Uuid::from_bytes(p.id));
     if !profile::is_supported(&p.ty) {
@@ -185,17 +198,41 @@ fn prepare_checked(
         return Ok(Received {
             doc: None,
             rejected: checked.rejected,
+            canonical: None,
         });
     }
     let mut doc = checked.doc;
-    let bytes = if checked.rejected.is_empty() {
-        fieldmesh_storage::codec::encode(&p.data)
-    } else {
-        fieldmesh_storage::codec::encode(&doc.save_nocompress())
+    let mut json = checked.json;
+    let mut envelopes = checked.envelopes;
+    let given = match central {
+        Some(c) if checked.rejected.is_empty() => {
+            crate::central::canonical_at_receipt(c, &id, &p.ty, &mut doc, &mut json, &mut envelopes)
+        }
+        _ => None,
+    };
+    let bytes = match (&given, checked.rejected.is_empty()) {
+        (None, true) => fieldmesh_storage::codec::encode(&p.data),
+        // The received document followed by central's change: Automerge loads the two chunks
+        // as one document.
+        (Some((_, change)), true) => {
+            let mut both = Vec::with_capacity(p.data.len() + change.len());
+            both.extend_from_slice(&p.data);
+            both.extend_from_slice(change);
+            fieldmesh_storage::codec::encode(&both)
+        }
+        (_, false) => fieldmesh_storage::codec::encode(&doc.save_nocompress()),
     }
     .map_err(|e| Refusal::Unreadable(e.into()))?;
-    let json = checked.json;
     let mut entries = entries_of_json(&json);
+    let given = given.map(|(mut facts, _)| {
+        facts.keys = entries
+            .references
+            .iter()
+            .filter(|(t, _, _)| t == fieldmesh_fhir_docs::openimis::persons::PERSON_KEY_INDEX)
+            .map(|(_, _, k)| k.clone())
+            .collect();
+        facts
+    });
     entries.references.extend(author_entries(&mut doc, &[]));
     let own = id.to_string();
     let origin = entries
@@ -217,10 +254,11 @@ fn prepare_checked(
             },
             entries,
             bytes,
-            envelopes: checked.envelopes,
+            envelopes,
             token: token_of(&json).map(String::from),
         }),
         rejected: checked.rejected,
+        canonical: given,
     })
 }
 
@@ -356,8 +394,13 @@ impl Engine {
         }
         let (trust, policy, time) = (&self.trust, self.policy.as_ref(), self.me.time());
         let limits = &self.limits;
+        let at_receipt = self.canonical_at_receipt.then(|| AtReceipt {
+            me: &self.me,
+            seen: trust.revocations_held(),
+            store: self.store.as_ref(),
+        });
         let prepared = par_map(&fresh, self.threads, |p| {
-            prepare_received(p, trust, policy, limits, time)
+            prepare_received(p, trust, policy, limits, time, at_receipt.as_ref())
         })
         .ok_or(MergeError::Thread)?;
         let mut report = MergeReport::default();
@@ -386,6 +429,9 @@ impl Engine {
                             continue;
                         }
                         self.scope.accepted.push(*d.id.as_bytes());
+                        if let Some(facts) = r.canonical {
+                            self.canonical_given.insert(d.id, facts);
+                        }
                         self.stage_received(d, from.clone());
                         report.changed += 1;
                     }
@@ -495,8 +541,16 @@ impl Engine {
         })?;
         let Some(mut live) = taken else {
             let time = self.me.time();
-            let r = prepare_received(p, &self.trust, self.policy.as_ref(), &self.limits, time)
-                .map_err(MergeOne::Refused)?;
+            // (A document thought held but gone: the services give it its canonical id.)
+            let r = prepare_received(
+                p,
+                &self.trust,
+                self.policy.as_ref(),
+                &self.limits,
+                time,
+                None,
+            )
+            .map_err(MergeOne::Refused)?;
             let reach = self
                 .reach_for_receiving(from)
                 .map_err(|e| MergeOne::Engine(e.into()))?;

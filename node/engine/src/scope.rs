@@ -694,6 +694,15 @@ impl Engine {
     /// The index entries of a held document.
     fn entries_of_doc(&mut self, id: &[u8; 16]) -> Result<IndexEntries, SyncError> {
         let doc_id = DocId(uuid::Uuid::from_bytes(*id));
+        // A document just received is staged with its entries (and often without its live
+        // document): read them there, rather than committing the batch and loading it again.
+        if let Some(l) = self
+            .dirty
+            .get(&doc_id)
+            .or_else(|| self.in_flight.get(&doc_id))
+        {
+            return Ok(l.entries.clone());
+        }
         match self.take(&doc_id) {
             Ok(Some(live)) => {
                 let entries = live.entries.clone();

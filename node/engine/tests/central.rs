@@ -88,7 +88,7 @@ fn world(central_store: Box<dyn Store>) -> World {
         e.merge(certs.clone(), &Source::Local).unwrap();
         e.flush().unwrap();
     }
-    let services = Central::open(&central, NumberConfig::niger()).unwrap();
+    let services = Central::open(&mut central, NumberConfig::niger()).unwrap();
     World {
         root,
         central,
@@ -344,7 +344,7 @@ fn central_gives_canonical_ids_flags_a_number_used_twice_and_links_a_duplicate_p
         NodeIdentity::new(CENTRAL.into(), &[1; 32], public(&w.root)),
         256,
     );
-    w.services = Central::open(&w.central, NumberConfig::niger()).unwrap();
+    w.services = Central::open(&mut w.central, NumberConfig::niger()).unwrap();
     w.process();
     assert!(flag_codes(&json_of(&mut w.central, "Patient", &b_card.to_string())).is_empty());
     assert!(flag_codes(&json_of(&mut w.central, "Patient", &a_card.to_string())).is_empty());
@@ -381,7 +381,7 @@ fn the_services_resume_after_a_restart_and_never_lease_a_number_twice() {
         NodeIdentity::new(CENTRAL.into(), &[1; 32], public(&w.root)),
         256,
     );
-    let mut services = Central::open(&central, NumberConfig::niger()).unwrap();
+    let mut services = Central::open(&mut central, NumberConfig::niger()).unwrap();
     let after = services.status(&central);
     assert_eq!(after["numbers"], first["numbers"]);
     assert!(after["awaiting_processing"].as_u64().unwrap() > 0);
