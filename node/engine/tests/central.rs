@@ -503,3 +503,84 @@ fn a_registration_flagged_before_its_turn_is_still_processed() {
         .count();
     assert_eq!(taken, 1, "{j1:?} {j2:?}");
 }
+
+/// Claim codes: one used twice at a facility is flagged on the later claim; a claim that came
+/// without one gets one from central (8 characters, openIMIS's column).
+#[test]
+fn claim_codes_are_unique_and_assigned() {
+    let mut w = world(Box::new(MemStore::new()));
+    let period = (now() - 3600, now() + 86_400);
+    let admin_key = key(4);
+    let cert = certificate_doc(
+        &w.root,
+        &certificate(
+            &admin_key,
+            "CA0001",
+            &[Role::ClaimAdministrator],
+            &[],
+            &["HF1"],
+            period,
+        ),
+        now(),
+    );
+    let mut admin = officer_engine(4, &w.root);
+    for e in [&mut admin, &mut w.central] {
+        e.merge(vec![cert.clone()], &Source::Local).unwrap();
+        e.flush().unwrap();
+    }
+    let claim = |number: Option<&str>| {
+        let mut c = json!({"resourceType": "Claim", "status": "active", "use": "claim",
+            "created": "2026-11-20", "billablePeriod": {"start": "2026-11-20", "end": "2026-11-20"},
+            "patient": {"reference": "Patient/2000000004"},
+            "provider": {"reference": "Organization/HF1"}});
+        if let Some(n) = number {
+            c["identifier"] = json!([code(n)]);
+        }
+        c
+    };
+    // Entered before the administrator's device holds a lease of claim codes.
+    let first = admin
+        .create(claim(Some("CLM-0001")), None, false, &|_| None)
+        .unwrap();
+    let second = admin
+        .create(claim(Some("CLM-0001")), None, false, &|_| None)
+        .unwrap();
+    let bare = admin.create(claim(None), None, false, &|_| None).unwrap();
+    admin.flush().unwrap();
+    sync_pair(
+        &mut admin,
+        &peer(&admin_key),
+        &mut w.central,
+        &peer(&w.root),
+    )
+    .unwrap();
+    w.process();
+    let taken: Vec<bool> = [first, second]
+        .iter()
+        .map(|id| {
+            flag_codes(&json_of(&mut w.central, "Claim", &id.to_string()))
+                .contains(&FlagCode::NumberTaken)
+        })
+        .collect();
+    assert_eq!(taken.iter().filter(|t| **t).count(), 1, "{taken:?}");
+    let j = json_of(&mut w.central, "Claim", &bare.to_string());
+    let code = j["identifier"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["type"]["coding"][0]["code"] == "Code")
+        .and_then(|i| i["value"].as_str())
+        .expect("central assigned a claim code")
+        .to_string();
+    assert_eq!(code.len(), 8, "{code}");
+    // The administrator now holds a lease of claim codes and takes the next offline.
+    sync_pair(
+        &mut admin,
+        &peer(&admin_key),
+        &mut w.central,
+        &peer(&w.root),
+    )
+    .unwrap();
+    let next = admin.take_leased_number(NumberKind::ClaimCode).unwrap();
+    assert!(next.is_some_and(|n| n.len() == 8 && n != code));
+}
