@@ -1125,11 +1125,8 @@ impl Engine {
         Ok(out)
     }
 
-    /// The next number of kind `kind` from the leases central gave this device, marked used
-    /// (durably with the next commit, in the same commit as the resource that takes it when
-    /// called from a write): `None` when no lease holds one left. A number some resource here
-    /// already holds is skipped.
-    pub fn take_leased_number(&mut self, kind: NumberKind) -> Result<Option<String>, ReadError> {
+    /// The leases central gave this device, by first counter, with how many of each it used.
+    fn my_leases(&mut self) -> Result<Vec<(DocId, Lease, u64)>, ReadError> {
         let me = hex::encode(self.me.public());
         let ids = self.find_ids(
             "Basic",
@@ -1139,31 +1136,40 @@ impl Engine {
         for id in ids {
             if let Some((_, json)) = self.stored_json(&id)?
                 && let Some(lease) = Lease::from_json(&json)
-                && lease.kind == kind
                 && lease.holder == me
             {
-                leases.push((id, lease));
+                let used = match self.lease_used.get(&id) {
+                    Some(u) => *u,
+                    None => self
+                        .store
+                        .checkpoint(&lease_key(&id))?
+                        .and_then(|b| String::from_utf8(b).ok())
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or(0),
+                };
+                leases.push((id, lease, used));
             }
         }
-        leases.sort_by_key(|(_, l)| l.first);
-        for (id, lease) in leases {
-            let key = format!("{LOCAL_CHECKPOINT_PREFIX}lease:{id}");
-            let mut used = match self.lease_used.get(&id) {
-                Some(u) => *u,
-                None => self
-                    .store
-                    .checkpoint(&key)?
-                    .and_then(|b| String::from_utf8(b).ok())
-                    .and_then(|s| s.parse().ok())
-                    .unwrap_or(0),
-            };
+        leases.sort_by_key(|(_, l, _)| (l.kind, l.first));
+        Ok(leases)
+    }
+
+    /// The next number of kind `kind` from the leases central gave this device, marked used
+    /// (durably with the next commit, in the same commit as the resource that takes it when
+    /// called from a write): `None` when no lease holds one left. A number some resource here
+    /// already holds is skipped.
+    pub fn take_leased_number(&mut self, kind: NumberKind) -> Result<Option<String>, ReadError> {
+        for (id, lease, mut used) in self.my_leases()? {
+            if lease.kind != kind {
+                continue;
+            }
             while used < lease.count {
                 let number = lease.number(used);
                 used += 1;
                 self.lease_used.insert(id, used);
                 self.push(
                     Write::Checkpoint {
-                        peer: key.clone(),
+                        peer: lease_key(&id),
                         value: used.to_string().into_bytes(),
                     },
                     None,
@@ -1183,29 +1189,15 @@ impl Engine {
 
     /// The numbers left in this device's leases, by kind.
     pub fn leased_numbers_left(&mut self) -> Result<Value, ReadError> {
-        let me = hex::encode(self.me.public());
-        let ids = self.find_ids(
-            "Basic",
-            &IdentifierQuery::Exact(IdentKey::new(LEASE_HOLDER_SYSTEM, me.clone())),
-        )?;
         let mut left: BTreeMap<&'static str, u64> = BTreeMap::new();
-        for id in ids {
-            if let Some((_, json)) = self.stored_json(&id)?
-                && let Some(lease) = Lease::from_json(&json)
-                && lease.holder == me
-            {
-                let used = match self.lease_used.get(&id) {
-                    Some(u) => *u,
-                    None => self
-                        .store
-                        .checkpoint(&format!("{LOCAL_CHECKPOINT_PREFIX}lease:{id}"))?
-                        .and_then(|b| String::from_utf8(b).ok())
-                        .and_then(|s| s.parse().ok())
-                        .unwrap_or(0),
-                };
-                *left.entry(lease.kind.name()).or_default() += lease.count.saturating_sub(used);
-            }
+        for (_, lease, used) in self.my_leases()? {
+            *left.entry(lease.kind.name()).or_default() += lease.count.saturating_sub(used);
         }
         Ok(json!(left))
     }
+}
+
+/// The store record of how many numbers of lease `id` this device used.
+fn lease_key(id: &DocId) -> String {
+    format!("{LOCAL_CHECKPOINT_PREFIX}lease:{id}")
 }

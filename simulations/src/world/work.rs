@@ -85,19 +85,7 @@ impl World {
                 }
                 Err(e) => return Err(fail(&name, e)),
             };
-            self.nodes[i].engine().flush().map_err(|e| fail(&name, e))?;
-            self.drain_events(i);
-            if !self.nodes[i].byzantine {
-                self.tracked.insert(
-                    *id.as_bytes(),
-                    Tracked {
-                        created: self.now,
-                        author: i,
-                        village,
-                    },
-                );
-                self.out.acknowledged += 1;
-            }
+            self.acknowledge(i, &id, village)?;
             self.record(format!("{name} wrote {id}"));
         }
         if self.chance(self.sc.edit_probability) {
@@ -111,6 +99,31 @@ impl World {
         }
         if self.nodes[i].byzantine {
             self.forge(i, day)?;
+        }
+        Ok(())
+    }
+
+    /// Commits officer `i`'s write of `id` (in `village`) and, for an honest officer, tracks it
+    /// as acknowledged: it must never be lost.
+    fn acknowledge(
+        &mut self,
+        i: usize,
+        id: &fieldmesh_fhir_docs::DocId,
+        village: Option<usize>,
+    ) -> Result<(), SimError> {
+        let name = self.nodes[i].name.clone();
+        self.nodes[i].engine().flush().map_err(|e| fail(&name, e))?;
+        self.drain_events(i);
+        if !self.nodes[i].byzantine {
+            self.tracked.insert(
+                *id.as_bytes(),
+                Tracked {
+                    created: self.now,
+                    author: i,
+                    village,
+                },
+            );
+            self.out.acknowledged += 1;
         }
         Ok(())
     }
@@ -174,17 +187,7 @@ impl World {
             Err(WriteError::Forbidden(_)) => return Ok(()),
             Err(e) => return Err(fail(&name, e)),
         };
-        self.nodes[i].engine().flush().map_err(|e| fail(&name, e))?;
-        self.drain_events(i);
-        self.tracked.insert(
-            *id.as_bytes(),
-            Tracked {
-                created: self.now,
-                author: i,
-                village,
-            },
-        );
-        self.out.acknowledged += 1;
+        self.acknowledge(i, &id, village)?;
         self.out.duplicates += 1;
         self.duplicates.push((original, *id.as_bytes()));
         self.record(format!("{name} registered {sid} again as {id}"));
