@@ -40,6 +40,7 @@ impl World {
                 self.now += 300;
                 let hub = self.nodes[o].hub;
                 self.contact(o, hub, true)?;
+                *self.hub_contacts.entry(o).or_default() += 1;
             } else if self.chance(self.sc.bundle_probability) {
                 self.now += 300;
                 let hub = self.nodes[o].hub;

@@ -151,8 +151,11 @@ pub(crate) struct World {
     /// Documents edited (conflict candidates).
     pub edited: HashSet<[u8; 16]>,
     pub insuree_no: u64,
-    /// Documents an officer held outside its scope, and since when (the privacy invariant).
-    pub outside_since: HashMap<(usize, String), i64>,
+    /// Documents an officer held outside its scope, since when, and how many times it had met
+    /// its hub by then (the privacy invariant).
+    pub outside_since: HashMap<(usize, String), (i64, u32)>,
+    /// Times each node met its hub (officers), counted by contact.
+    pub hub_contacts: HashMap<usize, u32>,
     /// Central's services, when the scenario runs them.
     pub services: Option<Central>,
     /// Insurees registered twice: (the registration copied, the copy).
@@ -283,6 +286,7 @@ impl World {
             edited: HashSet::new(),
             insuree_no: seed % 1_000_000,
             outside_since: HashMap::new(),
+            hub_contacts: HashMap::new(),
             services: None,
             duplicates: Vec::new(),
         };

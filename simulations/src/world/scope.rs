@@ -16,6 +16,12 @@ use crate::SimError;
 /// to hold every change of it, and officers pass by their hub every few days.
 pub(crate) const HAND_OFF_WINDOW: i64 = 15 * DAY;
 
+/// Meetings with its hub an officer needs after a document left its scope before holding it
+/// longer than [`HAND_OFF_WINDOW`] is a violation: one to learn the document left (and bring the
+/// hub's changes), one to find the hub holding every change and let it go, one to spare for a
+/// session cut by a fault.
+pub(crate) const MEETINGS_TO_HAND_OFF: u32 = 3;
+
 impl World {
     /// Central issues new certificates to some officers, naming two other villages of their
     /// district: the first honest officers of each hub in turn.
@@ -196,7 +202,7 @@ impl World {
     }
 
     /// The privacy invariant: no honest officer holds a document outside its scope for longer
-    /// than the hand-off window.
+    /// than the hand-off window once it met its hub enough times to hand it off.
     pub(crate) fn privacy(&mut self) -> Result<(), SimError> {
         for i in self.officers() {
             if self.nodes[i].byzantine || self.nodes[i].kind != Kind::Officer {
@@ -212,12 +218,19 @@ impl World {
                 report.waiting.iter().map(|(_, id)| id.clone()).collect();
             self.outside_since
                 .retain(|(n, id), _| *n != i || waiting.contains(id));
+            let met = self.hub_contacts.get(&i).copied().unwrap_or(0);
             for (ty, id) in report.waiting {
-                let since = *self.outside_since.entry((i, id.clone())).or_insert(now);
-                if now - since > HAND_OFF_WINDOW {
+                let (since, met_then) = *self
+                    .outside_since
+                    .entry((i, id.clone()))
+                    .or_insert((now, met));
+                // The hand-off needs a hub (or central) that holds every change: an officer who
+                // has not met its hub since cannot hand anything off, and rightly keeps it.
+                if now - since > HAND_OFF_WINDOW && met - met_then >= MEETINGS_TO_HAND_OFF {
                     let v = format!(
-                        "honest {name} held {ty}/{id} outside its scope for {} days",
-                        (now - since) / DAY
+                        "honest {name} held {ty}/{id} outside its scope for {} days, meeting its hub {} times",
+                        (now - since) / DAY,
+                        met - met_then
                     );
                     if !self.out.violations.contains(&v) {
                         self.out.violations.push(v);
