@@ -113,22 +113,7 @@ impl World {
         if self.nodes[i].villages.len() < 2 {
             return Ok(());
         }
-        let mut candidates: Vec<[u8; 16]> = self
-            .tracked
-            .iter()
-            .filter(|(id, t)| {
-                t.village
-                    .is_some_and(|v| self.nodes[i].villages.contains(&v))
-                    && self.nodes[i]
-                        .store
-                        .doc_meta(id)
-                        .ok()
-                        .flatten()
-                        .is_some_and(|m| m.ty == "Patient")
-            })
-            .map(|(id, _)| *id)
-            .collect();
-        candidates.sort_unstable();
+        let candidates = self.tracked_in_villages(i, true);
         if candidates.is_empty() {
             return Ok(());
         }

@@ -128,28 +128,33 @@ impl World {
         Ok(())
     }
 
+    /// The acknowledged writes of officer `i`'s villages, sorted (the draws pick among them);
+    /// with `held_patients`, only the insuree documents the officer holds.
+    pub(crate) fn tracked_in_villages(&self, i: usize, held_patients: bool) -> Vec<[u8; 16]> {
+        let n = &self.nodes[i];
+        let mut ids: Vec<[u8; 16]> = self
+            .tracked
+            .iter()
+            .filter(|(id, t)| {
+                t.village.is_some_and(|v| n.villages.contains(&v))
+                    && (!held_patients
+                        || n.store
+                            .doc_meta(id)
+                            .ok()
+                            .flatten()
+                            .is_some_and(|m| m.ty == "Patient"))
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+
     /// Registers again an insuree of the officer's villages that it holds: same name, birth
     /// date, address and card number, a new registration (as a second officer who did not know
     /// of the first would).
     fn register_again(&mut self, i: usize) -> Result<(), SimError> {
-        let mut candidates: Vec<[u8; 16]> = self
-            .tracked
-            .iter()
-            .filter(|(_, t)| {
-                t.village
-                    .is_some_and(|v| self.nodes[i].villages.contains(&v))
-            })
-            .map(|(id, _)| *id)
-            .filter(|id| {
-                self.nodes[i]
-                    .store
-                    .doc_meta(id)
-                    .ok()
-                    .flatten()
-                    .is_some_and(|m| m.ty == "Patient")
-            })
-            .collect();
-        candidates.sort();
+        let candidates = self.tracked_in_villages(i, true);
         if candidates.is_empty() {
             return Ok(());
         }
@@ -197,19 +202,7 @@ impl World {
     /// Edits an insuree of the officer's villages that it holds (officers sharing a village
     /// edit the same people: concurrent edits).
     fn edit(&mut self, i: usize) -> Result<(), SimError> {
-        let candidates: Vec<[u8; 16]> = {
-            let mut c: Vec<[u8; 16]> = self
-                .tracked
-                .iter()
-                .filter(|(_, t)| {
-                    t.village
-                        .is_some_and(|v| self.nodes[i].villages.contains(&v))
-                })
-                .map(|(id, _)| *id)
-                .collect();
-            c.sort_unstable();
-            c
-        };
+        let candidates = self.tracked_in_villages(i, false);
         if candidates.is_empty() {
             return Ok(());
         }
