@@ -14,7 +14,7 @@
 
 use std::thread;
 
-use fieldmesh_engine::central::{Central, CentralError, STEP_ENTRIES};
+use fieldmesh_engine::central::{Central, CentralError, NumberConfig, STEP_ENTRIES};
 use fieldmesh_engine::{
     Engine, MergeError, MergeReport, Outcome, ReadError, Reader, Served, Source, Stored, SyncError,
     WriteError,
@@ -121,7 +121,7 @@ impl EngineHandle {
     /// runs whenever the store holds arrivals they have not processed and no command waits.
     pub fn spawn(
         engine: Engine,
-        central: Option<Central>,
+        central: Services,
     ) -> std::io::Result<(Self, thread::JoinHandle<()>)> {
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
         let (events, _) = broadcast::channel(EVENT_QUEUE);
@@ -404,12 +404,23 @@ enum Deferred {
     ),
 }
 
-fn run(
-    mut engine: Engine,
-    mut rx: mpsc::Receiver<Command>,
-    publish: Publish,
-    mut central: Option<Central>,
-) {
+/// Central's services as the engine thread holds them.
+pub enum Services {
+    /// Not central: no services.
+    None,
+    /// Central's services, running.
+    Running(Central),
+    /// A node configured as central that does not hold its central certificate (a store
+    /// salvaged afresh): the services start once the certificate comes back from a peer.
+    Waiting(NumberConfig),
+}
+
+fn run(mut engine: Engine, mut rx: mpsc::Receiver<Command>, publish: Publish, services: Services) {
+    let (mut central, mut waiting) = match services {
+        Services::None => (None, None),
+        Services::Running(c) => (Some(c), None),
+        Services::Waiting(config) => (None, Some(config)),
+    };
     let mut stop = false;
     // Central's services wait for the next command after a failed step (no hot loop).
     let mut central_failed = false;
@@ -430,6 +441,9 @@ fn run(
         if let Some(first) = first {
             central_failed = false;
             stop = run_batch(&mut engine, &mut rx, &publish, first, central.as_ref());
+            if let Some(config) = waiting.take() {
+                central = start_services(&mut engine, config, &mut waiting);
+            }
         }
         if !stop && let Some(c) = central.as_mut() {
             central_failed = !central_step(&mut engine, c, &publish);
@@ -439,6 +453,31 @@ fn run(
         tracing::error!(error = %e, "final commit failed");
     }
     publish_after_commit(&mut engine, &publish);
+}
+
+/// Opens central's services once this node holds its central certificate again; until then
+/// puts `config` back in `waiting`.
+fn start_services(
+    engine: &mut Engine,
+    config: NumberConfig,
+    waiting: &mut Option<NumberConfig>,
+) -> Option<Central> {
+    match Central::open(engine, config.clone()) {
+        Ok(c) => {
+            tracing::info!(
+                "this node holds its central certificate again: central's services start"
+            );
+            Some(c)
+        }
+        Err(CentralError::NotCentral) => {
+            *waiting = Some(config);
+            None
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "central's services could not start");
+            None
+        }
+    }
 }
 
 /// One step of central's services, committed and published; false if it failed.

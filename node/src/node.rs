@@ -10,7 +10,7 @@ use fieldmesh_storage::{RedbStore, StoreOptions};
 
 use crate::api::{NodeInfo, router};
 use crate::config::DataDir;
-use crate::engine_thread::EngineHandle;
+use crate::engine_thread::{EngineHandle, Services};
 use crate::net::{NetConfig, PeerTable};
 
 /// Opens the engine of a data directory (the store is locked while it lives).
@@ -79,13 +79,30 @@ pub async fn run_with(
     }
     engine.set_number_rules(dir.config.numbers.clone());
     let central = match dir.config.role {
-        crate::config::Role::Central => Some(
-            fieldmesh_engine::central::Central::open(&mut engine, dir.config.numbers.clone())
-                .map_err(|e| {
-                    anyhow::anyhow!("{e}: is {} central's data directory?", dir.path.display())
-                })?,
-        ),
-        _ => None,
+        crate::config::Role::Central => {
+            use fieldmesh_engine::central::{Central, CentralError};
+            match Central::open(&mut engine, dir.config.numbers.clone()) {
+                Ok(c) => Services::Running(c),
+                // The store lost this node's certificate (salvaged afresh): serve and sync,
+                // and start the services when the certificate comes back from a peer.
+                Err(CentralError::NotCentral) => {
+                    tracing::warn!(
+                        data = %dir.path.display(),
+                        "this node is configured as central but holds no central certificate: \
+                         central's services wait for it (a peer brings it back after a salvage; \
+                         or install it with `fieldmesh cert install`)"
+                    );
+                    Services::Waiting(dir.config.numbers.clone())
+                }
+                Err(e) => {
+                    return Err(anyhow::anyhow!(
+                        "{e}: is {} central's data directory?",
+                        dir.path.display()
+                    ));
+                }
+            }
+        }
+        _ => Services::None,
     };
     let (handle, engine_thread) = EngineHandle::spawn(engine, central)?;
     let info = NodeInfo {

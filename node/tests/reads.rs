@@ -9,7 +9,7 @@ use std::time::Duration;
 use fieldmesh_engine::test_support::{certificate, certificate_doc, key, public};
 use fieldmesh_engine::{Engine, NodeIdentity, Outcome, ReadError, Source, now};
 use fieldmesh_fhir_docs::IdentifierQuery;
-use fieldmesh_node::engine_thread::{EngineHandle, HandleError};
+use fieldmesh_node::engine_thread::{EngineHandle, HandleError, Services};
 use fieldmesh_storage::{
     DocId, DocMeta, IndexDump, MemStore, Quarantined, Stats, Store, StoreError, Write,
 };
@@ -113,7 +113,7 @@ fn reads_answer_while_a_write_waits_for_its_commit_and_never_show_it_early() {
         .merge(vec![certificate_doc(&root, &cert, now())], &Source::Local)
         .unwrap();
     engine.flush().unwrap();
-    let (handle, thread) = EngineHandle::spawn(engine, None).unwrap();
+    let (handle, thread) = EngineHandle::spawn(engine, Services::None).unwrap();
     let patient = |family: &str| {
         json!({"resourceType": "Patient", "name": [{"family": family}], "birthDate": "1990-01-01",
             "identifier": [{"system": "urn:test", "value": family}]})

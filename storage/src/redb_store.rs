@@ -44,6 +44,10 @@ fn engine(e: impl Into<redb::Error>, path: &Path) -> StoreError {
         {
             StoreError::DiskFull(io.to_string())
         }
+        // What redb read is not what it wrote (a header overwritten: "not a redb database").
+        redb::Error::Io(io) if io.kind() == std::io::ErrorKind::InvalidData => {
+            StoreError::Corrupt(format!("{}: {io}", path.display()))
+        }
         redb::Error::Io(io) => StoreError::Io(format!("{}: {io}", path.display())),
         redb::Error::Corrupted(msg) => StoreError::Corrupt(msg),
         redb::Error::PreviousIo | redb::Error::DatabaseClosed | redb::Error::LockPoisoned(_) => {

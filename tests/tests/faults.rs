@@ -45,10 +45,10 @@ fn run(args: &[&str]) -> (i32, String) {
     (out.status.code().unwrap_or(-1), text)
 }
 
-#[test]
-fn a_damaged_store_serves_what_it_can_read_and_salvage_recovers_the_rest_from_a_peer() {
-    let dir = tempfile::tempdir().unwrap();
-    let data_file = dir.path().join("data.ndjson");
+/// Central `a` loaded with 30 demo families, and hub `b` holding a copy of everything: returns
+/// a's data directory (a stopped), b running, and the number of documents a held.
+fn central_and_its_copy(dir: &std::path::Path) -> (std::path::PathBuf, Node, u64) {
+    let data_file = dir.join("data.ndjson");
     run_ok(&[
         "demo",
         "generate",
@@ -58,7 +58,7 @@ fn a_damaged_store_serves_what_it_can_read_and_salvage_recovers_the_rest_from_a_
         data_file.to_str().unwrap(),
     ])
     .unwrap();
-    let a_data = dir.path().join("a");
+    let a_data = dir.join("a");
     fieldmesh_tests::init(&a_data, "a", "central").unwrap();
     run_ok(&[
         "load",
@@ -67,10 +67,9 @@ fn a_damaged_store_serves_what_it_can_read_and_salvage_recovers_the_rest_from_a_
         data_file.to_str().unwrap(),
     ])
     .unwrap();
-    // b holds a copy of everything.
     let a = Node::run(a_data.clone()).unwrap();
     let total = a.documents().unwrap();
-    let b = Node::start_with_peers(dir.path(), "b", "hub", &[&a.p2p]).unwrap();
+    let b = Node::start_with_peers(dir, "b", "hub", &[&a.p2p]).unwrap();
     b.wait_for(
         60,
         "b to hold a's documents",
@@ -78,6 +77,36 @@ fn a_damaged_store_serves_what_it_can_read_and_salvage_recovers_the_rest_from_a_
     )
     .unwrap();
     a.terminate(10).unwrap();
+    (a_data, b, total)
+}
+
+#[test]
+fn a_central_salvaged_afresh_starts_and_its_services_resume_when_its_certificate_comes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a_data, b, total) = central_and_its_copy(dir.path());
+    // Nothing of the store can be read: salvage starts it afresh, without a's certificate.
+    let store = a_data.join("store.redb");
+    let len = std::fs::metadata(&store).unwrap().len() as usize;
+    std::fs::write(&store, vec![0x5a; len]).unwrap();
+    let a_path = a_data.to_str().unwrap();
+    let (code, out) = run(&["salvage", "--data", a_path]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("cannot be opened"), "{out}");
+    let a = Node::run_with(a_data.clone(), &["--peer", &b.p2p]).unwrap();
+    a.wait_for(60, "a to get back what it lost from b", |a| {
+        Ok(a.documents()? >= total)
+    })
+    .unwrap();
+    a.wait_for(30, "central's services to start again", |a| {
+        Ok(a.get("/status")?.1.get("central").is_some())
+    })
+    .unwrap();
+}
+
+#[test]
+fn a_damaged_store_serves_what_it_can_read_and_salvage_recovers_the_rest_from_a_peer() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a_data, b, total) = central_and_its_copy(dir.path());
 
     // Damage a's store file until `check` finds it (a block may land on free space).
     let a_path = a_data.to_str().unwrap();
