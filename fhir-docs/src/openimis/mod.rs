@@ -10,10 +10,12 @@
 //!
 //! The FHIR shapes follow `FHIR-MAPPING.md` (openIMIS's own FHIR module and its test payloads).
 
+pub mod dates;
 pub mod demo;
 pub mod flags;
 pub mod numbers;
 pub mod persons;
+pub mod policy;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
