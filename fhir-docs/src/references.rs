@@ -171,8 +171,9 @@ pub fn targets_in(resource: &Map<String, Value>) -> Vec<RefTarget> {
     out
 }
 
-/// The `(type, identity)` of a logical reference object, preferring the most specific key.
-fn logical_target(obj: &Map<String, Value>) -> Option<(String, IdentKey)> {
+/// The `(type, identity)` of a logical reference object (as stored), preferring the most
+/// specific key.
+pub fn logical_target(obj: &Map<String, Value>) -> Option<(String, IdentKey)> {
     if obj.contains_key("reference") {
         return None;
     }

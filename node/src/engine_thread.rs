@@ -164,7 +164,7 @@ impl EngineHandle {
     }
 
     /// Runs a read on the blocking pool.
-    async fn read<T: Send + 'static>(
+    pub async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Reader) -> Result<T, ReadError> + Send + 'static,
     ) -> Result<T, HandleError<ReadError>> {
@@ -693,6 +693,9 @@ fn local_status(engine: &mut Engine, central: Option<&Central>) -> Result<Value,
 }
 
 /// The resource as written, for the reply.
+/// The answer to a write: the resource as stored, with what the write should tell its client.
 fn served(engine: &mut Engine, ty: &str, id: &str) -> Result<Served, WriteError> {
-    Ok(engine.served(ty, id)?)
+    let mut s = engine.served(ty, id)?;
+    s.notes = engine.take_notes();
+    Ok(s)
 }

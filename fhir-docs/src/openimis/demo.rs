@@ -486,8 +486,9 @@ pub fn write_families(
         for (_, p) in &members {
             emit(p)?;
         }
-        // Policy with its contribution: lump sum for up to 4 members, adults above it.
-        let enrolled = date(rng, 2026, 1);
+        // Policy with its contribution: lump sum for up to 4 members, adults above it
+        // (enrolled January to October 2026, before the simulations' first day).
+        let enrolled = format!("2026-{:02}-{:02}", 1 + rng.below(10), 1 + rng.below(28));
         let extra = size.saturating_sub(4);
         let value = format!("{}.00", 10_000 + extra * 2_500 + size * 500);
         let officer = rng.pick(&refdata.officers).clone();

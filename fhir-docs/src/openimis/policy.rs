@@ -521,7 +521,7 @@ pub fn start_date(product: &Product, stage: Stage, enroll: Date) -> Date {
 /// The expiry date: openIMIS's `set_expiry_date` (whole years as years).
 pub fn expiry_date(product: &Product, start: Date) -> Date {
     let months = product.insurance_period;
-    let end = if months % 12 == 0 {
+    let end = if months.is_multiple_of(12) {
         start.add_years((months / 12) as i32)
     } else {
         start.add_months(months as i32)
@@ -1044,6 +1044,210 @@ pub fn coverage(
         out["class"] = json!([class]);
     }
     out
+}
+
+/// Reference-index pseudo type of a contribution's receipt within its product: entries
+/// `(RECEIPT_INDEX, "", "<product>|<receipt>")` ([`receipt_keys`]), so a receipt used twice is
+/// found by one lookup (openIMIS: receipt unique per product).
+pub const RECEIPT_INDEX: &str = "urn:fieldmesh:premium-receipt";
+
+/// The receipt keys of a Contract's contributions: the product it names (the identity its stored
+/// reference carries) and each receipt.
+pub fn receipt_keys(json: &Map<String, Value>) -> Vec<String> {
+    let Some((_, product)) = product_reference(json).and_then(crate::references::logical_target)
+    else {
+        return Vec::new();
+    };
+    let mut out: Vec<String> = payments_of(json)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|p| format!("{}|{}", product.value, p.receipt))
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// What pricing a Contract reads besides the Contract: the node's store.
+pub trait Lookup {
+    /// The id and stored JSON of the resource a stored (logical) reference points at, if this
+    /// node holds it.
+    fn resolve(&mut self, reference: &Map<String, Value>) -> Option<(String, Map<String, Value>)>;
+    /// The Contracts (id and stored JSON) that reference the resource `ty/id`.
+    fn contracts_naming(&mut self, ty: &str, id: &str) -> Vec<(String, Map<String, Value>)>;
+}
+
+/// What pricing a Contract did.
+#[derive(Debug, Clone, Default)]
+pub struct Priced {
+    /// The values replaced in what was sent.
+    pub replaced: Vec<Replaced>,
+    /// What the officer should know (not priced here and why, members above the maximum, a
+    /// payment after the last payment date).
+    pub warnings: Vec<String>,
+    /// The value and dates, when the node could price it.
+    pub valuation: Option<Valuation>,
+}
+
+fn birth_date(patient: &Map<String, Value>) -> Option<Date> {
+    patient
+        .get("birthDate")
+        .and_then(Value::as_str)
+        .and_then(Date::parse)
+}
+
+fn same_target(a: Option<&Map<String, Value>>, b: Option<&Map<String, Value>>) -> bool {
+    let key = |r: Option<&Map<String, Value>>| r.and_then(crate::references::logical_target);
+    key(a).is_some() && key(a) == key(b)
+}
+
+/// The birth dates of the members a Contract covers: those it names (`typeReference`), else
+/// every member of its family (openIMIS's `get_members`); an error names what is not held.
+fn members(json: &Map<String, Value>, lookup: &mut dyn Lookup) -> Result<Vec<Date>, String> {
+    let mut refs: Vec<Map<String, Value>> = covered_references(json).into_iter().cloned().collect();
+    if refs.is_empty() {
+        let subject = subject_reference(json).ok_or("names no family")?;
+        let (_, family) = lookup
+            .resolve(subject)
+            .ok_or("its family (subject) is not held on this device")?;
+        if family.get("resourceType").and_then(Value::as_str) == Some("Patient") {
+            return birth_date(&family)
+                .map(|b| vec![b])
+                .ok_or_else(|| "the insuree has no birthDate".to_string());
+        }
+        refs = family
+            .get("member")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter(|m| m.get("inactive").and_then(Value::as_bool) != Some(true))
+            .filter_map(|m| m.get("entity").and_then(Value::as_object).cloned())
+            .collect();
+        if refs.is_empty() {
+            return Err("its family has no members".into());
+        }
+    }
+    refs.iter()
+        .map(|r| {
+            let (id, patient) = lookup
+                .resolve(r)
+                .ok_or_else(|| "a member it covers is not held on this device".to_string())?;
+            birth_date(&patient).ok_or_else(|| format!("insuree {id} has no birthDate"))
+        })
+        .collect()
+}
+
+/// The expiry of the policy a renewal renews: the latest of the family's other policies of the
+/// same product.
+fn previous_expiry(
+    own_id: &str,
+    json: &Map<String, Value>,
+    lookup: &mut dyn Lookup,
+) -> Option<Date> {
+    let subject = subject_reference(json)?;
+    let (family_id, family) = lookup.resolve(subject)?;
+    let ty = family
+        .get("resourceType")
+        .and_then(Value::as_str)?
+        .to_string();
+    lookup
+        .contracts_naming(&ty, &family_id)
+        .into_iter()
+        .filter(|(id, other)| {
+            id != own_id && same_target(product_reference(json), product_reference(other))
+        })
+        .filter_map(|(_, other)| {
+            asset(&other)?
+                .get("period")?
+                .get(0)?
+                .get("end")?
+                .as_str()
+                .and_then(Date::parse)
+        })
+        .max()
+}
+
+/// Prices the Contract `json` (document `own_id`) on `today` from what `lookup` holds, writes the
+/// value, dates and status into it ([`apply`]) and says what it replaced. A Contract whose
+/// product or members this node does not hold is kept as sent, with a warning: central prices
+/// it when it arrives there.
+pub fn price_contract(
+    json: &mut Map<String, Value>,
+    own_id: &str,
+    today: Date,
+    lookup: &mut dyn Lookup,
+) -> Result<Priced, ContractError> {
+    let enroll = enroll_date_of(json).ok_or(ContractError::NoEnrollDate)?;
+    let payments = payments_of(json)?;
+    let product_ref = product_reference(json).ok_or(ContractError::NoProduct)?;
+    subject_reference(json).ok_or(ContractError::NoSubject)?;
+    let mut out = Priced::default();
+    let later = "the value, dates and status are kept as sent; central computes them when the \
+                 policy reaches it";
+    let product = match lookup.resolve(product_ref) {
+        Some((_, plan)) => match Product::from_insurance_plan(&plan) {
+            Ok(p) => p,
+            Err(e) => {
+                out.warnings
+                    .push(format!("the product cannot price a policy ({e}): {later}"));
+                return Ok(out);
+            }
+        },
+        None => {
+            out.warnings
+                .push(format!("the product is not held on this device: {later}"));
+            return Ok(out);
+        }
+    };
+    let members = match members(json, lookup) {
+        Ok(m) => m,
+        Err(why) => {
+            out.warnings.push(format!("the policy {why}: {later}"));
+            return Ok(out);
+        }
+    };
+    let stage = stage_of(json);
+    let previous = match stage {
+        Stage::Renewal => {
+            let p = previous_expiry(own_id, json, lookup);
+            if p.is_none() {
+                out.warnings.push(
+                    "a renewal, but no earlier policy of this family and product is held here: \
+                     no renewal discount"
+                        .into(),
+                );
+            }
+            p
+        }
+        Stage::New => None,
+    };
+    let v = value(&Terms {
+        product: &product,
+        stage,
+        enroll,
+        today,
+        members: &members,
+        previous_expiry: previous,
+    });
+    if v.above_max > 0 {
+        out.warnings.push(format!(
+            "{} members, the product covers at most {} (openIMIS: \
+             policy.validation.members_count_above_max): the value counts {}",
+            members.len(),
+            product.max_members,
+            product.max_members
+        ));
+    }
+    for p in payments.iter().filter(|p| p.date > v.last_payment) {
+        out.warnings.push(format!(
+            "contribution {} was paid on {}, after the last payment date {}",
+            p.receipt, p.date, v.last_payment
+        ));
+    }
+    let a = activation(v.value, v.start, &payments);
+    out.replaced = apply(json, enroll, &v, &a);
+    out.valuation = Some(v);
+    Ok(out)
 }
 
 #[cfg(test)]

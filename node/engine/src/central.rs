@@ -51,9 +51,11 @@ use std::collections::{BTreeMap, HashSet};
 
 use fieldmesh_fhir_docs::identifiers::{OPENIMIS_IDENTIFIER_TYPES, openimis_type_code};
 use fieldmesh_fhir_docs::openimis::Role;
+use fieldmesh_fhir_docs::openimis::dates::Date;
 use fieldmesh_fhir_docs::openimis::flags::{FLAG_INDEX, Flag, FlagCode, flags_of, set_flags};
 use fieldmesh_fhir_docs::openimis::numbers::{LEASE_HOLDER_SYSTEM, Lease, NumberKind, NumberRule};
 use fieldmesh_fhir_docs::openimis::persons::{PERSON_KEY_INDEX, blocking_keys};
+use fieldmesh_fhir_docs::openimis::policy::price_contract;
 use fieldmesh_fhir_docs::{DocId, IdentKey, IdentifierQuery};
 use fieldmesh_storage::{LOCAL_CHECKPOINT_PREFIX, StoreError, Write};
 use serde::{Deserialize, Serialize};
@@ -192,6 +194,8 @@ pub struct StepReport {
     /// Time spent on insurees' numbers and finding duplicate persons (index lookups, and
     /// reading the candidates when there are some).
     pub duplicate_check_nanos: u128,
+    /// Policies whose value, dates or status central changed after a merge.
+    pub priced: usize,
 }
 
 /// Central's services failed; nothing of the step was staged past the failure.
@@ -302,6 +306,7 @@ impl Central {
                 // received it has nothing more to be done: not read at all.
                 let settled = NumberKind::of_type(&meta.ty).is_none()
                     && meta.ty != "Patient"
+                    && meta.ty != "Contract"
                     && engine
                         .find_ids(
                             &meta.ty,
@@ -368,6 +373,9 @@ impl Central {
         let Some(facts) = engine.canonical_given.get(id) else {
             return Ok(false);
         };
+        if ty == "Contract" {
+            return Ok(false);
+        }
         if facts.flagged || facts.linked {
             return Ok(false);
         }
@@ -446,6 +454,9 @@ impl Central {
             let t = std::time::Instant::now();
             related.extend(self.link_duplicate(engine, id, &mut new)?);
             report.duplicate_check_nanos += t.elapsed().as_nanos();
+        }
+        if ty == "Contract" && reprice(engine, id, &mut new)? {
+            report.priced += 1;
         }
         if new != old {
             match preloaded {
@@ -969,6 +980,40 @@ pub(crate) struct Facts {
 }
 
 /// Central's identifier with a canonical id.
+/// Prices policy `id` (reading `json`) again from what central holds after a merge: the value
+/// the rules give from the merged state, whoever wrote what ([`price_contract`]). True if it
+/// changed.
+fn reprice(
+    engine: &mut Engine,
+    id: &DocId,
+    json: &mut Map<String, Value>,
+) -> Result<bool, CentralError> {
+    let before = json.clone();
+    let today = Date::from_unix(engine.identity().time());
+    let (priced, failed) = {
+        let mut held = crate::enrolment::Held::new(engine);
+        let priced = price_contract(json, &id.to_string(), today, &mut held);
+        (priced, held.failed)
+    };
+    if let Some(e) = failed {
+        *json = before;
+        return Err(e.into());
+    }
+    match priced {
+        Ok(p) => {
+            for w in &p.warnings {
+                tracing::debug!(doc = %id, warning = %w, "policy priced by central");
+            }
+        }
+        Err(e) => {
+            tracing::warn!(doc = %id, error = %e, "a policy central cannot price");
+            *json = before;
+            return Ok(false);
+        }
+    }
+    Ok(*json != before)
+}
+
 fn canonical_identifier(system: &str, value: &str) -> Value {
     json!({"system": system,
         "type": {"coding": [{"system": OPENIMIS_IDENTIFIER_TYPES, "code": "UUID"}]},
@@ -996,6 +1041,8 @@ fn fields_for(ty: &str) -> Option<&'static [&'static str]> {
             "provider",
             "facility",
         ],
+        // A policy is priced again from the whole of it.
+        "Contract" => return None,
         _ => &["resourceType", "identifier", "extension"],
     })
 }

@@ -13,6 +13,7 @@ use automerge::{AutoCommit, ChangeHash};
 use fieldmesh_fhir_docs::DocLimits;
 use fieldmesh_fhir_docs::openimis::flags::flag_entries;
 use fieldmesh_fhir_docs::openimis::persons::{PERSON_KEY_INDEX, blocking_keys};
+use fieldmesh_fhir_docs::openimis::policy::{RECEIPT_INDEX, receipt_keys};
 use fieldmesh_fhir_docs::openimis::{
     AUTHOR_INDEX, LEFT_INDEX, OpenImis, PLACE_INDEX, holding_places,
 };
@@ -101,6 +102,13 @@ pub(crate) fn derived_entries(
             .map(|k| (PERSON_KEY_INDEX.to_string(), String::new(), k)),
     );
     out.extend(flag_entries(json));
+    if ty == "Contract" {
+        out.extend(
+            receipt_keys(json)
+                .into_iter()
+                .map(|k| (RECEIPT_INDEX.to_string(), String::new(), k)),
+        );
+    }
     out
 }
 
@@ -280,6 +288,9 @@ pub struct Engine {
     /// Documents given their canonical id at receipt whose processing by central's services
     /// is still to come, with what the services need of them.
     pub(crate) canonical_given: HashMap<DocId, crate::central::Facts>,
+    /// What the last local write replaced or should tell its client (OperationOutcome
+    /// issues), taken by whoever answers it ([`Engine::take_notes`]).
+    pub(crate) notes: Vec<Value>,
 }
 
 impl Engine {
@@ -295,6 +306,7 @@ impl Engine {
             equivocations: Vec::new(),
             behind_tokens: Vec::new(),
             check_local: true,
+            notes: Vec::new(),
             reader: Reader::new(Arc::clone(&store), cache_documents),
             store,
             in_flight: HashMap::new(),
@@ -858,6 +870,35 @@ impl Engine {
                     IdentifierQuery::Exact(k) => *s == k.system && *v == k.value,
                     IdentifierQuery::ValueOnly(val) => v == val,
                 });
+            if hit && !ids.contains(id) {
+                ids.push(*id);
+            }
+        }
+        Ok(ids)
+    }
+}
+
+impl Engine {
+    /// Documents whose reference-index entries name `(ty, system, value)`, committed and
+    /// staged (what a write checks against).
+    pub(crate) fn referrers(
+        &self,
+        ty: &str,
+        system: &str,
+        value: &str,
+    ) -> Result<Vec<DocId>, StoreError> {
+        let mut ids: Vec<DocId> = self
+            .store
+            .referrers(ty, system, value)?
+            .into_iter()
+            .map(|b| DocId(uuid::Uuid::from_bytes(b)))
+            .collect();
+        for (id, live) in self.dirty.iter().chain(&self.in_flight) {
+            let hit = live
+                .entries
+                .references
+                .iter()
+                .any(|(t, s, v)| t == ty && s == system && v == value);
             if hit && !ids.contains(id) {
                 ids.push(*id);
             }

@@ -33,6 +33,7 @@
 pub mod central;
 pub mod check;
 pub mod core;
+pub mod enrolment;
 pub mod error;
 pub mod events;
 pub mod identity;

@@ -33,6 +33,9 @@ pub struct Served {
     pub version: String,
     /// The rendered resource.
     pub resource: Value,
+    /// For the answer to a write: OperationOutcome issues about it (values the rules
+    /// replaced, warnings); empty for reads.
+    pub notes: Vec<Value>,
 }
 
 /// A document read before, valid while its heads are the stored ones.
@@ -47,7 +50,7 @@ struct Inner {
 }
 
 /// A committed document: its id, its record and its JSON.
-type Committed = (DocId, DocMeta, Arc<Map<String, Value>>);
+pub(crate) type Committed = (DocId, DocMeta, Arc<Map<String, Value>>);
 
 /// Reads of committed data. See the module docs.
 #[derive(Clone)]
@@ -62,7 +65,7 @@ impl std::fmt::Debug for Reader {
 }
 
 /// Resolves logical references against committed data.
-struct StoreResolver<'a>(&'a dyn Store);
+pub(crate) struct StoreResolver<'a>(pub(crate) &'a dyn Store);
 
 impl Resolver for StoreResolver<'_> {
     fn local(&self, ty: &str, id: &str) -> Option<IdentKey> {
@@ -98,12 +101,12 @@ impl Reader {
         }
     }
 
-    fn store(&self) -> &dyn Store {
+    pub(crate) fn store(&self) -> &dyn Store {
         self.inner.store.as_ref()
     }
 
     /// The committed document `id` of type `ty` with its record.
-    fn document(&self, ty: &str, id: &str) -> Result<Committed, ReadError> {
+    pub(crate) fn document(&self, ty: &str, id: &str) -> Result<Committed, ReadError> {
         let not_found = || ReadError::NotFound {
             ty: ty.into(),
             id: id.into(),
@@ -185,6 +188,7 @@ impl Reader {
             id: doc_id.to_string(),
             version,
             resource,
+            notes: Vec::new(),
         })
     }
 
@@ -223,6 +227,7 @@ impl Reader {
                     &StoreResolver(self.store()),
                 ),
                 version,
+                notes: Vec::new(),
             });
         }
         Ok(out)

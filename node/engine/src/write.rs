@@ -264,6 +264,7 @@ impl Engine {
         )?;
         self.check_number(&prepared)?;
         self.declare_places(&mut prepared)?;
+        self.price_policy(&mut prepared, &id, None)?;
         if self.check_local {
             authorize(
                 &self.trust,
@@ -392,8 +393,9 @@ impl Engine {
         )?;
         self.check_number(&prepared)?;
         self.declare_places(&mut prepared)?;
+        let old = document_to_json(live.doc(doc_id)?)?;
+        self.price_policy(&mut prepared, doc_id, Some(&old))?;
         let doc = live.doc(doc_id)?;
-        let old = document_to_json(doc)?;
         if old == prepared.json {
             return Ok(Outcome::Unchanged);
         }
@@ -537,6 +539,7 @@ impl Engine {
                 id: doc_id.to_string(),
                 version,
                 resource,
+                notes: Vec::new(),
             })
         })
     }

@@ -186,7 +186,9 @@ fn policies_and_payments_lie_where_their_family_lives() {
         )
         .unwrap();
     let contract = json!({"resourceType": "Contract", "status": "offered",
-        "subject": [{"reference": format!("Group/{family}")}]});
+        "subject": [{"reference": format!("Group/{family}")}],
+        "term": [{"asset": [{"period": [{"start": "2026-01-10"}],
+            "valuedItem": [{"entityReference": {"reference": "InsurancePlan/6a1f0b7e-0000-4000-8000-000000000001"}}]}]}]});
     let policy = w
         .a_node
         .create(contract.clone(), None, false, &|_| None)

@@ -30,8 +30,44 @@ fn fhir(status: StatusCode, body: &Value, headers: &[(header::HeaderName, String
     r
 }
 
+/// The answer to a read or a write. A write whose values the rules replaced (a policy's value,
+/// dates, status) or that the writer should know about carries its OperationOutcome in the
+/// `X-Fieldmesh-Outcome` header; with `Prefer: return=OperationOutcome` it is the body.
 fn served(status: StatusCode, s: &Served, location: Option<String>) -> Response {
+    served_as(status, s, location, false)
+}
+
+/// The OperationOutcome of a write: its notes, or that it was stored.
+fn write_outcome(s: &Served) -> Value {
+    let issues = if s.notes.is_empty() {
+        vec![json!({"severity": "information", "code": "informational",
+            "diagnostics": format!("stored as version {}", s.version)})]
+    } else {
+        s.notes.clone()
+    };
+    json!({"resourceType": "OperationOutcome", "issue": issues})
+}
+
+/// Whether the client asked for an OperationOutcome in answer to a write.
+fn wants_outcome(headers: &HeaderMap) -> bool {
+    headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
+            v.split([',', ';'])
+                .any(|p| p.trim() == "return=OperationOutcome")
+        })
+}
+
+fn served_as(status: StatusCode, s: &Served, location: Option<String>, outcome: bool) -> Response {
     let mut headers = vec![(header::ETAG, format!("W/\"{}\"", s.version))];
+    if !s.notes.is_empty() {
+        headers.push((
+            header::HeaderName::from_static("x-fieldmesh-outcome"),
+            write_outcome(s).to_string(),
+        ));
+    }
     if let Some(l) = location {
         headers.push((header::LOCATION, l));
     }
@@ -42,7 +78,27 @@ fn served(status: StatusCode, s: &Served, location: Option<String>) -> Response 
     {
         headers.push((header::LAST_MODIFIED, t.to_string()));
     }
+    if outcome {
+        return fhir(status, &write_outcome(s), &headers);
+    }
     fhir(status, &s.resource, &headers)
+}
+
+/// Coverage is derived from the policy: clients write the Contract.
+fn derived_only(ty: &str) -> Result<(), ApiError> {
+    if ty == "Coverage" {
+        return Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "not-supported",
+            "Coverage is derived from the policy and served read-only, as openIMIS serves it: \
+             write the Contract (POST /fhir/Contract) instead",
+        ));
+    }
+    Ok(())
+}
+
+fn today() -> fieldmesh_fhir_docs::openimis::dates::Date {
+    fieldmesh_fhir_docs::openimis::dates::Date::from_unix(fieldmesh_engine::now())
 }
 
 fn check_type(ty: &str) -> Result<(), ApiError> {
@@ -86,13 +142,56 @@ pub(super) async fn create(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     check_type(&ty)?;
+    derived_only(&ty)?;
     let json = body_json(body)?;
+    if ty == "CoverageEligibilityRequest" {
+        return eligibility(&st, json).await;
+    }
     let s = st.engine.create(ty.clone(), json).await?;
-    Ok(served(
+    Ok(served_as(
         StatusCode::CREATED,
         &s,
         Some(location(&headers, &ty, &s)),
+        wants_outcome(&headers),
     ))
+}
+
+/// `POST /fhir/CoverageEligibilityRequest`: the coverage inquiry, answered from what this node
+/// holds (nothing is stored).
+async fn eligibility(st: &AppState, request: Value) -> Result<Response, ApiError> {
+    use fieldmesh_engine::enrolment::EligibilityError;
+    if request.get("resourceType").and_then(Value::as_str) != Some("CoverageEligibilityRequest") {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "structure",
+            "the body is not a CoverageEligibilityRequest",
+        ));
+    }
+    let node = st.info.name.clone();
+    let answer = st
+        .engine
+        .read(move |r| {
+            Ok(r.eligibility(&request, today(), &node)
+                .map_err(|e| match e {
+                    EligibilityError::Read(e) => Err(e),
+                    other => Ok(other),
+                }))
+        })
+        .await?;
+    match answer {
+        Ok(response) => Ok(fhir(StatusCode::OK, &response, &[])),
+        Err(Err(e)) => Err(e.into()),
+        Err(Ok(e @ EligibilityError::UnknownPatient(_))) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            e.to_string(),
+        )),
+        Err(Ok(e)) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "required",
+            e.to_string(),
+        )),
+    }
 }
 
 pub(super) async fn read(
@@ -100,6 +199,10 @@ pub(super) async fn read(
     Path((ty, id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     check_type(&ty)?;
+    if ty == "Coverage" {
+        let s = st.engine.read(move |r| r.coverage(&id, today())).await?;
+        return Ok(served(StatusCode::OK, &s, None));
+    }
     let s = st.engine.read_resource(ty, id).await?;
     Ok(served(StatusCode::OK, &s, None))
 }
@@ -120,15 +223,22 @@ pub(super) async fn update(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     check_type(&ty)?;
+    derived_only(&ty)?;
     let json = body_json(body)?;
     let if_match = headers
         .get(header::IF_MATCH)
         .and_then(|v| v.to_str().ok())
         .map(|v| v.trim_start_matches("W/").trim_matches('"').to_string());
     let (s, outcome) = st.engine.update(ty.clone(), id, json, if_match).await?;
+    let prefer = wants_outcome(&headers);
     Ok(match outcome {
-        Outcome::Created => served(StatusCode::CREATED, &s, Some(location(&headers, &ty, &s))),
-        Outcome::Updated | Outcome::Unchanged => served(StatusCode::OK, &s, None),
+        Outcome::Created => served_as(
+            StatusCode::CREATED,
+            &s,
+            Some(location(&headers, &ty, &s)),
+            prefer,
+        ),
+        Outcome::Updated | Outcome::Unchanged => served_as(StatusCode::OK, &s, None, prefer),
     })
 }
 
@@ -177,6 +287,9 @@ pub(super) async fn search(
     Query(params): Query<Vec<(String, String)>>,
 ) -> Result<Response, ApiError> {
     check_type(&ty)?;
+    if ty == "Coverage" {
+        return search_coverage(&st, &headers, &params).await;
+    }
     let mut found: Option<Vec<Served>> = None;
     for (name, value) in &params {
         let hits = match name.as_str() {
@@ -238,6 +351,40 @@ pub(super) async fn search(
     Ok(fhir(
         StatusCode::OK,
         &bundle::searchset(&base_url(&headers), found),
+        &[],
+    ))
+}
+
+/// `GET /fhir/Coverage?beneficiary=Patient/<id>` (also `patient`, `policy-holder`, `payor`):
+/// the Coverages of the policies covering an insuree, derived from them.
+async fn search_coverage(
+    st: &AppState,
+    headers: &HeaderMap,
+    params: &[(String, String)],
+) -> Result<Response, ApiError> {
+    let patient = params.iter().find_map(|(name, value)| {
+        matches!(
+            name.as_str(),
+            "beneficiary" | "patient" | "policy-holder" | "payor"
+        )
+        .then(|| value.strip_prefix("Patient/"))
+        .flatten()
+        .map(String::from)
+    });
+    let Some(patient) = patient else {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "required",
+            "search Coverage by the insuree it covers: ?beneficiary=Patient/<id>",
+        ));
+    };
+    let found = st
+        .engine
+        .read(move |r| r.coverages_of(&patient, today()))
+        .await?;
+    Ok(fhir(
+        StatusCode::OK,
+        &bundle::searchset(&base_url(headers), found),
         &[],
     ))
 }
