@@ -451,3 +451,267 @@ impl Reader {
         Ok(out)
     }
 }
+
+/// The extension by which an insuree names its family (openIMIS IG).
+const GROUP_REFERENCE: &str = "patient-group-reference";
+/// The extension marking the head of a family (openIMIS IG).
+const IS_HEAD: &str = "patient-is-head";
+
+/// The extension of `json` whose URL ends with `name` (openIMIS's IG and its older spellings).
+fn openimis_extension<'a>(json: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
+    json.get("extension")?.as_array()?.iter().find(|e| {
+        e.get("url")
+            .and_then(Value::as_str)
+            .is_some_and(|u| u.ends_with(name))
+    })
+}
+
+fn is_head(patient: &Map<String, Value>) -> bool {
+    openimis_extension(patient, IS_HEAD)
+        .and_then(|e| e.get("valueBoolean"))
+        .and_then(Value::as_bool)
+        == Some(true)
+}
+
+/// A family edit a write leads to: document, its state before, after.
+type FamilyEdit = (DocId, Map<String, Value>, Map<String, Value>);
+
+impl Engine {
+    /// The local id a stored reference resolves to here.
+    fn target_of(&self, reference: &Value) -> Option<DocId> {
+        let (ty, key) = logical_target(reference.as_object()?)?;
+        DocId::parse(&Resolver::find(self, &ty, &key)?)
+    }
+
+    /// The stored logical reference to local document `id` of type `ty`.
+    fn logical_reference(&self, ty: &str, id: &DocId) -> Result<Value, WriteError> {
+        let origin = self
+            .meta_of(id)?
+            .map_or_else(|| self.me.system.clone(), |m| m.origin);
+        Ok(json!({"type": ty, "identifier": {"system": origin, "value": id.to_string()}}))
+    }
+
+    fn family_doc(&mut self, id: &DocId) -> Result<Option<Map<String, Value>>, WriteError> {
+        match self.stored_json(id) {
+            Ok(found) => Ok(found.map(|(_, j)| j)),
+            Err(ReadError::Store(e)) => Err(e.into()),
+            Err(ReadError::Commit(e)) => Err(e.into()),
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// The family edits that keep insurees and families consistent when `json` (a Patient or a
+    /// Group, document `id`) is written here, as openIMIS's `change_family` moves an insuree:
+    /// an insuree naming a family is listed among its members and leaves the family it was in;
+    /// a family listing an insuree becomes the family the insuree names. The head of another
+    /// family is not moved (openIMIS refuses it too).
+    pub(crate) fn family_edits(
+        &mut self,
+        ty: &str,
+        id: &DocId,
+        json: &Map<String, Value>,
+    ) -> Result<Vec<FamilyEdit>, WriteError> {
+        let refuse = |why: String| WriteError::Invalid(ValidationError::one(ty.to_string(), why));
+        let mut edits: Vec<FamilyEdit> = Vec::new();
+        match ty {
+            "Patient" => {
+                let Some(family) = openimis_extension(json, GROUP_REFERENCE)
+                    .and_then(|e| e.get("valueReference"))
+                    .and_then(|r| self.target_of(r))
+                else {
+                    return Ok(edits);
+                };
+                let me = self.logical_reference("Patient", id)?;
+                for other in self.referrers_of_patient(id, json)? {
+                    if other == family {
+                        continue;
+                    }
+                    let Some(old) = self.family_doc(&other)? else {
+                        continue;
+                    };
+                    if is_head(json) && self.lists(&old, id) {
+                        return Err(refuse(format!(
+                            "insuree {id} is the head of family Group/{other}: openIMIS does not \
+                             move a head to another family (change_family)"
+                        )));
+                    }
+                    let mut new = old.clone();
+                    self.drop_member(&mut new, id);
+                    if new != old {
+                        edits.push((other, old, new));
+                    }
+                }
+                if let Some(old) = self.family_doc(&family)?
+                    && !self.lists(&old, id)
+                {
+                    let mut new = old.clone();
+                    let list = new
+                        .entry("member")
+                        .or_insert_with(|| Value::Array(Vec::new()));
+                    if let Some(list) = list.as_array_mut() {
+                        list.push(json!({"entity": me}));
+                    }
+                    edits.push((family, old, new));
+                }
+            }
+            "Group" => {
+                let this = self.logical_reference("Group", id)?;
+                let members: Vec<DocId> = json
+                    .get("member")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|m| m.get("entity"))
+                    .filter_map(|e| self.target_of(e))
+                    .collect();
+                for m in members {
+                    let Some(old) = self.family_doc(&m)? else {
+                        continue;
+                    };
+                    let named = openimis_extension(&old, GROUP_REFERENCE)
+                        .and_then(|e| e.get("valueReference"))
+                        .and_then(|r| self.target_of(r));
+                    let already = openimis_extension(&old, GROUP_REFERENCE)
+                        .and_then(|e| e.get("valueReference"))
+                        .is_some_and(|r| self.names(r, id));
+                    if named == Some(*id) || already {
+                        continue;
+                    }
+                    if let Some(previous) = named
+                        && let Some(f_old) = self.family_doc(&previous)?
+                    {
+                        if is_head(&old) && self.lists(&f_old, &m) {
+                            return Err(refuse(format!(
+                                "insuree Patient/{m} is the head of family Group/{previous}: \
+                                 openIMIS does not move a head to another family \
+                                 (change_family)"
+                            )));
+                        }
+                        let mut f_new = f_old.clone();
+                        self.drop_member(&mut f_new, &m);
+                        if f_new != f_old {
+                            edits.push((previous, f_old, f_new));
+                        }
+                    }
+                    let mut new = old.clone();
+                    set_group_reference(&mut new, this.clone());
+                    edits.push((m, old, new));
+                }
+            }
+            _ => {}
+        }
+        Ok(edits)
+    }
+
+    /// Families whose members include insuree `id`.
+    fn referrers_of_patient(
+        &self,
+        id: &DocId,
+        json: &Map<String, Value>,
+    ) -> Result<Vec<DocId>, WriteError> {
+        let mut keys = fieldmesh_fhir_docs::identifiers::identifier_keys(json);
+        keys.push(fieldmesh_fhir_docs::IdentKey::new(
+            self.meta_of(id)?
+                .map_or_else(|| self.me.system.clone(), |m| m.origin),
+            id.to_string(),
+        ));
+        let mut out = Vec::new();
+        for k in keys {
+            for d in self.referrers("Patient", &k.system, &k.value)? {
+                if self.meta_of(&d)?.is_some_and(|m| m.ty == "Group") && !out.contains(&d) {
+                    out.push(d);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether the stored reference `e` names document `id` (resolved here, or by its id for a
+    /// document not staged yet).
+    fn names(&self, e: &Value, id: &DocId) -> bool {
+        self.target_of(e) == Some(*id)
+            || e.as_object()
+                .and_then(logical_target)
+                .is_some_and(|(_, k)| k.value == id.to_string())
+    }
+
+    /// Whether family `group` lists insuree `id` among its members.
+    fn lists(&self, group: &Map<String, Value>, id: &DocId) -> bool {
+        group
+            .get("member")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|m| m.get("entity"))
+            .any(|e| self.names(e, id))
+    }
+
+    fn drop_member(&self, group: &mut Map<String, Value>, id: &DocId) {
+        let keep: Vec<Value> = group
+            .get("member")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter(|m| !m.get("entity").is_some_and(|e| self.names(e, id)))
+            .cloned()
+            .collect();
+        if keep.is_empty() {
+            group.remove("member");
+        } else {
+            group.insert("member".into(), Value::Array(keep));
+        }
+    }
+
+    /// Checks that this node's certificate allows every family edit, before anything of the
+    /// write is staged (a write is whole or refused).
+    pub(crate) fn authorize_family_edits(&self, edits: &[FamilyEdit]) -> Result<(), WriteError> {
+        if !self.check_local {
+            return Ok(());
+        }
+        for (id, old, new) in edits {
+            let ty = self.meta_of(id)?.map(|m| m.ty).unwrap_or_default();
+            crate::write::authorize(
+                &self.trust,
+                self.policy.as_ref(),
+                &self.me,
+                id,
+                &ty,
+                Some((
+                    fieldmesh_fhir_docs::openimis::places(&ty, old).as_deref(),
+                    old,
+                )),
+                new,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Applies family edits ([`Engine::family_edits`], authorized by
+    /// [`Engine::authorize_family_edits`]): each an ordinary signed change by this node.
+    pub(crate) fn apply_family_edits(&mut self, edits: Vec<FamilyEdit>) -> Result<(), WriteError> {
+        for (id, old, new) in edits {
+            self.edit_stored(&id, &old, &new)?;
+        }
+        Ok(())
+    }
+}
+
+/// Sets an insuree's `patient-group-reference` to `family`, keeping every other extension.
+fn set_group_reference(patient: &mut Map<String, Value>, family: Value) {
+    let list = patient
+        .entry("extension")
+        .or_insert_with(|| Value::Array(Vec::new()));
+    if let Some(list) = list.as_array_mut() {
+        match list.iter_mut().find(|e| {
+            e.get("url")
+                .and_then(Value::as_str)
+                .is_some_and(|u| u.ends_with(GROUP_REFERENCE))
+        }) {
+            Some(e) => e["valueReference"] = family,
+            None => list.push(json!({
+                "url": format!("{}/StructureDefinition/{GROUP_REFERENCE}", fieldmesh_fhir_docs::openimis::IG),
+                "valueReference": family,
+            })),
+        }
+    }
+}

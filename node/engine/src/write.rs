@@ -265,6 +265,8 @@ impl Engine {
         self.check_number(&prepared)?;
         self.declare_places(&mut prepared)?;
         self.price_policy(&mut prepared, &id, None)?;
+        let family = self.family_edits(&prepared.ty, &id, &prepared.json)?;
+        self.authorize_family_edits(&family)?;
         if self.check_local {
             authorize(
                 &self.trust,
@@ -283,6 +285,7 @@ impl Engine {
         let mut entries = entries_of(&prepared);
         entries.references.push(author_entry(&self.me.public()));
         self.stage_new(id, ty, origin, doc, entries);
+        self.apply_family_edits(family)?;
         Ok(id)
     }
 
@@ -412,7 +415,12 @@ impl Engine {
                 &prepared.json,
             )?;
         }
-        self.commit_edit(doc_id, live, &old, &prepared.json, entries_of(&prepared))
+        let family = self.family_edits(ty, doc_id, &prepared.json)?;
+        self.authorize_family_edits(&family)?;
+        let outcome =
+            self.commit_edit(doc_id, live, &old, &prepared.json, entries_of(&prepared))?;
+        self.apply_family_edits(family)?;
+        Ok(outcome)
     }
 
     /// Edits the live document `doc_id` from reading `old` to reading `new` (one change by this

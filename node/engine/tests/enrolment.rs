@@ -441,3 +441,81 @@ fn two_officers_paying_for_one_family_apart_are_priced_once_after_the_merge_and_
         assert_eq!(sorted, ["RC-A", "RC-B"], "every payment taken is kept");
     }
 }
+
+fn group_of(e: &mut Engine, patient: &str) -> Option<String> {
+    read(e, "Patient", patient)["extension"]
+        .as_array()?
+        .iter()
+        .find(|x| {
+            x["url"]
+                .as_str()
+                .is_some_and(|u| u.ends_with("patient-group-reference"))
+        })?["valueReference"]["reference"]
+        .as_str()
+        .map(String::from)
+}
+
+fn members_of(e: &mut Engine, group: &str) -> Vec<String> {
+    let mut m: Vec<String> = read(e, "Group", group)["member"]
+        .as_array()
+        .map(|l| {
+            l.iter()
+                .filter_map(|m| m["entity"]["reference"].as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    m.sort();
+    m
+}
+
+#[test]
+fn families_stay_consistent_when_members_are_added_or_moved_and_a_head_is_not_moved() {
+    let mut w = world();
+    let mut head = patient("Aïcha", "1980-04-02", "V1");
+    head["extension"] =
+        json!([{"url": format!("{IG}/StructureDefinition/patient-is-head"), "valueBoolean": true}]);
+    let h = create(&mut w.a, head);
+    let c = create(&mut w.a, patient("Issa", "2015-09-30", "V1"));
+    // A family listing them: each insuree now names it (openIMIS keeps the family on the insuree).
+    let g1 = create(&mut w.a, group(&[&h, &c], "V1"));
+    assert_eq!(group_of(&mut w.a, &h), Some(format!("Group/{g1}")));
+    assert_eq!(group_of(&mut w.a, &c), Some(format!("Group/{g1}")));
+    // A second family; the child moves to it by naming it: it leaves the first.
+    let h2 = create(&mut w.a, patient("Moussa", "1970-01-01", "V1"));
+    let g2 = create(&mut w.a, group(&[&h2], "V1"));
+    let mut child = read(&mut w.a, "Patient", &c);
+    for x in child["extension"].as_array_mut().unwrap() {
+        if x["url"]
+            .as_str()
+            .unwrap()
+            .ends_with("patient-group-reference")
+        {
+            x["valueReference"] = json!({"reference": format!("Group/{g2}")});
+        }
+    }
+    w.a.update("Patient", &c, child, None).unwrap();
+    w.a.flush().unwrap();
+    assert_eq!(members_of(&mut w.a, &g1), vec![format!("Patient/{h}")]);
+    let mut both = vec![format!("Patient/{h2}"), format!("Patient/{c}")];
+    both.sort();
+    assert_eq!(members_of(&mut w.a, &g2), both);
+    // A newborn registered naming the family is added to its members.
+    let mut baby = patient("Zara", &day(30), "V1");
+    baby["extension"] = json!([{"url": format!("{IG}/StructureDefinition/patient-group-reference"),
+        "valueReference": {"reference": format!("Group/{g1}")}}]);
+    let b = create(&mut w.a, baby);
+    assert!(members_of(&mut w.a, &g1).contains(&format!("Patient/{b}")));
+    // The head of the first family cannot be moved into the second.
+    let mut fam = read(&mut w.a, "Group", &g2);
+    fam["member"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"entity": {"reference": format!("Patient/{h}")}}));
+    let err = w.a.update("Group", &g2, fam, None).unwrap_err();
+    assert!(err.to_string().contains("is the head of family"), "{err}");
+    assert_eq!(
+        group_of(&mut w.a, &h),
+        Some(format!("Group/{g1}")),
+        "nothing of the refused write"
+    );
+}
