@@ -1,5 +1,6 @@
 //! Flags central puts on a resource for the person who entered it: a business number used
-//! twice, a number that fails the deployment's rule, a person registered twice.
+//! twice, a number that fails the deployment's rule, a person registered twice, a receipt used
+//! twice within a product.
 //!
 //! A flag is an extension on the resource itself, so it syncs back to the device that wrote the
 //! resource with the next session and an app shows it with the resource:
@@ -38,15 +39,19 @@ pub enum FlagCode {
     /// This person was registered before: the resource is linked `replaced-by` the earlier
     /// registration (`Patient.link`).
     DuplicatePerson,
+    /// A contribution of this policy carries a receipt another policy of the same product
+    /// carried first (openIMIS: a receipt is unique within a product).
+    ReceiptTaken,
 }
 
 impl FlagCode {
     /// Every code.
-    pub const ALL: [FlagCode; 4] = [
+    pub const ALL: [FlagCode; 5] = [
         FlagCode::NumberTaken,
         FlagCode::NumberReused,
         FlagCode::NumberInvalid,
         FlagCode::DuplicatePerson,
+        FlagCode::ReceiptTaken,
     ];
 
     /// The code as written in the flag.
@@ -56,6 +61,7 @@ impl FlagCode {
             FlagCode::NumberReused => "number-reused",
             FlagCode::NumberInvalid => "number-invalid",
             FlagCode::DuplicatePerson => "duplicate-person",
+            FlagCode::ReceiptTaken => "receipt-taken",
         }
     }
 

@@ -55,7 +55,7 @@ use fieldmesh_fhir_docs::openimis::dates::Date;
 use fieldmesh_fhir_docs::openimis::flags::{FLAG_INDEX, Flag, FlagCode, flags_of, set_flags};
 use fieldmesh_fhir_docs::openimis::numbers::{LEASE_HOLDER_SYSTEM, Lease, NumberKind, NumberRule};
 use fieldmesh_fhir_docs::openimis::persons::{PERSON_KEY_INDEX, blocking_keys};
-use fieldmesh_fhir_docs::openimis::policy::price_contract;
+use fieldmesh_fhir_docs::openimis::policy::{RECEIPT_INDEX, price_contract, receipt_keys};
 use fieldmesh_fhir_docs::{DocId, IdentKey, IdentifierQuery};
 use fieldmesh_storage::{LOCAL_CHECKPOINT_PREFIX, StoreError, Write};
 use serde::{Deserialize, Serialize};
@@ -455,8 +455,11 @@ impl Central {
             related.extend(self.link_duplicate(engine, id, &mut new)?);
             report.duplicate_check_nanos += t.elapsed().as_nanos();
         }
-        if ty == "Contract" && reprice(engine, id, &mut new)? {
-            report.priced += 1;
+        if ty == "Contract" {
+            if reprice(engine, id, &mut new)? {
+                report.priced += 1;
+            }
+            self.receipt_flags(engine, id, &mut new)?;
         }
         if new != old {
             match preloaded {
@@ -614,6 +617,64 @@ impl Central {
                 }
             }
         }
+    }
+
+    /// Flags policy `id` (reading `json`) whose contribution carries a receipt another policy
+    /// of the product carried first (processed by central before it, and not flagged for it
+    /// itself): two officers who used one receipt book offline. The flag syncs back to the
+    /// officer, whose contribution needs its own receipt.
+    fn receipt_flags(
+        &mut self,
+        engine: &mut Engine,
+        id: &DocId,
+        json: &mut Map<String, Value>,
+    ) -> Result<(), CentralError> {
+        let me = engine.identity().system.clone();
+        let mut flags: Vec<Flag> = flags_of(json)
+            .into_iter()
+            .filter(|f| f.code != FlagCode::ReceiptTaken)
+            .collect();
+        for key in receipt_keys(json) {
+            let receipt = key
+                .split_once('|')
+                .map_or(key.as_str(), |(_, r)| r)
+                .to_string();
+            for other in engine.referrers(RECEIPT_INDEX, "", &key)? {
+                if other == *id {
+                    continue;
+                }
+                let Some((_, o)) = engine.stored_json(&other)? else {
+                    continue;
+                };
+                let Some(canonical) = central_id(&o, &me) else {
+                    continue;
+                };
+                let flagged_there = flags_of(&o).iter().any(|f| {
+                    f.code == FlagCode::ReceiptTaken && f.value.as_deref() == Some(&receipt)
+                });
+                if flagged_there {
+                    continue;
+                }
+                if !had_flag(json, FlagCode::ReceiptTaken) {
+                    tracing::info!(doc = %id, receipt, "a receipt used before for the product: flagged");
+                }
+                flags.push(Flag {
+                    code: FlagCode::ReceiptTaken,
+                    reason: format!(
+                        "receipt {receipt} was used before for another policy of this product \
+                         (openIMIS: a receipt is unique within a product); this contribution \
+                         needs its own receipt"
+                    ),
+                    other: Some(
+                        json!({"type": "Contract", "identifier": {"system": me, "value": canonical}}),
+                    ),
+                    value: Some(receipt.clone()),
+                });
+                break;
+            }
+        }
+        set_flags(json, flags);
+        Ok(())
     }
 
     /// Sets the number flags of document `id` (reading `json`) from what the store holds now;

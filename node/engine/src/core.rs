@@ -291,6 +291,9 @@ pub struct Engine {
     /// What the last local write replaced or should tell its client (OperationOutcome
     /// issues), taken by whoever answers it ([`Engine::take_notes`]).
     pub(crate) notes: Vec<Value>,
+    /// A bulk load is running ([`Engine::create_lines`]): policies are kept as given (an export
+    /// of openIMIS, priced by its server; central prices them again as its services read them).
+    pub(crate) bulk_load: bool,
 }
 
 impl Engine {
@@ -307,6 +310,7 @@ impl Engine {
             behind_tokens: Vec::new(),
             check_local: true,
             notes: Vec::new(),
+            bulk_load: false,
             reader: Reader::new(Arc::clone(&store), cache_documents),
             store,
             in_flight: HashMap::new(),

@@ -125,7 +125,7 @@ impl Engine {
         old: Option<&Map<String, Value>>,
     ) -> Result<(), WriteError> {
         self.notes.clear();
-        if prepared.ty != "Contract" {
+        if prepared.ty != "Contract" || self.bulk_load {
             return Ok(());
         }
         let today = Date::from_unix(self.me.time());

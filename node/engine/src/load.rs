@@ -163,7 +163,8 @@ impl Engine {
                 }
             }
         };
-        prepared
+        self.bulk_load = true;
+        let out = prepared
             .into_iter()
             .zip(lines)
             .map(|(p, line)| match p {
@@ -186,6 +187,8 @@ impl Engine {
                 }
                 Err(e) => Err(e),
             })
-            .collect()
+            .collect();
+        self.bulk_load = false;
+        out
     }
 }

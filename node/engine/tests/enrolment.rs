@@ -519,3 +519,54 @@ fn families_stay_consistent_when_members_are_added_or_moved_and_a_head_is_not_mo
         "nothing of the refused write"
     );
 }
+
+#[test]
+fn a_receipt_two_officers_used_offline_is_flagged_once_by_central_and_the_flag_reaches_the_officer()
+{
+    let mut w = world();
+    let enrolled = day(4);
+    let (ga, ha, _) = family(&mut w.a);
+    let pa = create(
+        &mut w.a,
+        contract(
+            &ga,
+            &ha,
+            &w.product,
+            &enrolled,
+            "170",
+            vec![premium("170", &enrolled, "BOOK-7")],
+        ),
+    );
+    let (gb, hb, _) = family(&mut w.b);
+    let pb = create(
+        &mut w.b,
+        contract(
+            &gb,
+            &hb,
+            &w.product,
+            &enrolled,
+            "170",
+            vec![premium("170", &enrolled, "BOOK-7")],
+        ),
+    );
+    w.sync(2);
+    w.sync(3);
+    w.process();
+    w.sync(2);
+    w.sync(3);
+    let flagged = |e: &mut Engine, id: &str| {
+        read(e, "Contract", id)["extension"]
+            .as_array()
+            .is_some_and(|l| l.iter().any(|x| x.to_string().contains("receipt-taken")))
+    };
+    let on_central = (flagged(&mut w.central, &pa), flagged(&mut w.central, &pb));
+    assert!(
+        on_central == (true, false) || on_central == (false, true),
+        "{on_central:?}"
+    );
+    assert_eq!(
+        (flagged(&mut w.a, &pa), flagged(&mut w.b, &pb)),
+        on_central,
+        "the flag reached the officer"
+    );
+}
