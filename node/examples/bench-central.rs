@@ -62,8 +62,9 @@ fn rss_mib() -> f64 {
         / 1024.0
 }
 
-/// Synthetic resources an officer writes: about `size`, 1% of the insurees twice.
-fn resources(size: usize, seed: u64) -> (Vec<String>, Vec<String>) {
+/// Synthetic resources an officer writes: about `size`, 1% of the insurees twice; the village
+/// ids; the product their policies name (central holds it: it authors reference data).
+fn resources(size: usize, seed: u64) -> (Vec<String>, Vec<String>, Value) {
     let mut rng = Rng::new(seed);
     let refdata = reference_data_for(&mut rng, 4);
     let mut out: Vec<Value> = Vec::new();
@@ -104,7 +105,17 @@ fn resources(size: usize, seed: u64) -> (Vec<String>, Vec<String>) {
     }
     out.extend(copies);
     let villages = refdata.villages.iter().map(|v| v.0.clone()).collect();
-    (out.iter().map(Value::to_string).collect(), villages)
+    let product = refdata
+        .resources
+        .iter()
+        .find(|r| r["resourceType"] == "InsurancePlan")
+        .cloned()
+        .unwrap_or_default();
+    (
+        out.iter().map(Value::to_string).collect(),
+        villages,
+        product,
+    )
 }
 
 /// A central node on a redb store in `path` receives `items` from `phone` as from the
@@ -114,6 +125,7 @@ fn receive(
     phone: &mut Engine,
     items: &[([u8; 16], Heads)],
     cert: &fieldmesh_protocol::DocPayload,
+    product: &Value,
     path: &std::path::Path,
     services: bool,
 ) -> Result<(Engine, f64, Option<Central>)> {
@@ -126,6 +138,7 @@ fn receive(
         256,
     );
     central.merge(vec![cert.clone()], &Source::Local)?;
+    central.create(product.clone(), None, true, &|_| None)?;
     central.flush()?;
     let services = if services {
         Some(Central::open(&mut central, NumberConfig::niger())?)
@@ -148,7 +161,7 @@ fn run(size: usize) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let root = key(1);
     let officer = key(2);
-    let (lines, villages) = resources(size, size as u64);
+    let (lines, villages, product) = resources(size, size as u64);
     let vs: Vec<&str> = villages.iter().map(String::as_str).collect();
     let cert = certificate_doc(
         &root,
@@ -191,10 +204,22 @@ fn run(size: usize) -> Result<()> {
     // Central receives it as from the officer: once without its services (the cost of
     // receiving alone), once with them on from the start, as the node runs them (it then gives
     // each arrival its canonical id in the pass that checks it).
-    let (mut central, received, services) =
-        receive(&mut phone, &items, &cert, &dir.path().join("central"), true)?;
-    let (plain, received_plain, _) =
-        receive(&mut phone, &items, &cert, &dir.path().join("plain"), false)?;
+    let (mut central, received, services) = receive(
+        &mut phone,
+        &items,
+        &cert,
+        &product,
+        &dir.path().join("central"),
+        true,
+    )?;
+    let (plain, received_plain, _) = receive(
+        &mut phone,
+        &items,
+        &cert,
+        &product,
+        &dir.path().join("plain"),
+        false,
+    )?;
     drop(plain);
     let mut services = services.context("services")?;
     drop(phone);
@@ -205,11 +230,14 @@ fn run(size: usize) -> Result<()> {
     let cpu = cpu_secs();
     let t = Instant::now();
     let (mut edited, mut canonical, mut dup_nanos, mut steps) = (0, 0, 0u128, 0);
+    let (mut priced, mut pricing_nanos) = (0, 0u128);
     loop {
         let r = services.step(&mut central, STEP_ENTRIES)?;
         // As the node does: the commit runs beside the next step, waited for before it.
         central.flush_behind()?;
         edited += r.edited;
+        priced += r.priced;
+        pricing_nanos += r.pricing_nanos;
         canonical += r.canonical;
         dup_nanos += r.duplicate_check_nanos;
         steps += 1;
@@ -242,9 +270,10 @@ fn run(size: usize) -> Result<()> {
         .filter(|l| l.contains("\"resourceType\":\"Patient\""))
         .count();
     println!(
-        "| {size:>7} | {arrived:>7} | {received_plain:>6.1} s | {received:>6.1} s | {secs:>6.1} s | {:>7.0} | {:>5.0} µs | {canonical:>7} | {edited:>7} | {:>5} | {:>5} | {:>6.1} µs | {rss_before:>5.0} → {:>5.0} MiB | {steps} |",
+        "| {size:>7} | {arrived:>7} | {received_plain:>6.1} s | {received:>6.1} s | {secs:>6.1} s | {:>7.0} | {:>5.0} µs | {canonical:>7} | {edited:>7} | {priced:>6} ({:.0} µs each) | {:>5} | {:>5} | {:>6.1} µs | {rss_before:>5.0} → {:>5.0} MiB | {steps} |",
         arrived as f64 / (secs + (received - received_plain).max(0.0)),
         cpu * 1e6 / arrived as f64,
+        pricing_nanos as f64 / 1000.0 / priced.max(1) as f64,
         status["duplicate_persons"]["linked"],
         status["flagged"]["number_taken"],
         dup_nanos as f64 / 1000.0 / patients.max(1) as f64,
@@ -265,9 +294,9 @@ fn main() -> Result<()> {
         .collect();
     println!("central's services on newly arrived resources (redb on disk, one thread)");
     println!(
-        "| resources | arrived docs | receive, plain | receive, central | services | central processing, resources/s | services CPU / resource | canonical ids | edited | persons linked | numbers flagged | number and duplicate checks / insuree | RSS before → after services | steps |"
+        "| resources | arrived docs | receive, plain | receive, central | services | central processing, resources/s | services CPU / resource | canonical ids | edited | policies priced (time each) | persons linked | numbers flagged | number and duplicate checks / insuree | RSS before → after services | steps |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for size in sizes {
         run(size)?;
     }

@@ -47,7 +47,7 @@
 //! back through the log and are processed again like any change: processing is idempotent, and
 //! they are few (most arrivals get their canonical id as central receives them, see below).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use fieldmesh_fhir_docs::identifiers::{OPENIMIS_IDENTIFIER_TYPES, openimis_type_code};
 use fieldmesh_fhir_docs::openimis::Role;
@@ -196,6 +196,8 @@ pub struct StepReport {
     pub duplicate_check_nanos: u128,
     /// Policies whose value, dates or status central changed after a merge.
     pub priced: usize,
+    /// Time spent pricing policies.
+    pub pricing_nanos: u128,
 }
 
 /// Central's services failed; nothing of the step was staged past the failure.
@@ -293,6 +295,19 @@ impl Central {
         if !report.more {
             self.read_to = last;
         }
+        // What pricing the step's policies reads of the insurees and families that arrived with
+        // them, as taken when central received them.
+        let mut families: HashMap<DocId, Map<String, Value>> = HashMap::new();
+        for (_, raw) in &entries {
+            let id = DocId(uuid::Uuid::from_bytes(*raw));
+            if let Some(p) = engine
+                .canonical_given
+                .get(&id)
+                .and_then(|f| f.pricing.as_ref())
+            {
+                families.insert(id, p.clone());
+            }
+        }
         // Read the batch's documents on every core first (reading is most of the work).
         // Not central's own edits coming back, nor what the services leave alone.
         let mut ids: Vec<DocId> = Vec::with_capacity(entries.len());
@@ -335,6 +350,11 @@ impl Central {
         }
         self.touched.clear();
         let mut loaded = engine.preload(&ids, &fields_for);
+        for (id, l) in &loaded {
+            if let Some(p) = pricing_fields(&l.ty, &l.json) {
+                families.entry(*id).or_insert(p);
+            }
+        }
         let mut seen = HashSet::new();
         let wanted: HashSet<DocId> = ids.iter().copied().collect();
         for (seq, raw) in entries {
@@ -344,7 +364,7 @@ impl Central {
                 let json = loaded
                     .remove(&id)
                     .filter(|_| !engine.has_pending_write(&id) && !self.touched.contains(&id));
-                self.process(engine, &id, json, &mut report)?;
+                self.process(engine, &id, json, &families, &mut report)?;
             }
             self.state.cursor = seq;
             self.dirty = true;
@@ -413,6 +433,7 @@ impl Central {
         engine: &mut Engine,
         id: &DocId,
         loaded: Option<Loaded>,
+        families: &HashMap<DocId, Map<String, Value>>,
         report: &mut StepReport,
     ) -> Result<(), CentralError> {
         let Some(meta) = engine.meta_of(id)? else {
@@ -456,9 +477,11 @@ impl Central {
             report.duplicate_check_nanos += t.elapsed().as_nanos();
         }
         if ty == "Contract" {
-            if reprice(engine, id, &mut new)? {
+            let t = std::time::Instant::now();
+            if reprice(engine, id, &mut new, families) {
                 report.priced += 1;
             }
+            report.pricing_nanos += t.elapsed().as_nanos();
             self.receipt_flags(engine, id, &mut new)?;
         }
         if new != old {
@@ -1025,6 +1048,7 @@ pub(crate) fn canonical_at_receipt(
         keys: Vec::new(),
         flagged: !flags_of(json).is_empty(),
         linked: json.contains_key("link"),
+        pricing: pricing_fields(ty, json),
     };
     Some((facts, doc.save_after(&before)))
 }
@@ -1038,28 +1062,45 @@ pub(crate) struct Facts {
     pub keys: Vec<String>,
     flagged: bool,
     linked: bool,
+    /// What pricing a policy reads of it: an insuree's birth date, a family's members.
+    pricing: Option<Map<String, Value>>,
 }
 
-/// Central's identifier with a canonical id.
+/// The fields pricing a policy reads of an insuree (birth date) or a family (members).
+fn pricing_fields(ty: &str, json: &Map<String, Value>) -> Option<Map<String, Value>> {
+    let keys: &[&str] = match ty {
+        "Patient" => &["resourceType", "birthDate"],
+        "Group" => &["resourceType", "member"],
+        _ => return None,
+    };
+    Some(
+        keys.iter()
+            .filter_map(|k| json.get(*k).map(|v| (k.to_string(), v.clone())))
+            .collect(),
+    )
+}
+
 /// Prices policy `id` (reading `json`) again from what central holds after a merge: the value
 /// the rules give from the merged state, whoever wrote what ([`price_contract`]). True if it
 /// changed.
 fn reprice(
-    engine: &mut Engine,
+    engine: &Engine,
     id: &DocId,
     json: &mut Map<String, Value>,
-) -> Result<bool, CentralError> {
+    families: &HashMap<DocId, Map<String, Value>>,
+) -> bool {
     let before = json.clone();
     let today = Date::from_unix(engine.identity().time());
-    let (priced, failed) = {
-        let mut held = crate::enrolment::Held::new(engine);
-        let priced = price_contract(json, &id.to_string(), today, &mut held);
-        (priced, held.failed)
-    };
-    if let Some(e) = failed {
-        *json = before;
-        return Err(e.into());
-    }
+    let reader = engine.reader();
+    let priced = price_contract(
+        json,
+        &id.to_string(),
+        today,
+        &mut crate::enrolment::Prefetched {
+            docs: families,
+            reader: &reader,
+        },
+    );
     match priced {
         Ok(p) => {
             for w in &p.warnings {
@@ -1069,12 +1110,13 @@ fn reprice(
         Err(e) => {
             tracing::warn!(doc = %id, error = %e, "a policy central cannot price");
             *json = before;
-            return Ok(false);
+            return false;
         }
     }
-    Ok(*json != before)
+    *json != before
 }
 
+/// Central's identifier with a canonical id.
 fn canonical_identifier(system: &str, value: &str) -> Value {
     json!({"system": system,
         "type": {"coding": [{"system": OPENIMIS_IDENTIFIER_TYPES, "code": "UUID"}]},
@@ -1095,6 +1137,8 @@ fn fields_for(ty: &str) -> Option<&'static [&'static str]> {
             "birthDate",
             "address",
         ],
+        // Its members, for pricing the policy that arrives with it.
+        "Group" => &["resourceType", "identifier", "extension", "member"],
         "Claim" | "CoverageEligibilityRequest" => &[
             "resourceType",
             "identifier",

@@ -28,19 +28,10 @@ use crate::error::{ReadError, WriteError};
 use crate::read::{Reader, Served, StoreResolver};
 
 /// The engine as the policy rules see it: what it holds, staged writes included.
-pub(crate) struct Held<'a> {
+struct Held<'a> {
     engine: &'a mut Engine,
     /// The first store failure met (the lookup answers "not held" and the write fails with it).
-    pub(crate) failed: Option<WriteError>,
-}
-
-impl<'a> Held<'a> {
-    pub(crate) fn new(engine: &'a mut Engine) -> Self {
-        Self {
-            engine,
-            failed: None,
-        }
-    }
+    failed: Option<WriteError>,
 }
 
 impl Held<'_> {
@@ -207,8 +198,11 @@ impl Engine {
 /// A document held here: its id and stored JSON.
 pub(crate) type HeldDoc = (DocId, Map<String, Value>);
 
-/// The committed store as the policy rules see it (reads for clients).
-struct Committed<'a>(&'a Reader);
+/// The committed store as the policy rules see it: reads for clients, and central pricing
+/// what arrived (every arrival is committed before central's services read the log; what
+/// the services themselves staged since, identifiers and flags, is nothing pricing reads).
+/// Read through the reader's cache, never loading a document again to edit it.
+pub(crate) struct Committed<'a>(pub(crate) &'a Reader);
 
 impl Lookup for Committed<'_> {
     fn resolve(&mut self, reference: &Map<String, Value>) -> Option<(String, Map<String, Value>)> {
@@ -225,6 +219,31 @@ impl Lookup for Committed<'_> {
             .into_iter()
             .map(|(id, json)| (id.to_string(), json))
             .collect()
+    }
+}
+
+/// What central's services read of a step's arrivals, before the reader: the families and
+/// insurees that arrived with the policies they price (the common case: a family is registered
+/// and enrolled in one visit), read already in the step's read-ahead.
+pub(crate) struct Prefetched<'a> {
+    pub(crate) docs: &'a std::collections::HashMap<DocId, Map<String, Value>>,
+    pub(crate) reader: &'a Reader,
+}
+
+impl Lookup for Prefetched<'_> {
+    fn resolve(&mut self, reference: &Map<String, Value>) -> Option<(String, Map<String, Value>)> {
+        let (ty, key) = logical_target(reference)?;
+        let id = StoreResolver(self.reader.store()).find(&ty, &key)?;
+        if let Some(json) = DocId::parse(&id).and_then(|d| self.docs.get(&d))
+            && json.get("resourceType").and_then(Value::as_str) == Some(ty.as_str())
+        {
+            return Some((id, json.clone()));
+        }
+        Committed(self.reader).resolve(reference)
+    }
+
+    fn contracts_naming(&mut self, ty: &str, id: &str) -> Vec<(String, Map<String, Value>)> {
+        Committed(self.reader).contracts_naming(ty, id)
     }
 }
 
