@@ -247,6 +247,9 @@ pub struct Central {
     /// The store's last sequence when a step last found the log read to its end (writes that
     /// take a sequence but leave no log entry, quarantine records, are not work).
     read_to: u64,
+    /// What pricing a policy reads of the insurees and families that arrived lately (birth
+    /// dates, members), as taken when central received them; kept until the log is drained.
+    families: HashMap<DocId, Map<String, Value>>,
 }
 
 impl Central {
@@ -273,6 +276,7 @@ impl Central {
             dirty: false,
             touched: HashSet::new(),
             read_to: 0,
+            families: HashMap::new(),
         })
     }
 
@@ -297,7 +301,9 @@ impl Central {
         }
         // What pricing the step's policies reads of the insurees and families that arrived with
         // them, as taken when central received them.
-        let mut families: HashMap<DocId, Map<String, Value>> = HashMap::new();
+        // Kept across steps until the log is drained: a session's documents reach the log in
+        // an order of their own, a family and its policy often in different steps.
+        let mut families = std::mem::take(&mut self.families);
         for (_, raw) in &entries {
             let id = DocId(uuid::Uuid::from_bytes(*raw));
             if let Some(p) = engine
@@ -368,6 +374,9 @@ impl Central {
             }
             self.state.cursor = seq;
             self.dirty = true;
+        }
+        if report.more {
+            self.families = families;
         }
         report.leases = self.issue_leases(engine)?;
         if self.dirty {
