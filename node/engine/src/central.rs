@@ -250,6 +250,9 @@ pub struct Central {
     /// What pricing a policy reads of the insurees and families that arrived lately (birth
     /// dates, members), as taken when central received them; kept until the log is drained.
     families: HashMap<DocId, Map<String, Value>>,
+    /// Policies central edited, with the heads its edit left: when the log brings them back
+    /// unchanged since, there is nothing to price again.
+    own_edits: HashMap<DocId, Vec<[u8; 32]>>,
 }
 
 impl Central {
@@ -277,6 +280,7 @@ impl Central {
             touched: HashSet::new(),
             read_to: 0,
             families: HashMap::new(),
+            own_edits: HashMap::new(),
         })
     }
 
@@ -322,6 +326,14 @@ impl Central {
             let Some(meta) = engine.meta_of(&id)? else {
                 continue;
             };
+            // A policy central priced, coming back through the log as central left it: done.
+            if self
+                .own_edits
+                .remove(&id)
+                .is_some_and(|heads| heads == meta.heads)
+            {
+                continue;
+            }
             if served_type(&meta.ty) {
                 // A resource without a business number that got its canonical id as central
                 // received it has nothing more to be done: not read at all.
@@ -501,6 +513,11 @@ impl Central {
                 None => self.edit(engine, id, &old, &new)?,
             }
             report.edited += 1;
+            if ty == "Contract"
+                && let Some(heads) = engine.staged_heads(id)
+            {
+                self.own_edits.insert(*id, heads);
+            }
         } else if let Some((live, false)) = preloaded {
             engine.put_back(*id, live, false);
         }

@@ -883,6 +883,14 @@ impl Engine {
 }
 
 impl Engine {
+    /// The heads of document `id` as staged here, if a write of it is pending.
+    pub(crate) fn staged_heads(&self, id: &DocId) -> Option<Vec<[u8; 32]>> {
+        self.dirty
+            .get(id)
+            .or_else(|| self.in_flight.get(id))
+            .map(|l| l.meta.heads.clone())
+    }
+
     /// Documents whose reference-index entries name `(ty, system, value)`, committed and
     /// staged (what a write checks against).
     pub(crate) fn referrers(
