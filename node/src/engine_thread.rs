@@ -409,7 +409,7 @@ pub enum Services {
     /// Not central: no services.
     None,
     /// Central's services, running.
-    Running(Central),
+    Running(Box<Central>),
     /// A node configured as central that does not hold its central certificate (a store
     /// salvaged afresh): the services start once the certificate comes back from a peer.
     Waiting(NumberConfig),
@@ -418,7 +418,7 @@ pub enum Services {
 fn run(mut engine: Engine, mut rx: mpsc::Receiver<Command>, publish: Publish, services: Services) {
     let (mut central, mut waiting) = match services {
         Services::None => (None, None),
-        Services::Running(c) => (Some(c), None),
+        Services::Running(c) => (Some(*c), None),
         Services::Waiting(config) => (None, Some(config)),
     };
     let mut stop = false;

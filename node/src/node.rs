@@ -82,7 +82,7 @@ pub async fn run_with(
         crate::config::Role::Central => {
             use fieldmesh_engine::central::{Central, CentralError};
             match Central::open(&mut engine, dir.config.numbers.clone()) {
-                Ok(c) => Services::Running(c),
+                Ok(c) => Services::Running(Box::new(c)),
                 // The store lost this node's certificate (salvaged afresh): serve and sync,
                 // and start the services when the certificate comes back from a peer.
                 Err(CentralError::NotCentral) => {
