@@ -93,6 +93,17 @@ pub fn keys_of_identifier(identifier: &Map<String, Value>) -> Vec<IdentKey> {
     keys
 }
 
+/// Every identity document `id` goes by: its identifiers ([`identifier_keys`]) and the one of
+/// the node that created it (`origin`, the id): what references to it may name, sorted and
+/// without duplicates.
+pub fn identities(resource: &Map<String, Value>, origin: &str, id: &str) -> Vec<IdentKey> {
+    let mut keys = identifier_keys(resource);
+    keys.push(IdentKey::new(origin, id));
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
 /// Every index key of a resource, from its top-level `identifier[]`, without duplicates.
 pub fn identifier_keys(resource: &Map<String, Value>) -> Vec<IdentKey> {
     let mut keys: Vec<IdentKey> = resource

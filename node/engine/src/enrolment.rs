@@ -13,7 +13,7 @@
 //!   edit syncing back to both. Devices never re-price what they receive: only its author or
 //!   central edits a policy, so no two nodes race to write derived fields.
 
-use fieldmesh_fhir_docs::identifiers::OPENIMIS_IDENTIFIER_TYPES;
+use fieldmesh_fhir_docs::identifiers::{OPENIMIS_IDENTIFIER_TYPES, identities};
 use fieldmesh_fhir_docs::openimis::dates::Date;
 use fieldmesh_fhir_docs::openimis::policy::{
     ContractError, Lookup, Priced, Product, RECEIPT_INDEX, coverage, price_contract,
@@ -66,10 +66,10 @@ impl Lookup for Held<'_> {
         let Some((_, target)) = self.json(&doc_id) else {
             return Vec::new();
         };
-        let mut keys = fieldmesh_fhir_docs::identifiers::identifier_keys(&target);
-        if let Ok(Some(meta)) = self.engine.meta_of(&doc_id) {
-            keys.push(fieldmesh_fhir_docs::IdentKey::new(meta.origin, id));
-        }
+        let keys = match self.engine.meta_of(&doc_id) {
+            Ok(Some(meta)) => identities(&target, &meta.origin, id),
+            _ => fieldmesh_fhir_docs::identifiers::identifier_keys(&target),
+        };
         let mut ids = Vec::new();
         for k in keys {
             match self.engine.referrers(ty, &k.system, &k.value) {
@@ -289,11 +289,7 @@ impl Reader {
             Err(ReadError::NotFound { .. }) => return Ok(Vec::new()),
             Err(e) => return Err(e),
         };
-        let mut keys = fieldmesh_fhir_docs::identifiers::identifier_keys(&target);
-        keys.push(fieldmesh_fhir_docs::IdentKey::new(
-            meta.origin.clone(),
-            doc_id.to_string(),
-        ));
+        let keys = identities(&target, &meta.origin, &doc_id.to_string());
         let mut ids = Vec::new();
         for k in keys {
             ids.extend(self.store().referrers(target_ty, &k.system, &k.value)?);
@@ -628,12 +624,10 @@ impl Engine {
         id: &DocId,
         json: &Map<String, Value>,
     ) -> Result<Vec<DocId>, WriteError> {
-        let mut keys = fieldmesh_fhir_docs::identifiers::identifier_keys(json);
-        keys.push(fieldmesh_fhir_docs::IdentKey::new(
-            self.meta_of(id)?
-                .map_or_else(|| self.me.system.clone(), |m| m.origin),
-            id.to_string(),
-        ));
+        let origin = self
+            .meta_of(id)?
+            .map_or_else(|| self.me.system.clone(), |m| m.origin);
+        let keys = identities(json, &origin, &id.to_string());
         let mut out = Vec::new();
         for k in keys {
             for d in self.referrers("Patient", &k.system, &k.value)? {

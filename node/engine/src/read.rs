@@ -298,10 +298,8 @@ impl Reader {
             Err(ReadError::NotFound { .. } | ReadError::Unsupported(_)) => return Ok(Vec::new()),
             Err(e) => return Err(e),
         };
-        let mut keys: Vec<IdentKey> = fieldmesh_fhir_docs::identifiers::identifier_keys(&json);
-        keys.push(IdentKey::new(meta.origin.clone(), target.to_string()));
-        keys.sort();
-        keys.dedup();
+        let keys =
+            fieldmesh_fhir_docs::identifiers::identities(&json, &meta.origin, &target.to_string());
         let mut candidates = Vec::new();
         for k in &keys {
             candidates.extend(self.store().referrers(target_ty, &k.system, &k.value)?);
