@@ -44,8 +44,8 @@
 //! committed since; the cursor and the services' counters are a record of the store
 //! ([`STATE_KEY`]) written in the same commit as the edits they led to. A crash loses no
 //! arrival: the next step starts where the last committed one ended. Central's own edits come
-//! back through the log and are processed again like any change: processing is idempotent, and
-//! they are few (most arrivals get their canonical id as central receives them, see below).
+//! back through the log and are recognised by their heads (processing is idempotent anyway);
+//! an edit made for another document's sake is processed in its turn.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -250,8 +250,8 @@ pub struct Central {
     /// What pricing a policy reads of the insurees and families that arrived lately (birth
     /// dates, members), as taken when central received them; kept until the log is drained.
     families: HashMap<DocId, Map<String, Value>>,
-    /// Policies central edited, with the heads its edit left: when the log brings them back
-    /// unchanged since, there is nothing to price again.
+    /// Documents central edited in their own turn, with the heads its edit left: when the log
+    /// brings them back unchanged since, there is nothing to do again.
     own_edits: HashMap<DocId, Vec<[u8; 32]>>,
 }
 
@@ -326,7 +326,8 @@ impl Central {
             let Some(meta) = engine.meta_of(&id)? else {
                 continue;
             };
-            // A policy central priced, coming back through the log as central left it: done.
+            // Central's own edit of a document it processed, coming back through the log as
+            // central left it: done.
             if self
                 .own_edits
                 .remove(&id)
@@ -339,7 +340,6 @@ impl Central {
                 // received it has nothing more to be done: not read at all.
                 let settled = NumberKind::of_type(&meta.ty).is_none()
                     && meta.ty != "Patient"
-                    && meta.ty != "Contract"
                     && engine
                         .find_ids(
                             &meta.ty,
@@ -350,7 +350,9 @@ impl Central {
                         )?
                         .contains(&id);
                 let t = std::time::Instant::now();
-                let clean = settled || self.nothing_to_do(engine, &id, &meta.ty)?;
+                // A policy is always priced again (its family may have changed with it).
+                let clean = meta.ty != "Contract"
+                    && (settled || self.nothing_to_do(engine, &id, &meta.ty)?);
                 if meta.ty == "Patient" {
                     report.duplicate_check_nanos += t.elapsed().as_nanos();
                 }
@@ -414,9 +416,6 @@ impl Central {
         let Some(facts) = engine.canonical_given.get(id) else {
             return Ok(false);
         };
-        if ty == "Contract" {
-            return Ok(false);
-        }
         if facts.flagged || facts.linked {
             return Ok(false);
         }
@@ -513,9 +512,9 @@ impl Central {
                 None => self.edit(engine, id, &old, &new)?,
             }
             report.edited += 1;
-            if ty == "Contract"
-                && let Some(heads) = engine.staged_heads(id)
-            {
+            // Only an edit in the document's own turn: one edited for another's sake (a flag
+            // set because of another registration) is still to be processed when the log brings it.
+            if let Some(heads) = engine.staged_heads(id) {
                 self.own_edits.insert(*id, heads);
             }
         } else if let Some((live, false)) = preloaded {
