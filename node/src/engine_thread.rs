@@ -625,7 +625,14 @@ fn execute(
         Command::Create { ty, body, reply } => {
             let r = engine
                 .create(body, Some(&ty), false, &|_| None)
-                .and_then(|id| served(engine, &ty, &id.to_string()));
+                .and_then(|id| served(engine, &ty, &id.to_string()))
+                .map(|mut s| {
+                    // A claim is answered with its ClaimResponse, as openIMIS answers it.
+                    if let Some(answer) = engine.take_claim_answer() {
+                        s.resource = answer;
+                    }
+                    s
+                });
             deferred.push(Deferred::Served(reply, r));
         }
         Command::Update {

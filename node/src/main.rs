@@ -225,6 +225,10 @@ enum DemoCommand {
         /// Directory to create it in.
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
+        /// HTTP port of the first node (central); each node takes the next, its libp2p port
+        /// 1000 above.
+        #[arg(long, default_value_t = cli::demo::DEMO_FIRST_PORT)]
+        port: u16,
     },
     /// Write synthetic openIMIS data (families, insurees, policies, claims) as NDJSON.
     Generate {
@@ -245,7 +249,9 @@ enum DemoCommand {
         #[arg(long, value_delimiter = ',')]
         villages: Vec<String>,
     },
-    /// Set up a deployment, load data into officer-1 and walk through the FHIR API.
+    /// A day in the field: set up a deployment (central, hub, two enrolment officers, a claim
+    /// administrator), load data, and run every node as a process of its own on loopback
+    /// through the day, printing what happens at each step.
     Run {
         /// Directory of the deployment (created if missing).
         #[arg(long, value_name = "DIR", default_value = "fieldmesh-demo")]
@@ -256,6 +262,9 @@ enum DemoCommand {
         /// Keep the nodes running afterwards so you can try the API yourself.
         #[arg(long)]
         serve: bool,
+        /// HTTP port of the first node when the deployment is created (see `demo setup`).
+        #[arg(long, default_value_t = cli::demo::DEMO_FIRST_PORT)]
+        port: u16,
     },
 }
 
@@ -309,7 +318,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<()> {
         Command::Check { data } => cli::check::run(&data),
         Command::Compact { data } => cli::compact::run(&data),
         Command::Salvage { data } => cli::salvage::run(&data),
-        Command::Demo(DemoCommand::Setup { out }) => cli::demo::setup_command(&out),
+        Command::Demo(DemoCommand::Setup { out, port }) => cli::demo::setup_command(&out, port),
         Command::Demo(DemoCommand::Generate {
             seed,
             families,
@@ -321,6 +330,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<()> {
             out,
             families,
             serve,
-        }) => cli::demo::run(&out, families, serve),
+            port,
+        }) => cli::demo::run(&out, families, serve, port),
     }
 }

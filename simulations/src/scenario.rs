@@ -118,6 +118,16 @@ pub struct Scenario {
     /// central must flag the number and link the person.
     #[serde(default)]
     pub duplicate_probability: f64,
+    /// Claims each health facility's claim administrator enters per day, on average (0: the
+    /// deployment has no claim administrators). One administrator per hub, at the district's
+    /// facility, its catchment the district's villages.
+    #[serde(default)]
+    pub claims_per_admin_day: f64,
+    /// Probability that a claim is for an insuree of another district (the patient shows a
+    /// card the facility's device has never seen: the claim is checked provisionally, and
+    /// the facility learns central's verdict, never the insuree).
+    #[serde(default)]
+    pub foreign_claim_probability: f64,
     /// Rounds of full connectivity after the last day within which honest nodes must converge.
     pub heal_rounds: u32,
 }

@@ -17,6 +17,14 @@ pub fn post(n: &Node, ty: &str, body: Value) -> String {
         .post(&format!("/fhir/{ty}"), &body)
         .unwrap_or_else(|e| panic!("POST {ty}: {e}"));
     assert_eq!(status, 201, "{ty}: {r}");
+    // A Claim is answered with its ClaimResponse, which names the claim.
+    if ty == "Claim" {
+        return r["request"]["reference"]
+            .as_str()
+            .and_then(|s| s.strip_prefix("Claim/"))
+            .unwrap_or_default()
+            .to_string();
+    }
     r["id"].as_str().unwrap_or_default().to_string()
 }
 

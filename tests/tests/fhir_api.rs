@@ -148,8 +148,23 @@ fn references_are_logical_and_render_local_ids() -> anyhow::Result<()> {
         "enterer": {"reference": "Practitioner/CA0001"},
         "created": "2026-11-02", "billablePeriod": {"start": "2026-11-02"},
         "total": serde_json::from_str::<Value>(r#"{"value": 1500.00, "currency": "XOF"}"#)?});
-    let (status, _, c) = node.post("/fhir/Claim", &claim)?;
-    assert_eq!(status, 201, "{c}");
+    let (status, headers, answer) = node.post("/fhir/Claim", &claim)?;
+    assert_eq!(status, 201, "{answer}");
+    // As openIMIS answers a claim: with its ClaimResponse (nothing to check it against here,
+    // no items); the Location names the Claim.
+    assert_eq!(answer["resourceType"], "ClaimResponse");
+    let claim_id = answer["request"]["reference"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("Claim/")
+        .to_string();
+    assert!(
+        headers
+            .iter()
+            .any(|(k, v)| k == "location" && v.contains(&format!("/Claim/{claim_id}/"))),
+        "{headers:?}"
+    );
+    let (_, c) = node.get(&format!("/fhir/Claim/{claim_id}"))?;
     assert_eq!(
         c["patient"]["reference"],
         format!("Patient/{}", p["id"].as_str().unwrap())

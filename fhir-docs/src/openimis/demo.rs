@@ -189,7 +189,8 @@ pub fn reference_data_for(rng: &mut Rng, district_count: usize) -> Reference {
             "type": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/organization-type", "code": "prov"}]}],
             "address": [{"use": "work", "type": "physical", "state": "Tahoua", "district": dname,
                 "extension": [{"url": format!("{IG}/StructureDefinition/address-location-reference"), "valueReference": reference("Location", &district)}]}],
-            "extension": [{"url": format!("{IG}/StructureDefinition/organization-hf-level"), "valueCodeableConcept": {"coding": [{"code": "C"}]}}]}));
+            "extension": [{"url": format!("{IG}/StructureDefinition/organization-hf-level"), "valueCodeableConcept": {"coding": [{"code": "C"}]}},
+                {"url": format!("{IG}/StructureDefinition/organization-hf-care-type"), "valueCodeableConcept": {"coding": [{"code": "B"}]}}]}));
         facilities.push((hf, hf_code));
         for w in 0..2 {
             let ward = rng.uuid();
@@ -246,21 +247,43 @@ pub fn reference_data_for(rng: &mut Rng, district_count: usize) -> Reference {
         items.push((id, code, price.to_string()));
     }
     let mut services = Vec::new();
-    for (i, (name, price)) in [
-        ("Consultation générale", "500.00"),
-        ("Accouchement", "5000.00"),
-        ("Test de diagnostic rapide paludisme", "300.00"),
-        ("Consultation prénatale", "250.00"),
-        ("Pansement", "200.00"),
+    // Services with openIMIS's use contexts: the claim category (`workflow`: C consultation,
+    // D delivery, A antenatal, O other), out-patient (`AMB`) or both, and antenatal care and
+    // deliveries for women only.
+    for (i, (name, price, category, women)) in [
+        ("Consultation générale", "500.00", "C", false),
+        ("Accouchement", "5000.00", "D", true),
+        ("Test de diagnostic rapide paludisme", "300.00", "O", false),
+        ("Consultation prénatale", "250.00", "A", true),
+        ("Pansement", "200.00", "O", false),
     ]
     .iter()
     .enumerate()
     {
         let id = rng.uuid();
         let code = format!("S{:04}", i + 1);
+        let context = |kind: &str, system: &str, codes: &[&str]| {
+            json!({"code": {"system": "http://terminology.hl7.org/CodeSystem/usage-context-type", "code": kind},
+                "valueCodeableConcept": {"coding": codes.iter().map(|c| json!({"system": system, "code": c})).collect::<Vec<_>>()}})
+        };
+        let venues: &[&str] = if *category == "D" {
+            &["AMB", "IMP"]
+        } else {
+            &["AMB"]
+        };
+        let genders: &[&str] = if *women {
+            &["female"]
+        } else {
+            &["male", "female"]
+        };
         resources.push(json!({"resourceType": "ActivityDefinition", "id": id, "identifier": [identifier("Code", &code)],
             "name": code, "title": name, "status": "active",
-            "extension": [{"url": format!("{IG}/StructureDefinition/unit-price"), "valueMoney": money(price)}]}));
+            "extension": [{"url": format!("{IG}/StructureDefinition/unit-price"), "valueMoney": money(price)}],
+            "useContext": [
+                context("gender", "http://hl7.org/fhir/administrative-gender", genders),
+                context("age", &format!("{IG}/CodeSystem/usage-context-age-type"), &["adult", "child"]),
+                context("workflow", &format!("{IG}/CodeSystem/activity-definition-usage-context-workflow-type"), &[category]),
+                context("venue", "http://terminology.hl7.org/CodeSystem/v3-ActCode", venues)]}));
         services.push((id, code, price.to_string()));
     }
     let product = rng.uuid();
@@ -269,7 +292,22 @@ pub fn reference_data_for(rng: &mut Rng, district_count: usize) -> Reference {
         "period": {"start": "2026-01-01", "end": "2030-12-31"},
         "coverage": [{"type": {"coding": [{"code": "medical"}]}, "benefit": [{"type": {"coding": [{"code": "medical"}]},
             "limit": [{"value": {"value": 12, "unit": "month"}, "code": {"coding": [{"code": "period"}]}},
-                      {"value": {"value": 8, "unit": "member"}, "code": {"coding": [{"code": "memberCount"}]}}]}]}],
+                      {"value": {"value": 8, "unit": "member"}, "code": {"coding": [{"code": "memberCount"}]}},
+                      {"value": {"value": 4}, "code": {"coding": [{"code": "maxNoDelivery"}]}}]}]},
+            // What the product covers (fieldmesh's form, see `claims`): every item and service,
+            // at most 30 of each item per policy period, deliveries after 9 months' waiting.
+            {"type": {"coding": [{"system": super::claims::COVER_SYSTEM, "code": "item"}]},
+             "benefit": items.iter().map(|(_, code, _)| json!({"type": {"coding": [{"code": code}]},
+                "limit": [{"value": {"value": 30}, "code": {"coding": [{"code": "limitNoAdult"}]}},
+                          {"value": {"value": 30}, "code": {"coding": [{"code": "limitNoChild"}]}}]})).collect::<Vec<_>>()},
+            {"type": {"coding": [{"system": super::claims::COVER_SYSTEM, "code": "service"}]},
+             "benefit": services.iter().map(|(_, code, _)| {
+                let mut b = json!({"type": {"coding": [{"code": code}]}});
+                if code == "S0002" {
+                    b["limit"] = json!([{"value": {"value": 9}, "code": {"coding": [{"code": "waitingPeriodAdult"}]}}]);
+                }
+                b
+             }).collect::<Vec<_>>()}],
         "plan": [{"generalCost": [
             {"type": {"coding": [{"code": "lumpsum"}]}, "groupSize": 4, "cost": money("10000.00")},
             {"type": {"coding": [{"code": "premiumAdult"}]}, "cost": money("2500.00")},

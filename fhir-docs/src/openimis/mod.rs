@@ -10,6 +10,7 @@
 //!
 //! The FHIR shapes follow `FHIR-MAPPING.md` (openIMIS's own FHIR module and its test payloads).
 
+pub mod claims;
 pub mod dates;
 pub mod demo;
 pub mod flags;
@@ -343,6 +344,16 @@ pub fn place_references<'a>(
                 for e in ext {
                     push_ext(e, PLACE_EXTENSION, FACILITY);
                 }
+            }
+        }
+        // A facility's price list lies at the facility: its devices and the hub of its area
+        // hold it, not every phone.
+        "List" => {
+            if !claims::is_price_list(json) {
+                return None;
+            }
+            if let Some(r) = json.get("subject") {
+                out.push((r, FACILITY));
             }
         }
         // Reference data central writes for some places only (a block of numbers leased to a

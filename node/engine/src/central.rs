@@ -196,6 +196,8 @@ pub struct StepReport {
     pub duplicate_check_nanos: u128,
     /// Policies whose value, dates or status central changed after a merge.
     pub priced: usize,
+    /// Claims adjudicated (a ClaimResponse written or changed).
+    pub adjudicated: usize,
     /// Time spent pricing policies.
     pub pricing_nanos: u128,
 }
@@ -244,6 +246,8 @@ pub struct Central {
     dirty: bool,
     /// Documents this step edited for another's sake: what was read of them ahead is stale.
     touched: HashSet<DocId>,
+    /// Claims of this step to adjudicate once its documents are processed.
+    claims_due: Vec<DocId>,
     /// The store's last sequence when a step last found the log read to its end (writes that
     /// take a sequence but leave no log entry, quarantine records, are not work).
     read_to: u64,
@@ -278,6 +282,7 @@ impl Central {
             state,
             dirty: false,
             touched: HashSet::new(),
+            claims_due: Vec::new(),
             read_to: 0,
             families: HashMap::new(),
             own_edits: HashMap::new(),
@@ -350,8 +355,9 @@ impl Central {
                         )?
                         .contains(&id);
                 let t = std::time::Instant::now();
-                // A policy is always priced again (its family may have changed with it).
-                let clean = meta.ty != "Contract"
+                // A policy is always priced again (its family may have changed with it), a
+                // claim always adjudicated.
+                let clean = !matches!(meta.ty.as_str(), "Contract" | "Claim")
                     && (settled || self.nothing_to_do(engine, &id, &meta.ty)?);
                 if meta.ty == "Patient" {
                     report.duplicate_check_nanos += t.elapsed().as_nanos();
@@ -392,6 +398,7 @@ impl Central {
         if report.more {
             self.families = families;
         }
+        self.adjudicate_due(engine, &mut report)?;
         report.leases = self.issue_leases(engine)?;
         if self.dirty {
             let value =
@@ -520,6 +527,9 @@ impl Central {
         } else if let Some((live, false)) = preloaded {
             engine.put_back(*id, live, false);
         }
+        if ty == "Claim" {
+            self.claims_due.push(*id);
+        }
         // The registrations this one shares a number or a person with may change too.
         for (other, change) in related {
             if other == *id {
@@ -540,6 +550,57 @@ impl Central {
                 self.touched.insert(other);
                 report.edited += 1;
             }
+        }
+        Ok(())
+    }
+
+    /// Adjudicates the step's claims once its documents are processed (a claim's insuree and
+    /// policy often arrive with it), in the order they were made: by date claimed, then claim
+    /// code (a device's leased codes count up), as openIMIS checks claims in the order they are
+    /// submitted.
+    fn adjudicate_due(
+        &mut self,
+        engine: &mut Engine,
+        report: &mut StepReport,
+    ) -> Result<(), CentralError> {
+        let due = std::mem::take(&mut self.claims_due);
+        let mut keyed = Vec::with_capacity(due.len());
+        for id in due {
+            let Some((_, json)) = engine.stored_json(&id)? else {
+                continue;
+            };
+            let created = json
+                .get("created")
+                .and_then(Value::as_str)
+                .map(|s| s.get(..10).unwrap_or(s).to_string())
+                .unwrap_or_default();
+            let code = business_number(&json).unwrap_or_default().to_string();
+            keyed.push((created, code, id));
+        }
+        keyed.sort();
+        keyed.dedup_by(|a, b| a.2 == b.2);
+        for (_, _, id) in keyed {
+            self.adjudicate(engine, &id, report)?;
+        }
+        Ok(())
+    }
+
+    /// Adjudicates claim `id` with everything central holds: its verdict is the claim's
+    /// ClaimResponse, created or brought up to date.
+    fn adjudicate(
+        &mut self,
+        engine: &mut Engine,
+        id: &DocId,
+        report: &mut StepReport,
+    ) -> Result<(), CentralError> {
+        let Some(response) = engine.adjudicate(id)? else {
+            return Ok(());
+        };
+        let rid = crate::claims::response_id(id).to_string();
+        match engine.update("ClaimResponse", &rid, response, None) {
+            Ok((_, crate::write::Outcome::Unchanged)) => {}
+            Ok(_) => report.adjudicated += 1,
+            Err(e) => tracing::warn!(doc = %id, error = %e, "a claim central cannot adjudicate"),
         }
         Ok(())
     }
@@ -1164,7 +1225,9 @@ fn fields_for(ty: &str) -> Option<&'static [&'static str]> {
         ],
         // Its members, for pricing the policy that arrives with it.
         "Group" => &["resourceType", "identifier", "extension", "member"],
-        "Claim" | "CoverageEligibilityRequest" => &[
+        // A claim is adjudicated from the whole of it.
+        "Claim" => return None,
+        "CoverageEligibilityRequest" => &[
             "resourceType",
             "identifier",
             "extension",
@@ -1180,7 +1243,7 @@ fn fields_for(ty: &str) -> Option<&'static [&'static str]> {
 /// Whether central's services process documents of this type (not certificates, revocations,
 /// evidence or central's own reference data).
 fn served_type(ty: &str) -> bool {
-    !matches!(ty, "Basic" | "AuditEvent")
+    !matches!(ty, "Basic" | "AuditEvent" | "ClaimResponse")
 }
 
 /// The value of central's identifier (`system`) on a resource.

@@ -294,6 +294,8 @@ pub struct Engine {
     /// A bulk load is running ([`Engine::create_lines`]): policies are kept as given (an export
     /// of openIMIS, priced by its server; central prices them again as its services read them).
     pub(crate) bulk_load: bool,
+    /// The ClaimResponse the last Claim written here got ([`Engine::take_claim_answer`]).
+    pub(crate) claim_answer: Option<Value>,
 }
 
 impl Engine {
@@ -311,6 +313,7 @@ impl Engine {
             check_local: true,
             notes: Vec::new(),
             bulk_load: false,
+            claim_answer: None,
             reader: Reader::new(Arc::clone(&store), cache_documents),
             store,
             in_flight: HashMap::new(),

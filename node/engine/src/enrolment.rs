@@ -28,14 +28,14 @@ use crate::error::{ReadError, WriteError};
 use crate::read::{Reader, Served, StoreResolver};
 
 /// The engine as the policy rules see it: what it holds, staged writes included.
-struct Held<'a> {
-    engine: &'a mut Engine,
+pub(crate) struct Held<'a> {
+    pub(crate) engine: &'a mut Engine,
     /// The first store failure met (the lookup answers "not held" and the write fails with it).
-    failed: Option<WriteError>,
+    pub(crate) failed: Option<WriteError>,
 }
 
 impl Held<'_> {
-    fn json(&mut self, id: &DocId) -> Option<(String, Map<String, Value>)> {
+    pub(crate) fn json(&mut self, id: &DocId) -> Option<(String, Map<String, Value>)> {
         match self.engine.stored_json(id) {
             Ok(found) => found,
             Err(ReadError::Store(e)) => {
@@ -51,15 +51,15 @@ impl Held<'_> {
     }
 }
 
-impl Lookup for Held<'_> {
-    fn resolve(&mut self, reference: &Map<String, Value>) -> Option<(String, Map<String, Value>)> {
-        let (ty, key) = logical_target(reference)?;
-        let id = DocId::parse(&Resolver::find(&*self.engine, &ty, &key)?)?;
-        let (found_ty, json) = self.json(&id)?;
-        (found_ty == ty).then(|| (id.to_string(), json))
-    }
-
-    fn contracts_naming(&mut self, ty: &str, id: &str) -> Vec<(String, Map<String, Value>)> {
+impl Held<'_> {
+    /// Documents of type `wanted` (id and stored JSON) whose references name `ty/id` under any
+    /// of its identities.
+    pub(crate) fn naming(
+        &mut self,
+        wanted: &str,
+        ty: &str,
+        id: &str,
+    ) -> Vec<(String, Map<String, Value>)> {
         let Some(doc_id) = DocId::parse(id) else {
             return Vec::new();
         };
@@ -83,10 +83,23 @@ impl Lookup for Held<'_> {
         ids.dedup();
         ids.into_iter()
             .filter_map(|c| match self.json(&c)? {
-                (t, json) if t == "Contract" => Some((c.to_string(), json)),
+                (t, json) if t == wanted => Some((c.to_string(), json)),
                 _ => None,
             })
             .collect()
+    }
+}
+
+impl Lookup for Held<'_> {
+    fn resolve(&mut self, reference: &Map<String, Value>) -> Option<(String, Map<String, Value>)> {
+        let (ty, key) = logical_target(reference)?;
+        let id = DocId::parse(&Resolver::find(&*self.engine, &ty, &key)?)?;
+        let (found_ty, json) = self.json(&id)?;
+        (found_ty == ty).then(|| (id.to_string(), json))
+    }
+
+    fn contracts_naming(&mut self, ty: &str, id: &str) -> Vec<(String, Map<String, Value>)> {
+        self.naming("Contract", ty, id)
     }
 }
 

@@ -32,6 +32,7 @@
 
 pub mod central;
 pub mod check;
+pub mod claims;
 pub mod core;
 pub mod enrolment;
 pub mod error;

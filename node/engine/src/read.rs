@@ -101,6 +101,11 @@ impl Reader {
         }
     }
 
+    /// How many documents of type `ty` this node holds.
+    pub fn count_of_type(&self, ty: &str) -> Result<usize, ReadError> {
+        Ok(self.store().of_type(ty)?.len())
+    }
+
     pub(crate) fn store(&self) -> &dyn Store {
         self.inner.store.as_ref()
     }

@@ -134,7 +134,10 @@ impl Engine {
         }
         let mut found: Vec<Value> = Vec::new();
         for r in &prepared.references {
-            let concerned = places_taken_from(&r.ty);
+            // An adjudication lies where its claim does (the facility), not at the insuree's
+            // village.
+            let concerned =
+                places_taken_from(&r.ty) && (prepared.ty != "ClaimResponse" || r.ty == "Claim");
             let Some(id) = concerned
                 .then(|| Resolver::find(&*self, &r.ty, &r.key))
                 .flatten()
@@ -278,6 +281,7 @@ impl Engine {
                 &prepared.json,
             )?;
         }
+        let verdict = self.check_claim(&mut prepared, &id)?;
         let doc = new_document(&prepared.json, self.me.actor.clone(), self.me.time())?;
         let ty = prepared.ty.clone();
         let origin = self.me.system.clone();
@@ -285,6 +289,9 @@ impl Engine {
         let mut entries = entries_of(&prepared);
         entries.references.push(author_entry(&self.me.public()));
         self.stage_new(id, ty, origin, doc, entries);
+        if let Some(v) = verdict {
+            self.keep_verdict(&id, &v);
+        }
         self.apply_family_edits(family)?;
         Ok(id)
     }
@@ -398,6 +405,7 @@ impl Engine {
         self.declare_places(&mut prepared)?;
         let old = document_to_json(live.doc(doc_id)?)?;
         self.price_policy(&mut prepared, doc_id, Some(&old))?;
+        let verdict = self.check_claim(&mut prepared, doc_id)?;
         let doc = live.doc(doc_id)?;
         if old == prepared.json {
             return Ok(Outcome::Unchanged);
@@ -419,6 +427,9 @@ impl Engine {
         self.authorize_family_edits(&family)?;
         let outcome =
             self.commit_edit(doc_id, live, &old, &prepared.json, entries_of(&prepared))?;
+        if let (Outcome::Updated, Some(v)) = (&outcome, verdict) {
+            self.keep_verdict(doc_id, &v);
+        }
         self.apply_family_edits(family)?;
         Ok(outcome)
     }

@@ -523,9 +523,25 @@ fn claim_codes_are_unique_and_assigned() {
         ),
         now(),
     );
+    // A second administrator of the same facility, on a device of its own.
+    let other_key = key(6);
+    let other_cert = certificate_doc(
+        &w.root,
+        &certificate(
+            &other_key,
+            "CA0002",
+            &[Role::ClaimAdministrator],
+            &[],
+            &["HF1"],
+            period,
+        ),
+        now(),
+    );
     let mut admin = officer_engine(4, &w.root);
-    for e in [&mut admin, &mut w.central] {
-        e.merge(vec![cert.clone()], &Source::Local).unwrap();
+    let mut other = officer_engine(6, &w.root);
+    for e in [&mut admin, &mut other, &mut w.central] {
+        e.merge(vec![cert.clone(), other_cert.clone()], &Source::Local)
+            .unwrap();
         e.flush().unwrap();
     }
     let claim = |number: Option<&str>| {
@@ -542,11 +558,26 @@ fn claim_codes_are_unique_and_assigned() {
     let first = admin
         .create(claim(Some("CLM-0001")), None, false, &|_| None)
         .unwrap();
-    let second = admin
+    // The same code again on this device is refused at once; on the other device, which
+    // cannot know, it is written, and central flags the later of the two.
+    assert!(
+        admin
+            .create(claim(Some("CLM-0001")), None, false, &|_| None)
+            .is_err()
+    );
+    let second = other
         .create(claim(Some("CLM-0001")), None, false, &|_| None)
         .unwrap();
+    other.flush().unwrap();
     let bare = admin.create(claim(None), None, false, &|_| None).unwrap();
     admin.flush().unwrap();
+    sync_pair(
+        &mut other,
+        &peer(&other_key),
+        &mut w.central,
+        &peer(&w.root),
+    )
+    .unwrap();
     sync_pair(
         &mut admin,
         &peer(&admin_key),

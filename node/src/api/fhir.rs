@@ -339,6 +339,25 @@ pub(super) async fn search(
                 .collect(),
         });
     }
+    // A claim's answer before central's verdict arrives: the device's provisional one.
+    if ty == "ClaimResponse"
+        && found.as_ref().is_some_and(Vec::is_empty)
+        && let Some(claim) = params
+            .iter()
+            .find(|(n, _)| n == "request")
+            .and_then(|(_, v)| reference_value(v))
+            .filter(|(t, _)| *t == "Claim")
+            .map(|(_, id)| id.to_string())
+    {
+        let by = st.info.system.clone();
+        if let Some(p) = st
+            .engine
+            .read(move |r| r.provisional_claim_response(&claim, today(), &by))
+            .await?
+        {
+            found = Some(vec![p]);
+        }
+    }
     let Some(found) = found else {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,

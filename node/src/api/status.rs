@@ -7,6 +7,22 @@ use serde_json::{Value, json};
 
 use super::{ApiError, AppState};
 
+/// The types `/status` counts under `held`.
+const HELD_TYPES: &[&str] = &[
+    "Patient",
+    "Group",
+    "Contract",
+    "Claim",
+    "ClaimResponse",
+    "List",
+    "InsurancePlan",
+    "Location",
+    "Organization",
+    "Medication",
+    "ActivityDefinition",
+    "Practitioner",
+];
+
 /// Refused changes `/quarantine` lists, at most.
 const QUARANTINE_LIMIT: usize = 1000;
 
@@ -32,6 +48,21 @@ pub(super) async fn status(State(st): State<AppState>) -> Result<Response, ApiEr
         }
         Err(e) => json!({"error": e.to_string()}),
     };
+    // What this node holds, by type (the openIMIS resources a person asks about).
+    let held = st
+        .engine
+        .read(|r| {
+            let mut out = serde_json::Map::new();
+            for ty in HELD_TYPES {
+                let n = r.count_of_type(ty)?;
+                if n > 0 {
+                    out.insert((*ty).to_string(), json!(n));
+                }
+            }
+            Ok(Value::Object(out))
+        })
+        .await
+        .unwrap_or_else(|e| json!({"error": e.to_string()}));
     let i = &st.info;
     let peers = st.peers.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let connected: Vec<Value> = peers
@@ -49,6 +80,7 @@ pub(super) async fn status(State(st): State<AppState>) -> Result<Response, ApiEr
         "system": i.system,
         "peer_id": i.peer_id,
         "documents": stats.documents,
+        "held": held,
         "peers": connected.len(),
         "connected_peers": connected,
         "known_peers": peers,

@@ -3,6 +3,7 @@
 pub mod cert;
 pub mod check;
 pub mod compact;
+pub mod day;
 pub mod demo;
 pub mod init;
 pub mod keys;

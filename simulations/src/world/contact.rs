@@ -47,6 +47,12 @@ impl World {
                 self.bundle(o, hub)?;
             }
         }
+        // A facility's claim administrator is at the facility, beside its hub, every day.
+        for c in self.claim_admins() {
+            self.now += 120;
+            let hub = self.nodes[c].hub;
+            self.contact(c, hub, true)?;
+        }
         // Hubs reach central on their schedule, unless cut off.
         for h in self.hubs() {
             let every = self.sc.hub_central_every_days
@@ -263,7 +269,7 @@ impl World {
         let last_day = self.sc.days;
         for round in 1..=self.sc.heal_rounds {
             self.now = super::T0 + i64::from(last_day) * super::DAY + i64::from(round) * 3600;
-            for o in self.officers() {
+            for o in self.officers().into_iter().chain(self.claim_admins()) {
                 let hub = self.nodes[o].hub;
                 self.contact(o, hub, false)?;
             }
@@ -272,7 +278,7 @@ impl World {
                     self.contact(h, 0, false)?;
                 }
             }
-            for o in self.officers() {
+            for o in self.officers().into_iter().chain(self.claim_admins()) {
                 let hub = self.nodes[o].hub;
                 self.contact(o, hub, false)?;
             }

@@ -349,6 +349,7 @@ impl World {
         }
         if self.services.is_some() && self.out.converged_after.is_some() {
             self.central_invariants()?;
+            self.claim_invariants()?;
         }
         // Conflicts on central among edited documents.
         let mut edited: Vec<[u8; 16]> = self.edited.iter().copied().collect();

@@ -9,6 +9,7 @@
 //! - `invariants`: arrivals, convergence and the checks at the end.
 //! - `scope`: re-scoping officers, insurees who move, what each node must hold, privacy.
 
+mod claims;
 mod contact;
 mod invariants;
 mod scope;
@@ -80,6 +81,12 @@ pub struct Outcome {
     pub central_edits: u64,
     /// Insurees registered twice.
     pub duplicates: usize,
+    /// Claims entered and acknowledged by claim administrators.
+    pub claims: usize,
+    /// Of them, for insurees of another district.
+    pub foreign_claims: usize,
+    /// Claims rejected (all lines), provisionally by the device, and by central at the end.
+    pub claims_rejected: (usize, usize),
     /// Documents on central at the end.
     pub central_documents: u64,
     /// Wall-clock seconds the run took.
@@ -98,6 +105,8 @@ pub(crate) enum Kind {
     Central,
     Hub,
     Officer,
+    /// A health facility's claim administrator.
+    ClaimAdmin,
 }
 
 pub(crate) struct Node {
@@ -160,6 +169,8 @@ pub(crate) struct World {
     pub services: Option<Central>,
     /// Insurees registered twice: (the registration copied, the copy).
     pub duplicates: Vec<([u8; 16], [u8; 16])>,
+    /// Claims acknowledged: (claim, its administrator, the insuree, foreign).
+    pub claims: Vec<([u8; 16], usize, [u8; 16], bool)>,
 }
 
 pub(crate) fn fail(node: &str, e: impl std::fmt::Display) -> SimError {
@@ -259,12 +270,27 @@ impl World {
                 );
             }
         }
+        if sc.claims_per_admin_day > 0.0 {
+            for h in 0..sc.hubs {
+                let s = secret(&mut rng);
+                // At the district's facility; its catchment, the district's villages.
+                add(
+                    format!("claims-{h}"),
+                    Kind::ClaimAdmin,
+                    1 + h,
+                    (h * VILLAGES_PER_DISTRICT..(h + 1) * VILLAGES_PER_DISTRICT).collect(),
+                    &mut rng,
+                    s,
+                );
+            }
+        }
         let first_officer = 1 + sc.hubs;
         for i in 0..sc.byzantine_officers.min(sc.officers()) {
             nodes[first_officer + i].byzantine = true;
         }
         for i in 0..sc.wrong_clock_officers.min(sc.officers()) {
-            let last = nodes.len() - 1 - i;
+            // The last officers (claim administrators come after them).
+            let last = first_officer + sc.officers() - 1 - i;
             let n = &mut nodes[last];
             n.skew = if i == 0 { -3 * DAY } else { 2 * 365 * DAY };
         }
@@ -289,6 +315,7 @@ impl World {
             hub_contacts: HashMap::new(),
             services: None,
             duplicates: Vec::new(),
+            claims: Vec::new(),
         };
         for i in 0..w.nodes.len() {
             w.start_engine(i);
@@ -397,12 +424,28 @@ impl World {
         let mut cert_ids = Vec::new();
         let mut certs = Vec::new();
         for n in &self.nodes[1..] {
+            let villages = || -> Vec<String> {
+                n.villages
+                    .iter()
+                    .flat_map(|v| {
+                        let v = &self.refdata.villages[*v];
+                        [v.0.clone(), v.1.clone()]
+                    })
+                    .collect()
+            };
+            let facilities = if n.kind == Kind::ClaimAdmin {
+                let (id, code) = &self.refdata.facilities[n.hub - 1];
+                vec![id.clone(), code.clone()]
+            } else {
+                Vec::new()
+            };
             let (roles, locations) = match n.kind {
                 // A hub holds its district: every place below it.
                 Kind::Hub => (
                     vec![TrustRole::Hub],
                     vec![self.refdata.districts[n.hub - 1].0.clone()],
                 ),
+                Kind::ClaimAdmin => (vec![TrustRole::ClaimAdministrator], villages()),
                 _ => (
                     vec![TrustRole::EnrolmentOfficer],
                     n.villages
@@ -420,7 +463,7 @@ impl World {
                 user: n.name.clone(),
                 roles,
                 locations,
-                facilities: vec![],
+                facilities,
                 not_before: T0 - DAY,
                 not_after: T0 + 365 * DAY,
             });
@@ -481,6 +524,12 @@ impl World {
             .collect()
     }
 
+    pub(crate) fn claim_admins(&self) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|i| self.nodes[*i].kind == Kind::ClaimAdmin)
+            .collect()
+    }
+
     pub(crate) fn hubs(&self) -> Vec<usize> {
         (0..self.nodes.len())
             .filter(|i| self.nodes[*i].kind == Kind::Hub)
@@ -511,6 +560,10 @@ impl World {
         }
         for i in self.officers() {
             self.work(i, day)?;
+            self.now += 60;
+        }
+        for i in self.claim_admins() {
+            self.enter_claims(i)?;
             self.now += 60;
         }
         if self.chance(self.sc.no_link_day_probability) {
@@ -558,6 +611,14 @@ pub fn summary(o: &Outcome) -> BTreeMap<&'static str, String> {
         o.central_edits.to_string(),
     );
     m.insert("insurees registered twice", o.duplicates.to_string());
+    m.insert(
+        "claims (for insurees of another district)",
+        format!("{} ({})", o.claims, o.foreign_claims),
+    );
+    m.insert(
+        "claims rejected: by the device / by central",
+        format!("{} / {}", o.claims_rejected.0, o.claims_rejected.1),
+    );
     m.insert(
         "documents with conflicts on central",
         o.conflicts.to_string(),

@@ -105,7 +105,7 @@ impl World {
 
     /// Commits officer `i`'s write of `id` (in `village`) and, for an honest officer, tracks it
     /// as acknowledged: it must never be lost.
-    fn acknowledge(
+    pub(crate) fn acknowledge(
         &mut self,
         i: usize,
         id: &fieldmesh_fhir_docs::DocId,
