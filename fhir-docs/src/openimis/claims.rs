@@ -104,6 +104,8 @@ pub mod reason {
     pub const WAITING_PERIOD: u8 = 17;
     /// Maximum antenatal care.
     pub const MAX_ANTENATAL: u8 = 19;
+    /// The claim cannot be read.
+    pub const INVALID_CLAIM: u8 = 20;
     /// No policy in force.
     pub const NO_COVERAGE: u8 = 21;
 
@@ -129,6 +131,7 @@ pub mod reason {
             16 => "QTY OVER LIMIT",
             17 => "WAITING PERIOD FAIL",
             19 => "MAX ANTENATAL",
+            20 => "INVALID CLAIM",
             21 => "NO COVERAGE",
             _ => "REJECTED",
         }
@@ -187,6 +190,9 @@ pub enum ClaimError {
     /// Too many lines.
     #[error("Claim.item: {0} lines, more than the {MAX_LINES} a claim may have")]
     TooManyLines(usize),
+    /// Two lines with one `sequence`.
+    #[error("Claim.item[{0}].sequence: {1} is the sequence of an earlier line")]
+    DuplicateSequence(usize, u64),
 }
 
 /// Lines a claim may have (openIMIS's claim forms hold far fewer).
@@ -223,9 +229,6 @@ pub struct ClaimFacts {
     pub from: Option<Date>,
     /// `billablePeriod.end`.
     pub to: Option<Date>,
-    /// Explicit claim category (openIMIS `claim.category`), from the `claim-category`
-    /// extension; derived from the services otherwise.
-    pub category: Option<char>,
     /// The lines.
     pub lines: Vec<Line>,
 }
@@ -240,7 +243,8 @@ fn date_of(v: Option<&Value>, field: &'static str) -> Result<Option<Date>, Claim
     }
 }
 
-fn code_reference(kind: Kind, code: &str) -> Map<String, Value> {
+/// A logical reference to the item or service of `kind` with openIMIS code `code`.
+pub fn code_reference(kind: Kind, code: &str) -> Map<String, Value> {
     let v = json!({"type": kind.resource_type(),
         "identifier": {"type": {"coding": [{"system": OPENIMIS_IDENTIFIER_TYPES, "code": "Code"}]}, "value": code}});
     match v {
@@ -251,13 +255,35 @@ fn code_reference(kind: Kind, code: &str) -> Map<String, Value> {
 
 /// The claim code of a Claim: its identifier typed `Code` or `MR` (openIMIS's config says `MR`,
 /// its apps and tests send `Code`).
-pub fn claim_code(json: &Map<String, Value>) -> Option<&str> {
-    json.get("identifier")?.as_array()?.iter().find_map(|i| {
-        let code = i.pointer("/type/coding/0/code").and_then(Value::as_str)?;
-        matches!(code, "Code" | "MR" | "code")
-            .then(|| i.get("value").and_then(Value::as_str))
-            .flatten()
-    })
+pub fn claim_code(json: &Map<String, Value>) -> Option<String> {
+    // The key the identifier index files it under: one code, whichever of openIMIS's type
+    // codes (and spellings of its system) the client used.
+    let code_system = crate::identifiers::IdentKey::openimis_code("").system;
+    crate::identifiers::identifier_keys(json)
+        .into_iter()
+        .find(|k| k.system == code_system)
+        .map(|k| k.value)
+}
+
+/// Where a claim stands in the order claims are checked ([`order_key`]): date claimed, claim
+/// code, id.
+pub type OrderKey = (String, String, String);
+
+/// The order claims are checked in, as openIMIS checks them in the order they are submitted:
+/// the date claimed, then the claim code (a device's leased codes count up), then the id. A
+/// claim's history is the claims before it in this order, so every node that holds the same
+/// claims gives the same verdicts, whatever order they arrived in.
+pub fn order_key(json: &Map<String, Value>, id: &str) -> OrderKey {
+    let created = json
+        .get("created")
+        .and_then(Value::as_str)
+        .map(|s| s.get(..10).unwrap_or(s).to_string())
+        .unwrap_or_default();
+    (
+        created,
+        claim_code(json).unwrap_or_default(),
+        id.to_string(),
+    )
 }
 
 impl ClaimFacts {
@@ -267,22 +293,6 @@ impl ClaimFacts {
         let from = date_of(period.and_then(|p| p.get("start")), "billablePeriod.start")?;
         let to = date_of(period.and_then(|p| p.get("end")), "billablePeriod.end")?;
         let claimed = date_of(json.get("created"), "created")?;
-        let category = json
-            .get("extension")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .find(|e| {
-                e.get("url")
-                    .and_then(Value::as_str)
-                    .is_some_and(|u| u.ends_with("claim-category"))
-            })
-            .and_then(|e| {
-                e.get("valueString")
-                    .or_else(|| e.pointer("/valueCodeableConcept/coding/0/code"))
-            })
-            .and_then(Value::as_str)
-            .and_then(|s| s.chars().next());
         let items = json
             .get("item")
             .and_then(Value::as_array)
@@ -335,12 +345,16 @@ impl ClaimFacts {
                 None | Some(Value::Null) => None,
                 Some(v) => Some(Money::parse(v).ok_or(ClaimError::Price(i))?),
             };
+            let sequence = item
+                .get("sequence")
+                .and_then(Value::as_u64)
+                .unwrap_or(i as u64 + 1);
+            if lines.iter().any(|l: &Line| l.sequence == sequence) {
+                return Err(ClaimError::DuplicateSequence(i, sequence));
+            }
             lines.push(Line {
                 index: i,
-                sequence: item
-                    .get("sequence")
-                    .and_then(Value::as_u64)
-                    .unwrap_or(i as u64 + 1),
+                sequence,
                 kind,
                 reference,
                 code,
@@ -349,11 +363,10 @@ impl ClaimFacts {
             });
         }
         Ok(ClaimFacts {
-            code: claim_code(json).map(String::from),
+            code: claim_code(json),
             claimed,
             from,
             to,
-            category,
             lines,
         })
     }
@@ -479,7 +492,7 @@ impl Medical {
                     let mut m = 0;
                     for g in &codes {
                         m |= match g.as_str() {
-                            "male" | "other" | "M" => category_mask::MALE,
+                            "male" | "M" => category_mask::MALE,
                             "female" | "F" => category_mask::FEMALE,
                             _ => 0,
                         };
@@ -510,14 +523,9 @@ impl Medical {
                 _ => {}
             }
         }
-        // No gender or age context at all: everyone (0). One of them only: the other is open.
-        let patient_category = match (gender, age) {
-            (None, None) => 0,
-            (g, a) => {
-                g.unwrap_or(category_mask::MALE | category_mask::FEMALE)
-                    | a.unwrap_or(category_mask::ADULT | category_mask::MINOR)
-            }
-        };
+        // openIMIS ORs the flags the contexts give (an item naming genders but no ages
+        // excludes everyone, as there); none at all: 0, everyone.
+        let patient_category = gender.unwrap_or(0) | age.unwrap_or(0);
         let timing = extension(json, "medication-frequency")
             .and_then(|e| e.get("valueTiming"))
             .or_else(|| json.get("timingTiming"));
@@ -624,6 +632,24 @@ impl PriceList {
     }
 }
 
+/// Reference-index pseudo type of price lists by the facility they are for: entries
+/// `(PRICE_LIST_INDEX, "", "<system>|<value>")` of the facility's identity the `subject` names
+/// ([`price_list_keys`]), so a claim's check finds its facility's list without reading every
+/// document that names the facility.
+pub const PRICE_LIST_INDEX: &str = "urn:fieldmesh:price-list";
+
+/// The keys a price list is indexed under ([`PRICE_LIST_INDEX`]): its subject's stored identity.
+pub fn price_list_keys(json: &Map<String, Value>) -> Vec<String> {
+    if !is_price_list(json) {
+        return Vec::new();
+    }
+    json.get("subject")
+        .and_then(Value::as_object)
+        .and_then(crate::references::logical_target)
+        .map(|(_, k)| vec![format!("{}|{}", k.system, k.value)])
+        .unwrap_or_default()
+}
+
 /// Whether a `List` is a price list.
 pub fn is_price_list(json: &Map<String, Value>) -> bool {
     json.get("resourceType").and_then(Value::as_str) == Some("List")
@@ -636,6 +662,9 @@ pub fn is_price_list(json: &Map<String, Value>) -> bool {
                     .any(|p| p.as_str() == Some(crate::profile::PRICE_LIST_PROFILE))
             })
 }
+
+/// Waiting periods are read up to this many months.
+pub const MAX_WAITING_MONTHS: f64 = 1200.0;
 
 /// What a product covers of one item or service (openIMIS `ProductItem` / `ProductService`).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -696,11 +725,13 @@ impl ProductCover {
                     if !(0.0..1e9).contains(&v) {
                         continue;
                     }
+                    // Months beyond a century mean nothing and would cost the month arithmetic.
+                    let months = v.min(MAX_WAITING_MONTHS) as i32;
                     match code.as_str() {
                         "limitNoAdult" => cover.limit_adult = Some(v),
                         "limitNoChild" => cover.limit_child = Some(v),
-                        "waitingPeriodAdult" => cover.waiting_adult = Some(v as i32),
-                        "waitingPeriodChild" => cover.waiting_child = Some(v as i32),
+                        "waitingPeriodAdult" => cover.waiting_adult = Some(months),
+                        "waitingPeriodChild" => cover.waiting_child = Some(months),
                         other => {
                             let cat = match other {
                                 "maxNoConsultation" => 'C',
@@ -923,15 +954,27 @@ pub struct Verdict {
     pub provisional: Vec<Check>,
 }
 
+impl Verdict {
+    /// The verdict on a claim that cannot be read at all (central's answer to one a device
+    /// should have refused): rejected, openIMIS's "invalid claim" (20).
+    pub fn invalid() -> Verdict {
+        Verdict {
+            rejected: true,
+            errors: vec![reason::INVALID_CLAIM],
+            lines: Vec::new(),
+            target: None,
+            category: 'V',
+            provisional: Vec::new(),
+        }
+    }
+}
+
 const CATEGORY_ORDER: [char; 7] = ['S', 'D', 'A', 'H', 'C', 'O', 'V'];
 
-/// openIMIS's `get_claim_category`: the explicit category, else the first of surgery,
-/// delivery, antenatal, hospitalisation (also any stay), consultation, other among the claim's
-/// services, else visit.
+/// openIMIS's `get_claim_category`: the first of surgery, delivery, antenatal,
+/// hospitalisation (also any stay), consultation, other among the claim's services, else visit.
+/// (openIMIS's FHIR API never sets a claim's category explicitly.)
 pub fn claim_category(claim: &ClaimFacts, services: &[Option<char>]) -> char {
-    if let Some(c) = claim.category {
-        return c;
-    }
     let mut present: Vec<char> = services.iter().flatten().copied().collect();
     if claim.inpatient() {
         present.push('H');
@@ -964,10 +1007,25 @@ pub fn evaluate(inputs: &Inputs<'_>) -> Verdict {
     if inputs.insuree.is_none() && !inputs.complete {
         provisional.extend([Check::Insuree, Check::Coverage, Check::PatientCategory]);
     }
+    // openIMIS derives the category from the claim's services that are in the facility's
+    // price list (valid on the target date).
     let services: Vec<Option<char>> = inputs
         .medical
         .iter()
-        .map(|m| m.as_ref().and_then(|m| m.category))
+        .map(|m| {
+            m.as_ref()
+                .filter(|m| {
+                    m.valid
+                        && claim
+                            .target()
+                            .is_none_or(|t| m.valid_from.is_none_or(|f| f <= t))
+                        && inputs
+                            .price_list
+                            .as_ref()
+                            .is_some_and(|p| p.price_of(m).is_some())
+                })
+                .and_then(|m| m.category)
+        })
         .collect();
     let category = claim_category(claim, &services);
     let mut lines: Vec<LineVerdict> = claim
@@ -1004,7 +1062,7 @@ pub fn evaluate(inputs: &Inputs<'_>) -> Verdict {
         reject_all(&mut lines, reason::TARGET_DATE);
         return finish(lines, vec![reason::TARGET_DATE], provisional);
     };
-    if claim.claimed.is_some_and(|c| c < from) || claim.to.is_some_and(|t| t < from) {
+    if claim.claimed.is_some_and(|c| c < from) {
         reject_all(&mut lines, reason::TARGET_DATE);
         return finish(lines, vec![reason::TARGET_DATE], provisional);
     }
@@ -1066,6 +1124,23 @@ pub fn evaluate(inputs: &Inputs<'_>) -> Verdict {
     }
     let inpatient = claim.inpatient();
     let adult = inputs.insuree.as_ref().map(|i| i.adult_on(target));
+    // openIMIS reads the earlier claims of the period its valid policies span (the earliest
+    // effective date to the latest expiry); a device that does not hold the insuree, all it has.
+    let window = if inputs.insuree.is_some() {
+        let from = policies
+            .iter()
+            .filter_map(|p| p.effective)
+            .min()
+            .unwrap_or(target);
+        let to = policies
+            .iter()
+            .filter_map(|p| p.expiry)
+            .max()
+            .unwrap_or(target);
+        Some((from, to))
+    } else {
+        None
+    };
     // 4. Each line.
     for (i, line) in claim.lines.iter().enumerate() {
         let v = &mut lines[i];
@@ -1095,10 +1170,9 @@ pub fn evaluate(inputs: &Inputs<'_>) -> Verdict {
             }
         }
         let hf = inputs.facility_care_type.unwrap_or('B');
-        if (hf == 'O' && inpatient)
-            || (hf == 'O' && m.care_type == 'I')
-            || (hf == 'I' && m.care_type == 'O')
-        {
+        // openIMIS: out-patient facility and a stay or an in-patient item; in-patient facility
+        // and an out-patient item.
+        if (hf == 'O' && (inpatient || m.care_type == 'I')) || (hf == 'I' && m.care_type == 'O') {
             v.reason = reason::CARE_TYPE;
             continue;
         }
@@ -1116,6 +1190,7 @@ pub fn evaluate(inputs: &Inputs<'_>) -> Verdict {
             .lines
             .iter()
             .filter(|p| p.kind == m.kind && p.id == m.id)
+            .filter(|p| window.is_none_or(|(from, to)| from <= p.target && p.target <= to))
             .collect();
         if let Some(days) = m.frequency {
             let since = target.add_days(-i64::from(days));
@@ -1220,6 +1295,8 @@ fn money(cents: i64, currency: &str) -> Value {
     json!({"value": Money(cents).to_json(), "currency": currency})
 }
 
+/// An amount times a quantity, in hundredths (saturating: amounts and quantities are bounded
+/// when read, their products are not).
 fn times(cents: i64, qty: f64) -> i64 {
     (cents as f64 * qty).round() as i64
 }
@@ -1256,7 +1333,7 @@ impl Verdict {
         let (mut entered, mut checked) = (0i64, 0i64);
         for (i, l) in self.lines.iter().enumerate() {
             let asked = l.asked.unwrap_or(0);
-            entered += times(asked, l.quantity);
+            entered = entered.saturating_add(times(asked, l.quantity));
             let reason_concept = concept(
                 REJECTION_SYSTEM,
                 &l.reason.to_string(),
@@ -1264,7 +1341,7 @@ impl Verdict {
             );
             let adjudication = if l.reason == 0 && !self.rejected {
                 let price = l.price.unwrap_or(asked);
-                checked += times(price, l.counted());
+                checked = checked.saturating_add(times(price, l.counted()));
                 vec![
                     json!({"category": status_concept(2), "reason": reason_concept,
                            "amount": money(asked, currency), "value": l.quantity}),

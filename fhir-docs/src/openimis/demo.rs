@@ -148,6 +148,8 @@ pub struct Reference {
     pub product: String,
     /// Officer (Practitioner) uuids.
     pub officers: Vec<String>,
+    /// `(uuid, code)` of each facility's claim administrator (Practitioner), by facility.
+    pub claim_admins: Vec<(String, String)>,
     /// Every reference resource.
     pub resources: Vec<Value>,
 }
@@ -324,6 +326,18 @@ pub fn reference_data_for(rng: &mut Rng, district_count: usize) -> Reference {
             "qualification": [{"code": {"coding": [{"system": format!("{IG}/CodeSystem/practitioner-qualification-type"), "code": "EO"}]}}]}));
         officers.push(id);
     }
+    // Each facility's claim administrator (openIMIS: a Practitioner qualified `CA`, its
+    // facility in the `reference` extension).
+    let mut claim_admins = Vec::new();
+    for (d, (hf, _)) in facilities.iter().enumerate() {
+        let id = rng.uuid();
+        let code = format!("CA{d:03}");
+        resources.push(json!({"resourceType": "Practitioner", "id": id, "identifier": [identifier("Code", &code)],
+            "name": [{"use": "usual", "family": "Tchoumi", "given": ["Bénédicte"]}],
+            "qualification": [{"code": {"coding": [{"system": format!("{IG}/CodeSystem/practitioner-qualification-type"), "code": "CA"}]}}],
+            "extension": [{"url": format!("{IG}/StructureDefinition/reference"), "valueReference": reference("Organization", hf)}]}));
+        claim_admins.push((id, code));
+    }
     for (hf, hf_code) in &facilities {
         let mut entries: Vec<Value> = items
             .iter()
@@ -353,6 +367,7 @@ pub fn reference_data_for(rng: &mut Rng, district_count: usize) -> Reference {
         services,
         product,
         officers,
+        claim_admins,
         resources,
     }
 }

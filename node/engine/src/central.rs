@@ -47,7 +47,7 @@
 //! back through the log and are recognised by their heads (processing is idempotent anyway);
 //! an edit made for another document's sake is processed in its turn.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use fieldmesh_fhir_docs::identifiers::{OPENIMIS_IDENTIFIER_TYPES, openimis_type_code};
 use fieldmesh_fhir_docs::openimis::Role;
@@ -176,6 +176,13 @@ struct State {
     numbers_invalid: u64,
     /// Duplicate persons found and linked.
     persons_linked: u64,
+    /// Claims adjudicated (a ClaimResponse written or changed).
+    #[serde(default)]
+    claims_adjudicated: u64,
+    /// Claims whose insuree central did not hold when it adjudicated them: adjudicated again
+    /// when insurees arrive.
+    #[serde(default)]
+    claims_without_insuree: BTreeSet<String>,
 }
 
 /// What one step did.
@@ -248,6 +255,9 @@ pub struct Central {
     touched: HashSet<DocId>,
     /// Claims of this step to adjudicate once its documents are processed.
     claims_due: Vec<DocId>,
+    /// Insurees of this step whose claims are adjudicated again (their registration, family
+    /// or policy changed).
+    insurees_due: Vec<DocId>,
     /// The store's last sequence when a step last found the log read to its end (writes that
     /// take a sequence but leave no log entry, quarantine records, are not work).
     read_to: u64,
@@ -283,6 +293,7 @@ impl Central {
             dirty: false,
             touched: HashSet::new(),
             claims_due: Vec::new(),
+            insurees_due: Vec::new(),
             read_to: 0,
             families: HashMap::new(),
             own_edits: HashMap::new(),
@@ -326,11 +337,13 @@ impl Central {
         // Read the batch's documents on every core first (reading is most of the work).
         // Not central's own edits coming back, nor what the services leave alone.
         let mut ids: Vec<DocId> = Vec::with_capacity(entries.len());
+        let mut patients_arrived = false;
         for (_, raw) in &entries {
             let id = DocId(uuid::Uuid::from_bytes(*raw));
             let Some(meta) = engine.meta_of(&id)? else {
                 continue;
             };
+            patients_arrived |= meta.ty == "Patient";
             // Central's own edit of a document it processed, coming back through the log as
             // central left it: done.
             if self
@@ -380,6 +393,15 @@ impl Central {
             if let Some(p) = pricing_fields(&l.ty, &l.json) {
                 families.entry(*id).or_insert(p);
             }
+        }
+        // Insurees arrived: the claims that named one central did not hold are tried again.
+        if patients_arrived && !self.state.claims_without_insuree.is_empty() {
+            self.claims_due.extend(
+                self.state
+                    .claims_without_insuree
+                    .iter()
+                    .filter_map(|c| DocId::parse(c)),
+            );
         }
         let mut seen = HashSet::new();
         let wanted: HashSet<DocId> = ids.iter().copied().collect();
@@ -529,6 +551,9 @@ impl Central {
         }
         if ty == "Claim" {
             self.claims_due.push(*id);
+        } else if matches!(ty.as_str(), "Patient" | "Group" | "Contract") {
+            let concerned = engine.insurees_with_claims(id, &ty, &new);
+            self.insurees_due.extend(concerned);
         }
         // The registrations this one shares a number or a person with may change too.
         for (other, change) in related {
@@ -555,31 +580,29 @@ impl Central {
     }
 
     /// Adjudicates the step's claims once its documents are processed (a claim's insuree and
-    /// policy often arrive with it), in the order they were made: by date claimed, then claim
-    /// code (a device's leased codes count up), as openIMIS checks claims in the order they are
-    /// submitted.
+    /// policy often arrive with it): the claims that changed and every claim of the insurees
+    /// whose claims, registration, family or policy changed, in the order claims are checked
+    /// (`claims::order_key`), so that central's verdicts depend on what it holds, not on the
+    /// order it arrived in.
     fn adjudicate_due(
         &mut self,
         engine: &mut Engine,
         report: &mut StepReport,
     ) -> Result<(), CentralError> {
-        let due = std::mem::take(&mut self.claims_due);
-        let mut keyed = Vec::with_capacity(due.len());
-        for id in due {
-            let Some((_, json)) = engine.stored_json(&id)? else {
-                continue;
-            };
-            let created = json
-                .get("created")
-                .and_then(Value::as_str)
-                .map(|s| s.get(..10).unwrap_or(s).to_string())
-                .unwrap_or_default();
-            let code = business_number(&json).unwrap_or_default().to_string();
-            keyed.push((created, code, id));
+        let claims = std::mem::take(&mut self.claims_due);
+        let insurees = std::mem::take(&mut self.insurees_due);
+        if claims.is_empty() && insurees.is_empty() {
+            return Ok(());
         }
-        keyed.sort();
-        keyed.dedup_by(|a, b| a.2 == b.2);
-        for (_, _, id) in keyed {
+        let (ordered, unresolved) = engine.claims_to_adjudicate(claims.clone(), insurees);
+        for c in &claims {
+            self.state.claims_without_insuree.remove(&c.to_string());
+        }
+        for c in unresolved {
+            self.state.claims_without_insuree.insert(c.to_string());
+        }
+        self.dirty = true;
+        for id in ordered {
             self.adjudicate(engine, &id, report)?;
         }
         Ok(())
@@ -593,13 +616,24 @@ impl Central {
         id: &DocId,
         report: &mut StepReport,
     ) -> Result<(), CentralError> {
-        let Some(response) = engine.adjudicate(id)? else {
+        let Some(mut response) = engine.adjudicate(id)? else {
             return Ok(());
         };
-        let rid = crate::claims::response_id(id).to_string();
+        let rid = crate::claims::response_id(id);
+        // A verdict given again keeps the day it was first given: the same verdict is no change.
+        if let Some((_, before)) = engine.stored_json(&rid)?
+            && let Some(created) = before.get("created")
+        {
+            response["created"] = created.clone();
+        }
+        let rid = rid.to_string();
         match engine.update("ClaimResponse", &rid, response, None) {
             Ok((_, crate::write::Outcome::Unchanged)) => {}
-            Ok(_) => report.adjudicated += 1,
+            Ok(_) => {
+                report.adjudicated += 1;
+                self.state.claims_adjudicated += 1;
+                self.dirty = true;
+            }
             Err(e) => tracing::warn!(doc = %id, error = %e, "a claim central cannot adjudicate"),
         }
         Ok(())
@@ -1053,6 +1087,7 @@ impl Central {
         }
         json!({
             "awaiting_processing": awaiting,
+            "claims_adjudicated": self.state.claims_adjudicated,
             "processed_up_to_seq": self.state.cursor,
             "canonical_ids": {"assigned": self.state.canonical, "new_uuid_on_collision": self.state.collisions},
             "numbers": numbers,

@@ -18,12 +18,16 @@
 //!   authoritative answer.
 
 use fieldmesh_fhir_docs::identifiers::IdentKey;
+use fieldmesh_fhir_docs::identifiers::identities;
 use fieldmesh_fhir_docs::openimis::claims::{
-    ClaimFacts, History, Inputs, Insuree, Medical, PolicyFacts, PriceList, ProductCover, Verdict,
-    evaluate, facility_care_type,
+    ClaimFacts, History, Inputs, Insuree, Line, Medical, OrderKey, PRICE_LIST_INDEX, PolicyFacts,
+    PriceList, ProductCover, Verdict, code_reference, evaluate, facility_care_type, order_key,
 };
 use fieldmesh_fhir_docs::openimis::dates::Date;
-use fieldmesh_fhir_docs::openimis::policy::{Lookup, Money, product_reference, stage_of};
+use fieldmesh_fhir_docs::openimis::flags::{FlagCode, flags_of};
+use fieldmesh_fhir_docs::openimis::policy::{
+    Lookup, Money, covered_references, product_reference, stage_of, subject_reference,
+};
 use fieldmesh_fhir_docs::{DocId, IdentifierQuery, Prepared, ValidationError};
 use fieldmesh_storage::Write;
 use serde_json::{Map, Value, json};
@@ -34,6 +38,56 @@ use crate::error::WriteError;
 
 /// Prefix of the local records of the verdicts this device gave its claims.
 pub const VERDICT_PREFIX: &str = "local:claim-verdict/";
+
+/// The verdicts of the claims written here lately, until their commit is surely durable (a
+/// bounded memory: the oldest go first).
+#[derive(Debug, Default)]
+pub(crate) struct RecentVerdicts {
+    order: std::collections::VecDeque<DocId>,
+    by_claim: std::collections::HashMap<DocId, Vec<u8>>,
+}
+
+/// Verdicts [`RecentVerdicts`] keeps.
+const RECENT_VERDICTS: usize = 1024;
+
+impl RecentVerdicts {
+    fn insert(&mut self, id: DocId, raw: Vec<u8>) {
+        if self.by_claim.insert(id, raw).is_none() {
+            self.order.push_back(id);
+        }
+        while self.order.len() > RECENT_VERDICTS {
+            if let Some(old) = self.order.pop_front() {
+                self.by_claim.remove(&old);
+            }
+        }
+    }
+
+    fn get(&self, id: &DocId) -> Option<&Vec<u8>> {
+        self.by_claim.get(id)
+    }
+}
+
+/// Extension of central's ClaimResponse naming the insuree by its id on central.
+pub const INSUREE_EXTENSION: &str = "urn:fieldmesh:StructureDefinition/claim-insuree";
+
+/// Reference-index pseudo type of central's verdicts by insuree (`(CLAIMED_INDEX, "", <insuree
+/// id>)`, from [`INSUREE_EXTENSION`]): whether an insuree has claims, in one lookup.
+pub const CLAIMED_INDEX: &str = "urn:fieldmesh:claimed-insuree";
+
+/// The [`CLAIMED_INDEX`] keys of a ClaimResponse.
+pub(crate) fn claimed_keys(json: &Map<String, Value>) -> Vec<String> {
+    json.get("extension")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter(|e| e.get("url").and_then(Value::as_str) == Some(INSUREE_EXTENSION))
+        .filter_map(|e| {
+            e.get("valueString")
+                .and_then(Value::as_str)
+                .map(String::from)
+        })
+        .collect()
+}
 
 /// Extension of a ClaimResponse carrying the claim's category (so that later claims count it
 /// against the product's maxima without reading its services again).
@@ -52,13 +106,11 @@ pub fn response_id(claim: &DocId) -> DocId {
     DocId(uuid::Builder::from_custom_bytes(bytes).into_uuid())
 }
 
-/// What the checks of a claim read, gathered from a node's documents.
+/// What the checks of a claim read, gathered from a node's documents (the owned parts of
+/// [`Inputs`]).
 pub(crate) struct Gathered {
-    pub(crate) inputs_owned: Owned,
-}
-
-/// The owned parts of [`Inputs`].
-pub(crate) struct Owned {
+    /// The insuree's id here, when held.
+    patient: Option<String>,
     insuree: Option<Insuree>,
     policies: Vec<PolicyFacts>,
     facility_care_type: Option<char>,
@@ -84,10 +136,13 @@ fn policy_facts(id: &str, contract: &Map<String, Value>, held: &mut Held<'_>) ->
         .map(|(_, p)| ProductCover::from_insurance_plan(&p));
     PolicyFacts {
         id: id.to_string(),
+        // Active (`Policy`) or expired since (`Terminated`), as openIMIS's valid policies.
         active: contract
             .get("status")
             .and_then(Value::as_str)
-            .is_some_and(|s| s.eq_ignore_ascii_case("policy")),
+            .is_some_and(|s| {
+                s.eq_ignore_ascii_case("policy") || s.eq_ignore_ascii_case("terminated")
+            }),
         effective: date_at(&asset, "/usePeriod/0/start"),
         expiry: date_at(&asset, "/period/0/end"),
         stage: stage_of(contract),
@@ -96,8 +151,7 @@ fn policy_facts(id: &str, contract: &Map<String, Value>, held: &mut Held<'_>) ->
 }
 
 /// Gathers what the checks of `claim` (document `id`, stored form) read from what `held`
-/// holds. `local` says whether this node keeps local verdicts (a device) besides central's
-/// ClaimResponses.
+/// holds: the earlier claims' verdicts are central's ClaimResponses, else this device's own.
 pub(crate) fn gather(
     held: &mut Held<'_>,
     id: &DocId,
@@ -107,28 +161,20 @@ pub(crate) fn gather(
     let patient = claim_json
         .get("patient")
         .and_then(Value::as_object)
-        .and_then(|r| held.resolve(r))
+        .and_then(|r| resolve_any(held, r))
         .filter(|(_, p)| p.get("resourceType").and_then(Value::as_str) == Some("Patient"));
     let medical: Vec<Option<Medical>> = facts
         .lines
         .iter()
-        .map(|l| {
-            held.resolve(&l.reference)
-                .and_then(|(mid, m)| Medical::from_json(&mid, &m))
-        })
+        .map(|l| resolve_line(held, l).and_then(|(mid, m)| Medical::from_json(&mid, &m)))
         .collect();
     let facility = claim_json
         .get("provider")
         .and_then(Value::as_object)
-        .and_then(|r| held.resolve(r))
+        .and_then(|r| resolve_any(held, r))
         .filter(|(_, o)| o.get("resourceType").and_then(Value::as_str) == Some("Organization"));
     let (facility_care_type, price_list) = match &facility {
-        Some((fid, org)) => (
-            Some(facility_care_type(org)),
-            held.naming("List", "Organization", fid)
-                .iter()
-                .find_map(|(_, l)| PriceList::from_json(l)),
-        ),
+        Some((fid, org)) => (Some(facility_care_type(org)), price_list_of(held, fid, org)),
         None => (None, None),
     };
     let mut insuree = None;
@@ -157,11 +203,18 @@ pub(crate) fn gather(
             .iter()
             .map(|(cid, c)| policy_facts(cid, c, held))
             .collect();
-        let own = id.to_string();
-        for (cid, other) in held.naming("Claim", "Patient", pid) {
-            if cid == own {
-                continue;
-            }
+        // The claims before this one in the order claims are checked (openIMIS: those
+        // submitted before it), the latest first, at most `MAX_HISTORY`.
+        let own = order_key(claim_json, &id.to_string());
+        let mut earlier: Vec<(OrderKey, Map<String, Value>)> = held
+            .naming("Claim", "Patient", pid)
+            .into_iter()
+            .map(|(cid, c)| (order_key(&c, &cid), c))
+            .filter(|(k, _)| *k < own)
+            .collect();
+        earlier.sort_by(|a, b| b.0.cmp(&a.0));
+        earlier.truncate(MAX_HISTORY);
+        for ((_, _, cid), other) in earlier {
             let Some(doc) = DocId::parse(&cid) else {
                 continue;
             };
@@ -174,21 +227,96 @@ pub(crate) fn gather(
             let ids: Vec<Option<String>> = prior
                 .lines
                 .iter()
-                .map(|l| held.resolve(&l.reference).map(|(mid, _)| mid))
+                .map(|l| resolve_line(held, l).map(|(mid, _)| mid))
                 .collect();
             history.add(&prior, &verdict, category, &ids);
         }
     }
     Gathered {
-        inputs_owned: Owned {
-            insuree,
-            policies,
-            facility_care_type,
-            price_list,
-            medical,
-            history,
-        },
+        patient: patient.map(|(pid, _)| pid),
+        insuree,
+        policies,
+        facility_care_type,
+        price_list,
+        medical,
+        history,
     }
+}
+
+/// Earlier claims of an insuree a check reads, at most (the latest): bounds the work of one
+/// write whatever an app posted before.
+pub const MAX_HISTORY: usize = 500;
+
+/// Resolves a reference to a resource this node holds; one to a `contained` resource (`#…`,
+/// as openIMIS's claims may carry the insuree) by the identifier it also carries. A card number
+/// two registrations hold (central flagged the later one) names the one that keeps it.
+fn resolve_any(
+    held: &mut Held<'_>,
+    r: &Map<String, Value>,
+) -> Option<(String, Map<String, Value>)> {
+    if let Some(found) = held.resolve(r) {
+        return Some(found);
+    }
+    let mut logical = r.clone();
+    if r.get("reference")
+        .and_then(Value::as_str)
+        .is_some_and(|s| s.starts_with('#'))
+    {
+        logical.remove("reference");
+        if let Some(found) = held.resolve(&logical) {
+            return Some(found);
+        }
+    }
+    let (ty, key) = fieldmesh_fhir_docs::references::logical_target(&logical)?;
+    let ids = held
+        .engine
+        .find_ids(&ty, &IdentifierQuery::Exact(key))
+        .ok()?;
+    if ids.len() < 2 {
+        return None;
+    }
+    let mut keeps = Vec::new();
+    for d in ids {
+        if let Some((t, json)) = held.json(&d)
+            && t == ty
+            && !flags_of(&json)
+                .iter()
+                .any(|f| f.code == FlagCode::NumberTaken)
+        {
+            keeps.push((d.to_string(), json));
+        }
+    }
+    (keeps.len() == 1).then(|| keeps.remove(0))
+}
+
+/// The item or service a claim line names: by its reference, else (a definition sent
+/// `contained`, which openIMIS creates on the fly) by the code the line gives.
+fn resolve_line(held: &mut Held<'_>, l: &Line) -> Option<(String, Map<String, Value>)> {
+    resolve_any(held, &l.reference).or_else(|| {
+        l.code
+            .as_deref()
+            .and_then(|c| held.resolve(&code_reference(l.kind, c)))
+    })
+}
+
+/// The price list of facility `fid` (its record `org`), found through the price-list index.
+fn price_list_of(held: &mut Held<'_>, fid: &str, org: &Map<String, Value>) -> Option<PriceList> {
+    let doc = DocId::parse(fid)?;
+    let origin = held.engine.meta_of(&doc).ok()??.origin;
+    let mut lists = Vec::new();
+    for k in identities(org, &origin, fid) {
+        if let Ok(found) =
+            held.engine
+                .referrers(PRICE_LIST_INDEX, "", &format!("{}|{}", k.system, k.value))
+        {
+            lists.extend(found);
+        }
+    }
+    lists.sort();
+    lists.dedup();
+    lists
+        .into_iter()
+        .find_map(|d| held.json(&d).and_then(|(_, l)| PriceList::from_json(&l)))
 }
 
 /// The verdict on an earlier claim: central's ClaimResponse if held, else the one this device
@@ -210,29 +338,39 @@ fn verdict_of(held: &mut Held<'_>, claim: &DocId, facts: &ClaimFacts) -> Option<
             .unwrap_or('V');
         return Verdict::from_claim_response(&json, facts).map(|v| (v, category));
     }
-    let raw = held
-        .engine
-        .store()
-        .checkpoint(&format!("{VERDICT_PREFIX}{claim}"))
-        .ok()??;
+    let raw = match held.engine.recent_verdicts.get(claim) {
+        Some(raw) => raw.clone(),
+        None => held
+            .engine
+            .store()
+            .checkpoint(&format!("{VERDICT_PREFIX}{claim}"))
+            .ok()??,
+    };
     let v: Verdict = serde_json::from_slice(&raw).ok()?;
     let c = v.category;
     Some((v, c))
 }
 
 impl Gathered {
-    pub(crate) fn evaluate(&self, facts: &ClaimFacts, complete: bool) -> Verdict {
-        let o = &self.inputs_owned;
-        evaluate(&Inputs {
+    /// The verdict on `facts` from what was gathered; `complete`: the node holds every claim.
+    pub(crate) fn evaluate(self, facts: &ClaimFacts, complete: bool) -> Verdict {
+        self.evaluate_for(facts, complete).0
+    }
+
+    /// [`Gathered::evaluate`], with the insuree's id here.
+    fn evaluate_for(self, facts: &ClaimFacts, complete: bool) -> (Verdict, Option<String>) {
+        let patient = self.patient;
+        let verdict = evaluate(&Inputs {
             claim: facts,
-            insuree: o.insuree.clone(),
-            policies: o.policies.clone(),
-            facility_care_type: o.facility_care_type,
-            price_list: o.price_list.clone(),
-            medical: o.medical.clone(),
-            history: o.history.clone(),
+            insuree: self.insuree,
+            policies: self.policies,
+            facility_care_type: self.facility_care_type,
+            price_list: self.price_list,
+            medical: self.medical,
+            history: self.history,
             complete,
-        })
+        });
+        (verdict, patient)
     }
 }
 
@@ -333,6 +471,7 @@ impl Engine {
     /// Stages the local record of the verdict a claim written here got (with the claim's write).
     pub(crate) fn keep_verdict(&mut self, id: &DocId, verdict: &Verdict) {
         if let Ok(value) = serde_json::to_vec(verdict) {
+            self.recent_verdicts.insert(*id, value.clone());
             self.push(
                 Write::Checkpoint {
                     peer: format!("{VERDICT_PREFIX}{id}"),
@@ -351,6 +490,107 @@ impl Engine {
         Some(v)
     }
 
+    /// The insurees a changed `ty` document concerns, whose claims central adjudicates again
+    /// (a policy, a payment or a registration that reached central after a claim changes the
+    /// claim's verdict): a Patient itself, a family's members, a policy's covered insurees and
+    /// its family's members. Only those with claims.
+    pub(crate) fn insurees_with_claims(
+        &mut self,
+        id: &DocId,
+        ty: &str,
+        json: &Map<String, Value>,
+    ) -> Vec<DocId> {
+        // Found through the indexes: no insuree is read.
+        let find = |engine: &Engine, r: &Map<String, Value>| -> Option<DocId> {
+            let (ty, key) = fieldmesh_fhir_docs::references::logical_target(r)?;
+            DocId::parse(&fieldmesh_fhir_docs::Resolver::find(engine, &ty, &key)?)
+        };
+        let members = |engine: &Engine, group: &Map<String, Value>| -> Vec<DocId> {
+            group
+                .get("member")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|m| m.get("entity").and_then(Value::as_object))
+                .filter_map(|r| find(engine, r))
+                .collect()
+        };
+        let mut patients: Vec<DocId> = Vec::new();
+        match ty {
+            "Patient" => patients.push(*id),
+            "Group" => patients.extend(members(self, json)),
+            "Contract" => {
+                for r in covered_references(json) {
+                    patients.extend(find(self, r));
+                }
+                if patients.is_empty()
+                    && let Some(g) = subject_reference(json).and_then(|r| find(self, r))
+                    && let Ok(Some((gty, group))) = self.stored_json(&g)
+                    && gty == "Group"
+                {
+                    patients.extend(members(self, &group));
+                }
+            }
+            _ => {}
+        }
+        patients.sort();
+        patients.dedup();
+        patients.retain(|pid| {
+            self.referrers(CLAIMED_INDEX, "", &pid.to_string())
+                .is_ok_and(|found| !found.is_empty())
+        });
+        patients
+    }
+
+    /// The claims central adjudicates for `claims` that changed and `insurees` whose data
+    /// changed: every claim of each insuree concerned (a claim's verdict depends on the claims
+    /// before it, and those after it on it), in the order claims are checked; and of `claims`,
+    /// those whose insuree is not held (yet).
+    pub(crate) fn claims_to_adjudicate(
+        &mut self,
+        claims: Vec<DocId>,
+        insurees: Vec<DocId>,
+    ) -> (Vec<DocId>, Vec<DocId>) {
+        let mut held = Held {
+            engine: self,
+            failed: None,
+        };
+        let mut patients: Vec<String> = insurees.iter().map(DocId::to_string).collect();
+        let mut keyed: Vec<(OrderKey, DocId)> = Vec::new();
+        let mut unresolved = Vec::new();
+        for c in claims {
+            let Some((ty, json)) = held.json(&c) else {
+                continue;
+            };
+            if ty != "Claim" {
+                continue;
+            }
+            match json
+                .get("patient")
+                .and_then(Value::as_object)
+                .and_then(|r| resolve_any(&mut held, r))
+            {
+                Some((pid, _)) => patients.push(pid),
+                None => {
+                    unresolved.push(c);
+                    keyed.push((order_key(&json, &c.to_string()), c));
+                }
+            }
+        }
+        patients.sort();
+        patients.dedup();
+        for pid in patients {
+            for (cid, json) in held.naming("Claim", "Patient", &pid) {
+                if let Some(c) = DocId::parse(&cid) {
+                    keyed.push((order_key(&json, &cid), c));
+                }
+            }
+        }
+        keyed.sort();
+        keyed.dedup_by(|a, b| a.1 == b.1);
+        (keyed.into_iter().map(|(_, c)| c).collect(), unresolved)
+    }
+
     /// Central's verdict on claim `id`, as a ClaimResponse to store (`None`: not a claim, or
     /// gone). Reads everything central holds, staged edits included.
     pub(crate) fn adjudicate(&mut self, id: &DocId) -> Result<Option<Value>, WriteError> {
@@ -360,8 +600,16 @@ impl Engine {
         if ty != "Claim" {
             return Ok(None);
         }
+        let today = Date::from_unix(self.me.time());
         let Ok(facts) = ClaimFacts::parse(&claim) else {
-            return Ok(None);
+            // A claim a device should have refused: answered, not left without a verdict.
+            return Ok(Some(response_json(
+                &Verdict::invalid(),
+                id,
+                &claim,
+                today,
+                "central",
+            )));
         };
         let mut held = Held {
             engine: self,
@@ -371,9 +619,17 @@ impl Engine {
         if let Some(e) = held.failed {
             return Err(e);
         }
-        let verdict = gathered.evaluate(&facts, true);
-        let today = Date::from_unix(self.me.time());
-        Ok(Some(response_json(&verdict, id, &claim, today, "central")))
+        let (verdict, patient) = gathered.evaluate_for(&facts, true);
+        let mut out = response_json(&verdict, id, &claim, today, "central");
+        // The insuree as central knows it: indexed (`CLAIMED_INDEX`), so that a change to the
+        // insuree's policy or family finds its claims without reading anything.
+        if let (Some(pid), Some(list)) = (
+            patient,
+            out.get_mut("extension").and_then(Value::as_array_mut),
+        ) {
+            list.push(json!({"url": INSUREE_EXTENSION, "valueString": pid}));
+        }
+        Ok(Some(out))
     }
 }
 

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use automerge::{AutoCommit, ChangeHash};
 use fieldmesh_fhir_docs::DocLimits;
+use fieldmesh_fhir_docs::openimis::claims::{PRICE_LIST_INDEX, price_list_keys};
 use fieldmesh_fhir_docs::openimis::flags::flag_entries;
 use fieldmesh_fhir_docs::openimis::persons::{PERSON_KEY_INDEX, blocking_keys};
 use fieldmesh_fhir_docs::openimis::policy::{RECEIPT_INDEX, receipt_keys};
@@ -90,7 +91,8 @@ pub fn entries_of_json(json: &Map<String, Value>) -> IndexEntries {
 
 /// The index entries a `ty` reading `json` carries besides its identifiers and references: its
 /// places ([`place_entries`]), a Patient's blocking keys for duplicate detection
-/// ([`PERSON_KEY_INDEX`]) and the flags central put on it ([`FLAG_INDEX`]).
+/// ([`PERSON_KEY_INDEX`]), the flags central put on it ([`FLAG_INDEX`]), a policy's receipts
+/// ([`RECEIPT_INDEX`]) and the facility of a price list ([`PRICE_LIST_INDEX`]).
 pub(crate) fn derived_entries(
     ty: &str,
     json: &Map<String, Value>,
@@ -107,6 +109,20 @@ pub(crate) fn derived_entries(
             receipt_keys(json)
                 .into_iter()
                 .map(|k| (RECEIPT_INDEX.to_string(), String::new(), k)),
+        );
+    }
+    if ty == "ClaimResponse" {
+        out.extend(
+            crate::claims::claimed_keys(json)
+                .into_iter()
+                .map(|k| (crate::claims::CLAIMED_INDEX.to_string(), String::new(), k)),
+        );
+    }
+    if ty == "List" {
+        out.extend(
+            price_list_keys(json)
+                .into_iter()
+                .map(|k| (PRICE_LIST_INDEX.to_string(), String::new(), k)),
         );
     }
     out
@@ -296,6 +312,9 @@ pub struct Engine {
     pub(crate) bulk_load: bool,
     /// The ClaimResponse the last Claim written here got ([`Engine::take_claim_answer`]).
     pub(crate) claim_answer: Option<Value>,
+    /// The verdicts of the claims written here lately, by claim: the store has them once their
+    /// commit is durable, a later claim of the same insuree may come before.
+    pub(crate) recent_verdicts: crate::claims::RecentVerdicts,
 }
 
 impl Engine {
@@ -314,6 +333,7 @@ impl Engine {
             notes: Vec::new(),
             bulk_load: false,
             claim_answer: None,
+            recent_verdicts: Default::default(),
             reader: Reader::new(Arc::clone(&store), cache_documents),
             store,
             in_flight: HashMap::new(),

@@ -81,6 +81,15 @@ impl Held<'_> {
         }
         ids.sort();
         ids.dedup();
+        // The type from the document's record first: a facility or a product is named by
+        // thousands of documents of other types, which are not read.
+        ids.retain(|c| {
+            self.engine
+                .meta_of(c)
+                .ok()
+                .flatten()
+                .is_some_and(|m| m.ty == wanted)
+        });
         ids.into_iter()
             .filter_map(|c| match self.json(&c)? {
                 (t, json) if t == wanted => Some((c.to_string(), json)),

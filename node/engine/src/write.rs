@@ -405,7 +405,6 @@ impl Engine {
         self.declare_places(&mut prepared)?;
         let old = document_to_json(live.doc(doc_id)?)?;
         self.price_policy(&mut prepared, doc_id, Some(&old))?;
-        let verdict = self.check_claim(&mut prepared, doc_id)?;
         let doc = live.doc(doc_id)?;
         if old == prepared.json {
             return Ok(Outcome::Unchanged);
@@ -423,6 +422,7 @@ impl Engine {
                 &prepared.json,
             )?;
         }
+        let verdict = self.check_claim(&mut prepared, doc_id)?;
         let family = self.family_edits(ty, doc_id, &prepared.json)?;
         self.authorize_family_edits(&family)?;
         let outcome =

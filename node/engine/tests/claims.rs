@@ -806,3 +806,163 @@ fn central_counts_claims_it_adjudicated_and_its_verdict_is_authoritative_for_lat
         vec![5]
     );
 }
+
+#[test]
+fn a_claim_with_contained_resources_as_openimis_tests_send_it() {
+    let mut w = world();
+    // openIMIS's own test payload (`test_claim_contained.json`): the insuree, its family, the
+    // facility, the administrator, the item and the service sent `contained`, referenced as
+    // `#<Type>/<uuid>`. Here the insuree is one this facility knows (by its number), the
+    // facility is HF1 and the lines name codes of its price list.
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../fhir-docs/tests/fixtures/openimis-module/claim_contained.json"
+    );
+    let mut c: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    c["identifier"][0]["value"] = json!("T-CONTAINED");
+    c["patient"]["identifier"] = by_code("Patient", "100000001")["identifier"].clone();
+    c["provider"] = by_code("Organization", "HF1");
+    c["billablePeriod"] = json!({"start": day(3), "end": day(3)});
+    c["created"] = json!(day(3));
+    c["item"][0]["productOrService"]["text"] = json!("I1");
+    c["item"][1]["productOrService"]["text"] = json!("S1");
+    let contained = c["contained"].clone();
+    let (id, r) = w.post(c);
+    // I1: 10 asked, the product allows 3 in the period: reduced. S1: a consultation.
+    assert_eq!(reasons(&r), vec![0, 0], "{r:#}");
+    assert_eq!(approved(&r, 0), 3.0);
+    assert_eq!(
+        provisional(&r),
+        vec!["history"],
+        "the insuree is held: {r:#}"
+    );
+    // Every contained resource is kept (its references stored as every reference is).
+    let stored = w.ca.served("Claim", &id).unwrap().resource;
+    let names = |v: &Value| -> Vec<(String, String)> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| (r["resourceType"].to_string(), r["id"].to_string()))
+            .collect()
+    };
+    assert_eq!(names(&stored["contained"]), names(&contained));
+    assert_eq!(
+        stored["contained"][0]["birthDate"],
+        contained[0]["birthDate"]
+    );
+}
+
+#[test]
+fn two_claims_in_one_commit_see_each_other() {
+    let mut w = world();
+    // The engine thread commits several API writes at once: the second claim of the insuree,
+    // in the same commit as the first, still counts it (I5: once a week).
+    w.ca.create(
+        claim(
+            "G-1",
+            "100000001",
+            "HF1",
+            &day(10),
+            &day(10),
+            &[("item", "I5", 1.0, None)],
+        ),
+        Some("Claim"),
+        false,
+        &|_| None,
+    )
+    .unwrap();
+    let _ = w.ca.take_claim_answer();
+    w.ca.create(
+        claim(
+            "G-2",
+            "100000001",
+            "HF1",
+            &day(6),
+            &day(6),
+            &[("item", "I5", 1.0, None)],
+        ),
+        Some("Claim"),
+        false,
+        &|_| None,
+    )
+    .unwrap();
+    let r = w.ca.take_claim_answer().unwrap();
+    w.ca.flush().unwrap();
+    assert_eq!(reasons(&r), vec![5], "{r:#}");
+}
+
+#[test]
+fn central_adjudicates_again_when_the_policy_or_the_insuree_arrives_after_the_claim() {
+    let mut w = world();
+    // Zoé has no policy yet: the device and central say 21.
+    let (id, r) = w.post(claim(
+        "Z-1",
+        "100000004",
+        "HF1",
+        &day(3),
+        &day(3),
+        &[("item", "I1", 1.0, None)],
+    ));
+    assert_eq!(errors(&r), vec![21]);
+    w.sync();
+    w.process();
+    let rid = response_id(&DocId::parse(&id).unwrap()).to_string();
+    let first = w.central.served("ClaimResponse", &rid).unwrap().resource;
+    assert_eq!(errors(&first), vec![21]);
+    // Her family's policy (enrolled and paid before the visit) reaches central afterwards.
+    let product = w
+        .central
+        .reader()
+        .find_ids(
+            "InsurancePlan",
+            &fieldmesh_fhir_docs::IdentifierQuery::ValueOnly("PRD01".into()),
+        )
+        .unwrap()[0]
+        .to_string();
+    let zoe = w
+        .central
+        .reader()
+        .find_ids(
+            "Patient",
+            &fieldmesh_fhir_docs::IdentifierQuery::ValueOnly("100000004".into()),
+        )
+        .unwrap()[0]
+        .to_string();
+    let family = w
+        .central
+        .reader()
+        .search_reference("Group", "member", "Patient", &zoe)
+        .unwrap();
+    let family = family[0].id.clone();
+    create(&mut w.central, contract(&family, &zoe, &product, &day(30)));
+    w.process();
+    let again = w.central.served("ClaimResponse", &rid).unwrap().resource;
+    assert_eq!(reasons(&again), vec![0], "{again:#}");
+    assert_eq!(again["created"], first["created"], "first given on its day");
+    // A claim for a card central has never seen: no such insuree (7) until the insuree
+    // arrives, then adjudicated again.
+    let (id, _) = w.post(claim(
+        "U-1",
+        "100000009",
+        "HF1",
+        &day(3),
+        &day(3),
+        &[("item", "I1", 1.0, None)],
+    ));
+    w.sync();
+    w.process();
+    let rid = response_id(&DocId::parse(&id).unwrap()).to_string();
+    assert_eq!(
+        errors(&w.central.served("ClaimResponse", &rid).unwrap().resource),
+        vec![7]
+    );
+    let late = create(
+        &mut w.central,
+        patient("100000009", "Fatouma", "female", "1992-02-02", "V1"),
+    );
+    let g = create(&mut w.central, group(&[&late], "V1"));
+    create(&mut w.central, contract(&g, &late, &product, &day(30)));
+    w.process();
+    let now = w.central.served("ClaimResponse", &rid).unwrap().resource;
+    assert_eq!(reasons(&now), vec![0], "{now:#}");
+}

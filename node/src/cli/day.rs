@@ -51,6 +51,8 @@ pub(crate) struct Field {
     running: BTreeMap<String, Child>,
     log: PathBuf,
     agent: ureq::Agent,
+    /// When the last process was started: what a step's time is counted from.
+    last_start: Instant,
 }
 
 impl Drop for Field {
@@ -109,7 +111,10 @@ impl Field {
                 name,
                 Member {
                     token: dir.token()?,
-                    p2p: http.port() + 1000,
+                    p2p: http
+                        .port()
+                        .checked_add(1000)
+                        .context("the demo's ports must be below 64536")?,
                     http,
                     peer_id: text(&n["peer_id"]),
                     role: n["scope"]["roles"]
@@ -124,6 +129,7 @@ impl Field {
             members,
             running: BTreeMap::new(),
             log: out.join("fieldmesh.log"),
+            last_start: Instant::now(),
             agent: ureq::Agent::config_builder()
                 .http_status_as_error(false)
                 .timeout_global(Some(Duration::from_secs(30)))
@@ -168,6 +174,7 @@ impl Field {
         for p in peers {
             cmd.args(["--peer", &self.addr(p)?]);
         }
+        self.last_start = Instant::now();
         let child = cmd
             .spawn()
             .with_context(|| format!("cannot start {name}"))?;
@@ -257,12 +264,13 @@ impl Field {
             .is_ok_and(|(s, _)| s == 200)
     }
 
-    /// Waits until `done` holds, or fails saying `what` did not happen.
+    /// Waits until `done` holds, or fails saying `what` did not happen. Returns the seconds
+    /// since the last process started (the node's start, its sessions, and the wait).
     fn wait_for(&self, what: &str, mut done: impl FnMut(&Self) -> bool) -> Result<f64> {
         let t = Instant::now();
         while t.elapsed() < WAIT {
             if done(self) {
-                return Ok(t.elapsed().as_secs_f64());
+                return Ok(self.last_start.elapsed().as_secs_f64());
             }
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -327,18 +335,25 @@ struct Family {
     status: String,
 }
 
-/// Registers a family (a head and `others`), enrols it in the product and takes the
-/// contribution it owes, through `officer`'s API; rows for the step's table.
+/// What an officer enrols: a family name, its people (given name, gender, birth date; the head
+/// first), its village, and the receipt of its contribution.
+struct Enrolment<'a> {
+    family: &'a str,
+    people: &'a [(&'a str, &'a str, &'a str)],
+    village: &'a Village,
+    receipt: &'a str,
+}
+
+/// Registers a family, enrols it in `product` and takes the contribution it owes, through
+/// `officer`'s API; rows for the step's table.
 fn enrol(
     field: &Field,
     officer: &str,
-    family: &str,
-    people: &[(&str, &str, &str)],
-    v: &Village,
+    e: &Enrolment<'_>,
     product: &str,
-    receipt: &str,
     rows: &mut Vec<Vec<String>>,
 ) -> Result<Family> {
+    let (family, people, v, receipt) = (e.family, e.people, e.village, e.receipt);
     let mut ids = Vec::new();
     let mut head_chfid = String::new();
     for (i, (given, gender, birth)) in people.iter().enumerate() {
@@ -557,24 +572,28 @@ pub(crate) fn run_day(
     let fam1 = enrol(
         field,
         "officer-1",
-        "Maïga",
-        &[
-            ("Aïssatou", "female", "1994-03-12"),
-            ("Moussa", "male", "2019-07-01"),
-        ],
-        &shared,
+        &Enrolment {
+            family: "Maïga",
+            people: &[
+                ("Aïssatou", "female", "1994-03-12"),
+                ("Moussa", "male", "2019-07-01"),
+            ],
+            village: &shared,
+            receipt: "RC-DAY-001",
+        },
         &product,
-        "RC-DAY-001",
         &mut rows,
     )?;
     let fam2 = enrol(
         field,
         "officer-2",
-        "Issoufou",
-        &[("Hadiza", "female", "1988-11-23")],
-        &own2,
+        &Enrolment {
+            family: "Issoufou",
+            people: &[("Hadiza", "female", "1988-11-23")],
+            village: &own2,
+            receipt: "RC-DAY-002",
+        },
         &product,
-        "RC-DAY-002",
         &mut rows,
     )?;
     let (s, oo) = field.send(
@@ -731,7 +750,7 @@ pub(crate) fn run_day(
         "type": {"coding": [{"system": format!("{IG}/CodeSystem-claim-visit-type.html"), "code": "O", "display": "Other"}]},
         "patient": {"type": "Patient", "identifier": identifier("Code", &fam1.head_chfid)},
         "provider": {"type": "Organization", "identifier": identifier("Code", &hf_code)},
-        "enterer": {"type": "Practitioner", "identifier": identifier("Code", "claims-1")},
+        "enterer": {"type": "Practitioner", "identifier": identifier("Code", &refdata.claim_admins[0].1)},
         "created": today, "billablePeriod": {"start": today, "end": today},
         "diagnosis": [{"sequence": 1, "diagnosisCodeableConcept": {"coding": [{"system": format!("{IG}/CodeSystem/diagnosis-ICD10-level1"), "code": "B54"}]}}],
         "item": lines.iter().enumerate().map(|(i, (k, c, _, q, p))| line(i as u64 + 1, k, c, *q, *p)).collect::<Vec<_>>(),
@@ -770,8 +789,7 @@ pub(crate) fn run_day(
     }
     table(
         &format!(
-            "5. At the health facility {hf_code} ({} s to receive the new family), the link drops: claim {} for {} entered offline, answered at once (provisional: {})",
-            secs.round(),
+            "5. At the health facility {hf_code} ({secs:.1} s to receive the new family), the link drops: claim {} for {} entered offline, answered at once (provisional: {})",
             text(&claim_code),
             fam1.head_chfid,
             provisional.join(", ")

@@ -131,6 +131,7 @@ impl World {
     /// to the price list.
     fn claim_for(&mut self, i: usize, card: &str) -> Value {
         let hf = self.refdata.facilities[self.nodes[i].hub - 1].1.clone();
+        let admin = self.refdata.claim_admins[self.nodes[i].hub - 1].1.clone();
         let today = Date::from_unix(self.now).to_string();
         let mut lines = Vec::new();
         for seq in 1..=1 + self.rng.below(3) {
@@ -153,7 +154,7 @@ impl World {
         json!({"resourceType": "Claim", "id": self.rng.uuid(), "status": "active", "use": "claim",
             "type": {"coding": [{"system": format!("{IG}/CodeSystem-claim-visit-type.html"), "code": "O"}]},
             "patient": code_ref("Patient", card), "provider": code_ref("Organization", &hf),
-            "enterer": code_ref("Practitioner", &self.nodes[i].name),
+            "enterer": code_ref("Practitioner", &admin),
             "created": today, "billablePeriod": {"start": today, "end": today},
             "diagnosis": [{"sequence": 1, "diagnosisCodeableConcept": {"coding": [{"system": format!("{IG}/CodeSystem/diagnosis-ICD10-level1"), "code": "B54"}]}}],
             "item": lines})
