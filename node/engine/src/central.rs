@@ -594,14 +594,18 @@ impl Central {
         if claims.is_empty() && insurees.is_empty() {
             return Ok(());
         }
-        let (ordered, unresolved) = engine.claims_to_adjudicate(claims.clone(), insurees);
+        let (ordered, unresolved) = engine.claims_to_adjudicate(claims.clone(), insurees)?;
+        let before = self.state.claims_without_insuree.len();
+        let mut changed = false;
         for c in &claims {
-            self.state.claims_without_insuree.remove(&c.to_string());
+            changed |= self.state.claims_without_insuree.remove(&c.to_string());
         }
         for c in unresolved {
-            self.state.claims_without_insuree.insert(c.to_string());
+            changed |= self.state.claims_without_insuree.insert(c.to_string());
         }
-        self.dirty = true;
+        if changed || before != self.state.claims_without_insuree.len() {
+            self.dirty = true;
+        }
         for id in ordered {
             self.adjudicate(engine, &id, report)?;
         }

@@ -520,11 +520,12 @@ impl Engine {
             "Patient" => patients.push(*id),
             "Group" => patients.extend(members(self, json)),
             "Contract" => {
+                // The insurees it covers and its family's members: a claim's checks apply
+                // every policy naming the family to each member.
                 for r in covered_references(json) {
                     patients.extend(find(self, r));
                 }
-                if patients.is_empty()
-                    && let Some(g) = subject_reference(json).and_then(|r| find(self, r))
+                if let Some(g) = subject_reference(json).and_then(|r| find(self, r))
                     && let Ok(Some((gty, group))) = self.stored_json(&g)
                     && gty == "Group"
                 {
@@ -550,7 +551,7 @@ impl Engine {
         &mut self,
         claims: Vec<DocId>,
         insurees: Vec<DocId>,
-    ) -> (Vec<DocId>, Vec<DocId>) {
+    ) -> Result<(Vec<DocId>, Vec<DocId>), WriteError> {
         let mut held = Held {
             engine: self,
             failed: None,
@@ -565,16 +566,15 @@ impl Engine {
             if ty != "Claim" {
                 continue;
             }
-            match json
-                .get("patient")
-                .and_then(Value::as_object)
-                .and_then(|r| resolve_any(&mut held, r))
-            {
+            // The claim itself, whatever its insuree's other claims are found to be (a
+            // reference kept as `#contained` is not in the reference index).
+            keyed.push((order_key(&json, &c.to_string()), c));
+            let named = json.get("patient").and_then(Value::as_object);
+            match named.and_then(|r| resolve_any(&mut held, r)) {
                 Some((pid, _)) => patients.push(pid),
-                None => {
-                    unresolved.push(c);
-                    keyed.push((order_key(&json, &c.to_string()), c));
-                }
+                // Tried again when insurees arrive; a claim naming no one never resolves.
+                None if named.is_some() => unresolved.push(c),
+                None => {}
             }
         }
         patients.sort();
@@ -586,9 +586,12 @@ impl Engine {
                 }
             }
         }
+        if let Some(e) = held.failed {
+            return Err(e);
+        }
         keyed.sort();
         keyed.dedup_by(|a, b| a.1 == b.1);
-        (keyed.into_iter().map(|(_, c)| c).collect(), unresolved)
+        Ok((keyed.into_iter().map(|(_, c)| c).collect(), unresolved))
     }
 
     /// Central's verdict on claim `id`, as a ClaimResponse to store (`None`: not a claim, or

@@ -850,6 +850,12 @@ fn a_claim_with_contained_resources_as_openimis_tests_send_it() {
         stored["contained"][0]["birthDate"],
         contained[0]["birthDate"]
     );
+    // Central adjudicates it too (its `#Patient` reference is in no reference index).
+    w.sync();
+    w.process();
+    let rid = response_id(&DocId::parse(&id).unwrap()).to_string();
+    let central_says = w.central.served("ClaimResponse", &rid).unwrap().resource;
+    assert_eq!(reasons(&central_says), vec![0, 0], "{central_says:#}");
 }
 
 #[test]
