@@ -19,29 +19,14 @@
 use std::io::{BufRead, Write as _};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Result, ensure};
 use fieldmesh_fhir_docs::openimis::demo;
+use fieldmesh_tests::bench::{arg, ms, percentile, receive_scope};
 use fieldmesh_tests::deploy::{device, start};
 use fieldmesh_tests::{init, run_ok};
 use serde_json::{Value, json};
 
 const IG: &str = "https://openimis.github.io/openimis_fhir_r4_ig";
-
-fn arg(name: &str, default: u64) -> Result<u64> {
-    let args: Vec<String> = std::env::args().collect();
-    Ok(match args.iter().position(|a| a == name) {
-        Some(i) => args.get(i + 1).context("a value")?.parse()?,
-        None => default,
-    })
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
 
 fn code_ref(ty: &str, code: &str) -> Value {
     json!({"type": ty, "identifier": {"type": {"coding": [{"system": format!("{IG}/CodeSystem/openimis-identifiers"), "code": "Code"}]}, "value": code}})
@@ -131,23 +116,12 @@ fn main() -> Result<()> {
     let grant: Vec<&str> = grant.iter().map(String::as_str).collect();
     let t = Instant::now();
     let admin = device(d, "claims", &grant, &[&central.p2p]);
-    let want = central.documents()?;
-    let mut last = (0, Instant::now());
-    loop {
-        let n = admin.documents()?;
-        if n != last.0 {
-            last = (n, Instant::now());
-        }
-        if n + 5 >= want || (n > chfids.len() as u64 && last.1.elapsed() > Duration::from_secs(15))
-        {
-            break;
-        }
-        ensure!(
-            t.elapsed() < Duration::from_secs(3600),
-            "the device did not receive its scope"
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    receive_scope(
+        &admin,
+        &central,
+        chfids.len() as u64,
+        Duration::from_secs(3600),
+    )?;
     central.terminate(30)?;
     let (_, admin_data) = admin.terminate(30)?;
     let o = start(&admin_data, &[]);

@@ -17,27 +17,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use fieldmesh_fhir_docs::openimis::demo;
+use fieldmesh_tests::bench::{arg, ms, percentile, receive_scope};
 use fieldmesh_tests::deploy::{device, start};
 use fieldmesh_tests::{Node, init, run_ok};
 use serde_json::{Value, json};
 
 const IG: &str = "https://openimis.github.io/openimis_fhir_r4_ig";
-
-fn arg(name: &str, default: u64) -> Result<u64> {
-    let args: Vec<String> = std::env::args().collect();
-    Ok(match args.iter().position(|a| a == name) {
-        Some(i) => args.get(i + 1).context("a value")?.parse()?,
-        None => default,
-    })
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
 
 fn patient(given: &str, birth: &str, village: &str) -> Value {
     json!({"resourceType": "Patient", "name": [{"use": "usual", "family": "Bench", "given": [given]}],
@@ -122,28 +107,18 @@ fn main() -> Result<()> {
     let grant: Vec<&str> = grant.iter().map(String::as_str).collect();
     let t = Instant::now();
     let officer = device(d, "officer", &grant, &[&central.p2p]);
-    let want = central.documents()?;
-    let mut last = (0, Instant::now());
-    loop {
-        let n = officer.documents()?;
-        if n != last.0 {
-            last = (n, Instant::now());
-        }
-        if n + 5 >= want || (n > chfids.len() as u64 && last.1.elapsed() > Duration::from_secs(15))
-        {
-            break;
-        }
-        ensure!(
-            t.elapsed() < Duration::from_secs(1800),
-            "the device did not receive its scope"
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    let held = receive_scope(
+        &officer,
+        &central,
+        chfids.len() as u64,
+        Duration::from_secs(1800),
+    )?;
     println!(
-        "the device ({} villages of {} districts) holds {} of central's {want} documents after {:.1} s",
+        "the device ({} villages of {} districts) holds {} of central's {} documents after {:.1} s",
         villages.len(),
         districts.len(),
-        last.0,
+        held,
+        central.documents()?,
         t.elapsed().as_secs_f64()
     );
     central.terminate(30)?;

@@ -5,6 +5,7 @@
 //! the process when dropped; [`peer::TestPeer`] is a libp2p peer the tests drive frame by frame
 //! (a silent peer, an attacker); [`deploy`] sets up a field deployment of them.
 
+pub mod bench;
 pub mod deploy;
 pub mod peer;
 
