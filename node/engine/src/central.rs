@@ -552,7 +552,7 @@ impl Central {
         if ty == "Claim" {
             self.claims_due.push(*id);
         } else if matches!(ty.as_str(), "Patient" | "Group" | "Contract") {
-            let concerned = engine.insurees_with_claims(id, &ty, &new);
+            let concerned = engine.insurees_with_claims(id, &ty, &new)?;
             self.insurees_due.extend(concerned);
         }
         // The registrations this one shares a number or a person with may change too.

@@ -499,7 +499,7 @@ impl Engine {
         id: &DocId,
         ty: &str,
         json: &Map<String, Value>,
-    ) -> Vec<DocId> {
+    ) -> Result<Vec<DocId>, WriteError> {
         // Found through the indexes: no insuree is read.
         let find = |engine: &Engine, r: &Map<String, Value>| -> Option<DocId> {
             let (ty, key) = fieldmesh_fhir_docs::references::logical_target(r)?;
@@ -526,7 +526,7 @@ impl Engine {
                     patients.extend(find(self, r));
                 }
                 if let Some(g) = subject_reference(json).and_then(|r| find(self, r))
-                    && let Ok(Some((gty, group))) = self.stored_json(&g)
+                    && let Some((gty, group)) = self.stored_json(&g)?
                     && gty == "Group"
                 {
                     patients.extend(members(self, &group));
@@ -536,11 +536,16 @@ impl Engine {
         }
         patients.sort();
         patients.dedup();
-        patients.retain(|pid| {
-            self.referrers(CLAIMED_INDEX, "", &pid.to_string())
-                .is_ok_and(|found| !found.is_empty())
-        });
-        patients
+        let mut with_claims = Vec::with_capacity(patients.len());
+        for pid in patients {
+            if !self
+                .referrers(CLAIMED_INDEX, "", &pid.to_string())?
+                .is_empty()
+            {
+                with_claims.push(pid);
+            }
+        }
+        Ok(with_claims)
     }
 
     /// The claims central adjudicates for `claims` that changed and `insurees` whose data

@@ -83,13 +83,17 @@ impl Held<'_> {
         ids.dedup();
         // The type from the document's record first: a facility or a product is named by
         // thousands of documents of other types, which are not read.
-        ids.retain(|c| {
-            self.engine
-                .meta_of(c)
-                .ok()
-                .flatten()
-                .is_some_and(|m| m.ty == wanted)
+        let mut failed = None;
+        ids.retain(|c| match self.engine.meta_of(c) {
+            Ok(meta) => meta.is_some_and(|m| m.ty == wanted),
+            Err(e) => {
+                failed.get_or_insert(e);
+                false
+            }
         });
+        if let Some(e) = failed {
+            self.failed.get_or_insert(e.into());
+        }
         ids.into_iter()
             .filter_map(|c| match self.json(&c)? {
                 (t, json) if t == wanted => Some((c.to_string(), json)),
