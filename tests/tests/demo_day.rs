@@ -136,5 +136,20 @@ fn a_day_in_the_field() -> anyhow::Result<()> {
         let data = out.join(n);
         run_ok(&["check", "--data", data.to_str().unwrap()])?;
     }
+    // The next day on the same deployment: new families, receipts and claim, nothing refused.
+    run_ok(&[
+        "demo",
+        "run",
+        "--out",
+        o,
+        "--families",
+        "30",
+        "--port",
+        "18380",
+    ])?;
+    let next: Value = serde_json::from_slice(&std::fs::read(out.join("day.json"))?)?;
+    assert_ne!(next["claim"]["id"], day["claim"]["id"]);
+    assert_eq!(next["nodes"]["central"]["held"]["Claim"], 2);
+    assert_eq!(next["nodes"]["claims-1"]["held"]["ClaimResponse"], 2);
     Ok(())
 }

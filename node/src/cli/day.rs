@@ -568,6 +568,9 @@ pub(crate) fn run_day(
     field.start("officer-2", &[])?;
     field.offline("officer-1")?;
     field.offline("officer-2")?;
+    // Receipts are unique within a product (openIMIS): each run of the day writes its own.
+    let run = fieldmesh_engine::now();
+    let (receipt1, receipt2) = (format!("RC-{run}-1"), format!("RC-{run}-2"));
     let mut rows = Vec::new();
     let fam1 = enrol(
         field,
@@ -579,7 +582,7 @@ pub(crate) fn run_day(
                 ("Moussa", "male", "2019-07-01"),
             ],
             village: &shared,
-            receipt: "RC-DAY-001",
+            receipt: &receipt1,
         },
         &product,
         &mut rows,
@@ -591,7 +594,7 @@ pub(crate) fn run_day(
             family: "Issoufou",
             people: &[("Hadiza", "female", "1988-11-23")],
             village: &own2,
-            receipt: "RC-DAY-002",
+            receipt: &receipt2,
         },
         &product,
         &mut rows,
