@@ -1102,7 +1102,7 @@ impl Central {
 }
 
 /// A UUID (v8, RFC 9562) derived from `parts`: the same parts give the same UUID.
-fn derived_uuid(parts: &[&str]) -> uuid::Uuid {
+pub(crate) fn derived_uuid(parts: &[&str]) -> uuid::Uuid {
     use sha2::Digest;
     let mut h = sha2::Sha256::new();
     for p in parts {

@@ -96,14 +96,10 @@ pub const CATEGORY_EXTENSION: &str = "urn:fieldmesh:StructureDefinition/claim-ca
 /// The id of a claim's ClaimResponse: derived from the claim's, so that central's verdict and
 /// the device's provisional answer name the same resource.
 pub fn response_id(claim: &DocId) -> DocId {
-    use sha2::Digest;
-    let mut h = sha2::Sha256::new();
-    h.update(b"fieldmesh-claim-response\0");
-    h.update(claim.as_bytes());
-    let digest = h.finalize();
-    let mut bytes = [0u8; 16];
-    bytes.copy_from_slice(&digest[..16]);
-    DocId(uuid::Builder::from_custom_bytes(bytes).into_uuid())
+    DocId(crate::central::derived_uuid(&[
+        "fieldmesh-claim-response",
+        &claim.to_string(),
+    ]))
 }
 
 /// What the checks of a claim read, gathered from a node's documents (the owned parts of
@@ -129,8 +125,10 @@ fn date_at(v: &Value, path: &str) -> Option<Date> {
 
 /// A policy (Contract) as the claim checks read it.
 fn policy_facts(id: &str, contract: &Map<String, Value>, held: &mut Held<'_>) -> PolicyFacts {
-    let c = Value::Object(contract.clone());
-    let asset = c.pointer("/term/0/asset/0").cloned().unwrap_or(Value::Null);
+    let asset = contract
+        .get("term")
+        .and_then(|t| t.pointer("/0/asset/0"))
+        .unwrap_or(&Value::Null);
     let product = product_reference(contract)
         .and_then(|r| held.resolve(r))
         .map(|(_, p)| ProductCover::from_insurance_plan(&p));
@@ -143,8 +141,8 @@ fn policy_facts(id: &str, contract: &Map<String, Value>, held: &mut Held<'_>) ->
             .is_some_and(|s| {
                 s.eq_ignore_ascii_case("policy") || s.eq_ignore_ascii_case("terminated")
             }),
-        effective: date_at(&asset, "/usePeriod/0/start"),
-        expiry: date_at(&asset, "/period/0/end"),
+        effective: date_at(asset, "/usePeriod/0/start"),
+        expiry: date_at(asset, "/period/0/end"),
         stage: stage_of(contract),
         product,
     }
