@@ -23,10 +23,11 @@ use automerge::AutoCommit;
 use fieldmesh_protocol::pair::{self, HostError};
 use fieldmesh_protocol::{DocPayload, Driver, Heads, Local, Message, Role, Start, decode};
 
-fn rss_kib(pid: u32) -> Option<u64> {
+/// A `/proc/<pid>/status` field in KiB (`VmRSS:` now, `VmHWM:` the peak).
+fn proc_kib(pid: u32, field: &str) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     s.lines()
-        .find(|l| l.starts_with("VmRSS:"))?
+        .find(|l| l.starts_with(field))?
         .split_whitespace()
         .nth(1)?
         .parse()
@@ -44,6 +45,14 @@ struct Running {
     child: std::process::Child,
     http: String,
     p2p: String,
+}
+
+/// A benchmark's node is stopped with it, whatever happens.
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 fn start(bin: &Path, data: &Path, extra: &[&str]) -> Result<Running> {
@@ -217,10 +226,6 @@ fn per_doc_sync(pairs: &mut [(AutoCommit, AutoCommit)]) -> (u32, usize, usize) {
 }
 
 fn main() -> Result<()> {
-    let families: u64 = arg("--families")
-        .map(|v| v.parse())
-        .transpose()?
-        .unwrap_or(1600);
     let bin = std::env::current_exe()?
         .parent()
         .and_then(Path::parent)
@@ -229,23 +234,93 @@ fn main() -> Result<()> {
     if !bin.exists() {
         bail!("build the binary first: cargo build --release -p fieldmesh-node");
     }
+    if std::env::args().any(|a| a == "--vs-pouchdb") {
+        return vs_pouchdb(&bin);
+    }
+    let families: u64 = arg("--families")
+        .map(|v| v.parse())
+        .transpose()?
+        .unwrap_or(1600);
     let dir = std::path::PathBuf::from("/tmp/fieldmesh-bench-sync");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
+    let agent = agent();
+    let cold = cold_sync(&bin, &dir, families, &agent)?;
+    let resources = cold.resources;
+    println!(
+        "| cold sync of {resources} resources over libp2p TCP, loopback | {:.2} s | 10k < 1 s, 100k < 10 s |",
+        cold.secs
+    );
+    println!(
+        "| bytes on the wire per resource (both directions, sync streams) | {:.0} B | ≤ 288 B |",
+        cold.bytes as f64 / resources as f64
+    );
+    println!(
+        "| peak RSS of the receiver | {:.0} MB | < 150 MB |",
+        cold.peak_kib as f64 / 1024.0
+    );
+    let run_ok = |args: &[&str]| run_ok(&bin, args);
+    let mut b = cold.receiver;
+    officer_first_sync(
+        &bin,
+        &dir,
+        &run_ok,
+        dir.join("a").to_str().unwrap_or_default(),
+        &agent,
+        &b,
+        resources,
+        cold.secs,
+        cold.bytes,
+    )?;
+    let _ = b.child.kill();
+    let _ = b.child.wait();
+
+    warm()
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into()
+}
+
+/// Runs the `fieldmesh` binary to completion; its standard output, trimmed.
+fn run_ok(bin: &Path, args: &[&str]) -> Result<String> {
+    let out = Command::new(bin).args(args).output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// What a cold sync measured; the receiver still runs.
+struct Cold {
+    /// The resources synced: those loaded, and central's verdicts on the claims.
+    resources: u64,
+    /// From starting the receiver's process to it holding everything.
+    secs: f64,
+    /// Both directions, sync streams, as the receiver counted them.
+    bytes: u64,
+    /// The receiver's peak resident memory (the kernel's high-water mark).
+    peak_kib: u64,
+    receiver: Running,
+    /// What central held, as NDJSON.
+    file: std::path::PathBuf,
+}
+
+/// Generates `families` demo families into `dir/data.ndjson`, loads them into a central node
+/// `a`, then starts an empty hub `b` of the whole region dialling `a` and waits until it holds
+/// everything. `a` is stopped at the end.
+fn cold_sync(bin: &Path, dir: &Path, families: u64, agent: &ureq::Agent) -> Result<Cold> {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir)?;
     let file = dir.join("data.ndjson");
     let mut w = std::io::BufWriter::new(std::fs::File::create(&file)?);
-    let resources = fieldmesh_fhir_docs::openimis::demo::generate(11, families, &mut w)?;
+    fieldmesh_fhir_docs::openimis::demo::generate(11, families, &mut w)?;
     drop(w);
     // a is central (it may author everything); b is a hub with a certificate from a.
-    let run_ok = |args: &[&str]| -> Result<String> {
-        let out = Command::new(&bin).args(args).output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    };
+    let run_ok = |args: &[&str]| run_ok(bin, args);
     let (da, db) = (dir.join("a"), dir.join("b"));
     let (da_s, db_s) = (
         da.to_str().unwrap_or_default(),
@@ -277,45 +352,76 @@ fn main() -> Result<()> {
         cert_s,
     ])?;
     run_ok(&["cert", "install", "--data", db_s, cert_s])?;
-    for (name, load) in [("a", true), ("b", false)] {
-        let d = dir.join(name);
-        if load {
-            let ok = Command::new(&bin)
-                .args([
-                    "load",
-                    "--data",
-                    d.to_str().unwrap_or_default(),
-                    file.to_str().unwrap_or_default(),
-                ])
-                .stdout(Stdio::null())
-                .status()?;
-            anyhow::ensure!(ok.success());
+    let ok = Command::new(bin)
+        .args(["load", "--data", da_s, file.to_str().unwrap_or_default()])
+        .stdout(Stdio::null())
+        .status()?;
+    anyhow::ensure!(ok.success());
+    let mut a = start(bin, &da, &[])?;
+    // Central first processes what was loaded (canonical ids, claims adjudicated): the hub syncs
+    // what central holds after that, not while central writes.
+    let t = Instant::now();
+    let held = loop {
+        let st = status(agent, &a.http)?;
+        if st["central"]["awaiting_processing"].as_u64() == Some(0) {
+            break st["documents"].as_u64().unwrap_or(0);
+        }
+        if t.elapsed() > Duration::from_secs(900) {
+            bail!("central did not process what was loaded");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // What central added (its verdict on each claim) goes into the file the peer system loads:
+    // both sync the same resources (all but b's certificate, which central holds too).
+    let all = dir.join("all.ndjson");
+    let token = run_ok(&["token", "--data", da_s])?;
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&all)?);
+    let mut lines = 0;
+    for line in std::io::BufReader::new(std::fs::File::open(&file)?).lines() {
+        use std::io::Write;
+        let line = line?;
+        writeln!(out, "{line}")?;
+        lines += 1;
+        let r: serde_json::Value = serde_json::from_str(&line)?;
+        if r["resourceType"] != "Claim" {
+            continue;
+        }
+        let found: serde_json::Value = agent
+            .get(format!(
+                "{}/fhir/ClaimResponse?request=Claim/{}",
+                a.http,
+                r["id"].as_str().unwrap_or_default()
+            ))
+            .header("Authorization", format!("Bearer {token}"))
+            .call()?
+            .body_mut()
+            .read_json()?;
+        for e in found["entry"].as_array().into_iter().flatten() {
+            writeln!(out, "{}", e["resource"])?;
+            lines += 1;
         }
     }
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into();
-    let mut a = start(&bin, &dir.join("a"), &[])?;
+    drop(out);
+    anyhow::ensure!(
+        lines + 1 == held,
+        "central holds {held} documents: {lines} loaded or its verdicts, and a certificate?"
+    );
     let t = Instant::now();
-    let mut b = start(&bin, &dir.join("b"), &["--peer", &a.p2p.clone()])?;
-    let mut peak = 0;
+    let b = start(bin, &db, &["--peer", &a.p2p.clone()])?;
     loop {
-        peak = peak.max(rss_kib(b.child.id()).unwrap_or(0));
-        let st = status(&agent, &b.http)?;
-        // Both hold b's certificate besides the data.
-        if st["documents"].as_u64() == Some(resources + 1)
+        let st = status(agent, &b.http)?;
+        if st["documents"].as_u64() == Some(held)
             && st["connected_peers"][0]["sessions"].as_u64() >= Some(1)
         {
             break;
         }
-        if t.elapsed() > Duration::from_secs(600) {
+        if t.elapsed() > Duration::from_secs(900) {
             bail!("cold sync did not finish");
         }
         std::thread::sleep(Duration::from_millis(20));
     }
     let secs = t.elapsed().as_secs_f64();
-    let st = status(&agent, &b.http)?;
+    let st = status(agent, &b.http)?;
     if std::env::var_os("BENCH_VERBOSE").is_some() {
         println!("{st:#}");
     }
@@ -323,34 +429,123 @@ fn main() -> Result<()> {
         .as_u64()
         .unwrap_or(0);
     let sent = st["connected_peers"][0]["bytes_sent"].as_u64().unwrap_or(0);
-    println!(
-        "| cold sync of {resources} resources over libp2p TCP, loopback | {secs:.2} s | 10k < 1 s, 100k < 10 s |"
-    );
-    println!(
-        "| bytes on the wire per resource (both directions, sync streams) | {:.0} B | ≤ 288 B |",
-        (received + sent) as f64 / resources as f64
-    );
-    println!(
-        "| peak RSS of the receiver | {:.0} MB | < 150 MB |",
-        peak as f64 / 1024.0
-    );
+    let peak_kib = proc_kib(b.child.id(), "VmHWM:").unwrap_or(0);
     let _ = a.child.kill();
-    let _ = (a.child.wait(),);
-    officer_first_sync(
-        &bin,
-        &dir,
-        &run_ok,
-        da_s,
-        &agent,
-        &b,
-        resources,
+    let _ = a.child.wait();
+    Ok(Cold {
+        resources: lines,
         secs,
-        received + sent,
-    )?;
-    let _ = b.child.kill();
-    let _ = b.child.wait();
+        bytes: received + sent,
+        peak_kib,
+        receiver: b,
+        file: all,
+    })
+}
 
-    warm()
+/// PouchDB's figures for one size.
+struct Pouch {
+    secs: f64,
+    bytes: u64,
+    peak_kib: u64,
+}
+
+/// CouchDB/PouchDB replication as a CHT phone does its first sync: a PouchDB server
+/// (`tests/pouchdb/server.js`: express-pouchdb on LevelDB, gzip on) loaded with the same
+/// resources, and a PouchDB client in Node.js (`client.js`) pulling everything into LevelDB.
+fn pouchdb(file: &Path, dir: &Path, resources: u64) -> Result<Pouch> {
+    let js = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/pouchdb");
+    if !js.join("node_modules").exists() {
+        bail!(
+            "PouchDB is not installed: npm ci --prefix {}",
+            js.display()
+        );
+    }
+    let (sd, cd) = (dir.join("pouchdb-server"), dir.join("pouchdb-client"));
+    let _ = std::fs::remove_dir_all(&sd);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let mut server = Command::new("node")
+        .current_dir(&js)
+        .args(["server.js", "--port", &port.to_string()])
+        .arg("--dir")
+        .arg(&sd)
+        .arg("--load")
+        .arg(file)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("node (Node.js) is needed for the PouchDB side")?;
+    let mut reader = std::io::BufReader::new(server.stdout.take().context("stdout")?);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let held: u64 = line
+        .strip_prefix("ready ")
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("the PouchDB server did not start: {line}"))?;
+    anyhow::ensure!(held == resources, "the PouchDB server holds {held} of {resources}");
+    let out = Command::new("node")
+        .current_dir(&js)
+        .args(["client.js", "--url", &format!("http://127.0.0.1:{port}/fhir")])
+        .arg("--dir")
+        .arg(&cd)
+        .stderr(Stdio::inherit())
+        .output()?;
+    anyhow::ensure!(out.status.success(), "the PouchDB client failed");
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    anyhow::ensure!(
+        got["held"].as_u64() == Some(resources),
+        "the PouchDB client holds {} of {resources}",
+        got["held"]
+    );
+    let bytes: serde_json::Value = agent()
+        .get(format!("http://127.0.0.1:{port}/_bench/bytes"))
+        .call()?
+        .body_mut()
+        .read_json()?;
+    let _ = server.kill();
+    let _ = server.wait();
+    Ok(Pouch {
+        secs: got["ms"].as_f64().unwrap_or(0.0) / 1e3,
+        bytes: bytes["read"].as_u64().unwrap_or(0) + bytes["written"].as_u64().unwrap_or(0),
+        peak_kib: got["maxrss_kib"].as_u64().unwrap_or(0),
+    })
+}
+
+/// fieldmesh's cold sync and CouchDB/PouchDB replication of the same resources, side by side, at
+/// about 10k and 100k resources (`--families 1600,16000`).
+fn vs_pouchdb(bin: &Path) -> Result<()> {
+    let list = arg("--families").unwrap_or_else(|| "1600,16000".into());
+    let agent = agent();
+    let mut rows = Vec::new();
+    for families in list.split(',') {
+        let families: u64 = families.trim().parse()?;
+        let dir = std::path::PathBuf::from("/tmp/fieldmesh-bench-sync");
+        let cold = cold_sync(bin, &dir, families, &agent)?;
+        let mut b = cold.receiver;
+        let _ = b.child.kill();
+        let _ = b.child.wait();
+        let n = cold.resources;
+        eprintln!("fieldmesh: {n} resources in {:.2} s", cold.secs);
+        let pouch = pouchdb(&cold.file, &dir, n)?;
+        eprintln!("PouchDB: {n} resources in {:.2} s", pouch.secs);
+        rows.push((n, cold.secs, cold.bytes, cold.peak_kib, pouch));
+    }
+    println!(
+        "| resources | fieldmesh | PouchDB | faster | bytes/resource fieldmesh | PouchDB | receiver peak RSS fieldmesh | PouchDB |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for (n, secs, bytes, peak, p) in rows {
+        println!(
+            "| {n} | {secs:.2} s | {:.2} s | {:.2}× | {:.0} B | {:.0} B | {:.0} MB | {:.0} MB |",
+            p.secs,
+            p.secs / secs,
+            bytes as f64 / n as f64,
+            p.bytes as f64 / n as f64,
+            peak as f64 / 1024.0,
+            p.peak_kib as f64 / 1024.0
+        );
+    }
+    Ok(())
 }
 
 /// A new enrolment officer's phone (two villages) syncs from the hub that holds everything.
@@ -401,7 +596,7 @@ fn officer_first_sync(
     // bring the certificate and locations, then the villages).
     let (mut last, mut since) = (0u64, Instant::now());
     let secs = loop {
-        peak = peak.max(rss_kib(c.child.id()).unwrap_or(0));
+        peak = peak.max(proc_kib(c.child.id(), "VmRSS:").unwrap_or(0));
         let st = status(agent, &c.http)?;
         let docs = st["documents"].as_u64().unwrap_or(0);
         if docs != last {
