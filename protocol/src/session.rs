@@ -145,12 +145,8 @@ pub struct Local {
     pub outside: Vec<(DocId, Heads)>,
 }
 
-/// Documents to send, in document order: the same inputs give the same frames (simulations
+/// Documents to ask for, in document order: the same inputs give the same frames (simulations
 /// replay runs by seed).
-fn send_docs(docs: Vec<(DocId, Heads)>) -> Action {
-    Action::SendDocs(sorted(docs))
-}
-
 fn sorted(mut docs: Vec<(DocId, Heads)>) -> Vec<(DocId, Heads)> {
     docs.sort_unstable_by_key(|d| d.0);
     docs
@@ -186,7 +182,8 @@ pub struct Session {
     items: Vec<(DocId, [u8; 32], u64)>,
     heads: HashMap<DocId, Heads>,
     by_hash: HashMap<[u8; 32], DocId>,
-    by_doc: HashMap<DocId, [u8; 32]>,
+    /// Item hash and position in `items` (the order the host wants documents sent in).
+    by_doc: HashMap<DocId, ([u8; 32], u32)>,
     neg: Option<Negentropy<'static, NegentropyStorageVector>>,
     mode: Mode,
     /// The peer's store and log sequence, from its Hello.
@@ -241,7 +238,11 @@ impl Session {
             })
             .collect();
         let by_hash = items.iter().map(|(d, h, _)| (*h, *d)).collect();
-        let by_doc = items.iter().map(|(d, h, _)| (*d, *h)).collect();
+        let by_doc = items
+            .iter()
+            .enumerate()
+            .map(|(i, (d, h, _))| (*d, (*h, i as u32)))
+            .collect();
         let outside = local.outside.iter().map(|(d, _)| *d).collect();
         Ok(Self {
             role,
@@ -300,13 +301,21 @@ impl Session {
             .collect()
     }
 
+    /// Sends `docs` in the order of the items the host gave (certificates and the places a
+    /// receiver's reach grows with come first); documents not among them last, by id. The same
+    /// inputs give the same frames (simulations replay runs by seed).
+    fn send_docs(&self, mut docs: Vec<(DocId, Heads)>) -> Action {
+        docs.sort_unstable_by_key(|(d, _)| (self.by_doc.get(d).map_or(u32::MAX, |(_, i)| *i), *d));
+        Action::SendDocs(docs)
+    }
+
     /// For documents the peer announced: ours that differ (to send, after the peer's heads) and
     /// theirs to ask for (with our heads).
     fn compare(&mut self, theirs: &[(DocId, Heads)]) -> (DocsAt, DocsAt) {
         let (mut send, mut need) = (Vec::new(), Vec::new());
         for (doc, their_heads) in theirs {
             match self.by_doc.get(doc) {
-                Some(mine) if *mine == item_hash(doc, their_heads) => {}
+                Some((mine, _)) if *mine == item_hash(doc, their_heads) => {}
                 Some(_) => {
                     send.push((*doc, their_heads.clone()));
                     need.push((*doc, self.heads.get(doc).cloned().unwrap_or_default()));
@@ -343,7 +352,10 @@ impl Session {
         // confirmed in a later session.
         self.stats.docs_to_send += send.len();
         self.awaiting_outside.extend(need.iter().map(|(d, _)| *d));
-        vec![send_docs(send), Action::Send(Message::Need(sorted(need)))]
+        vec![
+            self.send_docs(send),
+            Action::Send(Message::Need(sorted(need))),
+        ]
     }
 
     /// The first actions: the initiator greets and opens the fast path (if it holds a checkpoint
@@ -372,7 +384,7 @@ impl Session {
                         .map(|(d, _, _)| (*d, Vec::new()))
                         .collect();
                     self.stats.docs_to_send += mine.len();
-                    actions.push(send_docs(mine));
+                    actions.push(self.send_docs(mine));
                     self.new_device = true;
                 } else {
                     actions.extend(self.announce_outside());
@@ -514,7 +526,7 @@ impl Session {
                 self.stats.announced = mine.len();
                 let mut actions = Vec::new();
                 if !send.is_empty() {
-                    actions.push(send_docs(send));
+                    actions.push(self.send_docs(send));
                 }
                 if want.is_empty()
                     && mine.is_empty()
@@ -537,7 +549,7 @@ impl Session {
                 let (send, want) = self.compare(&theirs);
                 let mut actions = Vec::new();
                 if !send.is_empty() {
-                    actions.push(send_docs(send));
+                    actions.push(self.send_docs(send));
                 }
                 if !want.is_empty() {
                     self.expected.extend(want.iter().map(|(d, _)| *d));
@@ -560,7 +572,7 @@ impl Session {
                 Ok(if docs.is_empty() {
                     Vec::new()
                 } else {
-                    vec![send_docs(docs)]
+                    vec![self.send_docs(docs)]
                 })
             }
             (_, Mode::Fast, Message::Want(_)) => Err(SessionError::Unexpected("Want")),
@@ -583,7 +595,7 @@ impl Session {
                 self.stats.docs_to_send += docs.len();
                 let mut actions = Vec::new();
                 if !docs.is_empty() {
-                    actions.push(send_docs(docs));
+                    actions.push(self.send_docs(docs));
                 }
                 actions.push(Action::Send(Message::Done));
                 actions.push(self.finish());
@@ -619,7 +631,7 @@ impl Session {
                     .collect();
                 if !docs.is_empty() {
                     self.stats.docs_to_send += docs.len();
-                    actions.push(send_docs(docs));
+                    actions.push(self.send_docs(docs));
                 }
                 if !need.is_empty() {
                     self.expected_count += need.len();
@@ -644,7 +656,7 @@ impl Session {
                 Ok(if docs.is_empty() {
                     Vec::new()
                 } else {
-                    vec![send_docs(docs)]
+                    vec![self.send_docs(docs)]
                 })
             }
             (Role::Initiator, Mode::Ranges, Message::Want(_)) => {

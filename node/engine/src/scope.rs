@@ -524,8 +524,26 @@ impl Engine {
                 Err(e) => return Err(e),
             }
         }
-        items.sort_by_key(|i| i.2);
+        self.order_for_sending(&mut items)?;
         Ok(items)
+    }
+
+    /// Puts certificates and revocations, then locations and facilities, before everything else
+    /// (each group in log order): a new device or hub is sent its documents in this order, and a
+    /// receiver keeps a document only within its reach, which grows with the locations it
+    /// holds. Sent in log order, a hub whose villages' locations had been edited late refused
+    /// most of its first sync as outside its reach and asked for it all again.
+    pub(crate) fn order_for_sending(&self, items: &mut [Item]) -> Result<(), StoreError> {
+        let mut first: HashMap<[u8; 16], u8> = HashMap::new();
+        for (rank, types) in [(0, &["Basic"][..]), (1, &["Location", "Organization"][..])] {
+            for ty in types {
+                for id in self.store.of_type(ty)? {
+                    first.insert(id, rank);
+                }
+            }
+        }
+        items.sort_by_key(|i| (first.get(&i.0).copied().unwrap_or(2), i.2));
+        Ok(())
     }
 
     /// What a session offers `peer`: the documents within its reach, and the documents outside
@@ -585,7 +603,7 @@ impl Engine {
             }
             if !more.is_empty() {
                 items.extend(more);
-                items.sort_by_key(|i| i.2);
+                self.order_for_sending(&mut items)?;
             }
             self.scope.offered.insert(*peer, offered);
         } else {

@@ -1,0 +1,67 @@
+//! A first sync brings a hub its whole area in one session, whatever order central's log holds
+//! the documents in.
+#![allow(clippy::unwrap_used)] // tests may panic on unexpected errors
+
+use fieldmesh_engine::Source;
+use fieldmesh_engine::now;
+use fieldmesh_engine::test_support::{
+    certificate, certificate_doc, engine, key, peer, public, sync_pair,
+};
+use fieldmesh_trust::Role;
+use serde_json::Value;
+
+#[test]
+fn a_new_hub_receives_its_area_in_one_session_when_locations_were_edited_last() {
+    let root = key(1);
+    let mut central = engine(&[1; 32], "central", &public(&root));
+    let mut hub = engine(&[5; 32], "hub", &public(&root));
+    let cert = certificate_doc(
+        &root,
+        &certificate(
+            &key(5),
+            "hub",
+            &[Role::Hub],
+            &["R1"],
+            &[],
+            (now() - 3600, now() + 86_400),
+        ),
+        now(),
+    );
+    for e in [&mut central, &mut hub] {
+        e.merge(vec![cert.clone()], &Source::Local).unwrap();
+        e.flush().unwrap();
+    }
+    let mut data = Vec::new();
+    fieldmesh_fhir_docs::openimis::demo::generate(3, 40, &mut data).unwrap();
+    let lines: Vec<String> = String::from_utf8(data)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    for r in central.create_lines(&lines, 2) {
+        r.unwrap();
+    }
+    central.flush().unwrap();
+    // Every location is edited after the families: in log order they come last, after the
+    // insurees that lie in them.
+    let mut locations = 0;
+    for line in &lines {
+        let mut r: Value = serde_json::from_str(line).unwrap();
+        if r["resourceType"] != "Location" {
+            continue;
+        }
+        r["description"] = "checked by the district".into();
+        let id = r["id"].as_str().unwrap().to_string();
+        central.update("Location", &id, r, None).unwrap();
+        locations += 1;
+    }
+    central.flush().unwrap();
+    assert!(locations > 10);
+    let held = central.stats().unwrap().documents;
+
+    let (at_hub, _) = sync_pair(&mut hub, &peer(&key(5)), &mut central, &peer(&key(1))).unwrap();
+    // Sent before the locations, the insurees were refused as outside the hub's area (it did not
+    // know its villages yet) and came again in a second session.
+    assert_eq!(hub.stats().unwrap().documents, held);
+    assert!(at_hub.docs_received <= held, "nothing came twice");
+}
