@@ -69,7 +69,11 @@ fn start(bin: &Path, data: &Path, extra: &[&str]) -> Result<Running> {
         ])
         .args(extra)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        // BENCH_LOG=1 keeps each node's log beside its data directory (`<data>.log`).
+        .stderr(match std::env::var_os("BENCH_LOG") {
+            Some(_) => Stdio::from(std::fs::File::create(data.with_extension("log"))?),
+            None => Stdio::null(),
+        })
         .spawn()?;
     let mut reader = std::io::BufReader::new(child.stdout.take().context("stdout")?);
     let (mut http, mut p2p) = (None, None);
@@ -455,14 +459,13 @@ struct Pouch {
 fn pouchdb(file: &Path, dir: &Path, resources: u64) -> Result<Pouch> {
     let js = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/pouchdb");
     if !js.join("node_modules").exists() {
-        bail!(
-            "PouchDB is not installed: npm ci --prefix {}",
-            js.display()
-        );
+        bail!("PouchDB is not installed: npm ci --prefix {}", js.display());
     }
     let (sd, cd) = (dir.join("pouchdb-server"), dir.join("pouchdb-client"));
     let _ = std::fs::remove_dir_all(&sd);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let mut server = Command::new("node")
         .current_dir(&js)
         .args(["server.js", "--port", &port.to_string()])
@@ -482,10 +485,17 @@ fn pouchdb(file: &Path, dir: &Path, resources: u64) -> Result<Pouch> {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|n| n.parse().ok())
         .with_context(|| format!("the PouchDB server did not start: {line}"))?;
-    anyhow::ensure!(held == resources, "the PouchDB server holds {held} of {resources}");
+    anyhow::ensure!(
+        held == resources,
+        "the PouchDB server holds {held} of {resources}"
+    );
     let out = Command::new("node")
         .current_dir(&js)
-        .args(["client.js", "--url", &format!("http://127.0.0.1:{port}/fhir")])
+        .args([
+            "client.js",
+            "--url",
+            &format!("http://127.0.0.1:{port}/fhir"),
+        ])
         .arg("--dir")
         .arg(&cd)
         .stderr(Stdio::inherit())

@@ -18,8 +18,8 @@ use serde_json::Value;
 
 use crate::Engine;
 use crate::core::{
-    COMPACT_AFTER_CHUNKS, Live, PreparedDoc, author_entries, entries_of_json, heads_bytes,
-    with_left,
+    COMPACT_AFTER_CHUNKS, Live, PreparedDoc, author_entries, author_entry, entries_of_json,
+    heads_bytes, with_left,
 };
 use crate::error::{MergeError, ReadError, Refusal, WriteError, contain};
 use crate::identity::NodeIdentity;
@@ -233,7 +233,22 @@ fn prepare_checked(
             .collect();
         facts
     });
-    entries.references.extend(author_entries(&mut doc, &[]));
+    // Its authors, as the check found them (not read from the document again), and central
+    // when it added its change.
+    let mut authors = checked.authors;
+    if given.is_some()
+        && let Some(c) = central
+    {
+        authors.push(c.me.public().to_vec());
+        authors.sort();
+        authors.dedup();
+    }
+    entries.references.extend(
+        authors
+            .iter()
+            .filter(|a| a.len() == 32)
+            .map(|a| author_entry(a)),
+    );
     let own = id.to_string();
     let origin = entries
         .identifiers

@@ -46,6 +46,8 @@ pub struct Checked {
     pub accepted: usize,
     /// The refused changes: hash and reason.
     pub rejected: Vec<([u8; 32], Rejection)>,
+    /// The authors (actor bytes) of the accepted new changes, sorted, each once.
+    pub authors: Vec<Vec<u8>>,
 }
 
 /// Where a state that merges concurrent branches lies, for the trust decision: the places of
@@ -229,7 +231,12 @@ pub fn check(
     // 2. Scope and identity, for the changes by scoped authors, on the document as of each
     // change. A working copy follows the causal order; where history branches (or a refused
     // change was applied to it) it is re-forked once at the next change's dependencies.
+    // The document's state at its heads, when the walk below ends there (its JSON is then the
+    // merged document's, not read a second time).
+    let mut at_heads: Option<Map<String, Value>> = None;
     if !scoped.is_empty() {
+        let mut merged_heads = merged.get_heads();
+        merged_heads.sort();
         let mut work = match &mut before {
             Some((doc, _)) => doc.fork(),
             None => AutoCommit::new(),
@@ -286,11 +293,18 @@ pub fn check(
                 }
                 Some(p) => Some(policy.places(ty, p)),
             };
-            let change = merged
-                .get_change_by_hash(&ChangeHash(f.hash))
-                .ok_or(CheckError::Cycle)?;
-            work.apply_changes([change])?;
-            let after = document_to_json(&work)?;
+            // The change that makes the document's only head: the state after it is the merged
+            // document itself, read without replaying the change on the working copy.
+            let last = merged_heads.len() == 1 && merged_heads[0].0 == f.hash;
+            let after = if last {
+                document_to_json(&merged)?
+            } else {
+                let change = merged
+                    .get_change_by_hash(&ChangeHash(f.hash))
+                    .ok_or(CheckError::Cycle)?;
+                work.apply_changes([change])?;
+                document_to_json(&work)?
+            };
             let verdict = prior_places
                 .as_ref()
                 .map_or(Ok(()), |p| authority.places_in_scope(ty, p.as_deref()))
@@ -304,11 +318,15 @@ pub fn check(
                 Err(r) => {
                     rejected_set.insert(f.hash);
                     rejected.push((f.hash, r));
-                    // The working copy holds a refused change: re-fork before it is read again.
+                    // The working copy holds a refused change (or, for the last one, was not
+                    // brought up to date): re-fork before it is read again.
                     work_heads = vec![ChangeHash([0xff; 32])];
                     work_json = None;
                 }
             }
+        }
+        if work_heads == merged_heads {
+            at_heads = work_json;
         }
     }
 
@@ -322,14 +340,25 @@ pub fn check(
         }
     }
     let accepted = facts.len() - rejected.len();
+    let mut authors: Vec<Vec<u8>> = facts
+        .iter()
+        .filter(|f| !rejected_set.contains(&f.hash))
+        .map(|f| f.actor.clone())
+        .collect();
+    authors.sort();
+    authors.dedup();
     if rejected.is_empty() {
-        let json = document_to_json(&merged)?;
+        let json = match at_heads {
+            Some(json) => json,
+            None => document_to_json(&merged)?,
+        };
         return Ok(Checked {
             doc: merged,
             json,
             envelopes: accepted_envelopes,
             accepted,
             rejected,
+            authors,
         });
     }
     // Rebuild from what this node held plus the accepted changes.
@@ -350,5 +379,6 @@ pub fn check(
         envelopes: accepted_envelopes,
         accepted,
         rejected,
+        authors,
     })
 }
