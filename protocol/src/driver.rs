@@ -13,7 +13,7 @@ use crate::{DocId, pack};
 
 /// Documents read from the store per [`Step::Read`]: small enough that a frame goes out while
 /// the next batch is read, large enough to compress well together.
-pub const READ_BATCH: usize = 256;
+pub const READ_BATCH: usize = 512;
 
 /// What a session starts from, taken from the store at one instant.
 #[derive(Debug, Clone)]
