@@ -83,6 +83,26 @@ proptest! {
         b.merge(&mut a).unwrap();
         prop_assert_eq!(document_to_json(&a2).unwrap(), document_to_json(&b).unwrap());
     }
+
+    /// The one-pass reading gives what ranging over each object gives, conflicts and edited
+    /// lists included.
+    #[test]
+    fn one_pass_reads_as_object_by_object(base in resource(), x in resource(), y in resource()) {
+        let mut a = new_document(&base, actor(1), 0).unwrap();
+        let mut b = AutoCommit::load(&a.save()).unwrap().with_actor(actor(2));
+        apply_diff(&mut a, &base, &x).unwrap();
+        apply_diff(&mut b, &base, &y).unwrap();
+        a.commit();
+        b.commit();
+        a.merge(&mut b).unwrap();
+        let loaded = AutoCommit::load(&a.save()).unwrap();
+        for d in [&a, &b, &loaded] {
+            prop_assert_eq!(
+                document_to_json(d).unwrap(),
+                fieldmesh_fhir_docs::convert::document_to_json_by_object(d).unwrap()
+            );
+        }
+    }
 }
 
 fn obj(v: Value) -> Map<String, Value> {

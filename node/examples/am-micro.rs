@@ -98,6 +98,17 @@ fn main() -> anyhow::Result<()> {
         .map(|s| automerge::AutoCommit::load(s))
         .collect::<Result<_, _>>()?;
     let t = Instant::now();
+    let mut items = 0usize;
+    for d in &loaded {
+        use automerge::ReadDoc;
+        items += d.iter().count();
+    }
+    println!(
+        "doc.iter() walk   {:6.1} µs  {:5.0} items",
+        t.elapsed().as_secs_f64() * 1e6 / n,
+        items as f64 / n
+    );
+    let t = Instant::now();
     for d in &loaded {
         let _ = fieldmesh_fhir_docs::document_to_json(d)?;
     }

@@ -685,9 +685,20 @@ impl Engine {
             self.wait_behind()?;
         }
         if self.dirty.get(id).is_some_and(|l| l.doc.is_none()) {
-            // A bulk-loaded or received document no longer in memory: commit it, then read it
-            // back.
-            self.flush()?;
+            // A bulk-loaded or received document no longer in memory: read from the bytes staged
+            // for it (a load's policy reading its family's places, say), else commit it and
+            // read it back.
+            match self.from_staged_bytes(id)? {
+                Some(doc) => {
+                    if let Some(mut l) = self.dirty.remove(id) {
+                        l.doc = Some(doc);
+                        return Ok(Some(l));
+                    }
+                }
+                None => {
+                    self.flush()?;
+                }
+            }
         }
         if let Some(l) = self.dirty.remove(id) {
             return Ok(Some(l));
@@ -715,6 +726,28 @@ impl Engine {
             meta,
             entries,
         }))
+    }
+
+    /// The document `id` loaded from the whole save staged for it, if that is its last staged
+    /// write (a bulk-loaded or received document is staged encoded, and not kept in memory).
+    fn from_staged_bytes(&self, id: &DocId) -> Result<Option<AutoCommit>, ReadError> {
+        let last = self.pending.iter().rev().find_map(|w| match w {
+            Write::Doc(d) if d.id == *id.as_bytes() => Some(&d.data),
+            _ => None,
+        });
+        let Some(DocData::FullEncoded(stored)) = last else {
+            return Ok(None);
+        };
+        contain(
+            || -> Result<_, ReadError> {
+                let mut bytes = Vec::new();
+                fieldmesh_storage::codec::decode_into(stored, &mut bytes)?;
+                Ok(Some(
+                    AutoCommit::load(&bytes)?.with_actor(self.me.actor.clone()),
+                ))
+            },
+            ReadError::Damaged,
+        )
     }
 
     /// Loads the documents of `ids` that are not in memory, on every core, and reads the

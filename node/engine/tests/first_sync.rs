@@ -65,3 +65,46 @@ fn a_new_hub_receives_its_area_in_one_session_when_locations_were_edited_last() 
     assert_eq!(hub.stats().unwrap().documents, held);
     assert!(at_hub.docs_received <= held, "nothing came twice");
 }
+
+/// A bulk load stages a family and its policy in one batch: the policy reads the family's
+/// places from the bytes staged for it, without committing the batch first (a load used to
+/// commit, with an fsync, once per policy).
+#[test]
+fn a_loaded_policy_finds_its_family_in_the_same_batch_without_a_commit() {
+    let root = key(1);
+    let mut central = engine(&[1; 32], "central", &public(&root));
+    let mut data = Vec::new();
+    fieldmesh_fhir_docs::openimis::demo::generate(5, 6, &mut data).unwrap();
+    let lines: Vec<String> = String::from_utf8(data)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    let contracts: Vec<String> = lines
+        .iter()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|r| r["resourceType"] == "Contract")
+        .map(|r| r["id"].as_str().unwrap().to_string())
+        .collect();
+    assert!(!contracts.is_empty());
+    for r in central.create_lines(&lines, 2) {
+        r.unwrap();
+    }
+    assert_eq!(
+        central.stats().unwrap().documents,
+        0,
+        "nothing committed yet"
+    );
+    assert_eq!(central.pending(), lines.len());
+    central.flush().unwrap();
+    for id in contracts {
+        let served = central.served("Contract", &id).unwrap().resource;
+        let places: Vec<&Value> = served["extension"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["url"] == "urn:fieldmesh:StructureDefinition/place")
+            .collect();
+        assert!(!places.is_empty(), "policy {id} lies where its family does");
+    }
+}
