@@ -688,7 +688,7 @@ impl Engine {
             // A bulk-loaded or received document no longer in memory: read from the bytes staged
             // for it (a load's policy reading its family's places, say), else commit it and
             // read it back.
-            match self.from_staged_bytes(id)? {
+            match self.load_staged_bytes(id)? {
                 Some(doc) => {
                     if let Some(mut l) = self.dirty.remove(id) {
                         l.doc = Some(doc);
@@ -730,7 +730,7 @@ impl Engine {
 
     /// The document `id` loaded from the whole save staged for it, if that is its last staged
     /// write (a bulk-loaded or received document is staged encoded, and not kept in memory).
-    fn from_staged_bytes(&self, id: &DocId) -> Result<Option<AutoCommit>, ReadError> {
+    fn load_staged_bytes(&self, id: &DocId) -> Result<Option<AutoCommit>, ReadError> {
         let last = self.pending.iter().rev().find_map(|w| match w {
             Write::Doc(d) if d.id == *id.as_bytes() => Some(&d.data),
             _ => None,
