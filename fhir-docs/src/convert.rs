@@ -112,7 +112,8 @@ pub const MAX_DEPTH: usize = 48;
 ///
 /// One pass over the whole document (`ReadDoc::iter`, parents before children), the objects
 /// assembled at the end: a third of the cost of ranging over each object in turn
-/// ([`document_to_json_by_object`], which documents holding `Text` objects still take).
+/// ([`document_to_json_by_object`], which documents holding `Text` or `Table` objects still
+/// take).
 pub fn document_to_json(doc: &impl ReadDoc) -> Result<Map<String, Value>, ConvertError> {
     match one_pass(doc)? {
         Some(json) => Ok(json),
@@ -140,7 +141,7 @@ enum Slot {
     Index(usize),
 }
 
-/// The document as JSON in one pass; `None` when it holds a `Text` object.
+/// The document as JSON in one pass; `None` when it holds a `Text` or `Table` object.
 fn one_pass(doc: &impl ReadDoc) -> Result<Option<Map<String, Value>>, ConvertError> {
     use std::collections::HashMap;
     use std::sync::Arc;
@@ -179,9 +180,10 @@ fn one_pass(doc: &impl ReadDoc) -> Result<Option<Map<String, Value>>, ConvertErr
             (automerge::Value::Scalar(s), _) => scalar_to_json(&s)?,
             (automerge::Value::Object(ty), Some(id)) => {
                 let node = match ty {
-                    ObjType::Map | ObjType::Table => Node::Map(Map::new()),
+                    ObjType::Map => Node::Map(Map::new()),
                     ObjType::List => Node::List(Vec::new()),
-                    ObjType::Text => return Ok(None),
+                    // The document iterator walks a table as a list: read object by object.
+                    ObjType::Table | ObjType::Text => return Ok(None),
                 };
                 let d = depth[at] + 1;
                 if d > MAX_DEPTH {

@@ -446,6 +446,16 @@ fn cold_sync(bin: &Path, dir: &Path, families: u64, agent: &ureq::Agent) -> Resu
     })
 }
 
+/// A child process stopped with its holder, whatever happens.
+struct Stopped(std::process::Child);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// PouchDB's figures for one size.
 struct Pouch {
     secs: f64,
@@ -466,7 +476,7 @@ fn pouchdb(file: &Path, dir: &Path, resources: u64) -> Result<Pouch> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    let mut server = Command::new("node")
+    let server = Command::new("node")
         .current_dir(&js)
         .args(["server.js", "--port", &port.to_string()])
         .arg("--dir")
@@ -477,7 +487,8 @@ fn pouchdb(file: &Path, dir: &Path, resources: u64) -> Result<Pouch> {
         .stderr(Stdio::inherit())
         .spawn()
         .context("node (Node.js) is needed for the PouchDB side")?;
-    let mut reader = std::io::BufReader::new(server.stdout.take().context("stdout")?);
+    let mut server = Stopped(server);
+    let mut reader = std::io::BufReader::new(server.0.stdout.take().context("stdout")?);
     let mut line = String::new();
     reader.read_line(&mut line)?;
     let held: u64 = line
@@ -489,6 +500,9 @@ fn pouchdb(file: &Path, dir: &Path, resources: u64) -> Result<Pouch> {
         held == resources,
         "the PouchDB server holds {held} of {resources}"
     );
+    // LevelDB compacts in the background after the load: let it settle, as central's services
+    // settled before fieldmesh's sync.
+    std::thread::sleep(Duration::from_secs(5));
     let out = Command::new("node")
         .current_dir(&js)
         .args([
@@ -512,8 +526,7 @@ fn pouchdb(file: &Path, dir: &Path, resources: u64) -> Result<Pouch> {
         .call()?
         .body_mut()
         .read_json()?;
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
     Ok(Pouch {
         secs: got["ms"].as_f64().unwrap_or(0.0) / 1e3,
         bytes: bytes["read"].as_u64().unwrap_or(0) + bytes["written"].as_u64().unwrap_or(0),

@@ -362,6 +362,25 @@ impl EngineHandle {
         self.call(|reply| Command::Reserve { kind, reply }).await
     }
 
+    /// Queues a merge of documents from a peer now, in the order of the calls, and returns
+    /// what waits for its answer (once durable). A session's frames are merged in the order they
+    /// came: a batch carrying locations before one carrying what lies there.
+    pub async fn queue_merge(
+        &self,
+        docs: Vec<DocPayload>,
+        from: PeerKey,
+    ) -> Result<
+        impl std::future::Future<Output = Result<MergeReport, HandleError<MergeError>>> + Send + 'static,
+        HandleError<MergeError>,
+    > {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Merge { docs, from, reply })
+            .await
+            .map_err(|_| Stopped)?;
+        Ok(async move { rx.await.map_err(|_| Stopped)?.map_err(HandleError::Engine) })
+    }
+
     /// Merges documents from a peer; answers once durable.
     pub async fn merge(
         &self,

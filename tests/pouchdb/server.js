@@ -51,7 +51,10 @@ const info = await db.info();
 let done = { read: 0, written: 0 };
 const live = new Set();
 const app = express();
-app.get('/_bench/bytes', (_req, res) => {
+app.get('/_bench/bytes', (req, res) => {
+  // This request's own connection is not counted, now or when it closes.
+  req.socket.benchOnly = true;
+  live.delete(req.socket);
   let read = done.read;
   let written = done.written;
   for (const s of live) {
@@ -74,12 +77,4 @@ server.on('connection', (s) => {
       done.written += s.bytesWritten;
     }
   });
-});
-// The bytes endpoint's own connection is not counted.
-app.use((req, _res, next) => next());
-server.on('request', (req) => {
-  if (req.url.startsWith('/_bench/')) {
-    req.socket.benchOnly = true;
-    live.delete(req.socket);
-  }
 });

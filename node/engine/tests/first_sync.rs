@@ -32,7 +32,8 @@ fn a_new_hub_receives_its_area_in_one_session_when_locations_were_edited_last() 
         e.flush().unwrap();
     }
     let mut data = Vec::new();
-    fieldmesh_fhir_docs::openimis::demo::generate(3, 40, &mut data).unwrap();
+    // More documents than one frame carries (`READ_BATCH`).
+    fieldmesh_fhir_docs::openimis::demo::generate(3, 120, &mut data).unwrap();
     let lines: Vec<String> = String::from_utf8(data)
         .unwrap()
         .lines()
@@ -58,6 +59,7 @@ fn a_new_hub_receives_its_area_in_one_session_when_locations_were_edited_last() 
     central.flush().unwrap();
     assert!(locations > 10);
     let held = central.stats().unwrap().documents;
+    assert!(held > fieldmesh_protocol::driver::READ_BATCH as u64);
 
     let (at_hub, _) = sync_pair(&mut hub, &peer(&key(5)), &mut central, &peer(&key(1))).unwrap();
     // Sent before the locations, the insurees were refused as outside the hub's area (it did not

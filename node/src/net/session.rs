@@ -107,8 +107,10 @@ async fn run(
                         let report = oldest.await.context("a merge task failed")??;
                         todo.extend(settled(&mut driver, report));
                     }
-                    let engine = engine.clone();
-                    merging.push_back(tokio::spawn(async move { engine.merge(docs, peer).await }));
+                    // Queued here, in the order the frames came; only the answer is awaited
+                    // apart.
+                    let answer = engine.queue_merge(docs, peer).await?;
+                    merging.push_back(tokio::spawn(answer));
                 }
                 Step::Complete(checkpoint) => {
                     // Everything received is durable: from now on the peers can start from here.
