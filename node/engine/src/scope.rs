@@ -524,7 +524,7 @@ impl Engine {
                 Err(e) => return Err(e),
             }
         }
-        self.order_for_sending(&mut items)?;
+        items.sort_by_key(|i| i.2);
         Ok(items)
     }
 
@@ -601,15 +601,14 @@ impl Engine {
                     }
                 }
             }
-            if !more.is_empty() {
-                items.extend(more);
-                self.order_for_sending(&mut items)?;
-            }
+            items.extend(more);
             self.scope.offered.insert(*peer, offered);
         } else {
             self.scope.offered.remove(peer);
             self.scope.announced.remove(peer);
         }
+        // A new device or hub is sent what it holds in this order.
+        self.order_for_sending(&mut items)?;
         self.scope.fingerprints.insert(*peer, fingerprints);
         Ok((items, outside, fingerprints))
     }
