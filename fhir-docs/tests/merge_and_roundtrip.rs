@@ -51,6 +51,21 @@ fn actor(n: u8) -> ActorId {
     ActorId::from(&[n; 32][..])
 }
 
+/// Two replicas of `base`, one updated to `x` and the other to `y` apart.
+fn apart(
+    base: &Map<String, Value>,
+    x: &Map<String, Value>,
+    y: &Map<String, Value>,
+) -> (AutoCommit, AutoCommit) {
+    let mut a = new_document(base, actor(1), 0).unwrap();
+    let mut b = AutoCommit::load(&a.save()).unwrap().with_actor(actor(2));
+    apply_diff(&mut a, base, x).unwrap();
+    apply_diff(&mut b, base, y).unwrap();
+    a.commit();
+    b.commit();
+    (a, b)
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
@@ -72,12 +87,7 @@ proptest! {
 
     #[test]
     fn concurrent_updates_converge(base in resource(), x in resource(), y in resource()) {
-        let mut a = new_document(&base, actor(1), 0).unwrap();
-        let mut b = AutoCommit::load(&a.save()).unwrap().with_actor(actor(2));
-        apply_diff(&mut a, &base, &x).unwrap();
-        apply_diff(&mut b, &base, &y).unwrap();
-        a.commit();
-        b.commit();
+        let (mut a, mut b) = apart(&base, &x, &y);
         let mut a2 = a.fork();
         a2.merge(&mut b).unwrap();
         b.merge(&mut a).unwrap();
@@ -88,12 +98,7 @@ proptest! {
     /// lists included.
     #[test]
     fn one_pass_reads_as_object_by_object(base in resource(), x in resource(), y in resource()) {
-        let mut a = new_document(&base, actor(1), 0).unwrap();
-        let mut b = AutoCommit::load(&a.save()).unwrap().with_actor(actor(2));
-        apply_diff(&mut a, &base, &x).unwrap();
-        apply_diff(&mut b, &base, &y).unwrap();
-        a.commit();
-        b.commit();
+        let (mut a, mut b) = apart(&base, &x, &y);
         a.merge(&mut b).unwrap();
         let loaded = AutoCommit::load(&a.save()).unwrap();
         for d in [&a, &b, &loaded] {

@@ -10,6 +10,17 @@ use fieldmesh_engine::test_support::{
 use fieldmesh_trust::Role;
 use serde_json::Value;
 
+/// The demo deployment's resources, one NDJSON line each.
+fn demo_lines(seed: u64, families: u64) -> Vec<String> {
+    let mut data = Vec::new();
+    fieldmesh_fhir_docs::openimis::demo::generate(seed, families, &mut data).unwrap();
+    String::from_utf8(data)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
 #[test]
 fn a_new_hub_receives_its_area_in_one_session_when_locations_were_edited_last() {
     let root = key(1);
@@ -31,14 +42,8 @@ fn a_new_hub_receives_its_area_in_one_session_when_locations_were_edited_last() 
         e.merge(vec![cert.clone()], &Source::Local).unwrap();
         e.flush().unwrap();
     }
-    let mut data = Vec::new();
     // More documents than one frame carries (`READ_BATCH`).
-    fieldmesh_fhir_docs::openimis::demo::generate(3, 120, &mut data).unwrap();
-    let lines: Vec<String> = String::from_utf8(data)
-        .unwrap()
-        .lines()
-        .map(String::from)
-        .collect();
+    let lines = demo_lines(3, 120);
     for r in central.create_lines(&lines, 2) {
         r.unwrap();
     }
@@ -75,13 +80,7 @@ fn a_new_hub_receives_its_area_in_one_session_when_locations_were_edited_last() 
 fn a_loaded_policy_finds_its_family_in_the_same_batch_without_a_commit() {
     let root = key(1);
     let mut central = engine(&[1; 32], "central", &public(&root));
-    let mut data = Vec::new();
-    fieldmesh_fhir_docs::openimis::demo::generate(5, 6, &mut data).unwrap();
-    let lines: Vec<String> = String::from_utf8(data)
-        .unwrap()
-        .lines()
-        .map(String::from)
-        .collect();
+    let lines = demo_lines(5, 6);
     let contracts: Vec<String> = lines
         .iter()
         .map(|l| serde_json::from_str::<Value>(l).unwrap())

@@ -20,7 +20,7 @@ use futures::{AsyncReadExt, AsyncWriteExt};
 use crate::engine_thread::EngineHandle;
 
 /// Received batches being merged at once, at most.
-pub const MERGES_IN_FLIGHT: usize = 4;
+pub const MERGES_IN_FLIGHT: usize = 2;
 
 async fn write_frame(w: &mut (impl AsyncWriteExt + Unpin), frame: &[u8]) -> Result<()> {
     let len = u32::try_from(frame.len()).context("frame too large")?;
