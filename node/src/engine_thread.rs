@@ -381,16 +381,6 @@ impl EngineHandle {
         Ok(async move { rx.await.map_err(|_| Stopped)?.map_err(HandleError::Engine) })
     }
 
-    /// Merges documents from a peer; answers once durable.
-    pub async fn merge(
-        &self,
-        docs: Vec<DocPayload>,
-        from: PeerKey,
-    ) -> Result<MergeReport, HandleError<MergeError>> {
-        self.call(|reply| Command::Merge { docs, from, reply })
-            .await
-    }
-
     /// Asks the engine thread to commit what is waiting and end; commands sent after this fail.
     pub async fn stop(&self) {
         let _ = self.tx.send(Command::Stop).await;
