@@ -150,20 +150,12 @@ pub(crate) fn author_entry(key: &[u8]) -> (String, String, String) {
     (AUTHOR_INDEX.to_string(), String::new(), hex::encode(key))
 }
 
-/// The author entries of the changes of `doc` after `heads` (all of them for none).
-pub(crate) fn author_entries(
-    doc: &mut AutoCommit,
-    heads: &[ChangeHash],
-) -> Vec<(String, String, String)> {
-    let mut keys: Vec<Vec<u8>> = doc
-        .get_changes(heads)
-        .iter()
-        .map(|c| c.actor_id().to_bytes().to_vec())
-        .filter(|a| a.len() == 32)
-        .collect();
-    keys.sort();
-    keys.dedup();
-    keys.iter().map(|k| author_entry(k)).collect()
+/// The author entries of `keys` (change actors; those that are not ed25519 keys are left out).
+pub(crate) fn author_entries(keys: &[Vec<u8>]) -> Vec<(String, String, String)> {
+    keys.iter()
+        .filter(|k| k.len() == 32)
+        .map(|k| author_entry(k))
+        .collect()
 }
 
 /// The JSON of a document as the store holds it (the Automerge load checks every change hash),

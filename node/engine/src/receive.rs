@@ -18,8 +18,8 @@ use serde_json::Value;
 
 use crate::Engine;
 use crate::core::{
-    COMPACT_AFTER_CHUNKS, Live, PreparedDoc, author_entries, author_entry, entries_of_json,
-    heads_bytes, with_left,
+    COMPACT_AFTER_CHUNKS, Live, PreparedDoc, author_entries, entries_of_json, heads_bytes,
+    with_left,
 };
 use crate::error::{MergeError, ReadError, Refusal, WriteError, contain};
 use crate::identity::NodeIdentity;
@@ -243,12 +243,7 @@ fn prepare_checked(
         authors.sort();
         authors.dedup();
     }
-    entries.references.extend(
-        authors
-            .iter()
-            .filter(|a| a.len() == 32)
-            .map(|a| author_entry(a)),
-    );
+    entries.references.extend(author_entries(&authors));
     let own = id.to_string();
     let origin = entries
         .identifiers
@@ -688,7 +683,8 @@ impl Engine {
             (DocData::Append(doc.save_after(&before)), chunks + 1)
         };
         let heads = heads_bytes(&doc.get_heads());
-        let authors = author_entries(doc, &before);
+        // The authors of the accepted new changes, as the check found them.
+        let authors = author_entries(&checked.authors);
         live.meta.chunks = chunks;
         live.meta.heads = heads;
         live.meta.updated = self.me.time();
