@@ -24,6 +24,7 @@
 //! into one commit so that flushing does not cap throughput.
 
 pub mod codec;
+mod deferred;
 pub mod kv;
 pub mod mem;
 pub mod ops;

@@ -3,11 +3,16 @@
 //! Every [`Store::commit`] is one redb write transaction with `Durability::Immediate` and two-phase
 //! commit: when it returns, the batch is on disk and a crash at any moment keeps either all of it or
 //! none of it. Reads run in their own read transactions and never block the writer.
+//!
+//! Index writes are deferred (see [`crate::deferred`]): each commit appends its index entries to
+//! a log table and to memory, and every [`StoreOptions::fold_index_after`] entries a commit folds
+//! them into the index tables in one sorted pass.
 
 use std::path::{Path, PathBuf};
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
+use crate::deferred::{Entries, Pending, lookup, scan_merged};
 use crate::kv::{KvRead, KvWrite, Table};
 use crate::{DocId, DocMeta, QuarantineBudget, Quarantined, Stats, Store, StoreError, Write, ops};
 
@@ -19,6 +24,9 @@ pub struct StoreOptions {
     pub cache_bytes: usize,
     /// What refused data may cost.
     pub quarantine: QuarantineBudget,
+    /// Index entries kept in the log (and in memory, about 130 bytes each) before a commit folds
+    /// them into the index tables. Larger: fewer folds, each writing the index tables once.
+    pub fold_index_after: usize,
 }
 
 impl Default for StoreOptions {
@@ -26,6 +34,7 @@ impl Default for StoreOptions {
         Self {
             cache_bytes: 16 * 1024 * 1024,
             quarantine: QuarantineBudget::default(),
+            fold_index_after: 65_536,
         }
     }
 }
@@ -33,6 +42,10 @@ impl Default for StoreOptions {
 fn def(t: Table) -> TableDefinition<'static, &'static [u8], &'static [u8]> {
     TableDefinition::new(t.name())
 }
+
+/// `position (u64)` → the index writes of one commit not yet folded ([`Pending::encode`]).
+const DEFERRED: TableDefinition<'static, u64, &'static [u8]> =
+    TableDefinition::new("deferred_index");
 
 fn engine(e: impl Into<redb::Error>, path: &Path) -> StoreError {
     match e.into() {
@@ -90,6 +103,12 @@ pub struct RedbStore {
     cache_bytes: usize,
     /// Times the database was reopened: two threads that meet the same I/O error reopen it once.
     generation: std::sync::atomic::AtomicU64,
+    /// The index writes in the log, not yet folded. Readers hold it for the whole of a read, so
+    /// that a fold (which empties it as its commit lands) is never seen half done.
+    pending: std::sync::RwLock<Pending>,
+    /// One commit at a time, from its transaction to the update of `pending`.
+    committing: std::sync::Mutex<()>,
+    fold_at: usize,
 }
 
 impl std::fmt::Debug for RedbStore {
@@ -131,6 +150,9 @@ impl RedbStore {
             budget: options.quarantine,
             cache_bytes: options.cache_bytes,
             generation: std::sync::atomic::AtomicU64::new(0),
+            pending: std::sync::RwLock::new(Pending::default()),
+            committing: std::sync::Mutex::new(()),
+            fold_at: options.fold_index_after.max(1),
         };
         // Create every table once so that readers never meet a missing one. A store that has
         // them all is only read here: a damaged one still opens, to serve what it can.
@@ -156,15 +178,20 @@ impl RedbStore {
                     }
                 }
             }
-            missing
+            let deferred = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                txn.open_table(DEFERRED).map(|_| ())
+            }));
+            missing || matches!(deferred, Ok(Err(redb::TableError::TableDoesNotExist(_))))
         };
         if missing {
             let txn = store.begin_write()?;
             for t in Table::ALL {
                 txn.open_table(def(t)).map_err(|e| store.err(e))?;
             }
+            txn.open_table(DEFERRED).map_err(|e| store.err(e))?;
             txn.commit().map_err(|e| store.err(e))?;
         }
+        store.load_pending();
         match store.store_id() {
             // An empty commit gives a new store its id.
             Ok(id) if id == [0; 16] => {
@@ -203,6 +230,9 @@ impl RedbStore {
             .create(&self.path)
             .map_err(|e| self.err(e))?;
         *db = Some(fresh);
+        drop(db);
+        // The failed commit may have landed or not: the log on disk says which.
+        self.load_pending();
         self.generation.fetch_add(1, Ordering::AcqRel);
         tracing::info!(path = %self.path.display(), "the store was reopened after an I/O error");
         Ok(())
@@ -245,10 +275,15 @@ impl RedbStore {
 
     /// Runs a read, once more on a reopened database if an earlier failed write makes redb
     /// refuse it (reads that miss the page cache meet that error too, not only writes).
-    fn reading<T>(&self, f: impl Fn(&ReadTxn) -> Result<T, StoreError>) -> Result<T, StoreError> {
+    fn reading<T>(
+        &self,
+        f: impl Fn(&ReadTxn<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         shield(&self.path, || {
             let seen = self.generation.load(std::sync::atomic::Ordering::Acquire);
-            match f(&self.read()?) {
+            // The read (and its hold on the pending index writes) ends before any reopen.
+            let first = f(&self.read()?);
+            match first {
                 Err(StoreError::Reopening) => {
                     self.reopen(seen)?;
                     f(&self.read()?)
@@ -284,22 +319,58 @@ impl RedbStore {
         })
     }
 
-    fn read(&self) -> Result<ReadTxn, StoreError> {
+    fn read(&self) -> Result<ReadTxn<'_>, StoreError> {
+        let pending = self
+            .pending
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let txn = self.begin_read()?;
         Ok(ReadTxn {
             txn,
             path: self.path.clone(),
+            pending,
         })
+    }
+
+    /// Reads the deferred index log into memory (at open, and after a reopen). A record that
+    /// cannot be read is reported and skipped: the store still opens, and `fieldmesh check`
+    /// finds the entries it held missing.
+    fn load_pending(&self) {
+        let mut loaded = Pending::default();
+        let read = shield(&self.path, || {
+            let txn = self.begin_read()?;
+            let log = txn.open_table(DEFERRED).map_err(|e| self.err(e))?;
+            for entry in log.range::<u64>(..).map_err(|e| self.err(e))? {
+                let (k, v) = entry.map_err(|e| self.err(e))?;
+                if let Err(e) = loaded.replay(v.value()) {
+                    tracing::error!(path = %self.path.display(), record = k.value(), error = %e, "a deferred index record cannot be read");
+                }
+            }
+            Ok(())
+        });
+        if let Err(e) = read {
+            tracing::error!(path = %self.path.display(), error = %e, "the deferred index log cannot be read");
+        }
+        *self
+            .pending
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = loaded;
     }
 }
 
-struct ReadTxn {
+struct ReadTxn<'a> {
     txn: redb::ReadTransaction,
     path: PathBuf,
+    pending: std::sync::RwLockReadGuard<'a, Pending>,
 }
 
-impl KvRead for ReadTxn {
+impl KvRead for ReadTxn<'_> {
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some(e) = self.pending.entries(table)
+            && let Some(v) = lookup(&[e], key)
+        {
+            return Ok(v.map(<[u8]>::to_vec));
+        }
         let t = self
             .txn
             .open_table(def(table))
@@ -317,7 +388,8 @@ impl KvRead for ReadTxn {
             .txn
             .open_table(def(table))
             .map_err(|e| engine(e, &self.path))?;
-        scan_table(&t, prefix, Some(prefix), f, &self.path)
+        let layers: Vec<&Entries> = self.pending.entries(table).into_iter().collect();
+        scan_table(&t, &layers, prefix, Some(prefix), f, &self.path)
     }
     fn scan_from(
         &self,
@@ -329,18 +401,31 @@ impl KvRead for ReadTxn {
             .txn
             .open_table(def(table))
             .map_err(|e| engine(e, &self.path))?;
-        scan_table(&t, start, None, f, &self.path)
+        let layers: Vec<&Entries> = self.pending.entries(table).into_iter().collect();
+        scan_table(&t, &layers, start, None, f, &self.path)
     }
 }
 
+/// Scans a table from `start` (under `prefix`), through its pending writes (`layers`, newest
+/// first) if it has any.
 fn scan_table(
     t: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    layers: &[&Entries],
     start: &[u8],
     prefix: Option<&[u8]>,
     f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
     path: &Path,
 ) -> Result<(), StoreError> {
-    for entry in t.range::<&[u8]>(start..).map_err(|e| engine(e, path))? {
+    let range = t.range::<&[u8]>(start..).map_err(|e| engine(e, path))?;
+    if layers.iter().any(|l| !l.is_empty()) {
+        let owned = range.map(|entry| {
+            entry
+                .map(|(k, v)| (k.value().to_vec(), v.value().to_vec()))
+                .map_err(|e| engine(e, path))
+        });
+        return scan_merged(layers, start, prefix, owned, f);
+    }
+    for entry in range {
         let (k, v) = entry.map_err(|e| engine(e, path))?;
         if prefix.is_some_and(|p| !k.value().starts_with(p)) || !f(k.value(), v.value()) {
             break;
@@ -352,16 +437,31 @@ fn scan_table(
 struct WriteTxn<'a> {
     tables: Vec<redb::Table<'a, &'static [u8], &'static [u8]>>,
     path: &'a Path,
+    /// Index writes of earlier commits, not yet folded.
+    committed: &'a Pending,
+    /// This commit's index writes.
+    local: Pending,
 }
 
 impl WriteTxn<'_> {
     fn table(&self, t: Table) -> &redb::Table<'_, &'static [u8], &'static [u8]> {
         &self.tables[t as usize]
     }
+
+    /// The pending layers of `t`, newest first.
+    fn layers(&self, t: Table) -> Vec<&Entries> {
+        [self.local.entries(t), self.committed.entries(t)]
+            .into_iter()
+            .flatten()
+            .collect()
+    }
 }
 
 impl KvRead for WriteTxn<'_> {
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some(v) = lookup(&self.layers(table), key) {
+            return Ok(v.map(<[u8]>::to_vec));
+        }
         let v = self
             .table(table)
             .get(key)
@@ -374,7 +474,15 @@ impl KvRead for WriteTxn<'_> {
         prefix: &[u8],
         f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
     ) -> Result<(), StoreError> {
-        scan_table(self.table(table), prefix, Some(prefix), f, self.path)
+        let layers = self.layers(table);
+        scan_table(
+            self.table(table),
+            &layers,
+            prefix,
+            Some(prefix),
+            f,
+            self.path,
+        )
     }
     fn scan_from(
         &self,
@@ -382,12 +490,16 @@ impl KvRead for WriteTxn<'_> {
         start: &[u8],
         f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
     ) -> Result<(), StoreError> {
-        scan_table(self.table(table), start, None, f, self.path)
+        let layers = self.layers(table);
+        scan_table(self.table(table), &layers, start, None, f, self.path)
     }
 }
 
 impl KvWrite for WriteTxn<'_> {
     fn put(&mut self, table: Table, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        if self.local.record(table, key, Some(value)) {
+            return Ok(());
+        }
         let path = self.path;
         self.tables[table as usize]
             .insert(key, value)
@@ -395,6 +507,9 @@ impl KvWrite for WriteTxn<'_> {
         Ok(())
     }
     fn del(&mut self, table: Table, key: &[u8]) -> Result<(), StoreError> {
+        if self.local.record(table, key, None) {
+            return Ok(());
+        }
         let path = self.path;
         self.tables[table as usize]
             .remove(key)
@@ -405,13 +520,21 @@ impl KvWrite for WriteTxn<'_> {
 
 impl RedbStore {
     fn commit_unshielded(&self, writes: Vec<Write>) -> Result<Vec<u64>, StoreError> {
+        let _one = self
+            .committing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut txn = self.begin_write()?;
         // Quick repair saves the allocator state with each commit (and implies two-phase commit),
         // so reopening after a crash or a pulled battery takes milliseconds, not a full scan.
         txn.set_quick_repair(true);
         txn.set_durability(redb::Durability::Immediate)
             .map_err(|e| StoreError::Engine(e.to_string()))?;
-        let seqs = {
+        let applied = {
+            let committed = self
+                .pending
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             let mut tables = Vec::with_capacity(Table::ALL.len());
             for t in Table::ALL {
                 tables.push(txn.open_table(def(t)).map_err(|e| self.err(e))?);
@@ -419,12 +542,36 @@ impl RedbStore {
             let mut w = WriteTxn {
                 tables,
                 path: &self.path,
+                committed: &committed,
+                local: Pending::default(),
             };
-            ops::apply(&mut w, writes, &self.budget)
+            match ops::apply(&mut w, writes, &self.budget) {
+                Ok(seqs) => self
+                    .defer_or_fold(&txn, &mut w)
+                    .map(|folded| (seqs, w.local, folded)),
+                Err(e) => Err(e),
+            }
         };
-        match seqs {
-            Ok(seqs) => {
+        match applied {
+            Ok((seqs, _, true)) => {
+                // Readers see the index tables and the pending writes before the fold or after
+                // it, never the folded tables with the pending writes gone half.
+                let mut pending = self
+                    .pending
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
                 txn.commit().map_err(|e| self.err(e))?;
+                *pending = Pending::default();
+                Ok(seqs)
+            }
+            Ok((seqs, local, false)) => {
+                txn.commit().map_err(|e| self.err(e))?;
+                if !local.is_empty() {
+                    self.pending
+                        .write()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .absorb(local);
+                }
                 Ok(seqs)
             }
             Err(e) => {
@@ -433,6 +580,47 @@ impl RedbStore {
                 Err(e)
             }
         }
+    }
+
+    /// Appends the commit's index writes to the log, or, once the pending writes reach the fold
+    /// size, writes them all into the index tables in key order and empties the log. Returns
+    /// whether it folded.
+    fn defer_or_fold(
+        &self,
+        txn: &redb::WriteTransaction,
+        w: &mut WriteTxn<'_>,
+    ) -> Result<bool, StoreError> {
+        if w.local.is_empty() {
+            return Ok(false);
+        }
+        let mut log = txn.open_table(DEFERRED).map_err(|e| self.err(e))?;
+        if w.committed.len() + w.local.len() < self.fold_at {
+            let next = log
+                .last()
+                .map_err(|e| self.err(e))?
+                .map_or(0, |(k, _)| k.value().saturating_add(1));
+            log.insert(next, w.local.encode().as_slice())
+                .map_err(|e| self.err(e))?;
+            return Ok(false);
+        }
+        let started = std::time::Instant::now();
+        let entries = w.committed.len() + w.local.len();
+        // The earlier writes first: this commit's replace them where they meet.
+        for (table, key, value) in w.committed.iter().chain(w.local.iter()) {
+            let t = &mut w.tables[table as usize];
+            match value {
+                Some(v) => t.insert(key, v).map(|_| ()),
+                None => t.remove(key).map(|_| ()),
+            }
+            .map_err(|e| self.err(e))?;
+        }
+        log.retain(|_, _| false).map_err(|e| self.err(e))?;
+        tracing::debug!(
+            entries,
+            ms = started.elapsed().as_millis() as u64,
+            "folded the deferred index writes"
+        );
+        Ok(true)
     }
 }
 
@@ -579,6 +767,17 @@ impl RedbStore {
                 },
             ));
         }
+        let log = txn.open_table(DEFERRED).map_err(|e| self.err(e))?;
+        let s = log.stats().map_err(|e| self.err(e))?;
+        out.push((
+            "deferred_index",
+            TableSize {
+                entries: log.len().map_err(|e| self.err(e))?,
+                stored: s.stored_bytes(),
+                metadata: s.metadata_bytes(),
+                fragmented: s.fragmented_bytes(),
+            },
+        ));
         Ok(out)
     }
 }

@@ -289,10 +289,13 @@ fn to_write(op: &Op, current: &HashMap<u8, IndexEntries>) -> (Write, u8, IndexEn
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(32))]
     /// Random batches (some failing) leave both engines in the same, consistent state.
+    /// The on-disk store defers its index writes and folds them every `fold` entries: with a
+    /// fold size of 1 to 40 some batches fold and some only append to the log.
     #[test]
-    fn engines_agree(batches in ops()) {
+    fn engines_agree(batches in ops(), fold in prop_oneof![Just(usize::MAX), 1usize..40]) {
         let dir = tempfile::tempdir().unwrap();
-        let disk = RedbStore::open(dir.path().join("s.redb"), StoreOptions::default()).unwrap();
+        let options = StoreOptions { fold_index_after: fold, ..StoreOptions::default() };
+        let mut disk = RedbStore::open(dir.path().join("s.redb"), options).unwrap();
         let mem = MemStore::new();
         let mut current: HashMap<u8, IndexEntries> = HashMap::new();
         for batch in &batches {
@@ -309,6 +312,11 @@ proptest! {
                 current = staged;
             }
             prop_assert_eq!(a, b);
+            if batch.len() == 1 {
+                // Reopened: the log of pending index writes is read back.
+                drop(disk);
+                disk = RedbStore::open(dir.path().join("s.redb"), options).unwrap();
+            }
         }
         prop_assert_eq!(disk.stats().unwrap(), mem.stats().unwrap());
         prop_assert_eq!(disk.changes_since(0, 1000).unwrap(), mem.changes_since(0, 1000).unwrap());

@@ -1,0 +1,291 @@
+//! Deferred index writes: the entries a commit adds to or removes from the identifier and
+//! reference indexes are appended to a log (one record per commit, under a sequential key) and
+//! kept in memory, and folded into the index tables in one sorted pass once enough have piled up.
+//!
+//! Index keys are random (identifier values are mostly UUIDs), so inserting a batch's entries
+//! straight into the index tables touches a different B-tree page for almost every entry, and a
+//! copy-on-write B-tree rewrites every page a commit touches: that was most of what a first sync
+//! wrote to disk. A fold writes each page once for many thousand entries.
+//!
+//! Reads see the tables and the log as one: a lookup or scan consults the entries not yet folded
+//! (newest first) before the table. The log is part of each commit's transaction, so a crash
+//! keeps a commit's documents and its index entries together; opening the store replays the log.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+
+use crate::StoreError;
+use crate::kv::{Reader, Table, Writer};
+
+/// Entries of one table not yet folded: key → value, or `None` for a removed key.
+pub(crate) type Entries = BTreeMap<Box<[u8]>, Option<Box<[u8]>>>;
+
+/// Index writes not yet folded into their tables, per table (the identifier and reference
+/// indexes; other tables are written at once); later writes replace earlier ones.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Pending {
+    ident: Entries,
+    refs: Entries,
+}
+
+impl Pending {
+    /// The entries of `table` (empty for a table whose writes are not deferred).
+    pub fn entries(&self, table: Table) -> Option<&Entries> {
+        match table {
+            Table::Ident => Some(&self.ident),
+            Table::Refs => Some(&self.refs),
+            _ => None,
+        }
+    }
+
+    fn entries_mut(&mut self, table: Table) -> Option<&mut Entries> {
+        match table {
+            Table::Ident => Some(&mut self.ident),
+            Table::Refs => Some(&mut self.refs),
+            _ => None,
+        }
+    }
+
+    /// Records a write; false if `table` is not deferred.
+    pub fn record(&mut self, table: Table, key: &[u8], value: Option<&[u8]>) -> bool {
+        match self.entries_mut(table) {
+            Some(e) => {
+                e.insert(key.into(), value.map(Into::into));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Entries held, all tables together.
+    pub fn len(&self) -> usize {
+        self.ident.len() + self.refs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Takes in `later`'s writes, which replace these where they meet.
+    pub fn absorb(&mut self, later: Pending) {
+        self.ident.extend(later.ident);
+        self.refs.extend(later.refs);
+    }
+
+    /// Every entry, table by table, each in key order.
+    pub fn iter(&self) -> impl Iterator<Item = (Table, &[u8], Option<&[u8]>)> {
+        [(Table::Ident, &self.ident), (Table::Refs, &self.refs)]
+            .into_iter()
+            .flat_map(|(t, e)| e.iter().map(move |(k, v)| (t, &k[..], v.as_deref())))
+    }
+
+    /// The log record of these writes.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u8(LOG_VERSION);
+        for (table, key, value) in self.iter() {
+            w.u8(tag(table)).bytes(key);
+            match value {
+                Some(v) => w.u8(1).bytes(v),
+                None => w.u8(0),
+            };
+        }
+        w.0
+    }
+
+    /// Replays a log record on top of these writes.
+    pub fn replay(&mut self, record: &[u8]) -> Result<(), StoreError> {
+        let mut r = Reader(record);
+        let version = r.u8()?;
+        if version != LOG_VERSION {
+            return Err(StoreError::Corrupt(format!(
+                "deferred index record version {version} is not one this build reads"
+            )));
+        }
+        // Decoded whole before anything is applied: a damaged record changes nothing.
+        let mut decoded = Pending::default();
+        while !r.0.is_empty() {
+            let table = match r.u8()? {
+                0 => Table::Ident,
+                1 => Table::Refs,
+                t => {
+                    return Err(StoreError::Corrupt(format!(
+                        "deferred index record names table {t}"
+                    )));
+                }
+            };
+            let key = r.bytes()?;
+            let value = match r.u8()? {
+                0 => None,
+                1 => Some(r.bytes()?),
+                v => {
+                    return Err(StoreError::Corrupt(format!(
+                        "deferred index record holds presence flag {v}"
+                    )));
+                }
+            };
+            decoded.record(table, key, value);
+        }
+        self.absorb(decoded);
+        Ok(())
+    }
+}
+
+const LOG_VERSION: u8 = 1;
+
+fn tag(table: Table) -> u8 {
+    u8::from(table == Table::Refs)
+}
+
+/// The value of `key` as the layers (newest first) say, if any of them holds it: `Some(None)`
+/// when the newest that holds it removed it.
+pub(crate) fn lookup<'a>(layers: &[&'a Entries], key: &[u8]) -> Option<Option<&'a [u8]>> {
+    layers.iter().find_map(|l| l.get(key)).map(|v| v.as_deref())
+}
+
+/// The layers' entries from `start` on (and, with a prefix, under it), newest layer winning.
+fn overlay<'a>(
+    layers: &[&'a Entries],
+    start: &[u8],
+    prefix: Option<&[u8]>,
+) -> Vec<(&'a [u8], Option<&'a [u8]>)> {
+    let mut merged: BTreeMap<&'a [u8], Option<&'a [u8]>> = BTreeMap::new();
+    for layer in layers.iter().rev() {
+        for (k, v) in layer.range::<[u8], _>((Bound::Included(start), Bound::Unbounded)) {
+            if prefix.is_some_and(|p| !k.starts_with(p)) {
+                break;
+            }
+            merged.insert(&k[..], v.as_deref());
+        }
+    }
+    merged.into_iter().collect()
+}
+
+/// Calls `f` on the entries from `start` on (under `prefix`, if given) of a table read through
+/// its pending layers (newest first): `table` yields the table's own entries in key order, and
+/// pending writes replace or hide them. Stops when `f` returns false.
+pub(crate) fn scan_merged<E>(
+    layers: &[&Entries],
+    start: &[u8],
+    prefix: Option<&[u8]>,
+    table: impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), E>>,
+    f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+) -> Result<(), E> {
+    let pending = overlay(layers, start, prefix);
+    let mut p = pending.iter().peekable();
+    for entry in table {
+        let (k, v) = entry?;
+        if prefix.is_some_and(|pre| !k.starts_with(pre)) {
+            break;
+        }
+        // Pending keys before this one come first.
+        while let Some((pk, pv)) = p.next_if(|(pk, _)| *pk < &k[..]) {
+            if let Some(pv) = pv
+                && !f(pk, pv)
+            {
+                return Ok(());
+            }
+        }
+        let shown = match p.next_if(|(pk, _)| *pk == &k[..]) {
+            Some((_, pending)) => *pending,
+            None => Some(&v[..]),
+        };
+        if let Some(v) = shown
+            && !f(&k, v)
+        {
+            return Ok(());
+        }
+    }
+    for (pk, pv) in p {
+        if let Some(pv) = pv
+            && !f(pk, pv)
+        {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn entries(items: &[(&str, Option<&str>)]) -> Entries {
+        items
+            .iter()
+            .map(|(k, v)| (k.as_bytes().into(), v.map(|v| v.as_bytes().into())))
+            .collect()
+    }
+
+    fn scan(
+        layers: &[&Entries],
+        table: &[(&str, &str)],
+        start: &str,
+        prefix: Option<&str>,
+    ) -> Vec<String> {
+        let mut out = Vec::new();
+        let it = table
+            .iter()
+            .filter(|(k, _)| *k >= start)
+            .map(|(k, v)| Ok::<_, ()>((k.as_bytes().to_vec(), v.as_bytes().to_vec())));
+        scan_merged(
+            layers,
+            start.as_bytes(),
+            prefix.map(str::as_bytes),
+            it,
+            &mut |k, v| {
+                out.push(format!(
+                    "{}={}",
+                    String::from_utf8_lossy(k),
+                    String::from_utf8_lossy(v)
+                ));
+                true
+            },
+        )
+        .unwrap();
+        out
+    }
+
+    #[test]
+    fn pending_writes_replace_and_hide_the_tables_entries() {
+        let older = entries(&[("a2", Some("x")), ("b1", None), ("c", Some("old"))]);
+        let newer = entries(&[("a2", None), ("a3", Some("n")), ("c", Some("new"))]);
+        let table = [("a1", ""), ("b1", ""), ("b2", ""), ("c", "base")];
+        assert_eq!(
+            scan(&[&newer, &older], &table, "", None),
+            ["a1=", "a3=n", "b2=", "c=new"]
+        );
+        assert_eq!(
+            scan(&[&newer, &older], &table, "a", Some("a")),
+            ["a1=", "a3=n"]
+        );
+        assert_eq!(scan(&[&newer, &older], &table, "b", Some("b")), ["b2="]);
+        assert_eq!(
+            scan(&[&newer, &older], &table, "b2", None),
+            ["b2=", "c=new"]
+        );
+        assert_eq!(lookup(&[&newer, &older], b"b1"), Some(None));
+        assert_eq!(lookup(&[&newer, &older], b"c"), Some(Some(&b"new"[..])));
+        assert_eq!(lookup(&[&newer, &older], b"a1"), None);
+    }
+
+    #[test]
+    fn a_log_record_replays_what_was_recorded_and_a_damaged_one_changes_nothing() {
+        let mut p = Pending::default();
+        p.record(Table::Ident, b"k1", Some(b""));
+        p.record(Table::Refs, b"k2", None);
+        assert!(!p.record(Table::Docs, b"k3", Some(b"")));
+        let record = p.encode();
+        let mut q = Pending::default();
+        q.replay(&record).unwrap();
+        assert_eq!(q.ident, p.ident);
+        assert_eq!(q.refs, p.refs);
+        for cut in 0..record.len() {
+            let mut r = Pending::default();
+            if r.replay(&record[..cut]).is_err() {
+                assert!(r.is_empty(), "a record cut at {cut} applied part of itself");
+            }
+        }
+    }
+}
