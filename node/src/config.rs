@@ -119,6 +119,14 @@ pub struct StorageConfig {
     pub cache_documents: usize,
     /// MiB of page cache for the store file.
     pub cache_mib: usize,
+    /// Index entries written to the log (and held in memory, about 130 bytes each) before one
+    /// commit folds them into the index tables. Fewer: less memory, more folds.
+    #[serde(default = "default_index_fold_entries")]
+    pub index_fold_entries: usize,
+}
+
+fn default_index_fold_entries() -> usize {
+    fieldmesh_storage::StoreOptions::default().fold_index_after
 }
 
 impl Default for StorageConfig {
@@ -126,6 +134,7 @@ impl Default for StorageConfig {
         Self {
             cache_documents: 256,
             cache_mib: 16,
+            index_fold_entries: default_index_fold_entries(),
         }
     }
 }

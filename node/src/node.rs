@@ -27,6 +27,7 @@ pub fn open_engine(dir: &DataDir) -> Result<Engine> {
         dir.store_path(),
         StoreOptions {
             cache_bytes: dir.config.storage.cache_mib * 1024 * 1024,
+            fold_index_after: dir.config.storage.index_fold_entries,
             ..StoreOptions::default()
         },
     )

@@ -26,6 +26,10 @@ pub(crate) type Entries = BTreeMap<Box<[u8]>, Option<Box<[u8]>>>;
 pub(crate) struct Pending {
     ident: Entries,
     refs: Entries,
+    /// The position of the last log record these writes include.
+    pub through: Option<u64>,
+    /// Positions of log records that could not be read: kept in the log, never folded away.
+    pub unreadable: Vec<u64>,
 }
 
 impl Pending {
@@ -93,6 +97,14 @@ impl Pending {
         w.0
     }
 
+    /// Replays the log record at `position` on top of these writes; a record that cannot be read
+    /// changes nothing and is noted in [`Pending::unreadable`].
+    pub fn replay_at(&mut self, position: u64, record: &[u8]) -> Result<(), StoreError> {
+        self.through = Some(position);
+        self.replay(record)
+            .inspect_err(|_| self.unreadable.push(position))
+    }
+
     /// Replays a log record on top of these writes.
     pub fn replay(&mut self, record: &[u8]) -> Result<(), StoreError> {
         let mut r = Reader(record);
@@ -143,27 +155,10 @@ pub(crate) fn lookup<'a>(layers: &[&'a Entries], key: &[u8]) -> Option<Option<&'
     layers.iter().find_map(|l| l.get(key)).map(|v| v.as_deref())
 }
 
-/// The layers' entries from `start` on (and, with a prefix, under it), newest layer winning.
-fn overlay<'a>(
-    layers: &[&'a Entries],
-    start: &[u8],
-    prefix: Option<&[u8]>,
-) -> Vec<(&'a [u8], Option<&'a [u8]>)> {
-    let mut merged: BTreeMap<&'a [u8], Option<&'a [u8]>> = BTreeMap::new();
-    for layer in layers.iter().rev() {
-        for (k, v) in layer.range::<[u8], _>((Bound::Included(start), Bound::Unbounded)) {
-            if prefix.is_some_and(|p| !k.starts_with(p)) {
-                break;
-            }
-            merged.insert(&k[..], v.as_deref());
-        }
-    }
-    merged.into_iter().collect()
-}
-
 /// Calls `f` on the entries from `start` on (under `prefix`, if given) of a table read through
 /// its pending layers (newest first): `table` yields the table's own entries in key order, and
-/// pending writes replace or hide them. Stops when `f` returns false.
+/// pending writes replace or hide them. Stops when `f` returns false. Streams: nothing is
+/// collected, whatever the number of pending writes.
 pub(crate) fn scan_merged<E>(
     layers: &[&Entries],
     start: &[u8],
@@ -171,39 +166,64 @@ pub(crate) fn scan_merged<E>(
     table: impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), E>>,
     f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
 ) -> Result<(), E> {
-    let pending = overlay(layers, start, prefix);
-    let mut p = pending.iter().peekable();
-    for entry in table {
-        let (k, v) = entry?;
-        if prefix.is_some_and(|pre| !k.starts_with(pre)) {
-            break;
-        }
-        // Pending keys before this one come first.
-        while let Some((pk, pv)) = p.next_if(|(pk, _)| *pk < &k[..]) {
-            if let Some(pv) = pv
-                && !f(pk, pv)
+    let within = |k: &[u8]| prefix.is_none_or(|p| k.starts_with(p));
+    let mut heads: Vec<_> = layers
+        .iter()
+        .map(|l| {
+            l.range::<[u8], _>((Bound::Included(start), Bound::Unbounded))
+                .map(|(k, v)| (&k[..], v.as_deref()))
+                .peekable()
+        })
+        .collect();
+    let mut table = table.peekable();
+    loop {
+        // The smallest key among the layers' heads, from the newest layer holding it.
+        let mut next: Option<(&[u8], Option<&[u8]>)> = None;
+        for h in heads.iter_mut() {
+            if let Some(&(k, v)) = h.peek()
+                && within(k)
+                && next.is_none_or(|(n, _)| k < n)
             {
-                return Ok(());
+                next = Some((k, v));
             }
         }
-        let shown = match p.next_if(|(pk, _)| *pk == &k[..]) {
-            Some((_, pending)) => *pending,
-            None => Some(&v[..]),
+        let from_table = match table.peek() {
+            Some(Ok((k, _))) if within(k) => Some(k.clone()),
+            Some(Ok(_)) | None => None,
+            Some(Err(_)) => match table.next() {
+                Some(Err(e)) => return Err(e),
+                _ => None,
+            },
         };
-        if let Some(v) = shown
-            && !f(&k, v)
+        let take_pending = match (&next, &from_table) {
+            (None, None) => return Ok(()),
+            (Some((pk, _)), Some(t)) => *pk <= &t[..],
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+        };
+        let (key, value): (Vec<u8>, Option<Vec<u8>>) = match next {
+            Some((pk, pv)) if take_pending => {
+                if from_table.as_deref() == Some(pk) {
+                    table.next();
+                }
+                (pk.to_vec(), pv.map(<[u8]>::to_vec))
+            }
+            _ => match table.next() {
+                Some(Ok((k, v))) => (k, Some(v)),
+                Some(Err(e)) => return Err(e),
+                None => return Ok(()),
+            },
+        };
+        // Every layer moves past the key taken.
+        for h in heads.iter_mut() {
+            while h.next_if(|(k, _)| *k <= &key[..]).is_some() {}
+        }
+        if let Some(v) = value
+            && !f(&key, &v)
         {
             return Ok(());
         }
     }
-    for (pk, pv) in p {
-        if let Some(pv) = pv
-            && !f(pk, pv)
-        {
-            return Ok(());
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -278,7 +298,8 @@ mod tests {
         assert!(!p.record(Table::Docs, b"k3", Some(b"")));
         let record = p.encode();
         let mut q = Pending::default();
-        q.replay(&record).unwrap();
+        q.replay_at(7, &record).unwrap();
+        assert_eq!((q.through, q.unreadable.len()), (Some(7), 0));
         assert_eq!(q.ident, p.ident);
         assert_eq!(q.refs, p.refs);
         for cut in 0..record.len() {

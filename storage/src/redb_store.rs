@@ -43,6 +43,9 @@ fn def(t: Table) -> TableDefinition<'static, &'static [u8], &'static [u8]> {
     TableDefinition::new(t.name())
 }
 
+/// The largest fold size taken (about 130 MB of pending writes in memory).
+pub const MAX_FOLD: usize = 1 << 20;
+
 /// `position (u64)` → the index writes of one commit not yet folded ([`Pending::encode`]).
 const DEFERRED: TableDefinition<'static, u64, &'static [u8]> =
     TableDefinition::new("deferred_index");
@@ -108,6 +111,9 @@ pub struct RedbStore {
     pending: std::sync::RwLock<Pending>,
     /// One commit at a time, from its transaction to the update of `pending`.
     committing: std::sync::Mutex<()>,
+    /// The pending writes in memory may lack a commit that failed late (after its data landed):
+    /// the next commit reads them from the log again.
+    stale: std::sync::atomic::AtomicBool,
     fold_at: usize,
 }
 
@@ -152,7 +158,8 @@ impl RedbStore {
             generation: std::sync::atomic::AtomicU64::new(0),
             pending: std::sync::RwLock::new(Pending::default()),
             committing: std::sync::Mutex::new(()),
-            fold_at: options.fold_index_after.max(1),
+            stale: std::sync::atomic::AtomicBool::new(false),
+            fold_at: options.fold_index_after.clamp(1, MAX_FOLD),
         };
         // Create every table once so that readers never meet a missing one. A store that has
         // them all is only read here: a damaged one still opens, to serve what it can.
@@ -230,10 +237,10 @@ impl RedbStore {
             .create(&self.path)
             .map_err(|e| self.err(e))?;
         *db = Some(fresh);
-        drop(db);
-        // The failed commit may have landed or not: the log on disk says which.
-        self.load_pending();
         self.generation.fetch_add(1, Ordering::AcqRel);
+        // The failed commit may have landed or not: the log says which, and the next commit
+        // reads it again (readers meanwhile read what the memory lacks from the log).
+        self.stale.store(true, Ordering::Release);
         tracing::info!(path = %self.path.display(), "the store was reopened after an I/O error");
         Ok(())
     }
@@ -329,24 +336,19 @@ impl RedbStore {
             txn,
             path: self.path.clone(),
             pending,
+            newer: std::cell::OnceCell::new(),
         })
     }
 
-    /// Reads the deferred index log into memory (at open, and after a reopen). A record that
-    /// cannot be read is reported and skipped: the store still opens, and `fieldmesh check`
+    /// Reads the deferred index log into memory (at open). A record that cannot be read is
+    /// reported and skipped (and kept in the log): the store still opens, and `fieldmesh check`
     /// finds the entries it held missing.
     fn load_pending(&self) {
         let mut loaded = Pending::default();
         let read = shield(&self.path, || {
             let txn = self.begin_read()?;
             let log = txn.open_table(DEFERRED).map_err(|e| self.err(e))?;
-            for entry in log.range::<u64>(..).map_err(|e| self.err(e))? {
-                let (k, v) = entry.map_err(|e| self.err(e))?;
-                if let Err(e) = loaded.replay(v.value()) {
-                    tracing::error!(path = %self.path.display(), record = k.value(), error = %e, "a deferred index record cannot be read");
-                }
-            }
-            Ok(())
+            replay_log(&log, &mut loaded, None, &self.path)
         });
         if let Err(e) = read {
             tracing::error!(path = %self.path.display(), error = %e, "the deferred index log cannot be read");
@@ -358,17 +360,66 @@ impl RedbStore {
     }
 }
 
+/// Replays the log records after position `after` (all with `None`) onto `into`, reporting those
+/// that cannot be read.
+fn replay_log(
+    log: &impl ReadableTable<u64, &'static [u8]>,
+    into: &mut Pending,
+    after: Option<u64>,
+    path: &Path,
+) -> Result<(), StoreError> {
+    let from = after.map_or(0, |a| a.saturating_add(1));
+    if after == Some(u64::MAX) {
+        return Ok(());
+    }
+    for entry in log.range::<u64>(from..).map_err(|e| engine(e, path))? {
+        let (k, v) = entry.map_err(|e| engine(e, path))?;
+        if let Err(e) = into.replay_at(k.value(), v.value()) {
+            tracing::error!(path = %path.display(), record = k.value(), error = %e, "a deferred index record cannot be read");
+        }
+    }
+    Ok(())
+}
+
 struct ReadTxn<'a> {
     txn: redb::ReadTransaction,
     path: PathBuf,
+    /// The pending writes in memory, held for the whole read: a commit updates them only after
+    /// it lands, so this read's snapshot holds at least the log they were read from.
     pending: std::sync::RwLockReadGuard<'a, Pending>,
+    /// Log records of this snapshot that the memory does not hold yet (a commit that landed
+    /// between taking `pending` and beginning the snapshot), read on first use.
+    newer: std::cell::OnceCell<Pending>,
+}
+
+impl ReadTxn<'_> {
+    /// The pending layers of `table`, newest first.
+    fn layers(&self, table: Table) -> Vec<&Entries> {
+        if self.pending.entries(table).is_none() {
+            return Vec::new();
+        }
+        let newer = self.newer.get_or_init(|| {
+            let mut newer = Pending::default();
+            let read = self
+                .txn
+                .open_table(DEFERRED)
+                .map_err(|e| engine(e, &self.path))
+                .and_then(|log| replay_log(&log, &mut newer, self.pending.through, &self.path));
+            if let Err(e) = read {
+                tracing::error!(path = %self.path.display(), error = %e, "the deferred index log cannot be read");
+            }
+            newer
+        });
+        [newer.entries(table), self.pending.entries(table)]
+            .into_iter()
+            .flatten()
+            .collect()
+    }
 }
 
 impl KvRead for ReadTxn<'_> {
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        if let Some(e) = self.pending.entries(table)
-            && let Some(v) = lookup(&[e], key)
-        {
+        if let Some(v) = lookup(&self.layers(table), key) {
             return Ok(v.map(<[u8]>::to_vec));
         }
         let t = self
@@ -388,8 +439,7 @@ impl KvRead for ReadTxn<'_> {
             .txn
             .open_table(def(table))
             .map_err(|e| engine(e, &self.path))?;
-        let layers: Vec<&Entries> = self.pending.entries(table).into_iter().collect();
-        scan_table(&t, &layers, prefix, Some(prefix), f, &self.path)
+        scan_table(&t, &self.layers(table), prefix, Some(prefix), f, &self.path)
     }
     fn scan_from(
         &self,
@@ -401,8 +451,7 @@ impl KvRead for ReadTxn<'_> {
             .txn
             .open_table(def(table))
             .map_err(|e| engine(e, &self.path))?;
-        let layers: Vec<&Entries> = self.pending.entries(table).into_iter().collect();
-        scan_table(&t, &layers, start, None, f, &self.path)
+        scan_table(&t, &self.layers(table), start, None, f, &self.path)
     }
 }
 
@@ -520,6 +569,7 @@ impl KvWrite for WriteTxn<'_> {
 
 impl RedbStore {
     fn commit_unshielded(&self, writes: Vec<Write>) -> Result<Vec<u64>, StoreError> {
+        use std::sync::atomic::Ordering;
         let _one = self
             .committing
             .lock()
@@ -530,6 +580,12 @@ impl RedbStore {
         txn.set_quick_repair(true);
         txn.set_durability(redb::Durability::Immediate)
             .map_err(|e| StoreError::Engine(e.to_string()))?;
+        if self.stale.swap(false, Ordering::AcqRel) {
+            let mut fresh = Pending::default();
+            let log = txn.open_table(DEFERRED).map_err(|e| self.err(e))?;
+            replay_log(&log, &mut fresh, None, &self.path)?;
+            *self.pending_mut() = fresh;
+        }
         let applied = {
             let committed = self
                 .pending
@@ -548,80 +604,110 @@ impl RedbStore {
             match ops::apply(&mut w, writes, &self.budget) {
                 Ok(seqs) => self
                     .defer_or_fold(&txn, &mut w)
-                    .map(|folded| (seqs, w.local, folded)),
+                    .map(|logged| (seqs, w.local, logged)),
                 Err(e) => Err(e),
             }
         };
-        match applied {
-            Ok((seqs, _, true)) => {
-                // Readers see the index tables and the pending writes before the fold or after
-                // it, never the folded tables with the pending writes gone half.
-                let mut pending = self
-                    .pending
-                    .write()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                txn.commit().map_err(|e| self.err(e))?;
-                *pending = Pending::default();
-                Ok(seqs)
-            }
-            Ok((seqs, local, false)) => {
-                txn.commit().map_err(|e| self.err(e))?;
-                if !local.is_empty() {
-                    self.pending
-                        .write()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .absorb(local);
-                }
-                Ok(seqs)
-            }
+        let (seqs, local, logged) = match applied {
+            Ok(applied) => applied,
             Err(e) => {
                 // Dropping the transaction aborts it; report the original error.
                 let _ = txn.abort();
-                Err(e)
+                return Err(e);
+            }
+        };
+        if let Err(e) = txn.commit() {
+            // It may have landed all the same: the next commit reads the log again.
+            self.stale.store(true, Ordering::Release);
+            return Err(self.err(e));
+        }
+        // Readers hold the pending writes while they read: they see the memory as it was
+        // before this commit, with what their snapshot's log adds (`ReadTxn::newer`), or after.
+        let mut pending = self.pending_mut();
+        match logged {
+            Logged::Nothing => {}
+            Logged::Appended { at, previous } if pending.through == previous => {
+                pending.absorb(local);
+                pending.through = Some(at);
+            }
+            Logged::Appended { .. } => self.stale.store(true, Ordering::Release),
+            Logged::Folded { at } => {
+                let unreadable = std::mem::take(&mut pending.unreadable);
+                *pending = local;
+                pending.through = Some(at);
+                pending.unreadable = unreadable;
             }
         }
+        Ok(seqs)
+    }
+
+    fn pending_mut(&self) -> std::sync::RwLockWriteGuard<'_, Pending> {
+        self.pending
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Appends the commit's index writes to the log, or, once the pending writes reach the fold
-    /// size, writes them all into the index tables in key order and empties the log. Returns
-    /// whether it folded.
+    /// size, writes them all into the index tables in key order and removes the records folded.
+    /// The commit's own writes stay in the log either way (a fold writes them to the tables
+    /// too), so that a reader whose memory predates the fold reads them from its snapshot.
     fn defer_or_fold(
         &self,
         txn: &redb::WriteTransaction,
         w: &mut WriteTxn<'_>,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Logged, StoreError> {
         if w.local.is_empty() {
-            return Ok(false);
+            return Ok(Logged::Nothing);
         }
         let mut log = txn.open_table(DEFERRED).map_err(|e| self.err(e))?;
-        if w.committed.len() + w.local.len() < self.fold_at {
-            let next = log
-                .last()
-                .map_err(|e| self.err(e))?
-                .map_or(0, |(k, _)| k.value().saturating_add(1));
-            log.insert(next, w.local.encode().as_slice())
+        let previous = log.last().map_err(|e| self.err(e))?.map(|(k, _)| k.value());
+        let at = previous.map_or(0, |p| p.saturating_add(1));
+        let fold = w.committed.len() + w.local.len() >= self.fold_at;
+        if fold {
+            let started = std::time::Instant::now();
+            let entries = w.committed.len() + w.local.len();
+            // The earlier writes first: this commit's replace them where they meet.
+            for (table, key, value) in w.committed.iter().chain(w.local.iter()) {
+                let t = &mut w.tables[table as usize];
+                match value {
+                    Some(v) => t.insert(key, v).map(|_| ()),
+                    None => t.remove(key).map(|_| ()),
+                }
                 .map_err(|e| self.err(e))?;
-            return Ok(false);
-        }
-        let started = std::time::Instant::now();
-        let entries = w.committed.len() + w.local.len();
-        // The earlier writes first: this commit's replace them where they meet.
-        for (table, key, value) in w.committed.iter().chain(w.local.iter()) {
-            let t = &mut w.tables[table as usize];
-            match value {
-                Some(v) => t.insert(key, v).map(|_| ()),
-                None => t.remove(key).map(|_| ()),
             }
-            .map_err(|e| self.err(e))?;
+            // Only what the memory held is folded away: records it could not read stay.
+            let through = w.committed.through;
+            let unreadable = &w.committed.unreadable;
+            log.retain(|k, _| through.is_none_or(|t| k > t) || unreadable.contains(&k))
+                .map_err(|e| self.err(e))?;
+            tracing::debug!(
+                entries,
+                ms = started.elapsed().as_millis() as u64,
+                "folded the deferred index writes"
+            );
         }
-        log.retain(|_, _| false).map_err(|e| self.err(e))?;
-        tracing::debug!(
-            entries,
-            ms = started.elapsed().as_millis() as u64,
-            "folded the deferred index writes"
-        );
-        Ok(true)
+        log.insert(at, w.local.encode().as_slice())
+            .map_err(|e| self.err(e))?;
+        Ok(if fold {
+            Logged::Folded { at }
+        } else {
+            Logged::Appended { at, previous }
+        })
     }
+}
+
+/// What a commit did with its index writes.
+enum Logged {
+    Nothing,
+    /// Appended at `at`; `previous` was the log's last record before.
+    Appended {
+        at: u64,
+        previous: Option<u64>,
+    },
+    /// Folded everything held before into the tables; its own writes logged at `at`.
+    Folded {
+        at: u64,
+    },
 }
 
 impl RedbStore {
