@@ -53,7 +53,9 @@ pub(crate) struct Loaded {
 pub(crate) struct Live {
     /// The document; `None` for a staged bulk-loaded or received document whose memory was
     /// given back (it is read from the store again once committed).
-    pub doc: Option<AutoCommit>,
+    /// Boxed: an `AutoCommit` is over 4 KB inline, and the maps of staged documents hold
+    /// hundreds of `Live`s, most of them without their document.
+    pub doc: Option<Box<AutoCommit>>,
     pub meta: DocMeta,
     /// Its current index entries (writes see staged documents before they are committed).
     pub entries: IndexEntries,
@@ -62,7 +64,7 @@ pub(crate) struct Live {
 impl Live {
     pub fn doc(&mut self, id: &DocId) -> Result<&mut AutoCommit, DocError> {
         self.doc
-            .as_mut()
+            .as_deref_mut()
             .ok_or_else(|| DocError::Missing(format!("{id} (not in memory)")))
     }
 }
@@ -683,7 +685,7 @@ impl Engine {
             match self.load_staged_bytes(id)? {
                 Some(doc) => {
                     if let Some(mut l) = self.dirty.remove(id) {
-                        l.doc = Some(doc);
+                        l.doc = Some(Box::new(doc));
                         return Ok(Some(l));
                     }
                 }
@@ -714,7 +716,7 @@ impl Engine {
             ReadError::Damaged,
         )?;
         Ok(Some(Live {
-            doc: Some(doc),
+            doc: Some(Box::new(doc)),
             meta,
             entries,
         }))
@@ -783,7 +785,7 @@ impl Engine {
                         json,
                         partial,
                         live: Live {
-                            doc: Some(doc),
+                            doc: Some(Box::new(doc)),
                             meta,
                             entries: IndexEntries::default(),
                         },

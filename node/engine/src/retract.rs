@@ -238,7 +238,7 @@ impl Engine {
         let entries = with_left(entries_of_json(&json), &live.entries);
         let previous = std::mem::replace(&mut live.entries, entries);
         let data = DocData::Full(rebuilt.save_nocompress());
-        live.doc = Some(rebuilt);
+        live.doc = Some(Box::new(rebuilt));
         let meta = live.meta.clone();
         let entries: IndexEntries = live.entries.clone();
         self.stage(
