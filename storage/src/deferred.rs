@@ -156,16 +156,22 @@ pub(crate) fn lookup<'a>(layers: &[&'a Entries], key: &[u8]) -> Option<Option<&'
 }
 
 /// Calls `f` on the entries from `start` on (under `prefix`, if given) of a table read through
-/// its pending layers (newest first): `table` yields the table's own entries in key order, and
-/// pending writes replace or hide them. Stops when `f` returns false. Streams: nothing is
-/// collected, whatever the number of pending writes.
-pub(crate) fn scan_merged<E>(
+/// its pending layers (newest first): `table` yields the table's own entries in key order (`kv`
+/// reads an entry's key and value), and pending writes replace or hide them. Stops when `f`
+/// returns false. Streams, and copies nothing.
+pub(crate) fn scan_merged<T, E>(
     layers: &[&Entries],
     start: &[u8],
     prefix: Option<&[u8]>,
-    table: impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), E>>,
+    table: impl Iterator<Item = Result<T, E>>,
+    kv: impl Fn(&T) -> (&[u8], &[u8]),
     f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
 ) -> Result<(), E> {
+    enum Take {
+        Pending,
+        PendingOverTable,
+        Table,
+    }
     let within = |k: &[u8]| prefix.is_none_or(|p| k.starts_with(p));
     let mut heads: Vec<_> = layers
         .iter()
@@ -187,40 +193,48 @@ pub(crate) fn scan_merged<E>(
                 next = Some((k, v));
             }
         }
-        let from_table = match table.peek() {
-            Some(Ok((k, _))) if within(k) => Some(k.clone()),
-            Some(Ok(_)) | None => None,
-            Some(Err(_)) => match table.next() {
-                Some(Err(e)) => return Err(e),
-                _ => None,
-            },
-        };
-        let take_pending = match (&next, &from_table) {
-            (None, None) => return Ok(()),
-            (Some((pk, _)), Some(t)) => *pk <= &t[..],
-            (Some(_), None) => true,
-            (None, Some(_)) => false,
-        };
-        let (key, value): (Vec<u8>, Option<Vec<u8>>) = match next {
-            Some((pk, pv)) if take_pending => {
-                if from_table.as_deref() == Some(pk) {
-                    table.next();
-                }
-                (pk.to_vec(), pv.map(<[u8]>::to_vec))
+        let take = match table.peek() {
+            Some(Err(_)) => {
+                return match table.next() {
+                    Some(Err(e)) => Err(e),
+                    _ => Ok(()),
+                };
             }
-            _ => match table.next() {
-                Some(Ok((k, v))) => (k, Some(v)),
-                Some(Err(e)) => return Err(e),
+            Some(Ok(t)) if within(kv(t).0) => {
+                let tk = kv(t).0;
+                match next {
+                    Some((pk, _)) if pk < tk => Take::Pending,
+                    Some((pk, _)) if pk == tk => Take::PendingOverTable,
+                    _ => Take::Table,
+                }
+            }
+            Some(Ok(_)) | None => match next {
+                Some(_) => Take::Pending,
                 None => return Ok(()),
             },
         };
-        // Every layer moves past the key taken.
-        for h in heads.iter_mut() {
-            while h.next_if(|(k, _)| *k <= &key[..]).is_some() {}
-        }
-        if let Some(v) = value
-            && !f(&key, &v)
-        {
+        let go_on = match (take, next) {
+            (Take::Table, _) => match table.next() {
+                Some(Ok(t)) => {
+                    let (k, v) = kv(&t);
+                    f(k, v)
+                }
+                Some(Err(e)) => return Err(e),
+                None => return Ok(()),
+            },
+            (how, Some((pk, pv))) => {
+                if matches!(how, Take::PendingOverTable) {
+                    table.next();
+                }
+                // Older layers' writes of the same key are replaced by this one.
+                for h in heads.iter_mut() {
+                    while h.next_if(|(k, _)| *k == pk).is_some() {}
+                }
+                pv.is_none_or(|v| f(pk, v))
+            }
+            (_, None) => return Ok(()),
+        };
+        if !go_on {
             return Ok(());
         }
     }
@@ -248,12 +262,13 @@ mod tests {
         let it = table
             .iter()
             .filter(|(k, _)| *k >= start)
-            .map(|(k, v)| Ok::<_, ()>((k.as_bytes().to_vec(), v.as_bytes().to_vec())));
+            .map(|(k, v)| Ok::<_, ()>((k.as_bytes(), v.as_bytes())));
         scan_merged(
             layers,
             start.as_bytes(),
             prefix.map(str::as_bytes),
             it,
+            |t| *t,
             &mut |k, v| {
                 out.push(format!(
                     "{}={}",

@@ -272,6 +272,11 @@ pub trait Store: Send + Sync {
     /// Documents of type `ty` that carry at least one identifier (every document a node writes
     /// does); a full scan of that type's index, for small types such as certificates.
     fn of_type(&self, ty: &str) -> Result<Vec<DocId>, StoreError>;
+    /// How many documents of type `ty` the store holds: a counter, not a scan (stores that keep
+    /// none count [`Store::of_type`]).
+    fn count_of_type(&self, ty: &str) -> Result<usize, StoreError> {
+        Ok(self.of_type(ty)?.len())
+    }
     /// Documents that point at the identity `ty, system|value`.
     fn referrers(&self, ty: &str, system: &str, value: &str) -> Result<Vec<DocId>, StoreError>;
     /// Up to `limit` log entries after sequence `after`, in order.
@@ -337,6 +342,9 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
     }
     fn of_type(&self, ty: &str) -> Result<Vec<DocId>, StoreError> {
         (**self).of_type(ty)
+    }
+    fn count_of_type(&self, ty: &str) -> Result<usize, StoreError> {
+        (**self).count_of_type(ty)
     }
     fn referrers(&self, ty: &str, system: &str, value: &str) -> Result<Vec<DocId>, StoreError> {
         (**self).referrers(ty, system, value)

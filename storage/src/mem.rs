@@ -176,6 +176,9 @@ impl Store for MemStore {
     fn of_type(&self, ty: &str) -> Result<Vec<DocId>, StoreError> {
         ops::of_type(&*self.read()?, ty)
     }
+    fn count_of_type(&self, ty: &str) -> Result<usize, StoreError> {
+        ops::count_of_type(&*self.read()?, ty)
+    }
     fn envelopes(&self, id: &DocId) -> Result<Vec<u8>, StoreError> {
         ops::envelopes(&*self.read()?, id)
     }

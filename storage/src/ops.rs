@@ -17,6 +17,15 @@ const DOCUMENTS: &[u8] = b"documents";
 const QUARANTINED: &[u8] = b"quarantined";
 const QUARANTINE_BYTES: &[u8] = b"quarantine_bytes";
 const QUARANTINE_EVICTED: &[u8] = b"quarantine_evicted";
+/// Set once the per-type document counters (`count:<type>`) are kept; a store written before
+/// has them counted on its first commit.
+const TYPE_COUNTS: &[u8] = b"type_counts_v1";
+
+fn type_count_key(ty: &str) -> Vec<u8> {
+    let mut k = b"count:".to_vec();
+    k.extend_from_slice(ty.as_bytes());
+    k
+}
 /// Quarantine records written before payloads were kept apart.
 const QUARANTINE_V3: u8 = 3;
 /// Quarantine records with their payload kept once in [`Table::Payloads`].
@@ -135,16 +144,20 @@ pub fn apply(
     budget: &QuarantineBudget,
 ) -> Result<Vec<u64>, StoreError> {
     ensure_store_id(kv)?;
+    ensure_type_counts(kv)?;
     let mut next_seq = counter(kv, NEXT_SEQ)?.max(1);
     let mut documents = counter(kv, DOCUMENTS)?;
+    let mut by_type: std::collections::HashMap<String, i64> = std::collections::HashMap::new();
     let mut seqs = Vec::with_capacity(writes.len());
     for w in writes {
         match w {
             Write::Doc(d) => {
                 let seq = next_seq;
                 next_seq += 1;
+                let ty = d.ty.clone();
                 if write_doc(kv, d, seq)? {
                     documents += 1;
+                    *by_type.entry(ty).or_default() += 1;
                 }
                 seqs.push(seq);
             }
@@ -167,8 +180,9 @@ pub fn apply(
                 seqs.push(0);
             }
             Write::Remove { id, entries, purge } => {
-                if remove_doc(kv, &id, &entries, &purge)? {
+                if let Some(ty) = remove_doc(kv, &id, &entries, &purge)? {
                     documents = documents.saturating_sub(1);
+                    *by_type.entry(ty).or_default() -= 1;
                 }
                 seqs.push(0);
             }
@@ -184,7 +198,54 @@ pub fn apply(
     }
     set_counter(kv, NEXT_SEQ, next_seq)?;
     set_counter(kv, DOCUMENTS, documents)?;
+    for (ty, delta) in by_type {
+        if delta != 0 {
+            let key = type_count_key(&ty);
+            let n = counter(kv, &key)?.saturating_add_signed(delta);
+            set_counter(kv, &key, n)?;
+        }
+    }
     Ok(seqs)
+}
+
+/// Counts the documents of each type once, in a store written before the counters were kept.
+fn ensure_type_counts(kv: &mut dyn KvWrite) -> Result<(), StoreError> {
+    if kv.get(Table::Meta, TYPE_COUNTS)?.is_some() {
+        return Ok(());
+    }
+    let mut counts: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+    let mut err = None;
+    kv.scan(Table::Docs, &[], &mut |_, v| match decode_meta(v) {
+        Ok(m) => {
+            *counts.entry(m.ty).or_default() += 1;
+            true
+        }
+        Err(e) => {
+            err = Some(e);
+            false
+        }
+    })?;
+    if let Some(e) = err {
+        return Err(e);
+    }
+    for (ty, n) in counts {
+        set_counter(kv, &type_count_key(&ty), n)?;
+    }
+    kv.put(Table::Meta, TYPE_COUNTS, &[1])
+}
+
+/// Whether the store keeps its per-type document counters (a store written before does not
+/// until its next commit).
+pub fn type_counts_kept(kv: &dyn KvRead) -> Result<bool, StoreError> {
+    Ok(kv.get(Table::Meta, TYPE_COUNTS)?.is_some())
+}
+
+/// See [`crate::Store::count_of_type`].
+pub fn count_of_type(kv: &dyn KvRead, ty: &str) -> Result<usize, StoreError> {
+    if kv.get(Table::Meta, TYPE_COUNTS)?.is_none() {
+        return Ok(of_type(kv, ty)?.len());
+    }
+    Ok(usize::try_from(counter(kv, &type_count_key(ty))?).unwrap_or(usize::MAX))
 }
 
 fn payload_hash(q: &Quarantine) -> [u8; 32] {
@@ -363,7 +424,8 @@ fn decode_quarantined(k: &[u8], v: &[u8]) -> Result<Quarantined, StoreError> {
     }
 }
 
-/// Writes one document; returns whether it is new.
+/// Writes one document; returns whether it is new (a new document is counted under the type
+/// it is written with, which never changes).
 fn write_doc(kv: &mut dyn KvWrite, d: DocWrite, seq: u64) -> Result<bool, StoreError> {
     let old = kv
         .get(Table::Docs, &d.id)?
@@ -465,13 +527,13 @@ fn remove_doc(
     id: &DocId,
     entries: &crate::IndexEntries,
     purge: &[String],
-) -> Result<bool, StoreError> {
+) -> Result<Option<String>, StoreError> {
     let Some(meta) = kv
         .get(Table::Docs, id)?
         .map(|b| decode_meta(&b))
         .transpose()?
     else {
-        return Ok(false);
+        return Ok(None);
     };
     for n in 0..meta.chunks {
         kv.del(Table::Chunks, &chunk_key(id, n))?;
@@ -497,7 +559,7 @@ fn remove_doc(
     kv.del(Table::Log, &meta.seq.to_be_bytes())?;
     kv.del(Table::Envelopes, id)?;
     kv.del(Table::Docs, id)?;
-    Ok(true)
+    Ok(Some(meta.ty))
 }
 
 /// See [`crate::Store::envelopes`].

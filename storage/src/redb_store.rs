@@ -199,9 +199,11 @@ impl RedbStore {
             txn.commit().map_err(|e| store.err(e))?;
         }
         store.load_pending();
+        let counted = store.reading(|r| ops::type_counts_kept(r)).unwrap_or(true);
         match store.store_id() {
-            // An empty commit gives a new store its id.
-            Ok(id) if id == [0; 16] => {
+            // An empty commit gives a new store its id, and a store written before the
+            // per-type counters were kept its counters.
+            Ok(id) if id == [0; 16] || !counted => {
                 store.commit(Vec::new())?;
             }
             Ok(_) => {}
@@ -467,12 +469,15 @@ fn scan_table(
 ) -> Result<(), StoreError> {
     let range = t.range::<&[u8]>(start..).map_err(|e| engine(e, path))?;
     if layers.iter().any(|l| !l.is_empty()) {
-        let owned = range.map(|entry| {
-            entry
-                .map(|(k, v)| (k.value().to_vec(), v.value().to_vec()))
-                .map_err(|e| engine(e, path))
-        });
-        return scan_merged(layers, start, prefix, owned, f);
+        let entries = range.map(|entry| entry.map_err(|e| engine(e, path)));
+        return scan_merged(
+            layers,
+            start,
+            prefix,
+            entries,
+            |(k, v)| (k.value(), v.value()),
+            f,
+        );
     }
     for entry in range {
         let (k, v) = entry.map_err(|e| engine(e, path))?;
@@ -791,6 +796,9 @@ impl Store for RedbStore {
     }
     fn of_type(&self, ty: &str) -> Result<Vec<DocId>, StoreError> {
         self.reading(|r| ops::of_type(r, ty))
+    }
+    fn count_of_type(&self, ty: &str) -> Result<usize, StoreError> {
+        self.reading(|r| ops::count_of_type(r, ty))
     }
     fn envelopes(&self, id: &DocId) -> Result<Vec<u8>, StoreError> {
         self.reading(|r| ops::envelopes(r, id))

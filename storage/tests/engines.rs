@@ -230,6 +230,43 @@ fn the_quarantine_keeps_to_its_budget() {
     assert_eq!((last.bytes, last.payload), (5_000, [0; 32]));
 }
 
+/// Documents are counted by type as they are written and removed, without a scan.
+fn counts(store: &dyn Store) {
+    store
+        .commit(vec![
+            doc(1, DocData::Full(b"one".to_vec()), &[("sys", "1")], &[]),
+            doc(2, DocData::Full(b"two".to_vec()), &[("sys", "2")], &[]),
+        ])
+        .unwrap();
+    // Written again: still two.
+    store
+        .commit(vec![doc_after(
+            2,
+            DocData::Append(b"2".to_vec()),
+            &[("sys", "2")],
+            &[],
+            entries(&[("sys", "2")], &[]),
+        )])
+        .unwrap();
+    assert_eq!(store.count_of_type("Patient").unwrap(), 2);
+    store
+        .commit(vec![Write::Remove {
+            id: id(1),
+            entries: entries(&[("sys", "1")], &[]),
+            purge: Vec::new(),
+        }])
+        .unwrap();
+    assert_eq!(store.count_of_type("Patient").unwrap(), 1);
+    assert_eq!(store.count_of_type("Group").unwrap(), 0);
+}
+
+#[test]
+fn documents_are_counted_by_type() {
+    counts(&MemStore::new());
+    let dir = tempfile::tempdir().unwrap();
+    counts(&RedbStore::open(dir.path().join("s.redb"), StoreOptions::default()).unwrap());
+}
+
 #[test]
 fn mem_store_behaves() {
     exercise(&mut MemStore::new());
@@ -328,6 +365,8 @@ proptest! {
             }
         }
         prop_assert_eq!(disk.referrers("Group", "sys", "t0").unwrap(), mem.referrers("Group", "sys", "t0").unwrap());
+        prop_assert_eq!(disk.count_of_type("Patient").unwrap(), current.len());
+        prop_assert_eq!(mem.count_of_type("Patient").unwrap(), current.len());
         prop_assert_eq!(disk.index_entries().unwrap(), mem.index_entries().unwrap());
         // The index holds exactly what the documents carry now.
         let expected: usize = current.values().map(|e| e.identifiers.len()).sum();

@@ -103,7 +103,7 @@ impl Reader {
 
     /// How many documents of type `ty` this node holds.
     pub fn count_of_type(&self, ty: &str) -> Result<usize, ReadError> {
-        Ok(self.store().of_type(ty)?.len())
+        Ok(self.store().count_of_type(ty)?)
     }
 
     pub(crate) fn store(&self) -> &dyn Store {
