@@ -325,7 +325,14 @@ impl Engine {
         );
         // Bulk loads give the live document's memory back at once.
         let doc = self.keep_flushed.then_some(doc);
-        self.dirty.insert(id, Live { doc: doc.map(Box::new), meta, entries });
+        self.dirty.insert(
+            id,
+            Live {
+                doc: doc.map(Box::new),
+                meta,
+                entries,
+            },
+        );
     }
 
     /// Updates (or, for an unused UUID, creates) the resource `ty/id` to read as `resource`,
