@@ -214,19 +214,20 @@ fn ensure_type_counts(kv: &mut dyn KvWrite) -> Result<(), StoreError> {
         return Ok(());
     }
     let mut counts: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
-    let mut err = None;
-    kv.scan(Table::Docs, &[], &mut |_, v| match decode_meta(v) {
-        Ok(m) => {
-            *counts.entry(m.ty).or_default() += 1;
-            true
+    let mut unreadable = 0u64;
+    kv.scan(Table::Docs, &[], &mut |_, v| {
+        match decode_meta(v) {
+            Ok(m) => *counts.entry(m.ty).or_default() += 1,
+            // A damaged record is not counted; it must not stop every later commit.
+            Err(_) => unreadable += 1,
         }
-        Err(e) => {
-            err = Some(e);
-            false
-        }
+        true
     })?;
-    if let Some(e) = err {
-        return Err(e);
+    if unreadable > 0 {
+        tracing::warn!(
+            unreadable,
+            "document records that cannot be read are left out of the counts by type"
+        );
     }
     for (ty, n) in counts {
         set_counter(kv, &type_count_key(&ty), n)?;
