@@ -875,3 +875,64 @@ impl RedbStore {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::{DocData, DocWrite, IndexEntries};
+
+    fn patient(n: u8, chfid: &str) -> Write {
+        Write::Doc(DocWrite {
+            id: [n; 16],
+            ty: "Patient".into(),
+            origin: "urn:fieldmesh:node:a".into(),
+            data: DocData::Full(vec![n; 4]),
+            heads: vec![[n; 32]],
+            updated: 0,
+            identifiers: vec![("chfid".into(), chfid.into())],
+            references: Vec::new(),
+            previous: IndexEntries::default(),
+            envelopes: Vec::new(),
+        })
+    }
+
+    /// A reader whose memory of the pending writes lags behind its snapshot (a commit that
+    /// landed before the memory took it in) reads what is missing from the snapshot's log; a
+    /// commit that finds the memory stale reads the log again before it folds.
+    #[test]
+    fn the_log_covers_what_the_memory_lacks() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = StoreOptions {
+            fold_index_after: 3,
+            ..StoreOptions::default()
+        };
+        let store = RedbStore::open(dir.path().join("s.redb"), options).unwrap();
+        store.commit(vec![patient(1, "C1")]).unwrap();
+        // The memory forgets the commit, as if it had not taken it in yet.
+        *store.pending_mut() = Pending::default();
+        assert_eq!(store.find("Patient", "chfid", "C1").unwrap(), vec![[1; 16]]);
+        // A commit after a late failure reads the log again: the fold keeps C1.
+        store
+            .stale
+            .store(true, std::sync::atomic::Ordering::Release);
+        store
+            .commit(vec![patient(2, "C2"), patient(3, "C3")])
+            .unwrap();
+        // It folded all three (the log keeps only its own record), C1 included.
+        let log = store
+            .table_sizes()
+            .unwrap()
+            .into_iter()
+            .find(|(name, _)| *name == "deferred_index")
+            .unwrap();
+        assert_eq!(
+            log.1.entries, 1,
+            "the commit did not fold what the log held"
+        );
+        for (n, c) in [(1u8, "C1"), (2, "C2"), (3, "C3")] {
+            assert_eq!(store.find("Patient", "chfid", c).unwrap(), vec![[n; 16]]);
+        }
+        assert!(store.verify().unwrap().is_empty());
+    }
+}
