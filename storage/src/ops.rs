@@ -210,7 +210,7 @@ pub fn apply(
 
 /// Counts the documents of each type once, in a store written before the counters were kept.
 fn ensure_type_counts(kv: &mut dyn KvWrite) -> Result<(), StoreError> {
-    if kv.get(Table::Meta, TYPE_COUNTS)?.is_some() {
+    if type_counts_kept(kv)? {
         return Ok(());
     }
     let mut counts: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
@@ -243,7 +243,7 @@ pub fn type_counts_kept(kv: &dyn KvRead) -> Result<bool, StoreError> {
 
 /// See [`crate::Store::count_of_type`].
 pub fn count_of_type(kv: &dyn KvRead, ty: &str) -> Result<usize, StoreError> {
-    if kv.get(Table::Meta, TYPE_COUNTS)?.is_none() {
+    if !type_counts_kept(kv)? {
         return Ok(of_type(kv, ty)?.len());
     }
     Ok(usize::try_from(counter(kv, &type_count_key(ty))?).unwrap_or(usize::MAX))

@@ -106,8 +106,9 @@ pub struct RedbStore {
     cache_bytes: usize,
     /// Times the database was reopened: two threads that meet the same I/O error reopen it once.
     generation: std::sync::atomic::AtomicU64,
-    /// The index writes in the log, not yet folded. Readers hold it for the whole of a read, so
-    /// that a fold (which empties it as its commit lands) is never seen half done.
+    /// The index writes in the log, not yet folded. A reader takes it before its snapshot and
+    /// holds it for the whole read; a commit updates it only after it lands, so the snapshot
+    /// holds at least the log it was read from (the rest: [`ReadTxn`]'s `newer`).
     pending: std::sync::RwLock<Pending>,
     /// One commit at a time, from its transaction to the update of `pending`.
     committing: std::sync::Mutex<()>,
