@@ -93,10 +93,16 @@ fn main() -> anyhow::Result<()> {
         "load(save)        {:6.1} µs",
         t.elapsed().as_secs_f64() * 1e6 / n
     );
+    let rss_before = resident_kib();
     let loaded: Vec<automerge::AutoCommit> = saves
         .iter()
         .map(|s| automerge::AutoCommit::load(s))
         .collect::<Result<_, _>>()?;
+    println!(
+        "loaded in memory   {:6.1} KiB each (resident growth over {} documents)",
+        (resident_kib().saturating_sub(rss_before)) as f64 / n,
+        loaded.len()
+    );
     let t = Instant::now();
     let mut items = 0usize;
     for d in &loaded {
@@ -220,4 +226,12 @@ fn main() -> anyhow::Result<()> {
         t_save * 1e6 / n
     );
     Ok(())
+}
+
+/// Resident memory of this process, in KiB (Linux).
+fn resident_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4)
 }

@@ -40,3 +40,58 @@ pub fn par_map<T: Sync, R: Send>(
     let out: Vec<R> = slices.into_iter().flat_map(|(_, r)| r).collect();
     (out.len() == items.len()).then_some(out)
 }
+
+/// Maps `f` over `items` cut into one contiguous chunk per thread (for work that pays by being
+/// done many items at once, as signatures checked in batches), and returns the results in order,
+/// or `None` if a thread panicked or `f` did not return one result per item.
+pub fn par_chunks<T: Sync, R: Send>(
+    items: &[T],
+    threads: usize,
+    f: impl Fn(&[T]) -> Vec<R> + Sync,
+) -> Option<Vec<R>> {
+    const MIN: usize = 32;
+    let threads = threads.clamp(1, 16).min(items.len().div_ceil(MIN).max(1));
+    if threads == 1 {
+        let out = f(items);
+        return (out.len() == items.len()).then_some(out);
+    }
+    let size = items.len().div_ceil(threads);
+    let parts: Vec<Option<Vec<R>>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = items
+            .chunks(size)
+            .map(|chunk| {
+                let f = &f;
+                scope.spawn(move || {
+                    let out = f(chunk);
+                    (out.len() == chunk.len()).then_some(out)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().ok().flatten())
+            .collect()
+    });
+    parts
+        .into_iter()
+        .collect::<Option<Vec<Vec<R>>>>()
+        .map(|p| p.into_iter().flatten().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_come_back_in_order_whatever_the_threads() {
+        let items: Vec<u32> = (0..1000).collect();
+        for threads in [1, 2, 3, 7] {
+            for n in [0, 1, 31, 33, 1000] {
+                let out = par_chunks(&items[..n], threads, |c| c.iter().map(|x| x * 2).collect())
+                    .expect("no panic");
+                assert_eq!(out, items[..n].iter().map(|x| x * 2).collect::<Vec<_>>());
+            }
+        }
+        assert!(par_chunks(&items, 2, |c| c[1..].to_vec()).is_none());
+    }
+}

@@ -13,7 +13,7 @@ use fieldmesh_fhir_docs::limits::{DocLimits, TooLarge, chunks, inspect};
 use fieldmesh_fhir_docs::{DocId, document_to_json, profile};
 use fieldmesh_protocol::DocPayload;
 use fieldmesh_storage::{DocData, DocMeta, Quarantine, StoreError, Write};
-use fieldmesh_trust::{Checked, Policy, Rejection, Trust, check, token_of};
+use fieldmesh_trust::{Checked, Policy, Rejection, Signed, Trust, check, check_signed, token_of};
 use serde_json::Value;
 
 use crate::Engine;
@@ -26,6 +26,11 @@ use crate::identity::NodeIdentity;
 use crate::par::par_map;
 use crate::scope::Reach;
 use crate::source::Source;
+
+/// Received documents new to this node are loaded, their signatures checked and decided on this
+/// many at a time: enough signatures for a batch check to pay on every core, few enough loaded
+/// documents in memory at once.
+const RECEIVE_GROUP: usize = 256;
 
 /// Refused changes: hash and reason.
 pub type Refused = Vec<([u8; 32], Rejection)>;
@@ -146,6 +151,64 @@ pub(crate) struct Received {
     canonical: Option<crate::central::Facts>,
 }
 
+/// A received document new to this node, loaded, its new changes and their envelopes read; its
+/// signatures not checked yet (a batch's are checked together, [`verify_batch`]).
+pub(crate) struct Loaded {
+    doc: AutoCommit,
+    signed: Signed,
+}
+
+/// Loads a document received from a peer that this node does not hold yet (which checks its
+/// change hashes), checks its type, and reads its changes and their envelopes.
+fn load_received(p: &DocPayload, limits: &DocLimits) -> Result<Loaded, Refusal> {
+    // Bounded before anything is built: a few kilobytes may describe millions of operations.
+    inspect(&p.data, limits)?;
+    contain(
+        || {
+            let id = DocId(uuid::Uuid::from_bytes(p.id));
+            if !profile::is_supported(&p.ty) {
+                return Err(Refusal::WrongType(p.ty.clone()));
+            }
+            let mut doc = AutoCommit::load(&p.data)?;
+            if type_of(&doc).as_deref() != Some(p.ty.as_str()) {
+                return Err(Refusal::WrongType(p.ty.clone()));
+            }
+            let signed = Signed::read(&mut doc, &[], &id, &p.ty, &p.envelopes)?;
+            Ok(Loaded { doc, signed })
+        },
+        Refusal::Panicked,
+    )
+}
+
+/// Checks the signatures of every loaded document of a batch at once, on `threads` threads:
+/// for each document, the hashes of its changes whose signature holds (decided exactly as one
+/// at a time, see [`fieldmesh_trust::signature`]).
+fn verify_batch(
+    trust: &Trust,
+    payloads: &[DocPayload],
+    loaded: &[Result<Loaded, Refusal>],
+    threads: usize,
+) -> Option<Vec<HashSet<[u8; 32]>>> {
+    let mut items = Vec::new();
+    let mut owner = Vec::new();
+    for (i, (p, l)) in payloads.iter().zip(loaded).enumerate() {
+        if let Ok(l) = l {
+            for (e, author) in l.signed.signatures() {
+                items.push((e, author, &p.id, p.ty.as_str()));
+                owner.push(i);
+            }
+        }
+    }
+    let holds = crate::par::par_chunks(&items, threads, |chunk| trust.verify_envelopes(chunk))?;
+    let mut out = vec![HashSet::new(); payloads.len()];
+    for ((item, i), ok) in items.iter().zip(owner).zip(holds) {
+        if ok {
+            out[i].insert(item.0.hash);
+        }
+    }
+    Some(out)
+}
+
 /// Prepares a document received from a peer that this node does not hold yet: loads it (which
 /// checks its change hashes), checks every change's signature and authority, reads it, checks its
 /// type and computes its index entries.
@@ -157,12 +220,10 @@ fn prepare_received(
     time: i64,
     central: Option<&AtReceipt<'_>>,
 ) -> Result<Received, Refusal> {
-    // Bounded before anything is built: a few kilobytes may describe millions of operations.
-    inspect(&p.data, limits)?;
-    contain(
-        || prepare_checked(p, trust, policy, time, central),
-        Refusal::Panicked,
-    )
+    let loaded = load_received(p, limits)?;
+    let id = DocId(uuid::Uuid::from_bytes(p.id));
+    let verified = loaded.signed.verify(trust, &id, &p.ty);
+    prepare_loaded(p, loaded, &verified, trust, policy, time, central)
 }
 
 /// What central needs to give a document its canonical id as it receives it
@@ -173,22 +234,43 @@ pub(crate) struct AtReceipt<'a> {
     pub store: &'a dyn fieldmesh_storage::Store,
 }
 
+/// Decides on a loaded document's changes (their signatures checked: `verified`), reads it and
+/// computes its index entries.
+fn prepare_loaded(
+    p: &DocPayload,
+    loaded: Loaded,
+    verified: &HashSet<[u8; 32]>,
+    trust: &Trust,
+    policy: &dyn Policy,
+    time: i64,
+    central: Option<&AtReceipt<'_>>,
+) -> Result<Received, Refusal> {
+    contain(
+        move || prepare_checked(p, loaded, verified, trust, policy, time, central),
+        Refusal::Panicked,
+    )
+}
+
 fn prepare_checked(
     p: &DocPayload,
+    loaded: Loaded,
+    verified: &HashSet<[u8; 32]>,
     trust: &Trust,
     policy: &dyn Policy,
     time: i64,
     central: Option<&AtReceipt<'_>>,
 ) -> Result<Received, Refusal> {
     let id = DocId(uuid::Uuid::from_bytes(p.id));
-    if !profile::is_supported(&p.ty) {
-        return Err(Refusal::WrongType(p.ty.clone()));
-    }
-    let doc = AutoCommit::load(&p.data)?;
-    if type_of(&doc).as_deref() != Some(p.ty.as_str()) {
-        return Err(Refusal::WrongType(p.ty.clone()));
-    }
-    let checked = check(trust, policy, &id, &p.ty, doc, None, &p.envelopes)?;
+    let checked = check_signed(
+        trust,
+        policy,
+        &id,
+        &p.ty,
+        loaded.doc,
+        None,
+        loaded.signed,
+        verified,
+    )?;
     if checked.accepted > 0
         && checked.json.get("resourceType").and_then(Value::as_str) != Some(p.ty.as_str())
     {
@@ -409,10 +491,41 @@ impl Engine {
             seen: trust.revocations_held(),
             store: self.store.as_ref(),
         });
-        let prepared = par_map(&fresh, self.threads, |p| {
-            prepare_received(p, trust, policy, limits, time, at_receipt.as_ref())
-        })
-        .ok_or(MergeError::Thread)?;
+        // In three passes on every core, a group of documents at a time (so that few loaded
+        // documents are in memory at once): load, then every signature of the group at once,
+        // then the decisions and the reading.
+        let mut prepared = Vec::with_capacity(fresh.len());
+        for group in fresh.chunks(RECEIVE_GROUP) {
+            let loaded = par_map(group, self.threads, |p| load_received(p, limits))
+                .ok_or(MergeError::Thread)?;
+            let verified =
+                verify_batch(trust, group, &loaded, self.threads).ok_or(MergeError::Thread)?;
+            let work: Vec<_> = group
+                .iter()
+                .zip(loaded)
+                .zip(verified)
+                .map(|((p, l), v)| std::sync::Mutex::new(Some((p, l, v))))
+                .collect();
+            prepared.extend(
+                par_map(&work, self.threads, |w| {
+                    let (p, loaded, verified) = w
+                        .lock()
+                        .ok()
+                        .and_then(|mut w| w.take())
+                        .ok_or_else(|| Refusal::Panicked("prepared twice".into()))?;
+                    prepare_loaded(
+                        p,
+                        loaded?,
+                        &verified,
+                        trust,
+                        policy,
+                        time,
+                        at_receipt.as_ref(),
+                    )
+                })
+                .ok_or(MergeError::Thread)?,
+            );
+        }
         let mut report = MergeReport::default();
         let reach = self.reach_for_receiving(from)?;
         for (p, prepared) in fresh.iter().zip(prepared) {

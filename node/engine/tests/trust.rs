@@ -196,6 +196,50 @@ fn refused_changes_are_quarantined_never_applied_never_forwarded() {
     assert_eq!(s.receiver.stats().unwrap().quarantined, 4);
 }
 
+/// A receiver checks the signatures of a whole batch at once (`fieldmesh_trust::signature`):
+/// forged signatures among hundreds of good ones, in several groups of the batch, refuse those
+/// documents alone, and the good ones beside them are applied.
+#[test]
+fn forged_signatures_in_a_large_batch_refuse_those_documents_alone() {
+    let mut s = setup();
+    let before = s.receiver.stats().unwrap().documents;
+    let mut batch: Vec<DocPayload> = (0..600)
+        .map(|_| forge(&s.officer, &patient(VILLAGE), DocId::new(), now()))
+        .collect();
+    // A flipped bit, a signature made for another document (the signature binds the document),
+    // and an `s` not below the group order.
+    batch[0].envelopes[40] ^= 1;
+    let other = batch[2].envelopes[12..].to_vec();
+    batch[300].envelopes[12..].copy_from_slice(&other);
+    let last = batch[599].envelopes.len() - 1;
+    batch[599].envelopes[last] |= 0xf0;
+    let bad: Vec<[u8; 16]> = [0, 300, 599].iter().map(|i| batch[*i].id).collect();
+    let good: Vec<[u8; 16]> = batch
+        .iter()
+        .map(|p| p.id)
+        .filter(|id| !bad.contains(id))
+        .collect();
+    let MergeReport {
+        changed, refused, ..
+    } = s.receiver.merge(batch, &from(&s.officer)).unwrap();
+    s.receiver.flush().unwrap();
+    assert_eq!((changed, refused), (597, 3));
+    assert_eq!(s.receiver.stats().unwrap().documents, before + 597);
+    assert_eq!(s.receiver.stats().unwrap().quarantined, 3);
+    let r = reasons(&s.receiver);
+    assert_eq!(r.len(), 3);
+    assert!(
+        r.iter().all(|r| r.contains("signature does not match")),
+        "{r:?}"
+    );
+    let mut served = |ids: &[[u8; 16]]| {
+        let wanted: Vec<([u8; 16], Vec<[u8; 32]>)> = ids.iter().map(|i| (*i, vec![])).collect();
+        s.receiver.payloads(&peer(&key(1)), &wanted).unwrap().len()
+    };
+    assert_eq!(served(&bad), 0);
+    assert_eq!(served(&good), 597);
+}
+
 #[test]
 fn a_change_built_on_a_refused_change_is_refused_and_the_rest_applies() {
     let mut s = setup();

@@ -142,6 +142,68 @@ fn causal_order(facts: &[ChangeFacts]) -> Result<Vec<usize>, CheckError> {
     Ok(order)
 }
 
+/// The changes a merged document holds beyond what this node held, and the envelopes that came
+/// with them matched to them: what the signature checks read, before any decision.
+pub struct Signed {
+    /// The new changes.
+    pub facts: Vec<ChangeFacts>,
+    /// Their envelopes, by change hash (a change without one is absent).
+    pub envelopes: HashMap<[u8; 32], Envelope>,
+}
+
+impl Signed {
+    /// Reads the changes `merged` (document `doc` of type `ty`) holds beyond `before_heads`, and
+    /// matches `wire_envelopes` (wire form, [`Envelope::match_wire`]) to them.
+    pub fn read(
+        merged: &mut AutoCommit,
+        before_heads: &[ChangeHash],
+        doc: &DocId,
+        ty: &str,
+        wire_envelopes: &[u8],
+    ) -> Result<Self, CheckError> {
+        let facts: Vec<ChangeFacts> = merged
+            .get_changes_meta(before_heads)
+            .into_iter()
+            .map(|m| ChangeFacts {
+                hash: m.hash.0,
+                actor: m.actor.to_bytes().to_vec(),
+                seq: m.seq,
+                time: m.timestamp,
+                deps: m.deps.iter().map(|d| d.0).collect(),
+            })
+            .collect();
+        let pairs: Vec<([u8; 32], &[u8])> =
+            facts.iter().map(|f| (f.hash, f.actor.as_slice())).collect();
+        let envelopes = Envelope::match_wire(wire_envelopes, &pairs, doc.as_bytes(), ty)?;
+        Ok(Self { facts, envelopes })
+    }
+
+    /// The signatures to check: each new change's envelope and author.
+    pub fn signatures(&self) -> impl Iterator<Item = (&Envelope, &[u8])> {
+        self.facts.iter().filter_map(|f| {
+            self.envelopes
+                .get(&f.hash)
+                .filter(|e| e.hash == f.hash)
+                .map(|e| (e, f.actor.as_slice()))
+        })
+    }
+
+    /// The hashes of the changes whose signature holds, checked here one document at a time
+    /// (a receiver checks a whole batch's with [`Trust::verify_envelopes`] instead).
+    pub fn verify(&self, trust: &Trust, doc: &DocId, ty: &str) -> HashSet<[u8; 32]> {
+        let items: Vec<(&Envelope, &[u8], &[u8; 16], &str)> = self
+            .signatures()
+            .map(|(e, a)| (e, a, doc.as_bytes(), ty))
+            .collect();
+        items
+            .iter()
+            .zip(trust.verify_envelopes(&items))
+            .filter(|(_, ok)| *ok)
+            .map(|((e, ..), _)| e.hash)
+            .collect()
+    }
+}
+
 /// Checks the changes `merged` (document `doc`, its id) holds beyond what `before` held, with the envelopes that came
 /// with them (wire form, [`Envelope::match_wire`]). `before` is the document this node held
 /// (`None` for a document new here). Whether the sender may send this at all is decided before
@@ -167,20 +229,31 @@ pub fn check(
         Some((doc, _)) => doc.get_heads(),
         None => Vec::new(),
     };
-    let facts: Vec<ChangeFacts> = merged
-        .get_changes_meta(&before_heads)
-        .into_iter()
-        .map(|m| ChangeFacts {
-            hash: m.hash.0,
-            actor: m.actor.to_bytes().to_vec(),
-            seq: m.seq,
-            time: m.timestamp,
-            deps: m.deps.iter().map(|d| d.0).collect(),
-        })
-        .collect();
-    let pairs: Vec<([u8; 32], &[u8])> =
-        facts.iter().map(|f| (f.hash, f.actor.as_slice())).collect();
-    let envelopes = Envelope::match_wire(wire_envelopes, &pairs, doc.as_bytes(), ty)?;
+    let signed = Signed::read(&mut merged, &before_heads, doc, ty, wire_envelopes)?;
+    let verified = signed.verify(trust, doc, ty);
+    check_signed(trust, policy, doc, ty, merged, before, signed, &verified)
+}
+
+/// [`check`], with the changes and envelopes read ([`Signed::read`]) and their signatures
+/// checked already: `verified` holds the hashes of the changes whose signature holds (a receiver
+/// checks a whole batch's signatures at once, [`Trust::verify_envelopes`]).
+#[allow(clippy::too_many_arguments)]
+pub fn check_signed(
+    trust: &Trust,
+    policy: &dyn Policy,
+    doc: &DocId,
+    ty: &str,
+    mut merged: AutoCommit,
+    before: Option<(&mut AutoCommit, &Map<String, Value>)>,
+    signed: Signed,
+    verified: &HashSet<[u8; 32]>,
+) -> Result<Checked, CheckError> {
+    let mut before = before;
+    let before_heads: Vec<ChangeHash> = match &mut before {
+        Some((doc, _)) => doc.get_heads(),
+        None => Vec::new(),
+    };
+    let Signed { facts, envelopes } = signed;
     let order = causal_order(&facts)?;
     let mut rejected: Vec<([u8; 32], Rejection)> = Vec::new();
     let mut rejected_set: HashSet<[u8; 32]> = HashSet::new();
@@ -208,12 +281,13 @@ pub fn check(
     let mut scoped: HashMap<usize, crate::Authority<'_>> = HashMap::new();
     for &i in &order {
         let f = &facts[i];
-        match trust.decide_author(
+        match trust.decide_signed(
             policy,
             doc,
             ty,
             f,
             envelopes.get(&f.hash),
+            &|e| verified.contains(&e.hash),
             &|d| rejected_set.contains(d),
             &|h| vouched.contains(h),
         ) {

@@ -204,10 +204,27 @@ impl Trust {
         rejected: &dyn Fn(&[u8; 32]) -> bool,
         vouched: &dyn Fn(&[u8; 32]) -> bool,
     ) -> Result<Option<Authority<'_>>, Rejection> {
+        let holds = |e: &Envelope| self.verify_envelope(e, &change.actor, doc.as_bytes(), ty);
+        self.decide_signed(policy, doc, ty, change, envelope, &holds, rejected, vouched)
+    }
+
+    /// [`Trust::decide_author`], with the signature checked already: `holds` says whether the
+    /// change's envelope carries its author's signature ([`Trust::verify_envelope`], or a batch
+    /// of them checked at once, [`Trust::verify_envelopes`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn decide_signed(
+        &self,
+        policy: &dyn Policy,
+        doc: &DocId,
+        ty: &str,
+        change: &ChangeFacts,
+        envelope: Option<&Envelope>,
+        holds: &dyn Fn(&Envelope) -> bool,
+        rejected: &dyn Fn(&[u8; 32]) -> bool,
+        vouched: &dyn Fn(&[u8; 32]) -> bool,
+    ) -> Result<Option<Authority<'_>>, Rejection> {
         let envelope = envelope.ok_or(Rejection::Unsigned)?;
-        if envelope.hash != change.hash
-            || !self.verify_envelope(envelope, &change.actor, doc.as_bytes(), ty)
-        {
+        if envelope.hash != change.hash || !holds(envelope) {
             return Err(Rejection::BadSignature);
         }
         if let Some(dep) = change.deps.iter().find(|d| rejected(d)) {

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
+use ed25519_dalek::{Signer as _, SigningKey};
 
 use crate::TrustError;
 
@@ -56,20 +56,19 @@ impl Envelope {
         }
     }
 
-    /// Whether the signature is `author`'s, strictly, for a change of document `doc` of type
-    /// `ty`.
+    /// Whether the signature is `author`'s for a change of document `doc` of type `ty`, under
+    /// the rule of [`crate::signature`].
     pub fn verify(&self, author: &[u8], doc: &[u8; 16], ty: &str) -> bool {
         let Ok(key) = <[u8; 32]>::try_from(author) else {
             return false;
         };
-        let Ok(key) = VerifyingKey::from_bytes(&key) else {
-            return false;
-        };
-        key.verify_strict(
-            &Self::message(doc, ty, &self.hash, self.revocations_seen),
-            &Signature::from_bytes(&self.signature),
-        )
-        .is_ok()
+        crate::signature::key(&key).is_some_and(|key| {
+            crate::signature::verify(
+                &key,
+                &Self::message(doc, ty, &self.hash, self.revocations_seen),
+                &self.signature,
+            )
+        })
     }
 
     /// Appends the encoded envelope to `out`.

@@ -5,6 +5,8 @@
 //!
 //! - [`keys`]: ed25519 keys and [`PeerKey`], a node's key as the network names it.
 //! - [`envelope`]: the signature of each change, stored and on the wire.
+//! - [`signature`]: the rule a change's signature is checked by (ZIP-215, with small-order and
+//!   non-canonical points refused), alone or in batches.
 //! - [`token`]: certificates and revocations signed by the root, as tokens.
 //! - [`document`]: the `Basic` resources that carry the tokens from node to node.
 //! - [`evidence`]: proof that a key equivocated, carried in an `AuditEvent`.
@@ -21,8 +23,12 @@
 //! change it makes. Each change travels with an [`Envelope`]: the change hash, the number of
 //! revocations its author had seen, and the author's signature over both, domain-separated by
 //! [`CHANGE_DOMAIN`]. The change hash covers the whole change (actor, sequence number, time,
-//! dependencies, operations), so the signature covers it too. Signatures are checked with
-//! `verify_strict` (no malleable or small-order encodings).
+//! dependencies, operations), so the signature covers it too. Envelope signatures are checked
+//! under the ZIP-215 rules, with keys and `R`s of small order or non-canonical encoding refused
+//! ([`signature`]): a single check and a batch decide alike, so a receiver checks a whole sync
+//! batch at once ([`Trust::verify_envelopes`]) and still decides as every other node does.
+//! Certificates and revocations (one signature each, by the root) are checked with
+//! `verify_strict`.
 //!
 //! # Certificates and revocations
 //!
@@ -66,10 +72,11 @@ pub mod envelope;
 pub mod error;
 pub mod evidence;
 pub mod keys;
+pub mod signature;
 pub mod state;
 pub mod token;
 
-pub use check::{CheckError, Checked, check, places_at};
+pub use check::{CheckError, Checked, Signed, check, check_signed, places_at};
 pub use decide::{ChangeFacts, NODE_SYSTEM_PREFIX, Policy, claimed_identity};
 pub use document::{
     CERTIFICATE_SYSTEM, REVOCATION_SYSTEM, SUBJECT_SYSTEM, TOKEN_EXTENSION, TRUST_SYSTEM,

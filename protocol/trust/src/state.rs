@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use ed25519_dalek::{Signature, VerifyingKey};
+use ed25519_zebra::VerificationKey;
 use fieldmesh_fhir_docs::openimis::Role;
 
 use crate::keys::short;
@@ -35,8 +35,8 @@ pub struct Trust {
     /// The changes of revoked keys central vouched for: per key, per document, the heads.
     vouched: HashMap<PublicKey, HashMap<[u8; 16], Vec<[u8; 32]>>>,
     /// Decompressed keys of the root and of every certified key (decompressing costs about a
-    /// tenth of a signature check).
-    keys: HashMap<PublicKey, VerifyingKey>,
+    /// tenth of a signature check); a key [`crate::signature::key`] refuses is absent.
+    keys: HashMap<PublicKey, VerificationKey>,
 }
 
 impl Trust {
@@ -50,7 +50,7 @@ impl Trust {
             revoked_keys: HashMap::new(),
             vouched: HashMap::new(),
             equivocations: HashMap::new(),
-            keys: VerifyingKey::from_bytes(&root)
+            keys: crate::signature::key(&root)
                 .map(|k| HashMap::from([(root, k)]))
                 .unwrap_or_default(),
         }
@@ -96,7 +96,7 @@ impl Trust {
             return Ok(false);
         }
         let key = cert.subject_key()?;
-        if let Ok(k) = VerifyingKey::from_bytes(&key) {
+        if let Some(k) = crate::signature::key(&key) {
             self.keys.insert(key, k);
         }
         self.certs.entry(key).or_default().push(cert);
@@ -213,7 +213,7 @@ impl Trust {
     }
 
     /// Whether `envelope` carries `author`'s signature of its change, made in document `doc` of
-    /// type `ty` (strictly).
+    /// type `ty`, under the rule of [`crate::signature`].
     pub fn verify_envelope(
         &self,
         envelope: &Envelope,
@@ -225,14 +225,37 @@ impl Trust {
             return false;
         };
         match self.keys.get(&key) {
-            Some(k) => k
-                .verify_strict(
-                    &Envelope::message(doc, ty, &envelope.hash, envelope.revocations_seen),
-                    &Signature::from_bytes(&envelope.signature),
-                )
-                .is_ok(),
+            Some(k) => crate::signature::verify(
+                k,
+                &Envelope::message(doc, ty, &envelope.hash, envelope.revocations_seen),
+                &envelope.signature,
+            ),
             None => envelope.verify(author, doc, ty),
         }
+    }
+
+    /// Checks many envelopes at once: for each `(envelope, author, doc, type)`, whether
+    /// [`Trust::verify_envelope`] holds, decided exactly as it decides (in batches, see
+    /// [`crate::signature`]). A receiver checks a whole sync batch this way.
+    pub fn verify_envelopes(&self, items: &[(&Envelope, &[u8], &[u8; 16], &str)]) -> Vec<bool> {
+        let mut out = vec![false; items.len()];
+        let mut signed = Vec::with_capacity(items.len());
+        let mut at = Vec::with_capacity(items.len());
+        for (i, (envelope, author, doc, ty)) in items.iter().enumerate() {
+            let Ok(key) = <&[u8; 32]>::try_from(*author) else {
+                continue;
+            };
+            signed.push(crate::signature::Signed {
+                key,
+                message: Envelope::message(doc, ty, &envelope.hash, envelope.revocations_seen),
+                signature: envelope.signature,
+            });
+            at.push(i);
+        }
+        for (i, ok) in at.into_iter().zip(crate::signature::verify_all(&signed)) {
+            out[i] = ok;
+        }
+        out
     }
 
     /// What `key` may do at time `at`, given that it had seen `seen` revocations.
