@@ -20,6 +20,7 @@
 //!
 //! Certificates, signed changes and the trust decision are in `fieldmesh-trust`, which takes the
 //! [`openimis`] policy as a parameter.
+#![forbid(unsafe_code)]
 
 pub mod convert;
 pub mod diff;

@@ -12,6 +12,7 @@
 //! - [`load`]: `fieldmesh load` of JSON, Bundles and NDJSON.
 //!
 //! The commands of the `fieldmesh` binary are in `src/cli/`, one file each.
+#![forbid(unsafe_code)]
 
 pub mod api;
 pub mod certs;

@@ -16,6 +16,7 @@
 //! No tokio, no libp2p, no clock: the node drives sessions over libp2p streams and its scheduler
 //! with the system clock; the simulation drives the same code with simulated time and frames in
 //! memory; tests with plain function calls.
+#![forbid(unsafe_code)]
 
 pub mod driver;
 pub mod pair;

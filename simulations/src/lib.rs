@@ -13,6 +13,7 @@
 //! - [`scenario`]: the data files.
 //! - [`world`]: the simulator and its invariants.
 //! - [`report`]: the Markdown report with SVG plots.
+#![forbid(unsafe_code)]
 
 pub mod report;
 pub mod scenario;

@@ -7,6 +7,7 @@
 //!
 //! A failing run prints the command that replays it; `seeds` also keeps each failing seed as a
 //! regression case in `simulations/regressions/` (run by the tests until it passes).
+#![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
 

@@ -22,6 +22,7 @@
 //! [`Store::commit`] returns only once its whole batch is durable on disk (an `fsync`ed redb
 //! commit). Callers acknowledge a write to a user or a peer only after that; they group many writes
 //! into one commit so that flushing does not cap throughput.
+#![forbid(unsafe_code)]
 
 pub mod codec;
 mod deferred;

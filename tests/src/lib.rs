@@ -4,6 +4,7 @@
 //! [`Node`] initialises a data directory, starts `fieldmesh run` on a free loopback port and kills
 //! the process when dropped; [`peer::TestPeer`] is a libp2p peer the tests drive frame by frame
 //! (a silent peer, an attacker); [`deploy`] sets up a field deployment of them.
+#![forbid(unsafe_code)]
 
 pub mod bench;
 pub mod deploy;

@@ -29,6 +29,7 @@
 //!
 //! The feature `test-support` adds [`test_support`]: certificate builders, forged documents and
 //! in-memory sessions between engines, for tests, benchmarks and the simulation.
+#![forbid(unsafe_code)]
 
 pub mod central;
 pub mod check;

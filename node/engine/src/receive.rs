@@ -9,7 +9,7 @@
 use std::collections::HashSet;
 
 use automerge::{AutoCommit, ReadDoc};
-use fieldmesh_fhir_docs::limits::{DocLimits, TooLarge, chunks, inspect};
+use fieldmesh_fhir_docs::limits::{DocLimits, Shape, TooLarge, chunks, inspect};
 use fieldmesh_fhir_docs::{DocId, document_to_json, profile};
 use fieldmesh_protocol::DocPayload;
 use fieldmesh_storage::{DocData, DocMeta, Quarantine, StoreError, Write};
@@ -31,6 +31,11 @@ use crate::source::Source;
 /// many at a time: enough signatures for a batch check to pay on every core, few enough loaded
 /// documents in memory at once.
 const RECEIVE_GROUP: usize = 256;
+
+/// And groups hold at most this many operations (a Patient is about 200, and a loaded document
+/// takes about 100 bytes per operation): a frame of documents crafted at the bounds of
+/// [`DocLimits`] is loaded a few at a time, not a group's worth at once.
+const RECEIVE_GROUP_OPS: u64 = 200_000;
 
 /// Refused changes: hash and reason.
 pub type Refused = Vec<([u8; 32], Rejection)>;
@@ -159,10 +164,12 @@ pub(crate) struct Loaded {
 }
 
 /// Loads a document received from a peer that this node does not hold yet (which checks its
-/// change hashes), checks its type, and reads its changes and their envelopes.
-fn load_received(p: &DocPayload, limits: &DocLimits) -> Result<Loaded, Refusal> {
-    // Bounded before anything is built: a few kilobytes may describe millions of operations.
-    inspect(&p.data, limits)?;
+/// change hashes), checks its type, and reads its changes and their envelopes. `shape` is what
+/// [`inspect`] found of its bytes (a document over the bounds is refused unloaded).
+fn load_received(p: &DocPayload, shape: &Result<Shape, TooLarge>) -> Result<Loaded, Refusal> {
+    if let Err(e) = shape {
+        return Err(e.clone().into());
+    }
     contain(
         || {
             let id = DocId(uuid::Uuid::from_bytes(p.id));
@@ -178,6 +185,27 @@ fn load_received(p: &DocPayload, limits: &DocLimits) -> Result<Loaded, Refusal> 
         },
         Refusal::Panicked,
     )
+}
+
+/// Cuts received documents into the groups [`Engine::merge`] loads at once: at most
+/// [`RECEIVE_GROUP`] documents and [`RECEIVE_GROUP_OPS`] operations (as [`inspect`] counted them)
+/// each, a single document over the budget alone. Returns the end of each group.
+fn group_ends(shapes: &[Result<Shape, TooLarge>]) -> Vec<usize> {
+    let mut ends = Vec::new();
+    let (mut count, mut ops) = (0usize, 0u64);
+    for (i, shape) in shapes.iter().enumerate() {
+        let these = shape.as_ref().map_or(0, |s| s.ops);
+        if count > 0 && (count == RECEIVE_GROUP || ops.saturating_add(these) > RECEIVE_GROUP_OPS) {
+            ends.push(i);
+            (count, ops) = (0, 0);
+        }
+        count += 1;
+        ops = ops.saturating_add(these);
+    }
+    if count > 0 {
+        ends.push(shapes.len());
+    }
+    ends
 }
 
 /// Checks the signatures of every loaded document of a batch at once, on `threads` threads:
@@ -220,7 +248,8 @@ fn prepare_received(
     time: i64,
     central: Option<&AtReceipt<'_>>,
 ) -> Result<Received, Refusal> {
-    let loaded = load_received(p, limits)?;
+    // Bounded before anything is built: a few kilobytes may describe millions of operations.
+    let loaded = load_received(p, &inspect(&p.data, limits))?;
     let id = DocId(uuid::Uuid::from_bytes(p.id));
     let verified = loaded.signed.verify(trust, &id, &p.ty);
     prepare_loaded(p, loaded, &verified, trust, policy, time, central)
@@ -493,10 +522,19 @@ impl Engine {
         });
         // In three passes on every core, a group of documents at a time (so that few loaded
         // documents are in memory at once): load, then every signature of the group at once,
-        // then the decisions and the reading.
+        // then the decisions and the reading. Each document's bytes are bounded before anything
+        // is built from them (a few kilobytes may describe millions of operations), and a group
+        // is cut by the operations they hold.
+        let shapes = par_map(&fresh, self.threads, |p| inspect(&p.data, limits))
+            .ok_or(MergeError::Thread)?;
         let mut prepared = Vec::with_capacity(fresh.len());
-        for group in fresh.chunks(RECEIVE_GROUP) {
-            let loaded = par_map(group, self.threads, |p| load_received(p, limits))
+        let mut start = 0;
+        for end in group_ends(&shapes) {
+            let (group, shapes) = (&fresh[start..end], &shapes[start..end]);
+            start = end;
+            let work: Vec<(&DocPayload, &Result<Shape, TooLarge>)> =
+                group.iter().zip(shapes).collect();
+            let loaded = par_map(&work, self.threads, |(p, shape)| load_received(p, shape))
                 .ok_or(MergeError::Thread)?;
             let verified =
                 verify_batch(trust, group, &loaded, self.threads).ok_or(MergeError::Thread)?;
@@ -823,4 +861,33 @@ impl Engine {
 enum MergeOne {
     Engine(MergeError),
     Refused(Refusal),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape(ops: u64) -> Result<Shape, TooLarge> {
+        Ok(Shape {
+            ops,
+            ..Shape::default()
+        })
+    }
+
+    #[test]
+    fn groups_are_cut_by_count_and_by_operations() {
+        assert!(group_ends(&[]).is_empty());
+        // Patients: by count.
+        let patients: Vec<_> = (0..600).map(|_| shape(200)).collect();
+        assert_eq!(group_ends(&patients), vec![256, 512, 600]);
+        // Documents at the bounds of a document: one at a time, each alone.
+        let heavy: Vec<_> = (0..3).map(|_| shape(250_000)).collect();
+        assert_eq!(group_ends(&heavy), vec![1, 2, 3]);
+        // A heavy one among light ones closes the group before it; refused ones count nothing.
+        let mut mixed: Vec<_> = (0..10).map(|_| shape(20_000)).collect();
+        mixed.insert(3, Err(TooLarge::Ops { limit: 1 }));
+        assert_eq!(group_ends(&mixed), vec![11]);
+        mixed[5] = shape(190_000);
+        assert_eq!(group_ends(&mixed), vec![5, 6, 11]);
+    }
 }

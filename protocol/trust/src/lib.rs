@@ -64,6 +64,7 @@
 //! change's time is the author's claim; a device with a wrong clock gets its changes refused as
 //! outside its certificate's validity, and a revoked device that lies about the revocations it
 //! had seen is bounded by its certificate's expiry.
+#![forbid(unsafe_code)]
 
 pub mod check;
 pub mod decide;

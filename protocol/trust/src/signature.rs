@@ -9,18 +9,19 @@
 //! `ed25519-zebra`): the cofactored equation `[8][s]B = [8]R + [8][k]A`, `s < l`, under which a
 //! batch and a single check decide alike, so a receiver may check a whole sync batch at once.
 //!
-//! On top of ZIP-215, this deployment refuses, as `verify_strict` always did, a key or an `R`
-//! that is a point of small order or is not canonically encoded (a few byte comparisons, no curve
-//! arithmetic). Signatures made by an honest signer (any Ed25519 implementation) pass both rules
+//! On top of ZIP-215, this deployment refuses a key or an `R` that is a point of small order (as
+//! `verify_strict` did) or is not canonically encoded (`verify_strict` refused such an `R`; such a
+//! key is a re-encoding no honest signer produces): a few byte comparisons, no curve arithmetic. Signatures made by an honest signer (any Ed25519 implementation) pass both rules
 //! alike; the one difference from `verify_strict` left is a key or `R` crafted with a torsion
 //! component, which ZIP-215 accepts and `verify_strict` refused. Only the key's holder can make
 //! such a signature (it is computed with the secret key), so it grants nothing its holder could not
 //! sign honestly; and it is decided alike by every node of this version, alone or in a batch.
 //!
-//! Batches are checked with fresh random weights from the operating system's generator (an
-//! attacker who could predict them could make a batch of bad signatures pass). A batch that
-//! fails is checked again one signature at a time, so a bad signature costs its sender, not the
-//! good signatures beside it.
+//! Batches are checked with fresh random 128-bit weights from `rand::rng()` (ChaCha12 seeded from
+//! the operating system): an attacker who could predict them could make a batch of bad signatures
+//! pass. A batch that fails is halved until the bad signatures are found, so a bad signature is
+//! refused alone, and costs a few batches of halving sizes rather than a single check of every
+//! good signature beside it.
 
 use std::sync::OnceLock;
 
@@ -86,36 +87,49 @@ pub struct Signed<'a> {
 }
 
 /// Checks many signatures; returns for each whether it holds, exactly as [`verify`] decides it
-/// (in batches of [`BATCH`]; a batch that fails is checked one signature at a time).
+/// (in batches of [`BATCH`]; a batch that fails is halved until the bad signatures are found,
+/// and batches of [`SINGLES`] or fewer are checked one signature at a time).
 pub fn verify_all(items: &[Signed<'_>]) -> Vec<bool> {
-    let mut out = Vec::with_capacity(items.len());
-    for chunk in items.chunks(BATCH) {
-        let start = out.len();
-        let mut queued = Vec::with_capacity(chunk.len());
-        let mut verifier = batch::Verifier::new();
-        for (i, s) in chunk.iter().enumerate() {
-            let signature = Signature::from_bytes(&s.signature);
-            let acceptable = !weak_point(s.key) && !weak_point(signature.r_bytes());
-            out.push(acceptable);
-            if acceptable {
-                verifier.queue((
-                    VerificationKeyBytes::from(*s.key),
-                    signature,
-                    s.message.as_slice(),
-                ));
-                queued.push(i);
-            }
-        }
-        if queued.is_empty() || verifier.verify(rand::rng()).is_ok() {
-            continue;
-        }
-        // Some signature in the batch is bad: find which, one at a time.
-        for i in queued {
-            let s = &chunk[i];
-            out[start + i] = key(s.key).is_some_and(|k| verify(&k, &s.message, &s.signature));
-        }
+    let mut out: Vec<bool> = items
+        .iter()
+        .map(|s| !weak_point(s.key) && !weak_point(Signature::from_bytes(&s.signature).r_bytes()))
+        .collect();
+    let queued: Vec<usize> = (0..items.len()).filter(|i| out[*i]).collect();
+    for chunk in queued.chunks(BATCH) {
+        settle(items, chunk, &mut out);
     }
     out
+}
+
+/// Below this, a failed batch is checked one signature at a time.
+pub const SINGLES: usize = 8;
+
+/// Decides the signatures `at` of `items` (none of them weak), writing the verdicts to `out`.
+fn settle(items: &[Signed<'_>], at: &[usize], out: &mut [bool]) {
+    if at.len() <= SINGLES {
+        for &i in at {
+            let s = &items[i];
+            out[i] = key(s.key).is_some_and(|k| verify(&k, &s.message, &s.signature));
+        }
+        return;
+    }
+    let mut verifier = batch::Verifier::new();
+    for &i in at {
+        let s = &items[i];
+        verifier.queue((
+            VerificationKeyBytes::from(*s.key),
+            Signature::from_bytes(&s.signature),
+            s.message.as_slice(),
+        ));
+    }
+    if verifier.verify(rand::rng()).is_ok() {
+        return;
+    }
+    // Some signature is bad: each half is decided on its own, so a bad signature costs a few
+    // batches of halving sizes, not a single check of every good one beside it.
+    let (left, right) = at.split_at(at.len() / 2);
+    settle(items, left, out);
+    settle(items, right, out);
 }
 
 #[cfg(test)]
@@ -265,6 +279,37 @@ mod tests {
                 .verify_strict(b"m", &ed25519_dalek::Signature::from_bytes(&crafted))
                 .is_err()
         );
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+        /// Checked together or one at a time, every signature gets the same verdict, whichever
+        /// of them are damaged and however (by two keys, so that batches mix them).
+        #[test]
+        fn batches_decide_as_single_checks(
+            damage in proptest::collection::vec((0usize..40, 0usize..64, 1u8..=255), 0..6)
+        ) {
+            let keys = [SigningKey::from_bytes(&[5; 32]), SigningKey::from_bytes(&[6; 32])];
+            let publics = keys.clone().map(|k| k.verifying_key().to_bytes());
+            let mut items: Vec<Signed<'_>> = (0..40usize)
+                .map(|i| {
+                    let message = format!("change {i}").into_bytes();
+                    Signed {
+                        key: &publics[i % 2],
+                        signature: signed(&keys[i % 2], &message),
+                        message,
+                    }
+                })
+                .collect();
+            for (i, byte, xor) in damage {
+                items[i].signature[byte] ^= xor;
+            }
+            let alone: Vec<bool> = items
+                .iter()
+                .map(|s| key(s.key).is_some_and(|k| verify(&k, &s.message, &s.signature)))
+                .collect();
+            proptest::prop_assert_eq!(verify_all(&items), alone);
+        }
     }
 
     fn p_bytes(p: curve25519_dalek::edwards::EdwardsPoint) -> [u8; 32] {
