@@ -150,11 +150,14 @@ fn concurrent_offline_edits_merge_alike_on_both_nodes() -> anyhow::Result<()> {
 #[test]
 fn a_sync_killed_midway_resumes_and_loses_nothing() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let (a, total, _) = loaded(dir.path(), "9", "500")?;
+    // Enough documents that the transfer takes a while even as fast as it has become: 3,300
+    // documents once arrived whole before the kill, and of 6,400 the first look at the receiver
+    // saw 3,600.
+    let (a, total, _) = loaded(dir.path(), "9", "1500")?;
     let b = Node::start_with_peers(dir.path(), "b", "device", &[&a.p2p])?;
     b.wait_for(60, "the sync to start", |n| Ok(n.documents()? > 2))?;
     let b_data = b.kill9();
-    // Documents arrive and are committed in batches of 256: the kill fell inside the transfer.
+    // Documents arrive and are committed in frames of 512: the kill fell inside the transfer.
     let seen = {
         let out = run_ok(&["check", "--data", b_data.to_str().unwrap()])?;
         let line = out
