@@ -20,9 +20,9 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// How long mimalloc keeps freed pages before it gives them back to the system, in
 /// milliseconds (its default: 1,000). A first sync frees and allocates fast on every core, and
 /// with a second's delay the freed pages pile up: a hub's peak resident memory was 169 MB
-/// receiving 10k resources and 162–172 MB receiving 100k; with 100 ms, 127 MB and 135–147 MB, for
-/// about 5–10 % more CPU (ARCHITECTURE.md, "Sync"). `MIMALLOC_PURGE_DELAY` in the environment
-/// overrides it.
+/// receiving 10k resources and 162–172 MB receiving 100k; with 100 ms, 122–132 MB and 129–147 MB, for
+/// about 5–10 % more CPU (ARCHITECTURE.md, "Sync"). `MIMALLOC_PURGE_DELAY` (or its older name
+/// `MIMALLOC_RESET_DELAY`) in the environment overrides it.
 const PURGE_DELAY_MS: std::ffi::c_long = 100;
 
 /// Sets mimalloc's purge delay ([`PURGE_DELAY_MS`]) unless the environment gives one.
@@ -31,7 +31,11 @@ fn tune_allocator() {
     /// `mi_option_purge_delay` in mimalloc 3's `mi_option_t` (`libmimalloc-sys` names only some
     /// of the options).
     const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+    // mimalloc also reads the option under its older name.
+    if ["MIMALLOC_PURGE_DELAY", "MIMALLOC_RESET_DELAY"]
+        .iter()
+        .all(|name| std::env::var_os(name).is_none())
+    {
         // SAFETY: `mi_option_set` only stores an integer option, but is not thread-safe: this
         // runs first in `main`, before this process starts any thread.
         unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS) };
