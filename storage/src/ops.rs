@@ -30,19 +30,32 @@ fn type_count_key(ty: &str) -> Vec<u8> {
 const QUARANTINE_V3: u8 = 3;
 /// Quarantine records with their payload kept once in [`Table::Payloads`].
 const QUARANTINE_V4: u8 = 4;
-const RECORD_VERSION: u8 = 3;
+/// Document records whose chunks and envelopes are kept under the document's id (written before
+/// slots, and still read and updated as they are).
+const RECORD_BY_ID: u8 = 3;
+/// Document records with a slot: chunks and envelopes kept under it ([`stored_at`]).
+const RECORD_SLOTTED: u8 = 4;
 
-pub(crate) fn encode_meta(m: &DocMeta) -> Vec<u8> {
+/// A document record: its metadata, and the slot its chunks and envelopes are kept under
+/// (`None` for a record written before slots, whose data is kept under its id).
+pub(crate) fn encode_meta(m: &DocMeta, slot: Option<u64>) -> Vec<u8> {
     let mut w = Writer::default();
-    w.u8(RECORD_VERSION)
-        .str(&m.ty)
-        .str(&m.origin)
-        .u32(m.chunks)
-        .u64(m.seq)
-        .u64(m.updated as u64)
-        .u32(len32(m.heads.len()));
+    w.u8(if slot.is_some() {
+        RECORD_SLOTTED
+    } else {
+        RECORD_BY_ID
+    })
+    .str(&m.ty)
+    .str(&m.origin)
+    .u32(m.chunks)
+    .u64(m.seq)
+    .u64(m.updated as u64)
+    .u32(len32(m.heads.len()));
     for h in &m.heads {
         w.bytes(h);
+    }
+    if let Some(slot) = slot {
+        w.u64(slot);
     }
     w.0
 }
@@ -52,9 +65,14 @@ fn len32(n: usize) -> u32 {
 }
 
 pub(crate) fn decode_meta(b: &[u8]) -> Result<DocMeta, StoreError> {
+    decode_record(b).map(|(m, _)| m)
+}
+
+/// A document record and its slot (see [`encode_meta`]).
+fn decode_record(b: &[u8]) -> Result<(DocMeta, Option<u64>), StoreError> {
     let mut r = Reader(b);
     let version = r.u8()?;
-    if version != RECORD_VERSION {
+    if version != RECORD_BY_ID && version != RECORD_SLOTTED {
         return Err(StoreError::Corrupt(format!(
             "document record version {version} is not one this build reads"
         )));
@@ -72,14 +90,21 @@ pub(crate) fn decode_meta(b: &[u8]) -> Result<DocMeta, StoreError> {
                 .map_err(|_| StoreError::Corrupt("a head is not 32 bytes".into()))?,
         );
     }
-    Ok(DocMeta {
-        ty,
-        origin,
-        chunks,
-        seq,
-        heads,
-        updated,
-    })
+    let slot = match version {
+        RECORD_SLOTTED => Some(r.u64()?),
+        _ => None,
+    };
+    Ok((
+        DocMeta {
+            ty,
+            origin,
+            chunks,
+            seq,
+            heads,
+            updated,
+        },
+        slot,
+    ))
 }
 
 /// An identifier value in a key: UUIDs (most values) take 17 bytes instead of 36.
@@ -108,11 +133,31 @@ fn dec_value(b: &[u8]) -> Option<String> {
     }
 }
 
-fn chunk_key(id: &DocId, n: u32) -> Vec<u8> {
-    let mut k = Vec::with_capacity(20);
-    k.extend_from_slice(id);
+/// Where a document's data is kept in [`Table::Chunks`] and [`Table::Envelopes`]: under its
+/// slot, the sequence number of the write that created it (8 bytes, big-endian), or under its
+/// id (16 bytes) for a record written before slots. A new document's chunks and envelopes thus
+/// land at the end of their tables, in a few pages, where keys by id would put each in a random
+/// page of tables far larger than the page cache (a commit then reads a page back and writes it
+/// out again for every document). The two forms differ in length and never meet.
+fn stored_at(id: &DocId, slot: Option<u64>) -> Vec<u8> {
+    match slot {
+        Some(s) => s.to_be_bytes().to_vec(),
+        None => id.to_vec(),
+    }
+}
+
+/// The key of chunk `n` of a document kept at `slot` (see [`stored_at`]).
+fn chunk_key(id: &DocId, slot: Option<u64>, n: u32) -> Vec<u8> {
+    let mut k = stored_at(id, slot);
     k.extend_from_slice(&n.to_be_bytes());
     k
+}
+
+/// A document's record and slot, if it is stored.
+fn record(kv: &dyn KvRead, id: &DocId) -> Result<Option<(DocMeta, Option<u64>)>, StoreError> {
+    kv.get(Table::Docs, id)?
+        .map(|b| decode_record(&b))
+        .transpose()
 }
 
 /// Identifier index key: value before system (see [`Table::Ident`]).
@@ -428,15 +473,17 @@ fn decode_quarantined(k: &[u8], v: &[u8]) -> Result<Quarantined, StoreError> {
 /// Writes one document; returns whether it is new (a new document is counted under the type
 /// it is written with, which never changes).
 fn write_doc(kv: &mut dyn KvWrite, d: DocWrite, seq: u64) -> Result<bool, StoreError> {
-    let old = kv
-        .get(Table::Docs, &d.id)?
-        .map(|b| decode_meta(&b))
-        .transpose()?;
+    // A new document is kept at the slot of the write creating it; one stored before keeps its
+    // place (a record written before slots, under its id).
+    let (old, slot) = match record(kv, &d.id)? {
+        Some((m, slot)) => (Some(m), slot),
+        None => (None, Some(seq)),
+    };
     let is_new = old.is_none();
     let chunks = match (&d.data, &old) {
         (DocData::Full(_) | DocData::FullEncoded(_), old) => {
             for n in 1..old.as_ref().map_or(0, |m| m.chunks) {
-                kv.del(Table::Chunks, &chunk_key(&d.id, n))?;
+                kv.del(Table::Chunks, &chunk_key(&d.id, slot, n))?;
             }
             let stored = match &d.data {
                 DocData::FullEncoded(b) => {
@@ -445,13 +492,13 @@ fn write_doc(kv: &mut dyn KvWrite, d: DocWrite, seq: u64) -> Result<bool, StoreE
                 }
                 DocData::Full(b) | DocData::Append(b) => std::borrow::Cow::Owned(codec::encode(b)?),
             };
-            kv.put(Table::Chunks, &chunk_key(&d.id, 0), &stored)?;
+            kv.put(Table::Chunks, &chunk_key(&d.id, slot, 0), &stored)?;
             1
         }
         (DocData::Append(bytes), Some(m)) => {
             kv.put(
                 Table::Chunks,
-                &chunk_key(&d.id, m.chunks),
+                &chunk_key(&d.id, slot, m.chunks),
                 &codec::encode(bytes)?,
             )?;
             m.chunks + 1
@@ -502,13 +549,14 @@ fn write_doc(kv: &mut dyn KvWrite, d: DocWrite, seq: u64) -> Result<bool, StoreE
     }
     kv.put(Table::Log, &seq.to_be_bytes(), &d.id)?;
     if !d.envelopes.is_empty() {
+        let at = stored_at(&d.id, slot);
         let mut all = if is_new {
             Vec::new()
         } else {
-            kv.get(Table::Envelopes, &d.id)?.unwrap_or_default()
+            kv.get(Table::Envelopes, &at)?.unwrap_or_default()
         };
         all.extend_from_slice(&d.envelopes);
-        kv.put(Table::Envelopes, &d.id, &all)?;
+        kv.put(Table::Envelopes, &at, &all)?;
     }
     let meta = DocMeta {
         ty,
@@ -518,7 +566,7 @@ fn write_doc(kv: &mut dyn KvWrite, d: DocWrite, seq: u64) -> Result<bool, StoreE
         heads: d.heads,
         updated: d.updated,
     };
-    kv.put(Table::Docs, &d.id, &encode_meta(&meta))?;
+    kv.put(Table::Docs, &d.id, &encode_meta(&meta, slot))?;
     Ok(is_new)
 }
 
@@ -529,15 +577,11 @@ fn remove_doc(
     entries: &crate::IndexEntries,
     purge: &[String],
 ) -> Result<Option<String>, StoreError> {
-    let Some(meta) = kv
-        .get(Table::Docs, id)?
-        .map(|b| decode_meta(&b))
-        .transpose()?
-    else {
+    let Some((meta, slot)) = record(kv, id)? else {
         return Ok(None);
     };
     for n in 0..meta.chunks {
-        kv.del(Table::Chunks, &chunk_key(id, n))?;
+        kv.del(Table::Chunks, &chunk_key(id, slot, n))?;
     }
     for (s, v) in &entries.identifiers {
         kv.del(Table::Ident, &ident_key(&meta.ty, s, v, id))?;
@@ -558,14 +602,19 @@ fn remove_doc(
         }
     }
     kv.del(Table::Log, &meta.seq.to_be_bytes())?;
-    kv.del(Table::Envelopes, id)?;
+    kv.del(Table::Envelopes, &stored_at(id, slot))?;
     kv.del(Table::Docs, id)?;
     Ok(Some(meta.ty))
 }
 
 /// See [`crate::Store::envelopes`].
 pub fn envelopes(kv: &dyn KvRead, id: &DocId) -> Result<Vec<u8>, StoreError> {
-    Ok(kv.get(Table::Envelopes, id)?.unwrap_or_default())
+    let Some((_, slot)) = record(kv, id)? else {
+        return Ok(Vec::new());
+    };
+    Ok(kv
+        .get(Table::Envelopes, &stored_at(id, slot))?
+        .unwrap_or_default())
 }
 
 /// See [`crate::Store::doc_meta`].
@@ -577,17 +626,19 @@ pub fn doc_meta(kv: &dyn KvRead, id: &DocId) -> Result<Option<DocMeta>, StoreErr
 
 /// See [`crate::Store::doc_bytes`].
 pub fn doc_bytes(kv: &dyn KvRead, id: &DocId) -> Result<Option<Vec<u8>>, StoreError> {
-    let Some(meta) = doc_meta(kv, id)? else {
+    let Some((meta, slot)) = record(kv, id)? else {
         return Ok(None);
     };
     let mut out = Vec::new();
     for n in 0..meta.chunks {
-        let chunk = kv.get(Table::Chunks, &chunk_key(id, n))?.ok_or_else(|| {
-            StoreError::Corrupt(format!(
-                "document {} is missing part {n} of its data",
-                uuid::Uuid::from_bytes(*id)
-            ))
-        })?;
+        let chunk = kv
+            .get(Table::Chunks, &chunk_key(id, slot, n))?
+            .ok_or_else(|| {
+                StoreError::Corrupt(format!(
+                    "document {} is missing part {n} of its data",
+                    uuid::Uuid::from_bytes(*id)
+                ))
+            })?;
         codec::decode_into(&chunk, &mut out)?;
     }
     Ok(Some(out))
@@ -781,11 +832,13 @@ pub fn index_entries(kv: &dyn KvRead) -> Result<IndexDump, StoreError> {
 pub fn verify(kv: &dyn KvRead) -> Result<Vec<String>, StoreError> {
     let mut problems = Vec::new();
     let mut docs: std::collections::BTreeMap<DocId, DocMeta> = Default::default();
+    let mut slots: std::collections::BTreeMap<DocId, Option<u64>> = Default::default();
     let mut decode_err = None;
     kv.scan(Table::Docs, &[], &mut |k, v| {
-        match (DocId::try_from(k), decode_meta(v)) {
-            (Ok(id), Ok(m)) => {
+        match (DocId::try_from(k), decode_record(v)) {
+            (Ok(id), Ok((m, slot))) => {
                 docs.insert(id, m);
+                slots.insert(id, slot);
             }
             (Err(_), _) => {
                 decode_err = Some(StoreError::Corrupt("a document key is not 16 bytes".into()))
@@ -827,8 +880,22 @@ pub fn verify(kv: &dyn KvRead) -> Result<Vec<String>, StoreError> {
     })?;
     let expected_chunks: BTreeSet<Vec<u8>> = docs
         .iter()
-        .flat_map(|(id, m)| (0..m.chunks).map(move |n| chunk_key(id, n)))
+        .flat_map(|(id, m)| {
+            let slot = slots.get(id).copied().flatten();
+            (0..m.chunks).map(move |n| chunk_key(id, slot, n))
+        })
         .collect();
+    let mut named = BTreeSet::new();
+    let shared = slots
+        .values()
+        .flatten()
+        .filter(|s| !named.insert(**s))
+        .count();
+    if shared > 0 {
+        problems.push(format!(
+            "document data: {shared} documents name a slot another one names"
+        ));
+    }
     if chunk_keys != expected_chunks {
         problems.push(format!(
             "document data: {} chunks stored, {} named by the documents",
@@ -871,4 +938,221 @@ pub fn verify(kv: &dyn KvRead) -> Result<Vec<String>, StoreError> {
         problems.push("the change log is ahead of its sequence counter".into());
     }
     Ok(problems)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::IndexEntries;
+
+    /// The tables as plain maps, to look at the keys the store writes.
+    #[derive(Default)]
+    struct Kv(BTreeMap<(Table, Vec<u8>), Vec<u8>>);
+
+    impl KvRead for Kv {
+        fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            Ok(self.0.get(&(table, key.to_vec())).cloned())
+        }
+        fn scan(
+            &self,
+            table: Table,
+            prefix: &[u8],
+            f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+        ) -> Result<(), StoreError> {
+            for ((t, k), v) in &self.0 {
+                if *t == table && k.starts_with(prefix) && !f(k, v) {
+                    break;
+                }
+            }
+            Ok(())
+        }
+        fn scan_from(
+            &self,
+            table: Table,
+            start: &[u8],
+            f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+        ) -> Result<(), StoreError> {
+            for ((t, k), v) in &self.0 {
+                if *t == table && k.as_slice() >= start && !f(k, v) {
+                    break;
+                }
+            }
+            Ok(())
+        }
+    }
+
+    impl KvWrite for Kv {
+        fn put(&mut self, table: Table, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+            self.0.insert((table, key.to_vec()), value.to_vec());
+            Ok(())
+        }
+        fn del(&mut self, table: Table, key: &[u8]) -> Result<(), StoreError> {
+            self.0.remove(&(table, key.to_vec()));
+            Ok(())
+        }
+    }
+
+    impl Kv {
+        fn keys(&self, table: Table) -> Vec<Vec<u8>> {
+            self.0
+                .keys()
+                .filter(|(t, _)| *t == table)
+                .map(|(_, k)| k.clone())
+                .collect()
+        }
+    }
+
+    fn doc(id: u8, data: DocData, envelopes: &[u8]) -> Write {
+        Write::Doc(DocWrite {
+            id: [id; 16],
+            ty: "Patient".into(),
+            origin: "urn:test".into(),
+            data,
+            heads: vec![[id; 32]],
+            updated: 1,
+            identifiers: vec![("urn:test".into(), format!("p{id}"))],
+            references: Vec::new(),
+            previous: IndexEntries::default(),
+            envelopes: envelopes.to_vec(),
+        })
+    }
+
+    fn apply_one(kv: &mut Kv, w: Write) -> u64 {
+        apply(kv, vec![w], &QuarantineBudget::default()).expect("applied")[0]
+    }
+
+    fn remove(id: u8) -> Write {
+        Write::Remove {
+            id: [id; 16],
+            entries: IndexEntries {
+                identifiers: vec![("urn:test".into(), format!("p{id}"))],
+                references: Vec::new(),
+            },
+            purge: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn new_documents_are_kept_under_sequential_slots() {
+        let mut kv = Kv::default();
+        let a = apply_one(&mut kv, doc(9, DocData::Full(b"first".to_vec()), b"env-a"));
+        let b = apply_one(&mut kv, doc(1, DocData::Full(b"second".to_vec()), b"env-b"));
+        assert!(b > a);
+        // Keyed by the creating write's sequence, not by the (random) id: b's id sorts first,
+        // its data after a's.
+        let slot_key = |seq: u64, n: u32| {
+            let mut k = seq.to_be_bytes().to_vec();
+            k.extend_from_slice(&n.to_be_bytes());
+            k
+        };
+        assert_eq!(kv.keys(Table::Chunks), vec![slot_key(a, 0), slot_key(b, 0)]);
+        assert_eq!(
+            kv.keys(Table::Envelopes),
+            vec![a.to_be_bytes().to_vec(), b.to_be_bytes().to_vec()]
+        );
+        assert_eq!(
+            doc_bytes(&kv, &[9; 16]).expect("read"),
+            Some(b"first".to_vec())
+        );
+        assert_eq!(envelopes(&kv, &[1; 16]).expect("read"), b"env-b".to_vec());
+        assert!(verify(&kv).expect("verified").is_empty());
+
+        // Later writes stay at the slot, whatever their sequence.
+        apply_one(&mut kv, doc(9, DocData::Append(b"+more".to_vec()), b"+env"));
+        assert_eq!(
+            doc_bytes(&kv, &[9; 16]).expect("read"),
+            Some(b"first+more".to_vec())
+        );
+        assert_eq!(
+            envelopes(&kv, &[9; 16]).expect("read"),
+            b"env-a+env".to_vec()
+        );
+        assert!(kv.keys(Table::Chunks).contains(&slot_key(a, 1)));
+        apply_one(&mut kv, doc(9, DocData::Full(b"compacted".to_vec()), b""));
+        assert_eq!(kv.keys(Table::Chunks), vec![slot_key(a, 0), slot_key(b, 0)]);
+        assert!(verify(&kv).expect("verified").is_empty());
+
+        // Removed, then written again: a new slot, nothing left at the old one.
+        apply_one(&mut kv, remove(9));
+        assert_eq!(kv.keys(Table::Chunks), vec![slot_key(b, 0)]);
+        assert_eq!(kv.keys(Table::Envelopes), vec![b.to_be_bytes().to_vec()]);
+        let again = apply_one(&mut kv, doc(9, DocData::Full(b"back".to_vec()), b"e"));
+        assert_eq!(
+            kv.keys(Table::Chunks),
+            vec![slot_key(b, 0), slot_key(again, 0)]
+        );
+        assert!(verify(&kv).expect("verified").is_empty());
+    }
+
+    #[test]
+    fn records_written_before_slots_are_read_updated_and_removed_in_place() {
+        let mut kv = Kv::default();
+        let seq = apply_one(&mut kv, doc(7, DocData::Full(b"old".to_vec()), b"env"));
+        // Laid out as a store written before slots: record version 3, data under the id.
+        let id = [7u8; 16];
+        let (meta, slot) = record(&kv, &id).expect("read").expect("stored");
+        assert_eq!(slot, Some(seq));
+        let chunk =
+            kv.0.remove(&(Table::Chunks, chunk_key(&id, slot, 0)))
+                .expect("chunk");
+        let env =
+            kv.0.remove(&(Table::Envelopes, stored_at(&id, slot)))
+                .expect("envelopes");
+        kv.put(Table::Chunks, &chunk_key(&id, None, 0), &chunk)
+            .expect("put");
+        kv.put(Table::Envelopes, &id, &env).expect("put");
+        kv.put(Table::Docs, &id, &encode_meta(&meta, None))
+            .expect("put");
+        assert_eq!(
+            kv.get(Table::Docs, &id).expect("get").expect("record")[0],
+            3
+        );
+
+        assert!(verify(&kv).expect("verified").is_empty());
+        assert_eq!(doc_bytes(&kv, &id).expect("read"), Some(b"old".to_vec()));
+        assert_eq!(envelopes(&kv, &id).expect("read"), b"env".to_vec());
+        apply_one(&mut kv, doc(7, DocData::Append(b"+new".to_vec()), b"+e"));
+        assert_eq!(
+            doc_bytes(&kv, &id).expect("read"),
+            Some(b"old+new".to_vec())
+        );
+        assert_eq!(envelopes(&kv, &id).expect("read"), b"env+e".to_vec());
+        assert_eq!(
+            kv.keys(Table::Chunks),
+            vec![chunk_key(&id, None, 0), chunk_key(&id, None, 1)]
+        );
+        // Still a record of version 3: a store stays readable by the build that wrote it.
+        assert_eq!(
+            kv.get(Table::Docs, &id).expect("get").expect("record")[0],
+            3
+        );
+        assert!(verify(&kv).expect("verified").is_empty());
+        apply_one(&mut kv, remove(7));
+        assert!(kv.keys(Table::Chunks).is_empty());
+        assert!(kv.keys(Table::Envelopes).is_empty());
+        assert!(verify(&kv).expect("verified").is_empty());
+    }
+
+    #[test]
+    fn verify_names_two_documents_at_one_slot_and_data_at_no_slot() {
+        let mut kv = Kv::default();
+        apply_one(&mut kv, doc(1, DocData::Full(b"a".to_vec()), b""));
+        let b = apply_one(&mut kv, doc(2, DocData::Full(b"b".to_vec()), b""));
+        let (meta, _) = record(&kv, &[1; 16]).expect("read").expect("stored");
+        kv.put(Table::Docs, &[1; 16], &encode_meta(&meta, Some(b)))
+            .expect("put");
+        let problems = verify(&kv).expect("verified");
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("slot another one names")),
+            "{problems:?}"
+        );
+        assert!(
+            problems.iter().any(|p| p.contains("chunks stored")),
+            "{problems:?}"
+        );
+    }
 }
