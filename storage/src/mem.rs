@@ -6,7 +6,7 @@ use std::ops::Bound;
 use crate::kv::{KvRead, KvWrite, Table};
 use crate::{DocId, DocMeta, QuarantineBudget, Quarantined, Stats, Store, StoreError, Write, ops};
 
-type Tables = BTreeMap<Table, BTreeMap<Vec<u8>, Vec<u8>>>;
+pub(crate) type Tables = BTreeMap<Table, BTreeMap<Vec<u8>, Vec<u8>>>;
 
 /// A store held in memory. A commit is atomic: if it fails, nothing of it remains.
 #[derive(Debug, Default)]
@@ -87,9 +87,19 @@ impl KvRead for Tables {
 }
 
 /// A transaction over [`Tables`] that remembers what it overwrote, to roll back on failure.
-struct Txn<'a> {
+pub(crate) struct Txn<'a> {
     tables: &'a mut Tables,
     undo: Vec<(Table, Vec<u8>, Option<Vec<u8>>)>,
+}
+
+impl<'a> Txn<'a> {
+    /// A transaction over `tables`, nothing written yet.
+    pub(crate) fn new(tables: &'a mut Tables) -> Self {
+        Self {
+            tables,
+            undo: Vec::new(),
+        }
+    }
 }
 
 impl KvRead for Txn<'_> {
@@ -136,10 +146,7 @@ impl Store for MemStore {
         let mut guard = self.tables.write().map_err(|_| {
             StoreError::Engine("the in-memory store was poisoned by a panic".into())
         })?;
-        let mut txn = Txn {
-            tables: &mut guard,
-            undo: Vec::new(),
-        };
+        let mut txn = Txn::new(&mut guard);
         match ops::apply(&mut txn, writes, &self.budget) {
             Ok(seqs) => Ok(seqs),
             Err(e) => {

@@ -942,66 +942,15 @@ pub fn verify(kv: &dyn KvRead) -> Result<Vec<String>, StoreError> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use super::*;
     use crate::IndexEntries;
+    use crate::mem::{Tables as Kv, Txn};
 
-    /// The tables as plain maps, to look at the keys the store writes.
-    #[derive(Default)]
-    struct Kv(BTreeMap<(Table, Vec<u8>), Vec<u8>>);
-
-    impl KvRead for Kv {
-        fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-            Ok(self.0.get(&(table, key.to_vec())).cloned())
-        }
-        fn scan(
-            &self,
-            table: Table,
-            prefix: &[u8],
-            f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
-        ) -> Result<(), StoreError> {
-            for ((t, k), v) in &self.0 {
-                if *t == table && k.starts_with(prefix) && !f(k, v) {
-                    break;
-                }
-            }
-            Ok(())
-        }
-        fn scan_from(
-            &self,
-            table: Table,
-            start: &[u8],
-            f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
-        ) -> Result<(), StoreError> {
-            for ((t, k), v) in &self.0 {
-                if *t == table && k.as_slice() >= start && !f(k, v) {
-                    break;
-                }
-            }
-            Ok(())
-        }
-    }
-
-    impl KvWrite for Kv {
-        fn put(&mut self, table: Table, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
-            self.0.insert((table, key.to_vec()), value.to_vec());
-            Ok(())
-        }
-        fn del(&mut self, table: Table, key: &[u8]) -> Result<(), StoreError> {
-            self.0.remove(&(table, key.to_vec()));
-            Ok(())
-        }
-    }
-
-    impl Kv {
-        fn keys(&self, table: Table) -> Vec<Vec<u8>> {
-            self.0
-                .keys()
-                .filter(|(t, _)| *t == table)
-                .map(|(_, k)| k.clone())
-                .collect()
-        }
+    /// The keys the store wrote in `table`.
+    fn keys(kv: &Kv, table: Table) -> Vec<Vec<u8>> {
+        kv.get(&table)
+            .map(|t| t.keys().cloned().collect())
+            .unwrap_or_default()
     }
 
     fn doc(id: u8, data: DocData, envelopes: &[u8]) -> Write {
@@ -1020,7 +969,7 @@ mod tests {
     }
 
     fn apply_one(kv: &mut Kv, w: Write) -> u64 {
-        apply(kv, vec![w], &QuarantineBudget::default()).expect("applied")[0]
+        apply(&mut Txn::new(kv), vec![w], &QuarantineBudget::default()).expect("applied")[0]
     }
 
     fn remove(id: u8) -> Write {
@@ -1047,9 +996,12 @@ mod tests {
             k.extend_from_slice(&n.to_be_bytes());
             k
         };
-        assert_eq!(kv.keys(Table::Chunks), vec![slot_key(a, 0), slot_key(b, 0)]);
         assert_eq!(
-            kv.keys(Table::Envelopes),
+            keys(&kv, Table::Chunks),
+            vec![slot_key(a, 0), slot_key(b, 0)]
+        );
+        assert_eq!(
+            keys(&kv, Table::Envelopes),
             vec![a.to_be_bytes().to_vec(), b.to_be_bytes().to_vec()]
         );
         assert_eq!(
@@ -1069,18 +1021,21 @@ mod tests {
             envelopes(&kv, &[9; 16]).expect("read"),
             b"env-a+env".to_vec()
         );
-        assert!(kv.keys(Table::Chunks).contains(&slot_key(a, 1)));
+        assert!(keys(&kv, Table::Chunks).contains(&slot_key(a, 1)));
         apply_one(&mut kv, doc(9, DocData::Full(b"compacted".to_vec()), b""));
-        assert_eq!(kv.keys(Table::Chunks), vec![slot_key(a, 0), slot_key(b, 0)]);
+        assert_eq!(
+            keys(&kv, Table::Chunks),
+            vec![slot_key(a, 0), slot_key(b, 0)]
+        );
         assert!(verify(&kv).expect("verified").is_empty());
 
         // Removed, then written again: a new slot, nothing left at the old one.
         apply_one(&mut kv, remove(9));
-        assert_eq!(kv.keys(Table::Chunks), vec![slot_key(b, 0)]);
-        assert_eq!(kv.keys(Table::Envelopes), vec![b.to_be_bytes().to_vec()]);
+        assert_eq!(keys(&kv, Table::Chunks), vec![slot_key(b, 0)]);
+        assert_eq!(keys(&kv, Table::Envelopes), vec![b.to_be_bytes().to_vec()]);
         let again = apply_one(&mut kv, doc(9, DocData::Full(b"back".to_vec()), b"e"));
         assert_eq!(
-            kv.keys(Table::Chunks),
+            keys(&kv, Table::Chunks),
             vec![slot_key(b, 0), slot_key(again, 0)]
         );
         assert!(verify(&kv).expect("verified").is_empty());
@@ -1094,19 +1049,25 @@ mod tests {
         let id = [7u8; 16];
         let (meta, slot) = record(&kv, &id).expect("read").expect("stored");
         assert_eq!(slot, Some(seq));
-        let chunk =
-            kv.0.remove(&(Table::Chunks, chunk_key(&id, slot, 0)))
-                .expect("chunk");
-        let env =
-            kv.0.remove(&(Table::Envelopes, stored_at(&id, slot)))
-                .expect("envelopes");
-        kv.put(Table::Chunks, &chunk_key(&id, None, 0), &chunk)
-            .expect("put");
-        kv.put(Table::Envelopes, &id, &env).expect("put");
-        kv.put(Table::Docs, &id, &encode_meta(&meta, None))
+        let mut raw = Txn::new(&mut kv);
+        for (table, from, to) in [
+            (
+                Table::Chunks,
+                chunk_key(&id, slot, 0),
+                chunk_key(&id, None, 0),
+            ),
+            (Table::Envelopes, stored_at(&id, slot), id.to_vec()),
+        ] {
+            let value = raw.get(table, &from).expect("read").expect("stored");
+            raw.del(table, &from).expect("del");
+            raw.put(table, &to, &value).expect("put");
+        }
+        raw.put(Table::Docs, &id, &encode_meta(&meta, None))
             .expect("put");
         assert_eq!(
-            kv.get(Table::Docs, &id).expect("get").expect("record")[0],
+            KvRead::get(&kv, Table::Docs, &id)
+                .expect("get")
+                .expect("record")[0],
             3
         );
 
@@ -1120,18 +1081,20 @@ mod tests {
         );
         assert_eq!(envelopes(&kv, &id).expect("read"), b"env+e".to_vec());
         assert_eq!(
-            kv.keys(Table::Chunks),
+            keys(&kv, Table::Chunks),
             vec![chunk_key(&id, None, 0), chunk_key(&id, None, 1)]
         );
         // Still a record of version 3: a store stays readable by the build that wrote it.
         assert_eq!(
-            kv.get(Table::Docs, &id).expect("get").expect("record")[0],
+            KvRead::get(&kv, Table::Docs, &id)
+                .expect("get")
+                .expect("record")[0],
             3
         );
         assert!(verify(&kv).expect("verified").is_empty());
         apply_one(&mut kv, remove(7));
-        assert!(kv.keys(Table::Chunks).is_empty());
-        assert!(kv.keys(Table::Envelopes).is_empty());
+        assert!(keys(&kv, Table::Chunks).is_empty());
+        assert!(keys(&kv, Table::Envelopes).is_empty());
         assert!(verify(&kv).expect("verified").is_empty());
     }
 
@@ -1141,7 +1104,8 @@ mod tests {
         apply_one(&mut kv, doc(1, DocData::Full(b"a".to_vec()), b""));
         let b = apply_one(&mut kv, doc(2, DocData::Full(b"b".to_vec()), b""));
         let (meta, _) = record(&kv, &[1; 16]).expect("read").expect("stored");
-        kv.put(Table::Docs, &[1; 16], &encode_meta(&meta, Some(b)))
+        Txn::new(&mut kv)
+            .put(Table::Docs, &[1; 16], &encode_meta(&meta, Some(b)))
             .expect("put");
         let problems = verify(&kv).expect("verified");
         assert!(
