@@ -866,12 +866,21 @@ impl Engine {
     /// The documents this node holds outside its reach (waiting to leave), and how many left.
     /// Listing them reads every document record: the report is computed again only when the
     /// store or the scope changed, and at most every few seconds (`/status` may be polled).
+    ///
+    /// A report younger than that is answered as it is, without committing what is staged: a
+    /// client polling `/status` during a sync would otherwise force a commit at each poll and
+    /// break the pipelining of the sync's commits.
     pub fn scope_report(&mut self) -> Result<ScopeReport, SyncError> {
+        if let Some((_, at, r)) = &self.scope.report
+            && at.elapsed() < REPORT_EVERY
+        {
+            return Ok(r.clone());
+        }
         self.flush()?;
         let seq = self.store.stats()?.last_seq;
         let key = (seq, self.scope.generation, self.scope.left);
-        if let Some((k, at, r)) = &self.scope.report
-            && (*k == key || at.elapsed() < REPORT_EVERY)
+        if let Some((k, _, r)) = &self.scope.report
+            && *k == key
         {
             return Ok(r.clone());
         }

@@ -109,3 +109,24 @@ fn a_loaded_policy_finds_its_family_in_the_same_batch_without_a_commit() {
         assert!(!places.is_empty(), "policy {id} lies where its family does");
     }
 }
+
+/// `/status` may be polled while a sync runs: a scope report younger than a few seconds is
+/// answered as it is, without committing what is staged (each poll used to force a commit, and
+/// broke the pipelining of the sync's commits).
+#[test]
+fn a_recent_scope_report_is_answered_without_committing_what_is_staged() {
+    let root = key(1);
+    let mut central = engine(&[1; 32], "central", &public(&root));
+    let first = central.scope_report().unwrap().to_json();
+    let lines = demo_lines(5, 2);
+    for r in central.create_lines(&lines, 2) {
+        r.unwrap();
+    }
+    assert_eq!(central.pending(), lines.len());
+    let again = central.scope_report().unwrap().to_json();
+    assert_eq!(again, first);
+    assert_eq!(central.pending(), lines.len(), "the report committed them");
+    assert_eq!(central.stats().unwrap().documents, 0);
+    central.flush().unwrap();
+    assert_eq!(central.stats().unwrap().documents, lines.len() as u64);
+}
