@@ -1376,31 +1376,50 @@ fn other_doc(engine: &Engine, kind: NumberKind, other: &Value) -> Option<DocId> 
 impl Engine {
     /// The resources central flagged that this node holds (at most 100): type, id, code,
     /// reason. What an officer's app shows after a sync; `/status` lists them.
+    ///
+    /// `/status` asks for this at each call: a document listed before and not written since
+    /// (the same sequence in its record) is listed as it was read then, not loaded again.
     pub fn flagged(&mut self) -> Result<Vec<Value>, CentralError> {
         let mut out = Vec::new();
         let mut ids: Vec<[u8; 16]> = Vec::new();
+        let mut seen: HashSet<[u8; 16]> = HashSet::new();
         for code in FlagCode::ALL {
             for id in self.store.referrers(FLAG_INDEX, "", code.name())? {
-                if !ids.contains(&id) {
+                if seen.insert(id) {
                     ids.push(id);
                 }
             }
         }
+        let mut listed = HashMap::new();
         for raw in ids.into_iter().take(FLAGGED_LISTED) {
             let id = DocId(uuid::Uuid::from_bytes(raw));
-            let Some((ty, json)) = self.stored_json(&id)? else {
+            let Some(seq) = self.store.doc_meta(&raw)?.map(|m| m.seq) else {
                 continue;
             };
-            for f in flags_of(&json) {
-                out.push(json!({
-                    "resourceType": ty,
-                    "id": id.to_string(),
-                    "code": f.code.name(),
-                    "number": f.value,
-                    "reason": f.reason,
-                }));
-            }
+            let entries = match self.flags_listed.remove(&id) {
+                Some((at, entries)) if at == seq && !self.has_pending_write(&id) => entries,
+                _ => {
+                    let Some((ty, json)) = self.stored_json(&id)? else {
+                        continue;
+                    };
+                    flags_of(&json)
+                        .into_iter()
+                        .map(|f| {
+                            json!({
+                                "resourceType": ty,
+                                "id": id.to_string(),
+                                "code": f.code.name(),
+                                "number": f.value,
+                                "reason": f.reason,
+                            })
+                        })
+                        .collect()
+                }
+            };
+            out.extend(entries.iter().cloned());
+            listed.insert(id, (seq, entries));
         }
+        self.flags_listed = listed;
         Ok(out)
     }
 

@@ -290,6 +290,9 @@ pub struct Engine {
     /// Numbers used from each lease central gave this device (also in the store, under
     /// `local:lease:<lease doc>`).
     pub(crate) lease_used: HashMap<DocId, u64>,
+    /// What [`Engine::flagged`] last listed of each flagged document, by the sequence of the
+    /// document's last write.
+    pub(crate) flags_listed: HashMap<DocId, (u64, Vec<Value>)>,
     /// The deployment's rules for business numbers, checked on local writes (none: any).
     pub(crate) numbers: Option<crate::central::NumberConfig>,
     /// Central: documents from elsewhere get their canonical id as they are received (set by
@@ -346,6 +349,7 @@ impl Engine {
             trust_damaged: false,
             scope: crate::scope::ScopeState::default(),
             lease_used: HashMap::new(),
+            flags_listed: HashMap::new(),
             numbers: None,
             canonical_at_receipt: false,
             canonical_given: HashMap::new(),

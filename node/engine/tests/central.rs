@@ -319,6 +319,25 @@ fn central_gives_canonical_ids_flags_a_number_used_twice_and_links_a_duplicate_p
             .any(|f| f["code"] == "number-taken" && f["id"] == b_card.to_string()),
         "{flagged_b:?}"
     );
+    // The list is read again where a listed resource was written since it was last listed.
+    let mut noted = json_of(&mut w.b, "Patient", &b_card.to_string());
+    for e in noted["extension"].as_array_mut().unwrap() {
+        for sub in e["extension"].as_array_mut().into_iter().flatten() {
+            if sub["url"] == "reason" {
+                sub["valueString"] = json!("seen by the officer");
+            }
+        }
+    }
+    w.b.update("Patient", &b_card.to_string(), Value::Object(noted), None)
+        .unwrap();
+    w.b.flush().unwrap();
+    let flagged_b = w.b.flagged().unwrap();
+    assert!(
+        flagged_b
+            .iter()
+            .any(|f| f["id"] == b_card.to_string() && f["reason"] == "seen by the officer"),
+        "{flagged_b:?}"
+    );
     let on_a = json_of(&mut w.a, "Patient", &nfd.to_string());
     assert_eq!(
         on_a["link"][0]["other"]["reference"],
