@@ -107,3 +107,18 @@ fn sigterm_stops_a_connected_node_and_keeps_its_writes() -> anyhow::Result<()> {
     assert_eq!(got["name"][0]["family"], "Issa");
     Ok(())
 }
+
+/// A running node has transparent huge pages off: mimalloc asked for them, and a hub's peak
+/// memory in a first sync of 100k resources was a third higher with them (134 MB against 103).
+#[test]
+fn a_running_node_has_transparent_huge_pages_off() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let node = Node::start(dir.path(), "officer-1", "device")?;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", node.pid()))?;
+    match status.lines().find(|l| l.starts_with("THP_enabled:")) {
+        Some(line) => assert_eq!(line.split_whitespace().nth(1), Some("0"), "{line}"),
+        // Kernels before 6.x do not show it.
+        None => eprintln!("this kernel does not show THP_enabled"),
+    }
+    Ok(())
+}
