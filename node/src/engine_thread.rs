@@ -31,12 +31,26 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 pub const COMMAND_QUEUE: usize = 1024;
 /// Commands run between two commits, at most.
 pub const MAX_BATCH: usize = 512;
+
+/// How often the engine thread is woken to see whether it is idle.
+const IDLE_TICK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// After this long without a command (or work of central's services), the engine thread folds
+/// the store's deferred index writes ([`Engine::fold_index`]), if there are at least
+/// [`IDLE_FOLD_AT_LEAST`]: they wait in memory for the next fold otherwise, up to
+/// `storage.index_fold_entries` of them.
+const IDLE_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Deferred index writes an idle node folds, at least.
+const IDLE_FOLD_AT_LEAST: usize = 4096;
 /// Commits whose events a slow subscriber may lag behind before it is told it lagged.
 pub const EVENT_QUEUE: usize = 256;
 
 type Reply<T, E> = oneshot::Sender<Result<T, E>>;
 
 enum Command {
+    /// The idle tick ([`IDLE_TICK`]).
+    Idle,
     Create {
         ty: String,
         body: Value,
@@ -140,6 +154,23 @@ impl EngineHandle {
         let join = thread::Builder::new()
             .name("fieldmesh-engine".into())
             .spawn(move || run(engine, rx, publish, central))?;
+        // The idle tick holds no sender between ticks: the queue still closes when every
+        // handle is dropped, and the tick then ends.
+        let weak = tx.downgrade();
+        thread::Builder::new()
+            .name("fieldmesh-idle".into())
+            .spawn(move || {
+                loop {
+                    thread::sleep(IDLE_TICK);
+                    match weak.upgrade() {
+                        Some(tx) => {
+                            // A full queue is a busy engine: nothing to tell it.
+                            let _ = tx.try_send(Command::Idle);
+                        }
+                        None => break,
+                    }
+                }
+            })?;
         Ok((
             Self {
                 tx,
@@ -433,8 +464,12 @@ fn run(mut engine: Engine, mut rx: mpsc::Receiver<Command>, publish: Publish, se
     let mut stop = false;
     // Central's services wait for the next command after a failed step (no hot loop).
     let mut central_failed = false;
+    let mut busy = std::time::Instant::now();
     while !stop {
         let work = !central_failed && central.as_ref().is_some_and(|c| c.has_work(&engine));
+        if work {
+            busy = std::time::Instant::now();
+        }
         let first = if work {
             match rx.try_recv() {
                 Ok(cmd) => Some(cmd),
@@ -447,7 +482,14 @@ fn run(mut engine: Engine, mut rx: mpsc::Receiver<Command>, publish: Publish, se
                 None => break,
             }
         };
+        if let Some(Command::Idle) = first {
+            if !work && rx.is_empty() && busy.elapsed() >= IDLE_AFTER {
+                fold_when_idle(&mut engine, &publish);
+            }
+            continue;
+        }
         if let Some(first) = first {
+            busy = std::time::Instant::now();
             central_failed = false;
             stop = run_batch(&mut engine, &mut rx, &publish, first, central.as_ref());
             if let Some(config) = waiting.take() {
@@ -462,6 +504,21 @@ fn run(mut engine: Engine, mut rx: mpsc::Receiver<Command>, publish: Publish, se
         tracing::error!(error = %e, "final commit failed");
     }
     publish_after_commit(&mut engine, &publish);
+}
+
+/// Folds the store's deferred index writes while nothing else is asked of the engine.
+fn fold_when_idle(engine: &mut Engine, publish: &Publish) {
+    let started = std::time::Instant::now();
+    match engine.fold_index(IDLE_FOLD_AT_LEAST) {
+        Ok(0) => {}
+        Ok(entries) => tracing::debug!(
+            entries,
+            ms = started.elapsed().as_millis() as u64,
+            "folded the deferred index writes while idle"
+        ),
+        Err(e) => tracing::warn!(error = %e, "could not fold the deferred index writes while idle"),
+    }
+    publish_after_commit(engine, publish);
 }
 
 /// Opens central's services once this node holds its central certificate again; until then
@@ -631,6 +688,7 @@ fn execute(
     central: Option<&Central>,
 ) {
     match cmd {
+        Command::Idle => {}
         Command::Create { ty, body, reply } => {
             let r = engine
                 .create(body, Some(&ty), false, &|_| None)

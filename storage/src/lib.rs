@@ -262,6 +262,14 @@ pub trait Store: Send + Sync {
     /// checkpoints). When this returns `Ok`, every write of the batch survives a crash.
     /// Commits may come from any thread; they are serialised.
     fn commit(&self, writes: Vec<Write>) -> Result<Vec<u64>, StoreError>;
+    /// Folds the index writes not folded yet into the index tables now, in a commit of their
+    /// own, if there are at least `at_least` of them; returns how many were folded (0: none).
+    /// A node calls it when idle, so that what waits for the next fold does not stay in memory
+    /// (stores that defer no index writes fold nothing).
+    fn fold_index(&self, at_least: usize) -> Result<usize, StoreError> {
+        let _ = at_least;
+        Ok(0)
+    }
     /// The record of a document.
     fn doc_meta(&self, id: &DocId) -> Result<Option<DocMeta>, StoreError>;
     /// The document's bytes (its chunks concatenated; loadable as one Automerge document).
@@ -328,6 +336,9 @@ pub trait Store: Send + Sync {
 impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
     fn commit(&self, writes: Vec<Write>) -> Result<Vec<u64>, StoreError> {
         (**self).commit(writes)
+    }
+    fn fold_index(&self, at_least: usize) -> Result<usize, StoreError> {
+        (**self).fold_index(at_least)
     }
     fn doc_meta(&self, id: &DocId) -> Result<Option<DocMeta>, StoreError> {
         (**self).doc_meta(id)

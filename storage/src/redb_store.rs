@@ -574,7 +574,22 @@ impl KvWrite for WriteTxn<'_> {
 }
 
 impl RedbStore {
-    fn commit_unshielded(&self, writes: Vec<Write>) -> Result<Vec<u64>, StoreError> {
+    /// See [`Store::fold_index`].
+    fn fold_unshielded(&self, at_least: usize) -> Result<usize, StoreError> {
+        let held = self
+            .pending
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len();
+        if held == 0 || held < at_least {
+            return Ok(0);
+        }
+        self.commit_unshielded(Vec::new(), true)?;
+        Ok(held)
+    }
+
+    /// Commits `writes`; `fold` folds the index writes held so far whatever their number.
+    fn commit_unshielded(&self, writes: Vec<Write>, fold: bool) -> Result<Vec<u64>, StoreError> {
         use std::sync::atomic::Ordering;
         let _one = self
             .committing
@@ -609,7 +624,7 @@ impl RedbStore {
             };
             match ops::apply(&mut w, writes, &self.budget) {
                 Ok(seqs) => self
-                    .defer_or_fold(&txn, &mut w)
+                    .defer_or_fold(&txn, &mut w, fold)
                     .map(|logged| (seqs, w.local, logged)),
                 Err(e) => Err(e),
             }
@@ -654,21 +669,24 @@ impl RedbStore {
     }
 
     /// Appends the commit's index writes to the log, or, once the pending writes reach the fold
-    /// size, writes them all into the index tables in key order and removes the records folded.
-    /// The commit's own writes stay in the log either way (a fold writes them to the tables
-    /// too), so that a reader whose memory predates the fold reads them from its snapshot.
+    /// size (or when `force`d), writes them all into the index tables in key order and removes
+    /// the records folded. The commit's own writes stay in the log either way (a fold writes
+    /// them to the tables too), so that a reader whose memory predates the fold reads them from
+    /// its snapshot.
     fn defer_or_fold(
         &self,
         txn: &redb::WriteTransaction,
         w: &mut WriteTxn<'_>,
+        force: bool,
     ) -> Result<Logged, StoreError> {
-        if w.local.is_empty() {
+        // Nothing of this commit to log, and nothing held to fold (or no fold asked).
+        if w.local.is_empty() && (!force || w.committed.is_empty()) {
             return Ok(Logged::Nothing);
         }
         let mut log = txn.open_table(DEFERRED).map_err(|e| self.err(e))?;
         let previous = log.last().map_err(|e| self.err(e))?.map(|(k, _)| k.value());
         let at = previous.map_or(0, |p| p.saturating_add(1));
-        let fold = w.committed.len() + w.local.len() >= self.fold_at;
+        let fold = force || w.committed.len() + w.local.len() >= self.fold_at;
         if fold {
             let started = std::time::Instant::now();
             let entries = w.committed.len() + w.local.len();
@@ -775,7 +793,10 @@ impl Store for RedbStore {
         (ids.into_iter().collect(), problems)
     }
     fn commit(&self, writes: Vec<Write>) -> Result<Vec<u64>, StoreError> {
-        shield(&self.path, || self.commit_unshielded(writes))
+        shield(&self.path, || self.commit_unshielded(writes, false))
+    }
+    fn fold_index(&self, at_least: usize) -> Result<usize, StoreError> {
+        shield(&self.path, || self.fold_unshielded(at_least))
     }
     fn doc_meta(&self, id: &DocId) -> Result<Option<DocMeta>, StoreError> {
         self.reading(|r| ops::doc_meta(r, id))
@@ -932,6 +953,44 @@ mod tests {
             "the commit did not fold what the log held"
         );
         for (n, c) in [(1u8, "C1"), (2, "C2"), (3, "C3")] {
+            assert_eq!(store.find("Patient", "chfid", c).unwrap(), vec![[n; 16]]);
+        }
+        assert!(store.verify().unwrap().is_empty());
+    }
+
+    #[test]
+    fn an_idle_fold_empties_the_memory_and_keeps_every_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = StoreOptions {
+            fold_index_after: 1000,
+            ..StoreOptions::default()
+        };
+        let store = RedbStore::open(dir.path().join("s.redb"), options).unwrap();
+        store.commit(vec![patient(1, "C1")]).unwrap();
+        store.commit(vec![patient(2, "C2")]).unwrap();
+        let held = store.pending_mut().len();
+        assert!(held > 0);
+        // Fewer than asked for: nothing is folded.
+        assert_eq!(store.fold_index(held + 1).unwrap(), 0);
+        assert_eq!(store.pending_mut().len(), held);
+        assert_eq!(store.fold_index(1).unwrap(), held);
+        assert_eq!(store.pending_mut().len(), 0);
+        assert_eq!(store.fold_index(1).unwrap(), 0);
+        // The entries are in the tables, and the log holds only the fold's own (empty) record.
+        let log = store
+            .table_sizes()
+            .unwrap()
+            .into_iter()
+            .find(|(name, _)| *name == "deferred_index")
+            .unwrap();
+        assert_eq!(log.1.entries, 1);
+        for (n, c) in [(1u8, "C1"), (2, "C2")] {
+            assert_eq!(store.find("Patient", "chfid", c).unwrap(), vec![[n; 16]]);
+        }
+        drop(store);
+        let store = RedbStore::open(dir.path().join("s.redb"), options).unwrap();
+        assert_eq!(store.pending_mut().len(), 0);
+        for (n, c) in [(1u8, "C1"), (2, "C2")] {
             assert_eq!(store.find("Patient", "chfid", c).unwrap(), vec![[n; 16]]);
         }
         assert!(store.verify().unwrap().is_empty());

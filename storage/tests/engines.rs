@@ -327,15 +327,26 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(32))]
     /// Random batches (some failing) leave both engines in the same, consistent state.
     /// The on-disk store defers its index writes and folds them every `fold` entries: with a
-    /// fold size of 1 to 40 some batches fold and some only append to the log.
+    /// fold size of 1 to 40 some batches fold and some only append to the log; between some
+    /// batches the writes held are folded at once, as an idle node does ([`Store::fold_index`]).
     #[test]
-    fn engines_agree(batches in ops(), fold in prop_oneof![Just(usize::MAX), 1usize..40]) {
+    fn engines_agree(
+        batches in ops(),
+        fold in prop_oneof![Just(usize::MAX), 1usize..40],
+        idle in proptest::collection::vec(any::<bool>(), 0..24),
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let options = StoreOptions { fold_index_after: fold, ..StoreOptions::default() };
         let mut disk = RedbStore::open(dir.path().join("s.redb"), options).unwrap();
         let mem = MemStore::new();
         let mut current: HashMap<u8, IndexEntries> = HashMap::new();
-        for batch in &batches {
+        for (i, batch) in batches.iter().enumerate() {
+            if idle.get(i).copied().unwrap_or(false) {
+                disk.fold_index(1).unwrap();
+                // Nothing is left to fold: a second call folds nothing.
+                prop_assert_eq!(disk.fold_index(1).unwrap(), 0);
+                prop_assert_eq!(mem.fold_index(1).unwrap(), 0);
+            }
             let mut staged = current.clone();
             let mut writes = Vec::new();
             for op in batch {

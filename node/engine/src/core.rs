@@ -553,6 +553,14 @@ impl Engine {
         self.store.as_ref()
     }
 
+    /// Commits what is staged, then folds the store's deferred index writes into its index
+    /// tables if there are at least `at_least` of them ([`Store::fold_index`]); returns how many
+    /// were folded. For an idle node: the writes waiting for a fold stay in memory until then.
+    pub fn fold_index(&mut self, at_least: usize) -> Result<usize, CommitError> {
+        self.flush()?;
+        Ok(self.store.fold_index(at_least)?)
+    }
+
     /// Number of staged writes.
     pub fn pending(&self) -> usize {
         self.pending.len()
