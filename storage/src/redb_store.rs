@@ -34,7 +34,7 @@ impl Default for StoreOptions {
         Self {
             cache_bytes: 16 * 1024 * 1024,
             quarantine: QuarantineBudget::default(),
-            fold_index_after: 65_536,
+            fold_index_after: 196_608,
         }
     }
 }
