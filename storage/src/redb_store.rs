@@ -919,17 +919,34 @@ mod tests {
         })
     }
 
+    /// A store in `dir` folding its index writes every `fold` entries.
+    fn folding_every(dir: &tempfile::TempDir, fold: usize) -> RedbStore {
+        let options = StoreOptions {
+            fold_index_after: fold,
+            ..StoreOptions::default()
+        };
+        RedbStore::open(dir.path().join("s.redb"), options).unwrap()
+    }
+
+    /// Records in the deferred index log.
+    fn log_records(store: &RedbStore) -> u64 {
+        store
+            .table_sizes()
+            .unwrap()
+            .into_iter()
+            .find(|(name, _)| *name == "deferred_index")
+            .unwrap()
+            .1
+            .entries
+    }
+
     /// A reader whose memory of the pending writes lags behind its snapshot (a commit that
     /// landed before the memory took it in) reads what is missing from the snapshot's log; a
     /// commit that finds the memory stale reads the log again before it folds.
     #[test]
     fn the_log_covers_what_the_memory_lacks() {
         let dir = tempfile::tempdir().unwrap();
-        let options = StoreOptions {
-            fold_index_after: 3,
-            ..StoreOptions::default()
-        };
-        let store = RedbStore::open(dir.path().join("s.redb"), options).unwrap();
+        let store = folding_every(&dir, 3);
         store.commit(vec![patient(1, "C1")]).unwrap();
         // The memory forgets the commit, as if it had not taken it in yet.
         *store.pending_mut() = Pending::default();
@@ -942,14 +959,9 @@ mod tests {
             .commit(vec![patient(2, "C2"), patient(3, "C3")])
             .unwrap();
         // It folded all three (the log keeps only its own record), C1 included.
-        let log = store
-            .table_sizes()
-            .unwrap()
-            .into_iter()
-            .find(|(name, _)| *name == "deferred_index")
-            .unwrap();
         assert_eq!(
-            log.1.entries, 1,
+            log_records(&store),
+            1,
             "the commit did not fold what the log held"
         );
         for (n, c) in [(1u8, "C1"), (2, "C2"), (3, "C3")] {
@@ -961,11 +973,7 @@ mod tests {
     #[test]
     fn an_idle_fold_empties_the_memory_and_keeps_every_entry() {
         let dir = tempfile::tempdir().unwrap();
-        let options = StoreOptions {
-            fold_index_after: 1000,
-            ..StoreOptions::default()
-        };
-        let store = RedbStore::open(dir.path().join("s.redb"), options).unwrap();
+        let store = folding_every(&dir, 1000);
         store.commit(vec![patient(1, "C1")]).unwrap();
         store.commit(vec![patient(2, "C2")]).unwrap();
         let held = store.pending_mut().len();
@@ -977,18 +985,12 @@ mod tests {
         assert_eq!(store.pending_mut().len(), 0);
         assert_eq!(store.fold_index(1).unwrap(), 0);
         // The entries are in the tables, and the log holds only the fold's own (empty) record.
-        let log = store
-            .table_sizes()
-            .unwrap()
-            .into_iter()
-            .find(|(name, _)| *name == "deferred_index")
-            .unwrap();
-        assert_eq!(log.1.entries, 1);
+        assert_eq!(log_records(&store), 1);
         for (n, c) in [(1u8, "C1"), (2, "C2")] {
             assert_eq!(store.find("Patient", "chfid", c).unwrap(), vec![[n; 16]]);
         }
         drop(store);
-        let store = RedbStore::open(dir.path().join("s.redb"), options).unwrap();
+        let store = folding_every(&dir, 1000);
         assert_eq!(store.pending_mut().len(), 0);
         for (n, c) in [(1u8, "C1"), (2, "C2")] {
             assert_eq!(store.find("Patient", "chfid", c).unwrap(), vec![[n; 16]]);
