@@ -259,7 +259,7 @@ const OUTSIDE_PER_SESSION: usize = 20_000;
 const REPORT_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A report is kept this many times as long as it took to make, when that is longer than
-/// [`REPORT_EVERY`]: it reads every document record, on the engine thread (about 0.3 s for
+/// [`REPORT_EVERY`]: it reads every document record, on the engine thread (0.1–0.23 s for
 /// 100,000 documents), and a client polling `/status` during a sync would otherwise take a
 /// few percent of that thread from the sync.
 const REPORT_COST_RATIO: u32 = 50;
