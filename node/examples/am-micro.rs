@@ -177,7 +177,10 @@ fn main() -> anyhow::Result<()> {
         .map(|b| automerge::AutoCommit::load(b))
         .collect::<Result<_, _>>()?;
     let (mut t_diff, mut t_commit, mut t_save, mut t_changes_after) = (0.0, 0.0, 0.0, 0.0);
-    for (d, json) in loaded.iter_mut().zip(&docs) {
+    // The edited document as a peer receives it: its first save followed by the edit, or saved
+    // whole again.
+    let (mut in_two, mut whole, mut t_whole) = (Vec::new(), Vec::new(), 0.0);
+    for ((d, json), first) in loaded.iter_mut().zip(&docs).zip(&saved) {
         d.set_actor(actor_for_key(&[9; 32]));
         let old: serde_json::Map<String, Value> = json
             .get("identifier")
@@ -200,8 +203,12 @@ fn main() -> anyhow::Result<()> {
         d.commit();
         t_commit += t.elapsed().as_secs_f64();
         let t = Instant::now();
-        std::hint::black_box(d.save_after(&before));
+        let after = std::hint::black_box(d.save_after(&before));
         t_save += t.elapsed().as_secs_f64();
+        in_two.push([first.as_slice(), &after].concat());
+        let t = Instant::now();
+        whole.push(std::hint::black_box(d.save_nocompress()));
+        t_whole += t.elapsed().as_secs_f64();
         let t = Instant::now();
         std::hint::black_box(d.get_changes(&[]).len());
         t_changes_after += t.elapsed().as_secs_f64();
@@ -225,6 +232,18 @@ fn main() -> anyhow::Result<()> {
         t_commit * 1e6 / n,
         t_save * 1e6 / n
     );
+    println!("edited, saved whole {:6.1} µs", t_whole * 1e6 / n);
+    for (label, stored) in [("two chunks", &in_two), ("whole     ", &whole)] {
+        let t = Instant::now();
+        for b in stored {
+            std::hint::black_box(automerge::AutoCommit::load(b)?);
+        }
+        println!(
+            "load edited, {label} {:6.1} µs  {:5.0} B",
+            t.elapsed().as_secs_f64() * 1e6 / n,
+            stored.iter().map(Vec::len).sum::<usize>() as f64 / n
+        );
+    }
     Ok(())
 }
 

@@ -12,13 +12,13 @@ use automerge::{AutoCommit, ReadDoc};
 use fieldmesh_fhir_docs::limits::{DocLimits, Shape, TooLarge, chunks, inspect};
 use fieldmesh_fhir_docs::{DocId, document_to_json, profile};
 use fieldmesh_protocol::DocPayload;
-use fieldmesh_storage::{DocData, DocMeta, Quarantine, StoreError, Write};
+use fieldmesh_storage::{DocMeta, Quarantine, StoreError, Write};
 use fieldmesh_trust::{Checked, Policy, Rejection, Signed, Trust, check, check_signed, token_of};
 use serde_json::Value;
 
 use crate::Engine;
 use crate::core::{
-    COMPACT_AFTER_CHUNKS, Live, PreparedDoc, author_entries, entries_of_json, heads_bytes,
+    Live, PreparedDoc, author_entries, entries_of_json, heads_bytes, saved_after_edit, saves_whole,
     with_left,
 };
 use crate::error::{MergeError, ReadError, Refusal, WriteError, contain};
@@ -323,8 +323,13 @@ fn prepare_checked(
     };
     let bytes = match (&given, checked.rejected.is_empty()) {
         (None, true) => fieldmesh_storage::codec::encode(&p.data),
-        // The received document followed by central's change: Automerge loads the two chunks
-        // as one document.
+        // With central's change: saved whole (what central serves to every peer then loads in
+        // one step, see `saved_after_edit`) ...
+        (Some(_), true) if saves_whole(&doc) => {
+            fieldmesh_storage::codec::encode(&doc.save_nocompress())
+        }
+        // ... unless it is large: the received document followed by central's change (Automerge
+        // loads the two chunks as one document).
         (Some((_, change)), true) => {
             let mut both = Vec::with_capacity(p.data.len() + change.len());
             both.extend_from_slice(&p.data);
@@ -828,11 +833,7 @@ impl Engine {
         *doc = checked.doc;
         // A fork gets a random actor; this node's own later edits must name its key.
         doc.set_actor(self.me.actor.clone());
-        let (data, chunks) = if chunks >= COMPACT_AFTER_CHUNKS {
-            (DocData::Full(doc.save_nocompress()), 1)
-        } else {
-            (DocData::Append(doc.save_after(&before)), chunks + 1)
-        };
+        let (data, chunks) = saved_after_edit(doc, &before, chunks);
         let heads = heads_bytes(&doc.get_heads());
         // The authors of the accepted new changes, as the check found them.
         let authors = author_entries(&checked.authors);

@@ -22,9 +22,7 @@ use fieldmesh_trust::{Envelope, Policy, Trust, claimed_identity, places_at};
 use serde_json::{Map, Value};
 
 use crate::Engine;
-use crate::core::{
-    COMPACT_AFTER_CHUNKS, Live, author_entry, derived_entries, heads_bytes, with_left,
-};
+use crate::core::{Live, author_entry, derived_entries, heads_bytes, saved_after_edit, with_left};
 use crate::error::{DocError, ReadError, WriteError};
 use crate::identity::NodeIdentity;
 use crate::read::Served;
@@ -460,11 +458,7 @@ impl Engine {
         }
         doc.commit_with(automerge::transaction::CommitOptions::default().with_time(self.me.time()));
         let envelopes = sign_heads(&self.me, &self.trust, doc_id, &ty, doc);
-        let (data, chunks) = if chunks >= COMPACT_AFTER_CHUNKS {
-            (DocData::Full(doc.save_nocompress()), 1)
-        } else {
-            (DocData::Append(doc.save_after(&heads_before)), chunks + 1)
-        };
+        let (data, chunks) = saved_after_edit(doc, &heads_before, chunks);
         let heads = heads_bytes(&doc.get_heads());
         live.meta.chunks = chunks;
         live.meta.heads = heads;

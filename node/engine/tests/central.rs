@@ -242,6 +242,13 @@ fn central_gives_canonical_ids_flags_a_number_used_twice_and_links_a_duplicate_p
     for id in [leased, a_card, nfc, b_card, nfd] {
         let j = json_of(&mut w.central, "Patient", &id.to_string());
         assert_eq!(canonical(&j), Some(id.to_string()), "{j:?}");
+        // Central stores what it edited whole: every peer it serves loads one chunk.
+        let bytes = w.central.store().doc_bytes(id.as_bytes()).unwrap().unwrap();
+        assert_eq!(
+            fieldmesh_fhir_docs::limits::chunks(&bytes).len(),
+            1,
+            "{id} stored in one chunk"
+        );
     }
     // The leased number is one of A's lease, valid under the rule.
     let j = json_of(&mut w.central, "Patient", &leased.to_string());
