@@ -4,7 +4,10 @@
 //! merges of received documents) and the sync bookkeeping are commands to the engine thread, each
 //! with a `oneshot` reply: the thread takes every command waiting (up to [`MAX_BATCH`]), runs them
 //! in order, commits all their writes in one durable transaction, and only then replies (group
-//! commit). Reads and searches do not queue behind writes: they run on the runtime's blocking
+//! commit). The commit runs on a thread of its own ([`Engine::flush_behind`]) while this one goes
+//! on with the next commands (a sync session's next batch is prepared while the last is
+//! written); each reply waits for the commit of its writes ([`Engine::commit_ticket`]), and a
+//! failed commit is the answer of every command whose writes it held. Reads and searches do not queue behind writes: they run on the runtime's blocking
 //! pool against committed data ([`fieldmesh_engine::Reader`]), so they never wait for a batch and
 //! never show a write that is not yet durable.
 //!
@@ -444,6 +447,67 @@ enum Deferred {
     ),
 }
 
+impl Deferred {
+    /// Sends the reply, now that `committed` tells how the commit of its writes ended.
+    fn answer(self, committed: &Result<(), fieldmesh_engine::CommitError>) {
+        match (self, committed) {
+            (Deferred::Served(reply, r), Ok(())) => {
+                let _ = reply.send(r);
+            }
+            (Deferred::Served(reply, r), Err(e)) => {
+                let _ = reply.send(r.and(Err(WriteError::Commit(e.clone()))));
+            }
+            (Deferred::Updated(reply, r), Ok(())) => {
+                let _ = reply.send(r);
+            }
+            (Deferred::Updated(reply, r), Err(e)) => {
+                let _ = reply.send(r.and(Err(WriteError::Commit(e.clone()))));
+            }
+            (Deferred::Merged(reply, r), Ok(())) => {
+                let _ = reply.send(r);
+            }
+            (Deferred::Merged(reply, r), Err(e)) => {
+                let _ = reply.send(r.and(Err(MergeError::Commit(e.clone()))));
+            }
+            (Deferred::Reserved(reply, r), Ok(())) => {
+                let _ = reply.send(r);
+            }
+            (Deferred::Reserved(reply, r), Err(e)) => {
+                let _ = reply.send(r.and(Err(ReadError::Commit(e.clone()))));
+            }
+        }
+    }
+}
+
+/// Replies waiting for the commit that makes their writes durable, oldest first, each with the
+/// number of that commit ([`Engine::commit_ticket`]).
+type Awaiting = std::collections::VecDeque<(u64, Deferred)>;
+
+/// Sends every waiting reply whose commit has ended, then publishes what was stored.
+fn answer_settled(engine: &mut Engine, awaiting: &mut Awaiting, publish: &Publish) {
+    let mut failed = None;
+    while let Some((ticket, _)) = awaiting.front() {
+        let ticket = *ticket;
+        let Some(outcome) = engine.commit_outcome(ticket) else {
+            break;
+        };
+        if let Err(e) = &outcome
+            && failed != Some(ticket)
+        {
+            tracing::error!(error = %e, "a commit failed; its writes were not acknowledged");
+            failed = Some(ticket);
+        }
+        if let Some((_, d)) = awaiting.pop_front() {
+            d.answer(&outcome);
+        }
+    }
+    publish_after_commit(engine, publish);
+}
+
+/// How long the engine thread sleeps between two looks at a background commit that has not
+/// ended, when no command waits.
+const COMMIT_POLL: std::time::Duration = std::time::Duration::from_micros(200);
+
 /// Central's services as the engine thread holds them.
 pub enum Services {
     /// Not central: no services.
@@ -465,12 +529,30 @@ fn run(mut engine: Engine, mut rx: mpsc::Receiver<Command>, publish: Publish, se
     // Central's services wait for the next command after a failed step (no hot loop).
     let mut central_failed = false;
     let mut busy = std::time::Instant::now();
+    let mut awaiting = Awaiting::new();
     while !stop {
         let work = !central_failed && central.as_ref().is_some_and(|c| c.has_work(&engine));
         if work {
             busy = std::time::Instant::now();
         }
-        let first = if work {
+        let first = if engine.committing_behind() && !work {
+            // A commit runs behind: take the next command as soon as it comes, and answer what
+            // waits for the commit as soon as it ends.
+            match rx.try_recv() {
+                Ok(cmd) => Some(cmd),
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    if engine.behind_ended() {
+                        // Its failure, if any, goes to the replies that wait for it.
+                        let _ = engine.settle_behind();
+                        answer_settled(&mut engine, &mut awaiting, &publish);
+                    } else {
+                        thread::sleep(COMMIT_POLL);
+                    }
+                    continue;
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+            }
+        } else if work {
             match rx.try_recv() {
                 Ok(cmd) => Some(cmd),
                 Err(mpsc::error::TryRecvError::Empty) => None,
@@ -491,19 +573,27 @@ fn run(mut engine: Engine, mut rx: mpsc::Receiver<Command>, publish: Publish, se
         if let Some(first) = first {
             busy = std::time::Instant::now();
             central_failed = false;
-            stop = run_batch(&mut engine, &mut rx, &publish, first, central.as_ref());
+            stop = run_batch(
+                &mut engine,
+                &mut rx,
+                &publish,
+                first,
+                central.as_ref(),
+                &mut awaiting,
+            );
             if let Some(config) = waiting.take() {
                 central = start_services(&mut engine, config, &mut waiting);
             }
         }
         if !stop && let Some(c) = central.as_mut() {
             central_failed = !central_step(&mut engine, c, &publish);
+            answer_settled(&mut engine, &mut awaiting, &publish);
         }
     }
     if let Err(e) = engine.flush() {
         tracing::error!(error = %e, "final commit failed");
     }
-    publish_after_commit(&mut engine, &publish);
+    answer_settled(&mut engine, &mut awaiting, &publish);
 }
 
 /// Folds the store's deferred index writes while nothing else is asked of the engine.
@@ -582,74 +672,58 @@ fn central_step(engine: &mut Engine, central: &mut Central, publish: &Publish) -
     }
 }
 
-/// Runs `first` and every command waiting behind it (up to [`MAX_BATCH`]), commits their
-/// writes in one transaction, then replies. Returns whether a stop was asked.
+/// Runs `first` and every command waiting behind it (up to [`MAX_BATCH`]), then starts
+/// committing their writes in one transaction behind the engine's back ([`Engine::flush_behind`]).
+/// A reply is sent once the commit of its writes has ended, here or later ([`answer_settled`]):
+/// the thread meanwhile goes on with the next commands, so that a sync session's next batch is
+/// prepared while the last one is written. Returns whether a stop was asked.
 fn run_batch(
     engine: &mut Engine,
     rx: &mut mpsc::Receiver<Command>,
     publish: &Publish,
     first: Command,
     central: Option<&Central>,
+    awaiting: &mut Awaiting,
 ) -> bool {
     let mut stop = false;
-    {
-        let mut deferred = Vec::new();
-        let mut next = Some(first);
-        let mut taken = 0;
-        while let Some(cmd) = next.take() {
-            if matches!(cmd, Command::Stop) {
-                stop = true;
-                break;
-            }
-            execute(engine, cmd, &mut deferred, central);
-            taken += 1;
-            if taken < MAX_BATCH {
-                next = rx.try_recv().ok();
-            }
+    let mut deferred = Vec::new();
+    let mut next = Some(first);
+    let mut taken = 0;
+    while let Some(cmd) = next.take() {
+        if matches!(cmd, Command::Stop) {
+            stop = true;
+            break;
         }
-        let written = engine.pending();
-        let committed = engine.flush();
-        if written > 0 {
-            tracing::debug!(
-                writes = written,
-                commands = taken,
-                ok = committed.is_ok(),
-                "committed"
-            );
+        execute(engine, cmd, &mut deferred, central);
+        // Its writes are durable once the commit that takes what is staged now has ended (a
+        // merge starts its own commit; earlier ones have then ended).
+        let ticket = engine.commit_ticket();
+        awaiting.extend(deferred.drain(..).map(|d| (ticket, d)));
+        answer_settled(engine, awaiting, publish);
+        taken += 1;
+        if taken < MAX_BATCH {
+            next = rx.try_recv().ok();
         }
-        for d in deferred {
-            match (d, &committed) {
-                (Deferred::Served(reply, r), Ok(_)) => {
-                    let _ = reply.send(r);
-                }
-                (Deferred::Served(reply, r), Err(e)) => {
-                    let _ = reply.send(r.and(Err(WriteError::Commit(e.clone()))));
-                }
-                (Deferred::Updated(reply, r), Ok(_)) => {
-                    let _ = reply.send(r);
-                }
-                (Deferred::Updated(reply, r), Err(e)) => {
-                    let _ = reply.send(r.and(Err(WriteError::Commit(e.clone()))));
-                }
-                (Deferred::Merged(reply, r), Ok(_)) => {
-                    let _ = reply.send(r);
-                }
-                (Deferred::Merged(reply, r), Err(e)) => {
-                    let _ = reply.send(r.and(Err(MergeError::Commit(e.clone()))));
-                }
-                (Deferred::Reserved(reply, r), Ok(_)) => {
-                    let _ = reply.send(r);
-                }
-                (Deferred::Reserved(reply, r), Err(e)) => {
-                    let _ = reply.send(r.and(Err(ReadError::Commit(e.clone()))));
-                }
-            }
-        }
-        if let Err(e) = &committed {
-            tracing::error!(error = %e, "a commit failed; its writes were not acknowledged");
-        }
-        publish_after_commit(engine, publish);
     }
+    let written = engine.pending();
+    let committed = if stop {
+        engine.flush().map(|_| ())
+    } else {
+        engine.flush_behind()
+    };
+    if written > 0 {
+        tracing::debug!(
+            writes = written,
+            commands = taken,
+            ok = committed.is_ok(),
+            "committing"
+        );
+    }
+    if committed.is_err() && engine.pending() > 0 {
+        // The commit behind failed before this one could start: commit what is staged now.
+        let _ = engine.flush();
+    }
+    answer_settled(engine, awaiting, publish);
     stop
 }
 

@@ -1,13 +1,16 @@
 //! Reads do not wait behind writes, and never show a write that is not yet durable: the engine
 //! thread is held inside a commit (a store whose commits wait at a gate) while reads and searches
-//! are answered from committed data.
+//! are answered from committed data. The engine thread goes on with other commands while a
+//! commit runs, and answers a write only once its commit has ended, with the commit's failure if
+//! it failed.
 #![allow(clippy::unwrap_used)] // tests may panic on unexpected errors
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use fieldmesh_engine::test_support::{certificate, certificate_doc, key, public};
-use fieldmesh_engine::{Engine, NodeIdentity, Outcome, ReadError, Source, now};
+use fieldmesh_engine::{Engine, NodeIdentity, Outcome, ReadError, Source, WriteError, now};
 use fieldmesh_fhir_docs::IdentifierQuery;
 use fieldmesh_node::engine_thread::{EngineHandle, HandleError, Services};
 use fieldmesh_storage::{
@@ -16,10 +19,12 @@ use fieldmesh_storage::{
 use fieldmesh_trust::Role;
 use serde_json::json;
 
-/// A store whose commits wait while the gate is closed.
+/// A store whose commits wait while the gate is closed, and fail (as on a full disk) while
+/// `fail` is set.
 struct GatedStore {
     inner: MemStore,
     gate: Arc<(Mutex<bool>, Condvar)>,
+    fail: Arc<AtomicBool>,
 }
 
 impl Store for GatedStore {
@@ -30,6 +35,9 @@ impl Store for GatedStore {
             o = cv.wait(o).unwrap();
         }
         drop(o);
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(StoreError::DiskFull("the test's disk".into()));
+        }
         self.inner.commit(writes)
     }
     fn doc_meta(&self, id: &DocId) -> Result<Option<DocMeta>, StoreError> {
@@ -84,19 +92,26 @@ fn set_gate(gate: &(Mutex<bool>, Condvar), open: bool) {
     gate.1.notify_all();
 }
 
-#[test]
-fn reads_answer_while_a_write_waits_for_its_commit_and_never_show_it_early() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+type Gate = Arc<(Mutex<bool>, Condvar)>;
+
+/// A certified node's engine thread over a [`GatedStore`], with its gate and failure switch.
+fn gated_node(
+    rt: &tokio::runtime::Runtime,
+) -> (
+    EngineHandle,
+    std::thread::JoinHandle<()>,
+    Gate,
+    Arc<AtomicBool>,
+) {
+    let _guard = rt.enter();
     let gate = Arc::new((Mutex::new(true), Condvar::new()));
+    let fail = Arc::new(AtomicBool::new(false));
     let root = key(1);
     let mut engine = Engine::new(
         Box::new(GatedStore {
             inner: MemStore::new(),
             gate: Arc::clone(&gate),
+            fail: Arc::clone(&fail),
         }),
         NodeIdentity::new("urn:fieldmesh:node:n2".into(), &[2; 32], public(&root)),
         16,
@@ -114,10 +129,82 @@ fn reads_answer_while_a_write_waits_for_its_commit_and_never_show_it_early() {
         .unwrap();
     engine.flush().unwrap();
     let (handle, thread) = EngineHandle::spawn(engine, Services::None).unwrap();
-    let patient = |family: &str| {
-        json!({"resourceType": "Patient", "name": [{"family": family}], "birthDate": "1990-01-01",
-            "identifier": [{"system": "urn:test", "value": family}]})
-    };
+    (handle, thread, gate, fail)
+}
+
+fn patient(family: &str) -> serde_json::Value {
+    json!({"resourceType": "Patient", "name": [{"family": family}], "birthDate": "1990-01-01",
+        "identifier": [{"system": "urn:test", "value": family}]})
+}
+
+#[test]
+fn the_engine_goes_on_while_a_commit_runs_and_a_failed_commit_answers_its_writes() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (handle, thread, gate, fail) = gated_node(&rt);
+    rt.block_on(async {
+        // A write whose commit is held at the gate, and will fail.
+        set_gate(&gate, false);
+        fail.store(true, Ordering::SeqCst);
+        let writer = {
+            let handle = handle.clone();
+            tokio::spawn(async move { handle.create("Patient".into(), patient("Lost")).await })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!writer.is_finished(), "the write must wait for its commit");
+        // The engine thread is not held with it: a command that writes nothing is answered.
+        tokio::time::timeout(Duration::from_secs(2), handle.local_status())
+            .await
+            .expect("the engine thread waited for the commit")
+            .unwrap();
+        assert!(!writer.is_finished());
+        // The commit fails: the write is answered with that failure, and nothing of it shows.
+        set_gate(&gate, true);
+        let lost = tokio::time::timeout(Duration::from_secs(5), writer)
+            .await
+            .expect("the failed write was never answered")
+            .unwrap();
+        match lost {
+            Err(HandleError::Engine(WriteError::Commit(e))) => {
+                assert!(e.to_string().contains("disk is full"), "{e}");
+            }
+            other => panic!("a failed commit must fail its write: {other:?}"),
+        }
+        let hidden = handle
+            .search(
+                "Patient".into(),
+                IdentifierQuery::Exact(fieldmesh_fhir_docs::IdentKey::new("urn:test", "Lost")),
+            )
+            .await
+            .unwrap();
+        assert!(hidden.is_empty());
+        // Once the disk takes writes again, the next write is committed and answered.
+        fail.store(false, Ordering::SeqCst);
+        let kept = handle
+            .create("Patient".into(), patient("Kept"))
+            .await
+            .unwrap();
+        let read = handle
+            .read_resource("Patient".into(), kept.id.clone())
+            .await
+            .unwrap();
+        assert_eq!(read.resource["name"][0]["family"], "Kept");
+        handle.stop().await;
+    });
+    thread.join().unwrap();
+}
+
+#[test]
+fn reads_answer_while_a_write_waits_for_its_commit_and_never_show_it_early() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (handle, thread, gate, _) = gated_node(&rt);
     rt.block_on(async {
         let first = handle
             .create("Patient".into(), patient("Durable"))

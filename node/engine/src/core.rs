@@ -251,7 +251,40 @@ pub(crate) struct StagedDoc {
 type Behind = (
     std::thread::JoinHandle<Result<Vec<u64>, StoreError>>,
     Vec<Option<StagedDoc>>,
+    u64,
 );
+
+/// Failed commits remembered for [`Engine::commit_outcome`] (an answer waits for its commit
+/// once, right after it ends).
+const FAILED_COMMITS_KEPT: usize = 64;
+
+/// Commits numbered in the order they start, and how the last ones ended.
+#[derive(Default)]
+struct Commits {
+    /// The number of the last commit started (0: none yet).
+    started: u64,
+    /// Every commit up to this number has ended.
+    ended: u64,
+    /// The last of those that failed, oldest first.
+    failed: std::collections::VecDeque<(u64, CommitError)>,
+}
+
+impl Commits {
+    fn begin(&mut self) -> u64 {
+        self.started += 1;
+        self.started
+    }
+
+    fn end(&mut self, number: u64, failed: Option<&CommitError>) {
+        self.ended = self.ended.max(number);
+        if let Some(e) = failed {
+            if self.failed.len() == FAILED_COMMITS_KEPT {
+                self.failed.pop_front();
+            }
+            self.failed.push_back((number, e.clone()));
+        }
+    }
+}
 
 /// A document prepared off the engine, ready to be staged.
 pub(crate) struct PreparedDoc {
@@ -270,8 +303,10 @@ pub struct Engine {
     pub(crate) store: Arc<dyn Store>,
     /// Documents of the batch being committed in the background.
     pub(crate) in_flight: HashMap<DocId, Live>,
-    /// That commit, and what its document writes were.
+    /// That commit, what its document writes were, and its number.
     behind: Option<Behind>,
+    /// Commits started and ended (for answers sent once their writes are durable).
+    commits: Commits,
     pub(crate) me: NodeIdentity,
     pub(crate) policy: Box<dyn Policy + Send>,
     cache: LruCache<DocId, Live>,
@@ -362,6 +397,7 @@ impl Engine {
             store,
             in_flight: HashMap::new(),
             behind: None,
+            commits: Commits::default(),
             me,
             policy: Box::new(OpenImis),
             cache: LruCache::new(NonZeroUsize::new(cache_documents).unwrap_or(NonZeroUsize::MIN)),
@@ -634,8 +670,10 @@ impl Engine {
         let docs = std::mem::take(&mut self.pending_docs);
         let tokens = std::mem::take(&mut self.pending_tokens);
         let n = writes.len();
+        let number = self.commits.begin();
         match self.store.commit(writes) {
             Ok(seqs) => {
+                self.commits.end(number, None);
                 let last = seqs.iter().copied().max().unwrap_or_default();
                 for (id, mut live) in self.dirty.drain() {
                     live.meta.seq = last;
@@ -651,7 +689,9 @@ impl Engine {
                 // Nothing of the batch is on disk: neither its documents in memory nor its
                 // certificates in the trust state.
                 self.dirty.clear();
-                Err(e.into())
+                let e = CommitError::from(e);
+                self.commits.end(number, Some(&e));
+                Err(e)
             }
         }
     }
@@ -669,25 +709,84 @@ impl Engine {
         self.behind_tokens = std::mem::take(&mut self.pending_tokens);
         self.in_flight = std::mem::take(&mut self.dirty);
         let store = Arc::clone(&self.store);
-        let handle = std::thread::Builder::new()
+        let number = self.commits.begin();
+        let handle = match std::thread::Builder::new()
             .name("fieldmesh-commit".into())
             .spawn(move || store.commit(writes))
-            .map_err(|e| CommitError::Thread(format!("cannot start a commit thread: {e}")))?;
-        self.behind = Some((handle, docs));
+        {
+            Ok(handle) => handle,
+            Err(e) => {
+                // The writes went with the closure: nothing of them is kept, as when a commit
+                // fails.
+                self.in_flight.clear();
+                self.behind_tokens.clear();
+                let e = CommitError::Thread(format!("cannot start a commit thread: {e}"));
+                self.commits.end(number, Some(&e));
+                return Err(e);
+            }
+        };
+        self.behind = Some((handle, docs, number));
         Ok(())
+    }
+
+    /// The number of the commit that makes durable everything staged or being committed now:
+    /// [`Engine::commit_outcome`] tells once it has ended. An answer to a write is sent then,
+    /// while the engine goes on with the next command.
+    pub fn commit_ticket(&self) -> u64 {
+        self.commits.started + u64::from(!self.pending.is_empty())
+    }
+
+    /// How commit `ticket` ([`Engine::commit_ticket`]) ended: `None` while it has not (its
+    /// writes are staged or being committed in the background).
+    pub fn commit_outcome(&self, ticket: u64) -> Option<Result<(), CommitError>> {
+        if ticket > self.commits.ended {
+            return None;
+        }
+        match self.commits.failed.iter().find(|(n, _)| *n == ticket) {
+            Some((_, e)) => Some(Err(e.clone())),
+            None => Some(Ok(())),
+        }
+    }
+
+    /// Whether a commit runs in the background ([`Engine::flush_behind`]).
+    pub fn committing_behind(&self) -> bool {
+        self.behind.is_some()
+    }
+
+    /// Whether the background commit, if any, has ended: [`Engine::settle_behind`] then returns
+    /// at once.
+    pub fn behind_ended(&self) -> bool {
+        self.behind
+            .as_ref()
+            .is_none_or(|(handle, _, _)| handle.is_finished())
+    }
+
+    /// Waits for the background commit, if any, and takes in its outcome.
+    pub fn settle_behind(&mut self) -> Result<(), CommitError> {
+        self.wait_behind()
     }
 
     /// Waits for the background commit, if any.
     pub(crate) fn wait_behind(&mut self) -> Result<(), CommitError> {
-        let Some((handle, docs)) = self.behind.take() else {
+        let Some((handle, docs, number)) = self.behind.take() else {
             return Ok(());
         };
-        let result = handle
-            .join()
-            .map_err(|_| CommitError::Thread("the commit thread panicked".into()))?;
         let in_flight = std::mem::take(&mut self.in_flight);
         let tokens = std::mem::take(&mut self.behind_tokens);
-        let seqs = result?;
+        let seqs = match handle.join() {
+            Ok(Ok(seqs)) => seqs,
+            Ok(Err(e)) => {
+                let e = CommitError::from(e);
+                self.commits.end(number, Some(&e));
+                return Err(e);
+            }
+            Err(_) => {
+                let e = CommitError::Thread("the commit thread panicked".into());
+                self.commits.end(number, Some(&e));
+                return Err(e);
+            }
+        };
+        self.commits.end(number, None);
         self.note_stored(&seqs, docs);
         self.learn_committed(tokens);
         if self.keep_flushed {

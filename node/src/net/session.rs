@@ -19,10 +19,9 @@ use futures::{AsyncReadExt, AsyncWriteExt};
 
 use crate::engine_thread::EngineHandle;
 
-/// Received batches being merged at once, at most. The engine thread commits the batches it has
-/// before it answers them, and nothing of the next batch overlaps that last commit: with four
-/// in flight it comes once every four batches instead of every two (a 100k first sync about
-/// 1 s faster, the same peak memory; each batch is one frame, at most 8 MiB).
+/// Received batches being merged at once, at most: the engine thread prepares the next while the
+/// last is committed, and answers each once it is durable (each batch is one frame, at most
+/// 8 MiB).
 pub const MERGES_IN_FLIGHT: usize = 4;
 
 async fn write_frame(w: &mut (impl AsyncWriteExt + Unpin), frame: &[u8]) -> Result<()> {
