@@ -23,19 +23,20 @@ use crate::core::{
 };
 use crate::error::{MergeError, ReadError, Refusal, WriteError, contain};
 use crate::identity::NodeIdentity;
-use crate::par::par_map;
+use crate::par::{par_map, par_map_each};
 use crate::scope::Reach;
 use crate::source::Source;
 
-/// Received documents new to this node are loaded, their signatures checked and decided on this
-/// many at a time: enough signatures for a batch check to pay on every core, few enough loaded
-/// documents in memory at once.
-const RECEIVE_GROUP: usize = 256;
+/// Received documents new to this node are loaded, their signatures checked and decided in
+/// slices of this many, a slice at a time on each core: enough signatures (two or three per
+/// document) for a batch check to pay, few loaded documents in memory at once, and no core
+/// waiting for the others between the steps.
+const RECEIVE_GROUP: usize = 32;
 
-/// And groups hold at most this many operations (a Patient is about 200, and a loaded document
+/// And slices hold at most this many operations (a Patient is about 200, and a loaded document
 /// takes about 100 bytes per operation): a frame of documents crafted at the bounds of
-/// [`DocLimits`] is loaded a few at a time, not a group's worth at once.
-const RECEIVE_GROUP_OPS: u64 = 200_000;
+/// [`DocLimits`] is loaded a few at a time, not a slice's worth at once.
+const RECEIVE_GROUP_OPS: u64 = 50_000;
 
 /// Refused changes: hash and reason.
 pub type Refused = Vec<([u8; 32], Rejection)>;
@@ -208,15 +209,14 @@ fn group_ends(shapes: &[Result<Shape, TooLarge>]) -> Vec<usize> {
     ends
 }
 
-/// Checks the signatures of every loaded document of a batch at once, on `threads` threads:
-/// for each document, the hashes of its changes whose signature holds (decided exactly as one
-/// at a time, see [`fieldmesh_trust::signature`]).
-fn verify_batch(
+/// Checks the signatures of every loaded document of a slice at once: for each document, the
+/// hashes of its changes whose signature holds (decided exactly as one at a time, see
+/// [`fieldmesh_trust::signature`]).
+fn verify_slice(
     trust: &Trust,
     payloads: &[DocPayload],
     loaded: &[Result<Loaded, Refusal>],
-    threads: usize,
-) -> Option<Vec<HashSet<[u8; 32]>>> {
+) -> Vec<HashSet<[u8; 32]>> {
     let mut items = Vec::new();
     let mut owner = Vec::new();
     for (i, (p, l)) in payloads.iter().zip(loaded).enumerate() {
@@ -227,14 +227,14 @@ fn verify_batch(
             }
         }
     }
-    let holds = crate::par::par_chunks(&items, threads, |chunk| trust.verify_envelopes(chunk))?;
+    let holds = trust.verify_envelopes(&items);
     let mut out = vec![HashSet::new(); payloads.len()];
     for ((item, i), ok) in items.iter().zip(owner).zip(holds) {
         if ok {
             out[i].insert(item.0.hash);
         }
     }
-    Some(out)
+    out
 }
 
 /// Prepares a document received from a peer that this node does not hold yet: loads it (which
@@ -525,50 +525,49 @@ impl Engine {
             seen: trust.revocations_held(),
             store: self.store.as_ref(),
         });
-        // In three passes on every core, a group of documents at a time (so that few loaded
-        // documents are in memory at once): load, then every signature of the group at once,
-        // then the decisions and the reading. Each document's bytes are bounded before anything
-        // is built from them (a few kilobytes may describe millions of operations), and a group
-        // is cut by the operations they hold.
+        // On every core, a slice of documents at a time (so that few loaded documents are in
+        // memory at once): load them, check every signature of the slice at once, then decide
+        // and read them. Each document's bytes are bounded before anything is built from them (a
+        // few kilobytes may describe millions of operations), and a slice is cut by the
+        // operations they hold.
         let shapes = par_map(&fresh, self.threads, |p| inspect(&p.data, limits))
             .ok_or(MergeError::Thread)?;
-        let mut prepared = Vec::with_capacity(fresh.len());
+        let mut slices = Vec::new();
         let mut start = 0;
         for end in group_ends(&shapes) {
-            let (group, shapes) = (&fresh[start..end], &shapes[start..end]);
+            slices.push(start..end);
             start = end;
-            let work: Vec<(&DocPayload, &Result<Shape, TooLarge>)> =
-                group.iter().zip(shapes).collect();
-            let loaded = par_map(&work, self.threads, |(p, shape)| load_received(p, shape))
-                .ok_or(MergeError::Thread)?;
-            let verified =
-                verify_batch(trust, group, &loaded, self.threads).ok_or(MergeError::Thread)?;
-            let work: Vec<_> = group
-                .iter()
-                .zip(loaded)
-                .zip(verified)
-                .map(|((p, l), v)| std::sync::Mutex::new(Some((p, l, v))))
-                .collect();
-            prepared.extend(
-                par_map(&work, self.threads, |w| {
-                    let (p, loaded, verified) = w
-                        .lock()
-                        .ok()
-                        .and_then(|mut w| w.take())
-                        .ok_or_else(|| Refusal::Panicked("prepared twice".into()))?;
-                    prepare_loaded(
-                        p,
-                        loaded?,
-                        &verified,
-                        trust,
-                        policy,
-                        time,
-                        at_receipt.as_ref(),
-                    )
-                })
-                .ok_or(MergeError::Thread)?,
-            );
         }
+        let prepared: Vec<Result<Received, Refusal>> =
+            par_map_each(&slices, self.threads, |slice| {
+                let (group, shapes) = (&fresh[slice.clone()], &shapes[slice.clone()]);
+                let loaded: Vec<_> = group
+                    .iter()
+                    .zip(shapes)
+                    .map(|(p, shape)| load_received(p, shape))
+                    .collect();
+                let verified = verify_slice(trust, group, &loaded);
+                group
+                    .iter()
+                    .zip(loaded)
+                    .zip(verified)
+                    .map(|((p, loaded), verified)| {
+                        prepare_loaded(
+                            p,
+                            loaded?,
+                            &verified,
+                            trust,
+                            policy,
+                            time,
+                            at_receipt.as_ref(),
+                        )
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .ok_or(MergeError::Thread)?
+            .into_iter()
+            .flatten()
+            .collect();
         let mut report = MergeReport::default();
         let reach = self.reach_for_receiving(from)?;
         for (p, prepared) in fresh.iter().zip(prepared) {
@@ -879,16 +878,16 @@ mod tests {
     fn groups_are_cut_by_count_and_by_operations() {
         assert!(group_ends(&[]).is_empty());
         // Patients: by count.
-        let patients: Vec<_> = (0..600).map(|_| shape(200)).collect();
-        assert_eq!(group_ends(&patients), vec![256, 512, 600]);
+        let patients: Vec<_> = (0..80).map(|_| shape(200)).collect();
+        assert_eq!(group_ends(&patients), vec![32, 64, 80]);
         // Documents at the bounds of a document: one at a time, each alone.
-        let heavy: Vec<_> = (0..3).map(|_| shape(250_000)).collect();
+        let heavy: Vec<_> = (0..3).map(|_| shape(60_000)).collect();
         assert_eq!(group_ends(&heavy), vec![1, 2, 3]);
         // A heavy one among light ones closes the group before it; refused ones count nothing.
-        let mut mixed: Vec<_> = (0..10).map(|_| shape(20_000)).collect();
+        let mut mixed: Vec<_> = (0..10).map(|_| shape(4_000)).collect();
         mixed.insert(3, Err(TooLarge::Ops { limit: 1 }));
         assert_eq!(group_ends(&mixed), vec![11]);
-        mixed[5] = shape(190_000);
+        mixed[5] = shape(48_000);
         assert_eq!(group_ends(&mixed), vec![5, 6, 11]);
     }
 }
