@@ -565,8 +565,12 @@ fn run(mut engine: Engine, mut rx: mpsc::Receiver<Command>, publish: Publish, se
             }
         };
         if let Some(Command::Idle) = first {
-            if !work && rx.is_empty() && busy.elapsed() >= IDLE_AFTER {
+            // Not while a commit runs: the fold would wait for it, and the replies waiting for
+            // that commit are answered by the loop above.
+            if !work && !engine.committing_behind() && rx.is_empty() && busy.elapsed() >= IDLE_AFTER
+            {
                 fold_when_idle(&mut engine, &publish);
+                answer_settled(&mut engine, &mut awaiting, &publish);
             }
             continue;
         }

@@ -197,6 +197,41 @@ fn the_engine_goes_on_while_a_commit_runs_and_a_failed_commit_answers_its_writes
     thread.join().unwrap();
 }
 
+/// A commit held longer than the engine's idle delay: the idle ticks that come meanwhile must not
+/// leave the write unanswered once its commit ends (no other command comes to wake the thread).
+#[test]
+fn a_write_whose_commit_outlasts_the_idle_delay_is_answered_when_it_ends() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (handle, thread, gate, _) = gated_node(&rt);
+    rt.block_on(async {
+        set_gate(&gate, false);
+        let writer = {
+            let handle = handle.clone();
+            tokio::spawn(async move { handle.create("Patient".into(), patient("Slow")).await })
+        };
+        // Idle ticks come every second; the engine counts as idle after two.
+        tokio::time::sleep(Duration::from_millis(3500)).await;
+        assert!(!writer.is_finished(), "the write must wait for its commit");
+        set_gate(&gate, true);
+        let served = tokio::time::timeout(Duration::from_secs(3), writer)
+            .await
+            .expect("the write was not answered once its commit ended")
+            .unwrap()
+            .unwrap();
+        let read = handle
+            .read_resource("Patient".into(), served.id.clone())
+            .await
+            .unwrap();
+        assert_eq!(read.resource["name"][0]["family"], "Slow");
+        handle.stop().await;
+    });
+    thread.join().unwrap();
+}
+
 #[test]
 fn reads_answer_while_a_write_waits_for_its_commit_and_never_show_it_early() {
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -742,10 +742,19 @@ impl Engine {
         if ticket > self.commits.ended {
             return None;
         }
-        match self.commits.failed.iter().find(|(n, _)| *n == ticket) {
-            Some((_, e)) => Some(Err(e.clone())),
-            None => Some(Ok(())),
+        if let Some((_, e)) = self.commits.failed.iter().find(|(n, _)| *n == ticket) {
+            return Some(Err(e.clone()));
         }
+        // Older than the failures remembered: whether it failed is forgotten, so it is not
+        // reported as durable.
+        if self.commits.failed.len() == FAILED_COMMITS_KEPT
+            && self.commits.failed.front().is_some_and(|(n, _)| ticket < *n)
+        {
+            return Some(Err(CommitError::Thread(format!(
+                "the outcome of commit {ticket} is no longer known"
+            ))));
+        }
+        Some(Ok(()))
     }
 
     /// Whether a commit runs in the background ([`Engine::flush_behind`]).
