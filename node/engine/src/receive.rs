@@ -34,10 +34,11 @@ use crate::source::Source;
 /// and slices small enough that the cores finish a peer's batch of 512 together.
 const RECEIVE_GROUP: usize = 64;
 
-/// And slices hold at most this many operations (a Patient is about 200, and a loaded document
-/// takes about 100 bytes per operation): a frame of documents crafted at the bounds of
-/// [`DocLimits`] is loaded a few at a time, not a slice's worth at once.
-const RECEIVE_GROUP_OPS: u64 = 50_000;
+/// Operations loaded at once across the cores, at most (a Patient is about 200, and a loaded
+/// document takes about 100 bytes per operation): each core's slice holds at most its share, and
+/// a document over that share is loaded alone while the other cores wait. A frame of documents
+/// crafted at the bounds of [`DocLimits`] is thus loaded one at a time.
+const RECEIVE_OPS_AT_ONCE: u64 = 200_000;
 
 /// Refused changes: hash and reason.
 pub type Refused = Vec<([u8; 32], Rejection)>;
@@ -189,15 +190,15 @@ fn load_received(p: &DocPayload, shape: &Result<Shape, TooLarge>) -> Result<Load
     )
 }
 
-/// Cuts received documents into the groups [`Engine::merge`] loads at once: at most
-/// [`RECEIVE_GROUP`] documents and [`RECEIVE_GROUP_OPS`] operations (as [`inspect`] counted them)
-/// each, a single document over the budget alone. Returns the end of each group.
-fn group_ends(shapes: &[Result<Shape, TooLarge>]) -> Vec<usize> {
+/// Cuts received documents into the slices [`Engine::merge`] loads at once on one core: at most
+/// [`RECEIVE_GROUP`] documents and `budget` operations (as [`inspect`] counted them) each, a
+/// single document over the budget alone. Returns the end of each slice.
+fn group_ends(shapes: &[Result<Shape, TooLarge>], budget: u64) -> Vec<usize> {
     let mut ends = Vec::new();
     let (mut count, mut ops) = (0usize, 0u64);
     for (i, shape) in shapes.iter().enumerate() {
         let these = shape.as_ref().map_or(0, |s| s.ops);
-        if count > 0 && (count == RECEIVE_GROUP || ops.saturating_add(these) > RECEIVE_GROUP_OPS) {
+        if count > 0 && (count == RECEIVE_GROUP || ops.saturating_add(these) > budget) {
             ends.push(i);
             (count, ops) = (0, 0);
         }
@@ -208,6 +209,42 @@ fn group_ends(shapes: &[Result<Shape, TooLarge>]) -> Vec<usize> {
         ends.push(shapes.len());
     }
     ends
+}
+
+/// Slices of received documents, in the order they are prepared ([`slice_batches`]).
+#[derive(Debug, PartialEq)]
+enum SliceBatch {
+    /// Slices within a core's share of operations, shared among the cores.
+    Shared(Vec<std::ops::Range<usize>>),
+    /// One document over a core's share, loaded while no other is.
+    Alone(std::ops::Range<usize>),
+}
+
+/// Cuts received documents into slices ([`group_ends`] with `budget`) and the slices into
+/// batches: runs of slices shared among the cores, and each slice over the budget alone.
+fn slice_batches(shapes: &[Result<Shape, TooLarge>], budget: u64) -> Vec<SliceBatch> {
+    let mut out = Vec::new();
+    let mut shared = Vec::new();
+    let mut start = 0;
+    for end in group_ends(shapes, budget) {
+        let ops: u64 = shapes[start..end]
+            .iter()
+            .map(|s| s.as_ref().map_or(0, |s| s.ops))
+            .sum();
+        if ops > budget {
+            if !shared.is_empty() {
+                out.push(SliceBatch::Shared(std::mem::take(&mut shared)));
+            }
+            out.push(SliceBatch::Alone(start..end));
+        } else {
+            shared.push(start..end);
+        }
+        start = end;
+    }
+    if !shared.is_empty() {
+        out.push(SliceBatch::Shared(shared));
+    }
+    out
 }
 
 /// Checks the signatures of every loaded document of a slice at once: for each document, the
@@ -530,45 +567,56 @@ impl Engine {
         // memory at once): load them, check every signature of the slice at once, then decide
         // and read them. Each document's bytes are bounded before anything is built from them (a
         // few kilobytes may describe millions of operations), and a slice is cut by the
-        // operations they hold.
+        // operations they hold: each core's share of RECEIVE_OPS_AT_ONCE, a document over it
+        // alone, while no other slice is loaded.
         let shapes = par_map(&fresh, self.threads, |p| inspect(&p.data, limits))
             .ok_or(MergeError::Thread)?;
-        let mut slices = Vec::new();
-        let mut start = 0;
-        for end in group_ends(&shapes) {
-            slices.push(start..end);
-            start = end;
+        let budget = (RECEIVE_OPS_AT_ONCE / self.threads.max(1) as u64).max(1);
+        let prepare_slice = |slice: &std::ops::Range<usize>| -> Vec<Result<Received, Refusal>> {
+            let (group, shapes) = (&fresh[slice.clone()], &shapes[slice.clone()]);
+            let loaded: Vec<_> = group
+                .iter()
+                .zip(shapes)
+                .map(|(p, shape)| load_received(p, shape))
+                .collect();
+            let verified = match contain(|| Ok(verify_slice(trust, group, &loaded)), |e| e) {
+                Ok(v) => v,
+                Err(e) => {
+                    return group
+                        .iter()
+                        .map(|_| Err(Refusal::Panicked(e.clone())))
+                        .collect();
+                }
+            };
+            group
+                .iter()
+                .zip(loaded)
+                .zip(verified)
+                .map(|((p, loaded), verified)| {
+                    prepare_loaded(
+                        p,
+                        loaded?,
+                        &verified,
+                        trust,
+                        policy,
+                        time,
+                        at_receipt.as_ref(),
+                    )
+                })
+                .collect()
+        };
+        let mut prepared: Vec<Result<Received, Refusal>> = Vec::with_capacity(fresh.len());
+        for batch in slice_batches(&shapes, budget) {
+            match batch {
+                SliceBatch::Shared(slices) => prepared.extend(
+                    par_map_each(&slices, self.threads, prepare_slice)
+                        .ok_or(MergeError::Thread)?
+                        .into_iter()
+                        .flatten(),
+                ),
+                SliceBatch::Alone(slice) => prepared.extend(prepare_slice(&slice)),
+            }
         }
-        let prepared: Vec<Result<Received, Refusal>> =
-            par_map_each(&slices, self.threads, |slice| {
-                let (group, shapes) = (&fresh[slice.clone()], &shapes[slice.clone()]);
-                let loaded: Vec<_> = group
-                    .iter()
-                    .zip(shapes)
-                    .map(|(p, shape)| load_received(p, shape))
-                    .collect();
-                let verified = verify_slice(trust, group, &loaded);
-                group
-                    .iter()
-                    .zip(loaded)
-                    .zip(verified)
-                    .map(|((p, loaded), verified)| {
-                        prepare_loaded(
-                            p,
-                            loaded?,
-                            &verified,
-                            trust,
-                            policy,
-                            time,
-                            at_receipt.as_ref(),
-                        )
-                    })
-                    .collect::<Vec<_>>()
-            })
-            .ok_or(MergeError::Thread)?
-            .into_iter()
-            .flatten()
-            .collect();
         let mut report = MergeReport::default();
         let reach = self.reach_for_receiving(from)?;
         for (p, prepared) in fresh.iter().zip(prepared) {
@@ -877,6 +925,7 @@ mod tests {
 
     #[test]
     fn groups_are_cut_by_count_and_by_operations() {
+        let group_ends = |shapes: &[Result<Shape, TooLarge>]| group_ends(shapes, 50_000);
         assert!(group_ends(&[]).is_empty());
         // Patients: by count.
         let patients: Vec<_> = (0..150).map(|_| shape(200)).collect();
@@ -890,5 +939,39 @@ mod tests {
         assert_eq!(group_ends(&mixed), vec![11]);
         mixed[5] = shape(48_000);
         assert_eq!(group_ends(&mixed), vec![5, 6, 11]);
+    }
+
+    #[test]
+    #[allow(clippy::single_range_in_vec_init)] // a slice of one document is one range
+    fn a_document_over_a_cores_share_is_prepared_alone() {
+        use SliceBatch::{Alone, Shared};
+        assert!(slice_batches(&[], 100).is_empty());
+        // Light documents: slices shared among the cores.
+        let light: Vec<_> = (0..70).map(|_| shape(10)).collect();
+        assert_eq!(
+            slice_batches(&light, 100_000),
+            vec![Shared(vec![0..64, 64..70])]
+        );
+        // Heavy ones (over the share, as a frame crafted at the bounds would carry): each alone,
+        // in order, never beside another slice.
+        let mut mixed: Vec<_> = (0..4).map(|_| shape(10)).collect();
+        mixed.insert(1, shape(150_000));
+        mixed.push(shape(150_000));
+        mixed.push(shape(150_000));
+        assert_eq!(
+            slice_batches(&mixed, 100_000),
+            vec![
+                Shared(vec![0..1]),
+                Alone(1..2),
+                Shared(vec![2..5]),
+                Alone(5..6),
+                Alone(6..7),
+            ]
+        );
+        // At the share exactly: shared.
+        assert_eq!(
+            slice_batches(&[shape(100_000)], 100_000),
+            vec![Shared(vec![0..1])]
+        );
     }
 }
