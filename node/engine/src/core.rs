@@ -748,7 +748,11 @@ impl Engine {
         // Older than the failures remembered: whether it failed is forgotten, so it is not
         // reported as durable.
         if self.commits.failed.len() == FAILED_COMMITS_KEPT
-            && self.commits.failed.front().is_some_and(|(n, _)| ticket < *n)
+            && self
+                .commits
+                .failed
+                .front()
+                .is_some_and(|(n, _)| ticket < *n)
         {
             return Some(Err(CommitError::Thread(format!(
                 "the outcome of commit {ticket} is no longer known"
