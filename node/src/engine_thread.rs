@@ -450,33 +450,28 @@ enum Deferred {
 impl Deferred {
     /// Sends the reply, now that `committed` tells how the commit of its writes ended.
     fn answer(self, committed: &Result<(), fieldmesh_engine::CommitError>) {
-        match (self, committed) {
-            (Deferred::Served(reply, r), Ok(())) => {
-                let _ = reply.send(r);
-            }
-            (Deferred::Served(reply, r), Err(e)) => {
-                let _ = reply.send(r.and(Err(WriteError::Commit(e.clone()))));
-            }
-            (Deferred::Updated(reply, r), Ok(())) => {
-                let _ = reply.send(r);
-            }
-            (Deferred::Updated(reply, r), Err(e)) => {
-                let _ = reply.send(r.and(Err(WriteError::Commit(e.clone()))));
-            }
-            (Deferred::Merged(reply, r), Ok(())) => {
-                let _ = reply.send(r);
-            }
-            (Deferred::Merged(reply, r), Err(e)) => {
-                let _ = reply.send(r.and(Err(MergeError::Commit(e.clone()))));
-            }
-            (Deferred::Reserved(reply, r), Ok(())) => {
-                let _ = reply.send(r);
-            }
-            (Deferred::Reserved(reply, r), Err(e)) => {
-                let _ = reply.send(r.and(Err(ReadError::Commit(e.clone()))));
-            }
+        match self {
+            Deferred::Served(reply, r) => send_after(reply, r, committed, WriteError::Commit),
+            Deferred::Updated(reply, r) => send_after(reply, r, committed, WriteError::Commit),
+            Deferred::Merged(reply, r) => send_after(reply, r, committed, MergeError::Commit),
+            Deferred::Reserved(reply, r) => send_after(reply, r, committed, ReadError::Commit),
         }
     }
+}
+
+/// Sends `r`, or the commit's failure (as `failed` makes it) when `r` succeeded but its writes
+/// were not committed.
+fn send_after<T, E>(
+    reply: Reply<T, E>,
+    r: Result<T, E>,
+    committed: &Result<(), fieldmesh_engine::CommitError>,
+    failed: fn(fieldmesh_engine::CommitError) -> E,
+) {
+    let r = match committed {
+        Ok(()) => r,
+        Err(e) => r.and(Err(failed(e.clone()))),
+    };
+    let _ = reply.send(r);
 }
 
 /// Replies waiting for the commit that makes their writes durable, oldest first, each with the
