@@ -94,6 +94,14 @@ fn set_gate(gate: &(Mutex<bool>, Condvar), open: bool) {
 
 type Gate = Arc<(Mutex<bool>, Condvar)>;
 
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// A certified node's engine thread over a [`GatedStore`], with its gate and failure switch.
 fn gated_node(
     rt: &tokio::runtime::Runtime,
@@ -139,11 +147,7 @@ fn patient(family: &str) -> serde_json::Value {
 
 #[test]
 fn the_engine_goes_on_while_a_commit_runs_and_a_failed_commit_answers_its_writes() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let (handle, thread, gate, fail) = gated_node(&rt);
     rt.block_on(async {
         // A write whose commit is held at the gate, and will fail.
@@ -201,11 +205,7 @@ fn the_engine_goes_on_while_a_commit_runs_and_a_failed_commit_answers_its_writes
 /// leave the write unanswered once its commit ends (no other command comes to wake the thread).
 #[test]
 fn a_write_whose_commit_outlasts_the_idle_delay_is_answered_when_it_ends() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let (handle, thread, gate, _) = gated_node(&rt);
     rt.block_on(async {
         set_gate(&gate, false);
@@ -234,11 +234,7 @@ fn a_write_whose_commit_outlasts_the_idle_delay_is_answered_when_it_ends() {
 
 #[test]
 fn reads_answer_while_a_write_waits_for_its_commit_and_never_show_it_early() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let (handle, thread, gate, _) = gated_node(&rt);
     rt.block_on(async {
         let first = handle
