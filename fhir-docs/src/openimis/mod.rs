@@ -429,9 +429,13 @@ pub fn declare_places(json: &mut Map<String, Value>, places: Vec<Value>) {
         None => Vec::new(),
     };
     ext.retain(|e| e.get("url").and_then(Value::as_str) != Some(PLACE_EXTENSION));
+    // The same place read from JSON in two key orders (a staged document's as written, a stored
+    // one's as Automerge keeps it) is one place.
     let mut seen = std::collections::HashSet::new();
     for p in places {
-        if seen.insert(p.to_string()) {
+        let mut key = p.clone();
+        key.sort_all_objects();
+        if seen.insert(key.to_string()) {
             ext.push(serde_json::json!({"url": PLACE_EXTENSION, "valueReference": p}));
         }
     }

@@ -369,6 +369,11 @@ pub struct Engine {
     /// A bulk load is running ([`Engine::create_lines`]): policies are kept as given (an export
     /// of openIMIS, priced by its server; central prices them again as its services read them).
     pub(crate) bulk_load: bool,
+    /// During a bulk load, the places (`valueReference`s) of the insurees, families and claims
+    /// the load staged, as their staged state reads: a policy in the next lines declares them
+    /// without reading its family again. Only staged documents are here (any other write of
+    /// one removes it); a committed one is read from the store.
+    pub(crate) bulk_places: HashMap<DocId, Vec<Value>>,
     /// The ClaimResponse the last Claim written here got ([`Engine::take_claim_answer`]).
     pub(crate) claim_answer: Option<Value>,
     /// The verdicts of the claims written here lately, by claim: the store has them once their
@@ -391,6 +396,7 @@ impl Engine {
             check_local: true,
             notes: Vec::new(),
             bulk_load: false,
+            bulk_places: HashMap::new(),
             claim_answer: None,
             recent_verdicts: Default::default(),
             reader: Reader::new(Arc::clone(&store), cache_documents),
@@ -1006,6 +1012,7 @@ impl Engine {
             ty: meta.ty.clone(),
             source,
         };
+        self.bulk_places.remove(id);
         self.push(
             Write::Doc(DocWrite {
                 envelopes,

@@ -9,11 +9,16 @@ use std::collections::HashMap;
 use std::num::NonZeroUsize;
 
 use fieldmesh_fhir_docs::limits::{DocLimits, check_json};
-use fieldmesh_fhir_docs::openimis::DEPENDENT_TYPES;
-use fieldmesh_fhir_docs::{DocId, IdentKey, Resolver, ValidationError, new_document, prepare};
+use fieldmesh_fhir_docs::openimis::{
+    DEPENDENT_TYPES, declare_places, place_references, places_taken_from,
+};
+use fieldmesh_fhir_docs::references::targets_in;
+use fieldmesh_fhir_docs::{
+    DocId, IdentKey, Resolver, ValidationError, document_to_json, new_document, prepare,
+};
 use fieldmesh_storage::{DocMeta, Store};
 use fieldmesh_trust::{Policy, Trust, token_of};
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::Engine;
 use crate::core::PreparedDoc;
@@ -22,7 +27,7 @@ use crate::error::WriteError;
 use crate::identity::NodeIdentity;
 use crate::par::par_map;
 use crate::source::Source;
-use crate::write::{authorize, entries_of, sign_heads};
+use crate::write::{authorize, check_places_found, entries_of, sign_heads, takes_places_of};
 
 /// Parses a JSON body into a resource, naming where it breaks.
 pub fn parse_json(body: &[u8]) -> Result<Value, ValidationError> {
@@ -44,12 +49,46 @@ struct View<'a> {
     store: &'a dyn Store,
     staged: &'a HashMap<DocId, Live>,
     in_flight: &'a HashMap<DocId, Live>,
+    /// The places of staged documents this load prepared ([`Engine::bulk_places`]).
+    places: &'a HashMap<DocId, Vec<Value>>,
 }
 
 impl View<'_> {
     fn staged(&self, id: &DocId) -> Option<&Live> {
         self.staged.get(id).or_else(|| self.in_flight.get(id))
     }
+
+    /// The `valueReference`s of the places document `id` (a `ty`) is held at, as
+    /// [`Engine::declare_places`] reads them; `Ok(None)` for a staged document whose places this
+    /// load does not know (it is prepared in order, by the engine).
+    fn places_of(&self, ty: &str, id: &DocId) -> Result<Option<Vec<Value>>, WriteError> {
+        if self.staged(id).is_some() {
+            return Ok(self.places.get(id).cloned());
+        }
+        let Some(bytes) = self.store.doc_bytes(id.as_bytes())? else {
+            return Ok(Some(Vec::new()));
+        };
+        // A document that does not load or read is passed over, as the engine passes it over.
+        let json = crate::error::contain(
+            || -> Result<_, String> {
+                let doc = automerge::AutoCommit::load(&bytes).map_err(|e| e.to_string())?;
+                document_to_json(&doc).map_err(|e| e.to_string())
+            },
+            |panic| panic,
+        );
+        Ok(Some(
+            json.map_or_else(|_| Vec::new(), |json| held_at(ty, &json)),
+        ))
+    }
+}
+
+/// The `valueReference`s of the places a `ty` reading `json` is held at.
+fn held_at(ty: &str, json: &Map<String, Value>) -> Vec<Value> {
+    place_references(ty, json)
+        .into_iter()
+        .flatten()
+        .map(|(v, _)| v.clone())
+        .collect()
 }
 
 impl Resolver for View<'_> {
@@ -66,13 +105,25 @@ impl Resolver for View<'_> {
     }
 
     fn find(&self, ty: &str, key: &IdentKey) -> Option<String> {
-        let ids: Vec<DocId> = self
+        let mut ids: Vec<DocId> = self
             .store
             .find(ty, &key.system, &key.value)
             .ok()?
             .into_iter()
             .map(|b| DocId(uuid::Uuid::from_bytes(b)))
             .collect();
+        // Staged documents are found by their identifiers too, as the engine finds them.
+        for (id, live) in self.staged.iter().chain(self.in_flight) {
+            let hit = live.meta.ty == ty
+                && live
+                    .entries
+                    .identifiers
+                    .iter()
+                    .any(|(s, v)| *s == key.system && *v == key.value);
+            if hit && !ids.contains(id) {
+                ids.push(*id);
+            }
+        }
         resolve_identifier(ids, ty, key, |id| match self.staged(id) {
             Some(l) => Some(l.meta.ty.clone()),
             None => Some(self.store.doc_meta(id.as_bytes()).ok()??.ty),
@@ -80,19 +131,45 @@ impl Resolver for View<'_> {
     }
 }
 
+/// What preparing one NDJSON line gave.
+enum Line {
+    /// A document ready to stage, with the places it is held at if a dependent document may
+    /// take them on.
+    Ready(Box<PreparedDoc>, Option<Vec<Value>>),
+    /// A [`DEPENDENT_TYPES`] document: prepared once the rest of its batch is staged, so that
+    /// the family it concerns is found wherever it lies in the batch.
+    Later,
+    /// Prepared in order, by the engine.
+    InOrder,
+}
+
+/// What every line of a batch is prepared with.
+struct Ctx<'a> {
+    view: View<'a>,
+    me: &'a NodeIdentity,
+    trust: &'a Trust,
+    policy: &'a dyn Policy,
+    check_local: bool,
+    limits: &'a DocLimits,
+}
+
 /// Prepares one NDJSON line as a new document (validation, reference translation, authority,
-/// Automerge, signature, encoding). `None` for a document that must be prepared in order, with
-/// the engine (one that lies where the family it concerns lies reads that family).
-fn prepare_line(
-    view: &View<'_>,
-    me: &NodeIdentity,
-    trust: &Trust,
-    policy: Option<&dyn Policy>,
-    limits: &DocLimits,
-    line: &str,
-) -> Result<Option<PreparedDoc>, WriteError> {
+/// Automerge, signature, encoding). A [`DEPENDENT_TYPES`] document is [`Line::Later`] unless
+/// `dependents` (then it declares the places of the insurees and families it concerns, read
+/// from this load's staged documents or from the store).
+fn prepare_line(ctx: &Ctx<'_>, line: &str, dependents: bool) -> Result<Line, WriteError> {
+    let view = &ctx.view;
     let resource = parse_json(line.as_bytes())?;
-    check_json(&resource, limits)?;
+    check_json(&resource, ctx.limits)?;
+    let dependent = |ty: &str| DEPENDENT_TYPES.contains(&ty);
+    if !dependents
+        && resource
+            .get("resourceType")
+            .and_then(Value::as_str)
+            .is_some_and(dependent)
+    {
+        return Ok(Line::Later);
+    }
     let id = match resource
         .get("id")
         .and_then(Value::as_str)
@@ -106,16 +183,58 @@ fn prepare_line(
         }
         _ => DocId::new(),
     };
-    let prepared = prepare(resource, None, &me.system, &id, view, &|_| None)?;
-    if DEPENDENT_TYPES.contains(&prepared.ty.as_str()) {
-        return Ok(None);
+    let mut prepared = prepare(resource, None, &ctx.me.system, &id, view, &|_| None)?;
+    if dependent(&prepared.ty) {
+        if !dependents {
+            return Ok(Line::Later);
+        }
+        let mut found: Vec<Value> = Vec::new();
+        for r in &prepared.references {
+            if !takes_places_of(&prepared.ty, &r.ty) {
+                continue;
+            }
+            // One dependent document read by another may be in this very batch.
+            if dependent(&r.ty) {
+                return Ok(Line::InOrder);
+            }
+            let Some(target) = view.find(&r.ty, &r.key).and_then(|t| DocId::parse(&t)) else {
+                continue;
+            };
+            match view.places_of(&r.ty, &target)? {
+                Some(places) => found.extend(places),
+                None => return Ok(Line::InOrder),
+            }
+        }
+        check_places_found(
+            ctx.trust,
+            ctx.policy,
+            ctx.me,
+            &prepared.ty,
+            ctx.check_local,
+            found.is_empty(),
+        )?;
+        if !found.is_empty() {
+            declare_places(&mut prepared.json, found);
+            // The declared places are references too: index them like the rest.
+            prepared.references = targets_in(&prepared.json);
+        }
     }
-    if let Some(policy) = policy {
-        authorize(trust, policy, me, &id, &prepared.ty, None, &prepared.json)?;
+    if ctx.check_local {
+        authorize(
+            ctx.trust,
+            ctx.policy,
+            ctx.me,
+            &id,
+            &prepared.ty,
+            None,
+            &prepared.json,
+        )?;
     }
+    let places = (places_taken_from(&prepared.ty)).then(|| held_at(&prepared.ty, &prepared.json));
+    let me = ctx.me;
     let mut doc = new_document(&prepared.json, me.actor.clone(), me.time())?;
-    let envelopes = sign_heads(me, trust, &id, &prepared.ty, &mut doc);
-    Ok(Some(PreparedDoc {
+    let envelopes = sign_heads(me, ctx.trust, &id, &prepared.ty, &mut doc);
+    let prepared_doc = PreparedDoc {
         envelopes,
         token: token_of(&prepared.json).map(String::from),
         id,
@@ -133,62 +252,107 @@ fn prepare_line(
             e
         },
         bytes: fieldmesh_storage::codec::encode(&doc.save_nocompress())?,
-    }))
+    };
+    Ok(Line::Ready(Box::new(prepared_doc), places))
 }
 
 impl Engine {
     /// Creates one resource per NDJSON line, preparing them on `threads` threads at once, and
     /// stages them in order (bulk loads: the documents do not stay in memory). Returns one result
     /// per line.
+    ///
+    /// Policies, coverages and payments ([`DEPENDENT_TYPES`]) are prepared in a second pass,
+    /// once the rest of the batch is staged: they declare the places of the families they
+    /// concern, which this load keeps for the documents it staged.
     pub fn create_lines(
         &mut self,
         lines: &[String],
         threads: usize,
     ) -> Vec<Result<DocId, WriteError>> {
-        let prepared: Vec<Result<Option<PreparedDoc>, WriteError>> = {
-            let view = View {
+        let threads = NonZeroUsize::new(threads).map_or(1, NonZeroUsize::get);
+        // Places of documents committed since are read from the store again.
+        let (dirty, in_flight) = (&self.dirty, &self.in_flight);
+        self.bulk_places
+            .retain(|id, _| dirty.contains_key(id) || in_flight.contains_key(id));
+        self.bulk_load = true;
+        let mut out: Vec<Option<Result<DocId, WriteError>>> =
+            std::iter::repeat_with(|| None).take(lines.len()).collect();
+        let all: Vec<usize> = (0..lines.len()).collect();
+        let mut later = Vec::new();
+        for (i, line) in self.prepare_lines(lines, &all, threads, false) {
+            match line {
+                Ok(Line::Later) => later.push(i),
+                line => out[i] = Some(self.stage_line(line, &lines[i])),
+            }
+        }
+        for (i, line) in self.prepare_lines(lines, &later, threads, true) {
+            out[i] = Some(self.stage_line(line, &lines[i]));
+        }
+        self.bulk_load = false;
+        out.into_iter()
+            .map(|r| r.unwrap_or(Err(WriteError::Thread)))
+            .collect()
+    }
+
+    /// Prepares the lines at `which` on `threads` threads; `(index, result)` in order.
+    fn prepare_lines(
+        &self,
+        lines: &[String],
+        which: &[usize],
+        threads: usize,
+        dependents: bool,
+    ) -> Vec<(usize, Result<Line, WriteError>)> {
+        if which.is_empty() {
+            return Vec::new();
+        }
+        let ctx = Ctx {
+            view: View {
                 store: self.store.as_ref(),
                 staged: &self.dirty,
                 in_flight: &self.in_flight,
-            };
-            let policy: Option<&dyn Policy> = self.check_local.then_some(self.policy.as_ref());
-            let (me, trust, limits) = (&self.me, &self.trust, &self.limits);
-            let threads = NonZeroUsize::new(threads).map_or(1, NonZeroUsize::get);
-            match par_map(lines, threads, |l| {
-                prepare_line(&view, me, trust, policy, limits, l)
-            }) {
-                Some(out) => out,
-                None => {
-                    return lines.iter().map(|_| Err(WriteError::Thread)).collect();
-                }
-            }
+                places: &self.bulk_places,
+            },
+            me: &self.me,
+            trust: &self.trust,
+            policy: self.policy.as_ref(),
+            check_local: self.check_local,
+            limits: &self.limits,
         };
-        self.bulk_load = true;
-        let out = prepared
-            .into_iter()
-            .zip(lines)
-            .map(|(p, line)| match p {
-                // Two lines of one batch claimed the same id (prepare the later one again), or a
-                // document that reads others.
-                Ok(None) => {
-                    let resource = parse_json(line.as_bytes())?;
-                    self.create(resource, None, true, &|_| None)
+        let results = par_map(which, threads, |&i| {
+            prepare_line(&ctx, &lines[i], dependents)
+        })
+        .unwrap_or_else(|| which.iter().map(|_| Err(WriteError::Thread)).collect());
+        which.iter().copied().zip(results).collect()
+    }
+
+    /// Stages one prepared line (or creates it in order, by the engine).
+    fn stage_line(
+        &mut self,
+        line: Result<Line, WriteError>,
+        text: &str,
+    ) -> Result<DocId, WriteError> {
+        match line? {
+            // A document that must be read in order, or one whose dependents are not prepared
+            // yet (never here).
+            Line::InOrder | Line::Later => {
+                let resource = parse_json(text.as_bytes())?;
+                self.create(resource, None, true, &|_| None)
+            }
+            // Two lines of one batch claimed the same id: prepare the later one again.
+            Line::Ready(p, _)
+                if self.dirty.contains_key(&p.id) || self.in_flight.contains_key(&p.id) =>
+            {
+                let resource = parse_json(text.as_bytes())?;
+                self.create(resource, None, false, &|_| None)
+            }
+            Line::Ready(p, places) => {
+                let id = p.id;
+                self.stage_received(*p, Source::Local);
+                if let Some(places) = places {
+                    self.bulk_places.insert(id, places);
                 }
-                Ok(Some(p))
-                    if self.dirty.contains_key(&p.id) || self.in_flight.contains_key(&p.id) =>
-                {
-                    let resource = parse_json(line.as_bytes())?;
-                    self.create(resource, None, false, &|_| None)
-                }
-                Ok(Some(p)) => {
-                    let id = p.id;
-                    self.stage_received(p, Source::Local);
-                    Ok(id)
-                }
-                Err(e) => Err(e),
-            })
-            .collect();
-        self.bulk_load = false;
-        out
+                Ok(id)
+            }
+        }
     }
 }

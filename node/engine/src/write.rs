@@ -90,6 +90,35 @@ pub(crate) fn authorize(
     Ok(())
 }
 
+/// Whether a document of a [`DEPENDENT_TYPES`] type `ty` takes on the places of a `target` it
+/// points at. An adjudication lies where its claim does (the facility), not at the insuree's
+/// village.
+pub(crate) fn takes_places_of(ty: &str, target: &str) -> bool {
+    places_taken_from(target) && (ty != "ClaimResponse" || target == "Claim")
+}
+
+/// Refuses a [`DEPENDENT_TYPES`] document of type `ty` that a device whose writes are scoped
+/// wrote without naming an insuree or family it holds (`found_none`: it names none).
+pub(crate) fn check_places_found(
+    trust: &Trust,
+    policy: &dyn Policy,
+    me: &NodeIdentity,
+    ty: &str,
+    check_local: bool,
+    found_none: bool,
+) -> Result<(), WriteError> {
+    if found_none && check_local && scoped_writer(trust, policy, me, ty)? {
+        return Err(ValidationError::one(
+            ty.to_string(),
+            "names no insuree or family this device holds: a policy, coverage or payment lies \
+             where the family it concerns lives"
+                .to_string(),
+        )
+        .into());
+    }
+    Ok(())
+}
+
 /// Whether `me`'s certificate limits its writes of `ty` to its scope (an error if it may not
 /// write a `ty` at all).
 fn scoped_writer(
@@ -132,11 +161,7 @@ impl Engine {
         }
         let mut found: Vec<Value> = Vec::new();
         for r in &prepared.references {
-            // An adjudication lies where its claim does (the facility), not at the insuree's
-            // village.
-            let concerned =
-                places_taken_from(&r.ty) && (prepared.ty != "ClaimResponse" || r.ty == "Claim");
-            let Some(id) = concerned
+            let Some(id) = takes_places_of(&prepared.ty, &r.ty)
                 .then(|| Resolver::find(&*self, &r.ty, &r.key))
                 .flatten()
             else {
@@ -154,18 +179,15 @@ impl Engine {
                 found.extend(refs.into_iter().map(|(v, _)| v.clone()));
             }
         }
+        check_places_found(
+            &self.trust,
+            self.policy.as_ref(),
+            &self.me,
+            &prepared.ty,
+            self.check_local,
+            found.is_empty(),
+        )?;
         if found.is_empty() {
-            if self.check_local
-                && scoped_writer(&self.trust, self.policy.as_ref(), &self.me, &prepared.ty)?
-            {
-                return Err(ValidationError::one(
-                    prepared.ty.clone(),
-                    "names no insuree or family this device holds: a policy, coverage or \
-                     payment lies where the family it concerns lives"
-                        .to_string(),
-                )
-                .into());
-            }
             return Ok(());
         }
         declare_places(&mut prepared.json, found);

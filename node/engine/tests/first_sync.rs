@@ -130,3 +130,72 @@ fn a_recent_scope_report_is_answered_without_committing_what_is_staged() {
     central.flush().unwrap();
     assert_eq!(central.stats().unwrap().documents, lines.len() as u64);
 }
+
+/// The places a policy declares (its place extensions' references), as served.
+fn declared_places(e: &mut fieldmesh_engine::Engine, id: &str) -> Vec<String> {
+    let served = e.served("Contract", id).unwrap().resource;
+    let mut places: Vec<String> = served["extension"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["url"] == "urn:fieldmesh:StructureDefinition/place")
+        .map(|e| e["valueReference"].to_string())
+        .collect();
+    places.sort();
+    places
+}
+
+/// A bulk load prepares policies on every core, after the rest of their batch, taking the
+/// places of their families from what the load staged (or from the store): each declares the
+/// places one create at a time gives it, whether its family is in its batch, in the batch being
+/// committed, or committed, and wherever it lies in its batch.
+#[test]
+fn a_loaded_policy_declares_the_places_one_create_at_a_time_gives_it() {
+    let root = key(1);
+    let lines = demo_lines(7, 40);
+    let contracts: Vec<String> = lines
+        .iter()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|r| r["resourceType"] == "Contract")
+        .map(|r| r["id"].as_str().unwrap().to_string())
+        .collect();
+    assert!(contracts.len() >= 40);
+
+    let mut one_at_a_time = engine(&[1; 32], "central", &public(&root));
+    for line in &lines {
+        let resource: Value = serde_json::from_str(line).unwrap();
+        one_at_a_time
+            .create(resource, None, true, &|_| None)
+            .unwrap();
+    }
+    one_at_a_time.flush().unwrap();
+
+    // Batches of 7 lines committed behind, as `fieldmesh load` does: families and their
+    // policies fall across batches.
+    let mut batched = engine(&[1; 32], "central", &public(&root));
+    for batch in lines.chunks(7) {
+        for r in batched.create_lines(batch, 2) {
+            r.unwrap();
+        }
+        batched.flush_behind().unwrap();
+    }
+    batched.flush().unwrap();
+
+    // One batch in reverse order: every policy comes before its family.
+    let mut reversed = engine(&[1; 32], "central", &public(&root));
+    let backwards: Vec<String> = lines.iter().rev().cloned().collect();
+    for r in reversed.create_lines(&backwards, 2) {
+        r.unwrap();
+    }
+    reversed.flush().unwrap();
+
+    for id in &contracts {
+        let expected = declared_places(&mut one_at_a_time, id);
+        assert!(
+            !expected.is_empty(),
+            "policy {id} lies where its family does"
+        );
+        assert_eq!(declared_places(&mut batched, id), expected, "policy {id}");
+        assert_eq!(declared_places(&mut reversed, id), expected, "policy {id}");
+    }
+}
