@@ -51,6 +51,8 @@ struct View<'a> {
     in_flight: &'a HashMap<DocId, Live>,
     /// The places of staged documents this load prepared ([`Engine::bulk_places`]).
     places: &'a HashMap<DocId, Vec<Value>>,
+    /// The documents of the batch being prepared that are staged, with their lines.
+    batch: &'a HashMap<DocId, usize>,
 }
 
 impl View<'_> {
@@ -136,9 +138,9 @@ enum Line {
     /// A document ready to stage, with the places it is held at if a dependent document may
     /// take them on.
     Ready(Box<PreparedDoc>, Option<Vec<Value>>),
-    /// A [`DEPENDENT_TYPES`] document: prepared once the rest of its batch is staged, so that
-    /// the family it concerns is found wherever it lies in the batch.
-    Later,
+    /// A [`DEPENDENT_TYPES`] document, with the id it asks for: prepared once the rest of its
+    /// batch is staged, seeing only what came before it.
+    Later(Option<DocId>),
     /// Prepared in order, by the engine.
     InOrder,
 }
@@ -155,26 +157,27 @@ struct Ctx<'a> {
 
 /// Prepares one NDJSON line as a new document (validation, reference translation, authority,
 /// Automerge, signature, encoding). A [`DEPENDENT_TYPES`] document is [`Line::Later`] unless
-/// `dependents` (then it declares the places of the insurees and families it concerns, read
-/// from this load's staged documents or from the store).
-fn prepare_line(ctx: &Ctx<'_>, line: &str, dependents: bool) -> Result<Line, WriteError> {
+/// `at` gives its line in the batch: then it declares the places of the insurees and families
+/// it concerns that came before it, read from this load's staged documents or from the store,
+/// as one create at a time would.
+fn prepare_line(ctx: &Ctx<'_>, line: &str, at: Option<usize>) -> Result<Line, WriteError> {
     let view = &ctx.view;
     let resource = parse_json(line.as_bytes())?;
     check_json(&resource, ctx.limits)?;
     let dependent = |ty: &str| DEPENDENT_TYPES.contains(&ty);
-    if !dependents
+    let given = resource
+        .get("id")
+        .and_then(Value::as_str)
+        .and_then(DocId::parse);
+    if at.is_none()
         && resource
             .get("resourceType")
             .and_then(Value::as_str)
             .is_some_and(dependent)
     {
-        return Ok(Line::Later);
+        return Ok(Line::Later(given));
     }
-    let id = match resource
-        .get("id")
-        .and_then(Value::as_str)
-        .and_then(DocId::parse)
-    {
+    let id = match given {
         Some(given)
             if view.staged(&given).is_none()
                 && view.store.doc_meta(given.as_bytes())?.is_none() =>
@@ -185,10 +188,11 @@ fn prepare_line(ctx: &Ctx<'_>, line: &str, dependents: bool) -> Result<Line, Wri
     };
     let mut prepared = prepare(resource, None, &ctx.me.system, &id, view, &|_| None)?;
     if dependent(&prepared.ty) {
-        if !dependents {
-            return Ok(Line::Later);
-        }
+        let Some(at) = at else {
+            return Ok(Line::Later(given));
+        };
         let mut found: Vec<Value> = Vec::new();
+        let mut read: Vec<DocId> = Vec::new();
         for r in &prepared.references {
             if !takes_places_of(&prepared.ty, &r.ty) {
                 continue;
@@ -200,6 +204,12 @@ fn prepare_line(ctx: &Ctx<'_>, line: &str, dependents: bool) -> Result<Line, Wri
             let Some(target) = view.find(&r.ty, &r.key).and_then(|t| DocId::parse(&t)) else {
                 continue;
             };
+            // A document of a later line is not there yet for this one; one named twice (the
+            // head of the family) is read once.
+            if view.batch.get(&target).is_some_and(|&line| line > at) || read.contains(&target) {
+                continue;
+            }
+            read.push(target);
             match view.places_of(&r.ty, &target)? {
                 Some(places) => found.extend(places),
                 None => return Ok(Line::InOrder),
@@ -277,15 +287,30 @@ impl Engine {
         self.bulk_load = true;
         let mut out: Vec<Option<Result<DocId, WriteError>>> =
             std::iter::repeat_with(|| None).take(lines.len()).collect();
+        let mut batch: HashMap<DocId, usize> = HashMap::new();
         let all: Vec<usize> = (0..lines.len()).collect();
         let mut later = Vec::new();
-        for (i, line) in self.prepare_lines(lines, &all, threads, false) {
-            match line {
-                Ok(Line::Later) => later.push(i),
-                line => out[i] = Some(self.stage_line(line, &lines[i])),
+        // Ids asked for by dependent lines before the one being staged: theirs, as one create
+        // at a time would give them.
+        let mut asked: Vec<DocId> = Vec::new();
+        for (i, line) in self.prepare_lines(lines, &all, threads, &batch, false) {
+            let staged = match line {
+                Ok(Line::Later(given)) => {
+                    later.push(i);
+                    asked.extend(given);
+                    continue;
+                }
+                Ok(Line::Ready(p, _)) if asked.contains(&p.id) => {
+                    self.create_again(&lines[i], false)
+                }
+                line => self.stage_line(line, &lines[i]),
+            };
+            if let Ok(id) = &staged {
+                batch.insert(*id, i);
             }
+            out[i] = Some(staged);
         }
-        for (i, line) in self.prepare_lines(lines, &later, threads, true) {
+        for (i, line) in self.prepare_lines(lines, &later, threads, &batch, true) {
             out[i] = Some(self.stage_line(line, &lines[i]));
         }
         self.bulk_load = false;
@@ -300,6 +325,7 @@ impl Engine {
         lines: &[String],
         which: &[usize],
         threads: usize,
+        batch: &HashMap<DocId, usize>,
         dependents: bool,
     ) -> Vec<(usize, Result<Line, WriteError>)> {
         if which.is_empty() {
@@ -311,6 +337,7 @@ impl Engine {
                 staged: &self.dirty,
                 in_flight: &self.in_flight,
                 places: &self.bulk_places,
+                batch,
             },
             me: &self.me,
             trust: &self.trust,
@@ -319,7 +346,7 @@ impl Engine {
             limits: &self.limits,
         };
         let results = par_map(which, threads, |&i| {
-            prepare_line(&ctx, &lines[i], dependents)
+            prepare_line(&ctx, &lines[i], dependents.then_some(i))
         })
         .unwrap_or_else(|| which.iter().map(|_| Err(WriteError::Thread)).collect());
         which.iter().copied().zip(results).collect()
@@ -332,18 +359,14 @@ impl Engine {
         text: &str,
     ) -> Result<DocId, WriteError> {
         match line? {
-            // A document that must be read in order, or one whose dependents are not prepared
-            // yet (never here).
-            Line::InOrder | Line::Later => {
-                let resource = parse_json(text.as_bytes())?;
-                self.create(resource, None, true, &|_| None)
-            }
+            // A document that must be read in order (a dependent one is never left for later
+            // here).
+            Line::InOrder | Line::Later(_) => self.create_again(text, true),
             // Two lines of one batch claimed the same id: prepare the later one again.
             Line::Ready(p, _)
                 if self.dirty.contains_key(&p.id) || self.in_flight.contains_key(&p.id) =>
             {
-                let resource = parse_json(text.as_bytes())?;
-                self.create(resource, None, false, &|_| None)
+                self.create_again(text, false)
             }
             Line::Ready(p, places) => {
                 let id = p.id;
@@ -354,5 +377,12 @@ impl Engine {
                 Ok(id)
             }
         }
+    }
+
+    /// Creates a line's resource by the engine, one at a time (`keep_id`: under the id it
+    /// gives, if that is free).
+    fn create_again(&mut self, text: &str, keep_id: bool) -> Result<DocId, WriteError> {
+        let resource = parse_json(text.as_bytes())?;
+        self.create(resource, None, keep_id, &|_| None)
     }
 }

@@ -145,57 +145,149 @@ fn declared_places(e: &mut fieldmesh_engine::Engine, id: &str) -> Vec<String> {
     places
 }
 
+/// The demo deployment's resources with each insuree moved to a village of its own (families
+/// then lie in several places, so a policy declares many), one NDJSON line each.
+fn scattered_lines(seed: u64, families: u64) -> Vec<String> {
+    let lines = demo_lines(seed, families);
+    let locations: Vec<String> = lines
+        .iter()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|r| r["resourceType"] == "Location")
+        .map(|r| r["id"].as_str().unwrap().to_string())
+        .collect();
+    let mut insurees = 0;
+    lines
+        .into_iter()
+        .map(|l| {
+            let mut r: Value = serde_json::from_str(&l).unwrap();
+            if r["resourceType"] != "Patient" {
+                return l;
+            }
+            insurees += 1;
+            let place = &locations[insurees % locations.len()];
+            for e in r["address"][0]["extension"].as_array_mut().unwrap() {
+                if e.get("valueReference").is_some() {
+                    e["valueReference"]["reference"] = format!("Location/{place}").into();
+                }
+            }
+            r.to_string()
+        })
+        .collect()
+}
+
+/// Loads `lines` one create at a time.
+fn one_at_a_time(lines: &[String]) -> fieldmesh_engine::Engine {
+    let mut e = engine(&[1; 32], "central", &public(&key(1)));
+    for line in lines {
+        let resource: Value = serde_json::from_str(line).unwrap();
+        e.create(resource, None, true, &|_| None).unwrap();
+    }
+    e.flush().unwrap();
+    e
+}
+
+/// Loads `lines` as `fieldmesh load` does, in batches of `batch` committed behind.
+fn bulk(lines: &[String], batch: usize) -> fieldmesh_engine::Engine {
+    let mut e = engine(&[1; 32], "central", &public(&key(1)));
+    for lines in lines.chunks(batch) {
+        for r in e.create_lines(lines, 2) {
+            r.unwrap();
+        }
+        e.flush_behind().unwrap();
+    }
+    e.flush().unwrap();
+    e
+}
+
 /// A bulk load prepares policies on every core, after the rest of their batch, taking the
-/// places of their families from what the load staged (or from the store): each declares the
+/// places of their families from what the load staged or from the store: each declares the
 /// places one create at a time gives it, whether its family is in its batch, in the batch being
 /// committed, or committed, and wherever it lies in its batch.
 #[test]
 fn a_loaded_policy_declares_the_places_one_create_at_a_time_gives_it() {
-    let root = key(1);
-    let lines = demo_lines(7, 40);
+    let lines = scattered_lines(7, 40);
+    let is_policy = |l: &String| l.starts_with("{\"resourceType\":\"Contract\"");
     let contracts: Vec<String> = lines
         .iter()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .filter(|r| r["resourceType"] == "Contract")
-        .map(|r| r["id"].as_str().unwrap().to_string())
+        .filter(|l| is_policy(l))
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
         .collect();
     assert!(contracts.len() >= 40);
-
-    let mut one_at_a_time = engine(&[1; 32], "central", &public(&root));
-    for line in &lines {
-        let resource: Value = serde_json::from_str(line).unwrap();
-        one_at_a_time
-            .create(resource, None, true, &|_| None)
-            .unwrap();
-    }
-    one_at_a_time.flush().unwrap();
-
-    // Batches of 7 lines committed behind, as `fieldmesh load` does: families and their
-    // policies fall across batches.
-    let mut batched = engine(&[1; 32], "central", &public(&root));
-    for batch in lines.chunks(7) {
-        for r in batched.create_lines(batch, 2) {
-            r.unwrap();
-        }
-        batched.flush_behind().unwrap();
-    }
-    batched.flush().unwrap();
-
-    // One batch in reverse order: every policy comes before its family.
-    let mut reversed = engine(&[1; 32], "central", &public(&root));
-    let backwards: Vec<String> = lines.iter().rev().cloned().collect();
-    for r in reversed.create_lines(&backwards, 2) {
+    let mut expected = one_at_a_time(&lines);
+    // Families and their policies across batches, or in one.
+    let mut in_sevens = bulk(&lines, 7);
+    let mut at_once = bulk(&lines, lines.len());
+    // Every family committed before its policy is prepared: its places come from the store.
+    let (policies, rest): (Vec<String>, Vec<String>) = lines.iter().cloned().partition(is_policy);
+    let mut committed = bulk(&rest, rest.len());
+    for r in committed.create_lines(&policies, 2) {
         r.unwrap();
     }
-    reversed.flush().unwrap();
-
+    committed.flush().unwrap();
     for id in &contracts {
-        let expected = declared_places(&mut one_at_a_time, id);
+        let places = declared_places(&mut expected, id);
         assert!(
-            !expected.is_empty(),
-            "policy {id} lies where its family does"
+            places.len() >= 2,
+            "policy {id} lies where each member does: {places:?}"
         );
-        assert_eq!(declared_places(&mut batched, id), expected, "policy {id}");
-        assert_eq!(declared_places(&mut reversed, id), expected, "policy {id}");
+        assert_eq!(declared_places(&mut in_sevens, id), places, "policy {id}");
+        assert_eq!(declared_places(&mut at_once, id), places, "policy {id}");
+        assert_eq!(declared_places(&mut committed, id), places, "policy {id}");
     }
+
+    // In reverse, every policy comes before its family: one create at a time finds none of it,
+    // and neither does a batch holding both.
+    let backwards: Vec<String> = lines.iter().rev().cloned().collect();
+    let mut expected = one_at_a_time(&backwards);
+    let mut at_once = bulk(&backwards, backwards.len());
+    for id in &contracts {
+        assert_eq!(declared_places(&mut expected, id), Vec::<String>::new());
+        assert_eq!(
+            declared_places(&mut at_once, id),
+            Vec::<String>::new(),
+            "policy {id}"
+        );
+    }
+}
+
+/// A policy line asking for an id that a later line of its batch asks for too keeps it, as one
+/// create at a time gives it (the policy is prepared after the rest of its batch).
+#[test]
+fn a_loaded_policy_keeps_the_id_it_asks_for_before_a_later_line_asking_for_it() {
+    let lines = demo_lines(9, 2);
+    let policy = lines
+        .iter()
+        .position(|l| l.starts_with("{\"resourceType\":\"Contract\""))
+        .unwrap();
+    let asked = serde_json::from_str::<Value>(&lines[policy]).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // A copy of the policy's id on a later insuree.
+    let mut lines = lines;
+    let insuree = policy
+        + 1
+        + lines[policy + 1..]
+            .iter()
+            .position(|l| l.starts_with("{\"resourceType\":\"Patient\""))
+            .unwrap();
+    let mut r: Value = serde_json::from_str(&lines[insuree]).unwrap();
+    r["id"] = asked.clone().into();
+    lines[insuree] = r.to_string();
+    let mut e = engine(&[1; 32], "central", &public(&key(1)));
+    let ids: Vec<String> = e
+        .create_lines(&lines, 2)
+        .into_iter()
+        .map(|r| r.unwrap().to_string())
+        .collect();
+    e.flush().unwrap();
+    assert_eq!(ids[policy], asked);
+    assert_ne!(ids[insuree], asked);
+    assert!(e.served("Contract", &asked).is_ok());
+    assert!(e.served("Patient", &ids[insuree]).is_ok());
 }
