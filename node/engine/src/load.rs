@@ -1,9 +1,12 @@
 //! Bulk loads: many local creates prepared on every core at once.
 //!
 //! `fieldmesh load` hands the engine NDJSON lines in batches; each batch is prepared on every core
-//! (parse, validate, translate references against a read-only view of the store plus what is
-//! staged, check against this node's certificate, build, sign and encode the Automerge document),
-//! staged in order, and committed on a background thread while the next batch is prepared.
+//! (parse, validate, check business numbers against the deployment's rule, translate references
+//! against a read-only view of the store plus what is staged, check against this node's
+//! certificate, build, sign and encode the Automerge document), staged in order, and committed on
+//! a background thread while the next batch is prepared. Policies, coverages and payments are
+//! prepared in a second pass over the batch, once what they concern is staged
+//! ([`Engine::create_lines`]).
 
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
@@ -27,7 +30,9 @@ use crate::error::WriteError;
 use crate::identity::NodeIdentity;
 use crate::par::par_map;
 use crate::source::Source;
-use crate::write::{authorize, check_places_found, entries_of, sign_heads, takes_places_of};
+use crate::write::{
+    authorize, check_number, check_places_found, entries_of, sign_heads, takes_places_of,
+};
 
 /// Parses a JSON body into a resource, naming where it breaks.
 pub fn parse_json(body: &[u8]) -> Result<Value, ValidationError> {
@@ -153,10 +158,11 @@ struct Ctx<'a> {
     policy: &'a dyn Policy,
     check_local: bool,
     limits: &'a DocLimits,
+    numbers: Option<&'a crate::central::NumberConfig>,
 }
 
-/// Prepares one NDJSON line as a new document (validation, reference translation, authority,
-/// Automerge, signature, encoding). A [`DEPENDENT_TYPES`] document is [`Line::Later`] unless
+/// Prepares one NDJSON line as a new document (validation, business number rule, reference
+/// translation, authority, Automerge, signature, encoding). A [`DEPENDENT_TYPES`] document is [`Line::Later`] unless
 /// `at` gives its line in the batch: then it declares the places of the insurees and families
 /// it concerns that came before it, read from this load's staged documents or from the store,
 /// as one create at a time would.
@@ -187,6 +193,7 @@ fn prepare_line(ctx: &Ctx<'_>, line: &str, at: Option<usize>) -> Result<Line, Wr
         _ => DocId::new(),
     };
     let mut prepared = prepare(resource, None, &ctx.me.system, &id, view, &|_| None)?;
+    check_number(ctx.numbers, &prepared)?;
     if dependent(&prepared.ty) {
         let Some(at) = at else {
             return Ok(Line::Later(given));
@@ -344,6 +351,7 @@ impl Engine {
             policy: self.policy.as_ref(),
             check_local: self.check_local,
             limits: &self.limits,
+            numbers: self.numbers.as_ref(),
         };
         let results = par_map(which, threads, |&i| {
             prepare_line(&ctx, &lines[i], dependents.then_some(i))

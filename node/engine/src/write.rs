@@ -90,6 +90,27 @@ pub(crate) fn authorize(
     Ok(())
 }
 
+/// Refuses a business number of `prepared` that breaks the deployment's rule in `numbers`
+/// (length, check digit), as openIMIS would.
+pub(crate) fn check_number(
+    numbers: Option<&crate::central::NumberConfig>,
+    prepared: &Prepared,
+) -> Result<(), WriteError> {
+    let Some(kind) = NumberKind::of_type(&prepared.ty) else {
+        return Ok(());
+    };
+    if let (Some(config), Some(number)) = (numbers, crate::central::business_number(&prepared.json))
+    {
+        config.rule(kind).check(kind, number).map_err(|e| {
+            WriteError::Invalid(ValidationError::one(
+                format!("{}.identifier", prepared.ty),
+                format!("{e} (openIMIS error {})", e.code()),
+            ))
+        })?;
+    }
+    Ok(())
+}
+
 /// Whether a document of a [`DEPENDENT_TYPES`] type `ty` takes on the places of a `target` it
 /// points at. An adjudication lies where its claim does (the facility), not at the insuree's
 /// village.
@@ -229,21 +250,7 @@ impl Engine {
     /// Refuses a business number that breaks the deployment's rule (length, check digit), as
     /// openIMIS would, before anything is written: the officer retypes the card's number.
     fn check_number(&self, prepared: &Prepared) -> Result<(), WriteError> {
-        let Some(kind) = NumberKind::of_type(&prepared.ty) else {
-            return Ok(());
-        };
-        if let (Some(config), Some(number)) = (
-            &self.numbers,
-            crate::central::business_number(&prepared.json),
-        ) {
-            config.rule(kind).check(kind, number).map_err(|e| {
-                WriteError::Invalid(ValidationError::one(
-                    format!("{}.identifier", prepared.ty),
-                    format!("{e} (openIMIS error {})", e.code()),
-                ))
-            })?;
-        }
-        Ok(())
+        check_number(self.numbers.as_ref(), prepared)
     }
 
     /// Creates a resource. `bundle_ids` resolves bundle-local `urn:uuid:` references.

@@ -2,11 +2,11 @@
 //! the documents in.
 #![allow(clippy::unwrap_used)] // tests may panic on unexpected errors
 
-use fieldmesh_engine::Source;
 use fieldmesh_engine::now;
 use fieldmesh_engine::test_support::{
     certificate, certificate_doc, engine, key, peer, public, sync_pair,
 };
+use fieldmesh_engine::{Source, WriteError};
 use fieldmesh_trust::Role;
 use serde_json::Value;
 
@@ -290,4 +290,48 @@ fn a_loaded_policy_keeps_the_id_it_asks_for_before_a_later_line_asking_for_it() 
     assert_ne!(ids[insuree], asked);
     assert!(e.served("Contract", &asked).is_ok());
     assert!(e.served("Patient", &ids[insuree]).is_ok());
+}
+
+/// A bulk load checks insurance numbers against the deployment's rule (length, check digit) as
+/// one create at a time does: a number openIMIS would refuse is refused with its line, and the
+/// rest load.
+#[test]
+fn a_loaded_insuree_whose_number_breaks_the_rule_is_refused_as_one_create_at_a_time() {
+    use fieldmesh_engine::central::NumberConfig;
+    let mut lines = demo_lines(11, 3);
+    let insurees: Vec<usize> = (0..lines.len())
+        .filter(|&i| lines[i].starts_with("{\"resourceType\":\"Patient\""))
+        .collect();
+    assert!(insurees.len() >= 2);
+    // Niger's rule: 10 digits, the last a check digit (modulo 7).
+    for (n, &i) in insurees.iter().enumerate() {
+        let mut r: Value = serde_json::from_str(&lines[i]).unwrap();
+        let number = if n == 0 { "2000000005" } else { "2000000015" };
+        for ident in r["identifier"].as_array_mut().unwrap() {
+            if ident["type"]["coding"][0]["code"] == "Code" {
+                ident["value"] = number.into();
+            }
+        }
+        lines[i] = r.to_string();
+    }
+    let mut one = engine(&[1; 32], "central", &public(&key(1)));
+    one.set_number_rules(NumberConfig::niger());
+    let expected: Vec<bool> = lines
+        .iter()
+        .map(|l| {
+            one.create(serde_json::from_str(l).unwrap(), None, true, &|_| None)
+                .is_ok()
+        })
+        .collect();
+    let mut bulk = engine(&[1; 32], "central", &public(&key(1)));
+    bulk.set_number_rules(NumberConfig::niger());
+    let got = bulk.create_lines(&lines, 2);
+    let refused = &got[insurees[0]];
+    assert!(
+        matches!(refused, Err(WriteError::Invalid(e)) if e.to_string().contains("openIMIS error")),
+        "{refused:?}"
+    );
+    assert!(got[insurees[1]].is_ok(), "{:?}", got[insurees[1]]);
+    let got: Vec<bool> = got.iter().map(Result::is_ok).collect();
+    assert_eq!(got, expected);
 }
