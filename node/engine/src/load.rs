@@ -162,10 +162,10 @@ struct Ctx<'a> {
 }
 
 /// Prepares one NDJSON line as a new document (validation, business number rule, reference
-/// translation, authority, Automerge, signature, encoding). A [`DEPENDENT_TYPES`] document is [`Line::Later`] unless
-/// `at` gives its line in the batch: then it declares the places of the insurees and families
-/// it concerns that came before it, read from this load's staged documents or from the store,
-/// as one create at a time would.
+/// translation, authority, Automerge, signature, encoding). A [`DEPENDENT_TYPES`] document is
+/// [`Line::Later`] unless `at` gives its line in the batch: then it declares the places of the
+/// insurees and families it concerns that came before it, read from this load's staged
+/// documents or from the store, as one create at a time would.
 fn prepare_line(ctx: &Ctx<'_>, line: &str, at: Option<usize>) -> Result<Line, WriteError> {
     let view = &ctx.view;
     let resource = parse_json(line.as_bytes())?;
