@@ -12,16 +12,13 @@ use std::collections::HashMap;
 use std::num::NonZeroUsize;
 
 use fieldmesh_fhir_docs::limits::{DocLimits, check_json};
-use fieldmesh_fhir_docs::openimis::{
-    DEPENDENT_TYPES, declare_places, place_references, places_taken_from,
-};
-use fieldmesh_fhir_docs::references::targets_in;
+use fieldmesh_fhir_docs::openimis::{DEPENDENT_TYPES, places_taken_from};
 use fieldmesh_fhir_docs::{
     DocId, IdentKey, Resolver, ValidationError, document_to_json, new_document, prepare,
 };
 use fieldmesh_storage::{DocMeta, Store};
 use fieldmesh_trust::{Policy, Trust, token_of};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::Engine;
 use crate::core::PreparedDoc;
@@ -31,7 +28,7 @@ use crate::identity::NodeIdentity;
 use crate::par::par_map;
 use crate::source::Source;
 use crate::write::{
-    authorize, check_number, check_places_found, entries_of, sign_heads, takes_places_of,
+    authorize, check_number, declare_found_places, entries_of, held_at, sign_heads, takes_places_of,
 };
 
 /// Parses a JSON body into a resource, naming where it breaks.
@@ -87,15 +84,6 @@ impl View<'_> {
             json.map_or_else(|_| Vec::new(), |json| held_at(ty, &json)),
         ))
     }
-}
-
-/// The `valueReference`s of the places a `ty` reading `json` is held at.
-fn held_at(ty: &str, json: &Map<String, Value>) -> Vec<Value> {
-    place_references(ty, json)
-        .into_iter()
-        .flatten()
-        .map(|(v, _)| v.clone())
-        .collect()
 }
 
 impl Resolver for View<'_> {
@@ -222,19 +210,14 @@ fn prepare_line(ctx: &Ctx<'_>, line: &str, at: Option<usize>) -> Result<Line, Wr
                 None => return Ok(Line::InOrder),
             }
         }
-        check_places_found(
+        declare_found_places(
             ctx.trust,
             ctx.policy,
             ctx.me,
-            &prepared.ty,
             ctx.check_local,
-            found.is_empty(),
+            &mut prepared,
+            found,
         )?;
-        if !found.is_empty() {
-            declare_places(&mut prepared.json, found);
-            // The declared places are references too: index them like the rest.
-            prepared.references = targets_in(&prepared.json);
-        }
     }
     if ctx.check_local {
         authorize(

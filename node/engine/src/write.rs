@@ -118,25 +118,41 @@ pub(crate) fn takes_places_of(ty: &str, target: &str) -> bool {
     places_taken_from(target) && (ty != "ClaimResponse" || target == "Claim")
 }
 
-/// Refuses a [`DEPENDENT_TYPES`] document of type `ty` that a device whose writes are scoped
-/// wrote without naming an insuree or family it holds (`found_none`: it names none).
-pub(crate) fn check_places_found(
+/// The `valueReference`s of the places a `ty` reading `json` is held at.
+pub(crate) fn held_at(ty: &str, json: &Map<String, Value>) -> Vec<Value> {
+    place_references(ty, json)
+        .into_iter()
+        .flatten()
+        .map(|(v, _)| v.clone())
+        .collect()
+}
+
+/// Declares `found`, the places of the insurees and families a [`DEPENDENT_TYPES`] document
+/// `prepared` concerns, on it (and indexes them). A device whose writes are scoped must name an
+/// insuree or family it holds: finding none refuses the document.
+pub(crate) fn declare_found_places(
     trust: &Trust,
     policy: &dyn Policy,
     me: &NodeIdentity,
-    ty: &str,
     check_local: bool,
-    found_none: bool,
+    prepared: &mut Prepared,
+    found: Vec<Value>,
 ) -> Result<(), WriteError> {
-    if found_none && check_local && scoped_writer(trust, policy, me, ty)? {
-        return Err(ValidationError::one(
-            ty.to_string(),
-            "names no insuree or family this device holds: a policy, coverage or payment lies \
-             where the family it concerns lives"
-                .to_string(),
-        )
-        .into());
+    if found.is_empty() {
+        if check_local && scoped_writer(trust, policy, me, &prepared.ty)? {
+            return Err(ValidationError::one(
+                prepared.ty.clone(),
+                "names no insuree or family this device holds: a policy, coverage or payment \
+                 lies where the family it concerns lives"
+                    .to_string(),
+            )
+            .into());
+        }
+        return Ok(());
     }
+    declare_places(&mut prepared.json, found);
+    // The declared places are references too: index them like the rest.
+    prepared.references = fieldmesh_fhir_docs::references::targets_in(&prepared.json);
     Ok(())
 }
 
@@ -196,25 +212,16 @@ impl Engine {
                 Err(ReadError::Commit(e)) => return Err(e.into()),
                 Err(_) => continue,
             };
-            if let Some(refs) = place_references(&r.ty, &json) {
-                found.extend(refs.into_iter().map(|(v, _)| v.clone()));
-            }
+            found.extend(held_at(&r.ty, &json));
         }
-        check_places_found(
+        declare_found_places(
             &self.trust,
             self.policy.as_ref(),
             &self.me,
-            &prepared.ty,
             self.check_local,
-            found.is_empty(),
-        )?;
-        if found.is_empty() {
-            return Ok(());
-        }
-        declare_places(&mut prepared.json, found);
-        // The declared places are references too: index them like the rest.
-        prepared.references = fieldmesh_fhir_docs::references::targets_in(&prepared.json);
-        Ok(())
+            prepared,
+            found,
+        )
     }
 
     /// A new Patient or Claim that comes without its business number (an identifier typed
