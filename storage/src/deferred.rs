@@ -10,6 +10,14 @@
 //! Reads see the tables and the log as one: a lookup or scan consults the entries not yet folded
 //! (newest first) before the table. The log is part of each commit's transaction, so a crash
 //! keeps a commit's documents and its index entries together; opening the store replays the log.
+//!
+//! A fold does not stop the commits behind it: once the entries held reach the fold size they
+//! become a generation of their own ([`Folding`]), and each later commit writes the next slice
+//! of it, in key order, into the tables, besides its own work. Writing a generation slice by
+//! slice touches each table page once, as a fold in one commit does, but a node receiving a
+//! first sync keeps preparing documents on every core meanwhile instead of waiting for one long
+//! commit. The generation's log records are removed by the commit that writes its last slice;
+//! until then a crash replays them, and writing an entry to its table twice changes nothing.
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
@@ -30,6 +38,42 @@ pub(crate) struct Pending {
     pub through: Option<u64>,
     /// Positions of log records that could not be read: kept in the log, never folded away.
     pub unreadable: Vec<u64>,
+    /// Older writes, being folded into the tables a slice per commit.
+    pub folding: Option<Folding>,
+}
+
+/// A generation of index writes being folded into the tables, a slice per commit, in key order
+/// (the identifier index, then the reference index). Newer writes ([`Pending`]'s own) replace
+/// its entries where they meet.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Folding {
+    ident: Entries,
+    refs: Entries,
+    /// The last log record it includes: the records up to it are removed when it is all folded.
+    pub through: Option<u64>,
+}
+
+impl Folding {
+    /// Entries not folded yet.
+    pub fn len(&self) -> usize {
+        self.ident.len() + self.refs.len()
+    }
+
+    /// Entries not folded yet, in the order they are folded.
+    pub fn iter(&self) -> impl Iterator<Item = (Table, &[u8], Option<&[u8]>)> {
+        [(Table::Ident, &self.ident), (Table::Refs, &self.refs)]
+            .into_iter()
+            .flat_map(|(t, e)| e.iter().map(move |(k, v)| (t, &k[..], v.as_deref())))
+    }
+
+    /// Forgets the first `n` entries of [`Folding::iter`] (folded into the tables).
+    fn forget_first(&mut self, mut n: usize) {
+        for e in [&mut self.ident, &mut self.refs] {
+            while n > 0 && e.pop_first().is_some() {
+                n -= 1;
+            }
+        }
+    }
 }
 
 impl Pending {
@@ -61,9 +105,49 @@ impl Pending {
         }
     }
 
-    /// Entries held, all tables together.
+    /// The layers of `table` these writes hold, newest first: the writes since the last fold,
+    /// then the generation being folded (empty for a table whose writes are not deferred).
+    pub fn layers(&self, table: Table) -> impl Iterator<Item = &Entries> {
+        let folding = self.folding.as_ref().and_then(|f| match table {
+            Table::Ident => Some(&f.ident),
+            Table::Refs => Some(&f.refs),
+            _ => None,
+        });
+        self.entries(table).into_iter().chain(folding)
+    }
+
+    /// Entries held, all tables together, the generation being folded included.
     pub fn len(&self) -> usize {
+        self.fresh_len() + self.folding.as_ref().map_or(0, Folding::len)
+    }
+
+    /// Entries held since the last fold began (the generation being folded left out).
+    pub fn fresh_len(&self) -> usize {
         self.ident.len() + self.refs.len()
+    }
+
+    /// Makes the writes held a generation to fold (there must be none being folded already).
+    pub fn start_folding(&mut self) {
+        debug_assert!(
+            self.folding.is_none(),
+            "a generation was still being folded"
+        );
+        self.folding = Some(Folding {
+            ident: std::mem::take(&mut self.ident),
+            refs: std::mem::take(&mut self.refs),
+            through: self.through,
+        });
+    }
+
+    /// Forgets the first `n` entries of the generation being folded (now in the tables), and
+    /// the generation once none is left.
+    pub fn forget_folded(&mut self, n: usize) {
+        if let Some(f) = self.folding.as_mut() {
+            f.forget_first(n);
+            if f.len() == 0 {
+                self.folding = None;
+            }
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -76,7 +160,7 @@ impl Pending {
         self.refs.extend(later.refs);
     }
 
-    /// Every entry, table by table, each in key order.
+    /// Every entry held since the last fold began, table by table, each in key order.
     pub fn iter(&self) -> impl Iterator<Item = (Table, &[u8], Option<&[u8]>)> {
         [(Table::Ident, &self.ident), (Table::Refs, &self.refs)]
             .into_iter()

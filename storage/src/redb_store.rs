@@ -5,8 +5,8 @@
 //! none of it. Reads run in their own read transactions and never block the writer.
 //!
 //! Index writes are deferred (see [`crate::deferred`]): each commit appends its index entries to
-//! a log table and to memory, and every [`StoreOptions::fold_index_after`] entries a commit folds
-//! them into the index tables in one sorted pass.
+//! a log table and to memory, and every [`StoreOptions::fold_index_after`] entries the later
+//! commits fold them into the index tables in key order, a slice each.
 
 use std::path::{Path, PathBuf};
 
@@ -24,8 +24,10 @@ pub struct StoreOptions {
     pub cache_bytes: usize,
     /// What refused data may cost.
     pub quarantine: QuarantineBudget,
-    /// Index entries kept in the log (and in memory, about 130 bytes each) before a commit folds
-    /// them into the index tables. Larger: fewer folds, each writing the index tables once.
+    /// Index entries kept in the log (and in memory, about 130 bytes each) before the commits
+    /// that follow fold them into the index tables, a slice each. Larger: fewer folds, each
+    /// writing the index tables once. Each of those commits folds at least twice what it adds, so
+    /// memory holds about this many at most.
     pub fold_index_after: usize,
 }
 
@@ -413,9 +415,9 @@ impl ReadTxn<'_> {
             }
             newer
         });
-        [newer.entries(table), self.pending.entries(table)]
-            .into_iter()
-            .flatten()
+        newer
+            .layers(table)
+            .chain(self.pending.layers(table))
             .collect()
     }
 }
@@ -505,9 +507,10 @@ impl WriteTxn<'_> {
 
     /// The pending layers of `t`, newest first.
     fn layers(&self, t: Table) -> Vec<&Entries> {
-        [self.local.entries(t), self.committed.entries(t)]
+        self.local
+            .entries(t)
             .into_iter()
-            .flatten()
+            .chain(self.committed.layers(t))
             .collect()
     }
 }
@@ -647,9 +650,18 @@ impl RedbStore {
         let mut pending = self.pending_mut();
         match logged {
             Logged::Nothing => {}
-            Logged::Appended { at, previous } if pending.through == previous => {
+            Logged::Appended {
+                at,
+                previous,
+                folded,
+                start_folding,
+            } if pending.through == previous => {
+                pending.forget_folded(folded);
                 pending.absorb(local);
                 pending.through = Some(at);
+                if start_folding {
+                    pending.start_folding();
+                }
             }
             Logged::Appended { .. } => self.stale.store(true, Ordering::Release),
             Logged::Folded { at } => {
@@ -668,11 +680,14 @@ impl RedbStore {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Appends the commit's index writes to the log, or, once the pending writes reach the fold
-    /// size (or when `force`d), writes them all into the index tables in key order and removes
-    /// the records folded. The commit's own writes stay in the log either way (a fold writes
-    /// them to the tables too), so that a reader whose memory predates the fold reads them from
-    /// its snapshot.
+    /// Appends the commit's index writes to the log, and writes the next slice of the generation
+    /// being folded ([`crate::deferred::Folding`]) into the index tables: at least a sixteenth
+    /// of the fold size, and twice what the commit adds. Once the writes held since the last fold
+    /// began reach the fold size, they become the next generation to fold (what is left of the
+    /// one before is folded whole first, so that memory stays bounded). When `force`d, writes
+    /// everything held into the tables at once and removes the records folded. The commit's own
+    /// writes stay in the log either way (a fold writes them to the tables too), so that a reader
+    /// whose memory predates the fold reads them from its snapshot.
     fn defer_or_fold(
         &self,
         txn: &redb::WriteTransaction,
@@ -686,47 +701,88 @@ impl RedbStore {
         let mut log = txn.open_table(DEFERRED).map_err(|e| self.err(e))?;
         let previous = log.last().map_err(|e| self.err(e))?.map(|(k, _)| k.value());
         let at = previous.map_or(0, |p| p.saturating_add(1));
-        let fold = force || w.committed.len() + w.local.len() >= self.fold_at;
-        if fold {
-            let started = std::time::Instant::now();
-            let entries = w.committed.len() + w.local.len();
+        let started = std::time::Instant::now();
+        let held = w.committed.fresh_len() + w.local.len();
+        let start_folding = !force && held >= self.fold_at;
+        let mut folded = 0;
+        if let Some(folding) = &w.committed.folding {
+            let slice = if force || start_folding {
+                usize::MAX
+            } else {
+                (self.fold_at / 16).max(2 * w.local.len()).max(1)
+            };
+            for (table, key, value) in folding.iter().take(slice) {
+                write_entry(&mut w.tables[table as usize], key, value).map_err(|e| self.err(e))?;
+                folded += 1;
+            }
+            if folded == folding.len() && !force {
+                let through = folding.through;
+                let unreadable = &w.committed.unreadable;
+                log.retain(|k, _| through.is_none_or(|t| k > t) || unreadable.contains(&k))
+                    .map_err(|e| self.err(e))?;
+            }
+        }
+        if force {
             // The earlier writes first: this commit's replace them where they meet.
             for (table, key, value) in w.committed.iter().chain(w.local.iter()) {
-                let t = &mut w.tables[table as usize];
-                match value {
-                    Some(v) => t.insert(key, v).map(|_| ()),
-                    None => t.remove(key).map(|_| ()),
-                }
-                .map_err(|e| self.err(e))?;
+                write_entry(&mut w.tables[table as usize], key, value).map_err(|e| self.err(e))?;
             }
             // Only what the memory held is folded away: records it could not read stay.
             let through = w.committed.through;
             let unreadable = &w.committed.unreadable;
             log.retain(|k, _| through.is_none_or(|t| k > t) || unreadable.contains(&k))
                 .map_err(|e| self.err(e))?;
+        }
+        if force || folded > 0 {
             tracing::debug!(
-                entries,
+                entries = if force {
+                    w.committed.len() + w.local.len()
+                } else {
+                    folded
+                },
+                whole = force,
                 ms = started.elapsed().as_millis() as u64,
-                "folded the deferred index writes"
+                "folded deferred index writes"
             );
         }
         log.insert(at, w.local.encode().as_slice())
             .map_err(|e| self.err(e))?;
-        Ok(if fold {
+        Ok(if force {
             Logged::Folded { at }
         } else {
-            Logged::Appended { at, previous }
+            Logged::Appended {
+                at,
+                previous,
+                folded,
+                start_folding,
+            }
         })
+    }
+}
+
+/// Writes one deferred index entry into its table: `None` removes the key.
+fn write_entry(
+    table: &mut redb::Table<'_, &'static [u8], &'static [u8]>,
+    key: &[u8],
+    value: Option<&[u8]>,
+) -> Result<(), redb::StorageError> {
+    match value {
+        Some(v) => table.insert(key, v).map(|_| ()),
+        None => table.remove(key).map(|_| ()),
     }
 }
 
 /// What a commit did with its index writes.
 enum Logged {
     Nothing,
-    /// Appended at `at`; `previous` was the log's last record before.
+    /// Appended at `at`; `previous` was the log's last record before. The first `folded` entries
+    /// of the generation being folded were written to the tables; `start_folding`: the writes
+    /// held, this commit's included, are the next generation to fold.
     Appended {
         at: u64,
         previous: Option<u64>,
+        folded: usize,
+        start_folding: bool,
     },
     /// Folded everything held before into the tables; its own writes logged at `at`.
     Folded {
@@ -951,21 +1007,65 @@ mod tests {
         // The memory forgets the commit, as if it had not taken it in yet.
         *store.pending_mut() = Pending::default();
         assert_eq!(store.find("Patient", "chfid", "C1").unwrap(), vec![[1; 16]]);
-        // A commit after a late failure reads the log again: the fold keeps C1.
+        // A commit after a late failure reads the log again: the generation it starts to fold
+        // holds C1.
         store
             .stale
             .store(true, std::sync::atomic::Ordering::Release);
         store
             .commit(vec![patient(2, "C2"), patient(3, "C3")])
             .unwrap();
-        // It folded all three (the log keeps only its own record), C1 included.
+        assert_eq!(
+            store.pending_mut().folding.as_ref().map(|f| f.len()),
+            Some(3)
+        );
+        // The next two commits fold it, two entries each (twice what each adds); the second
+        // removes the generation's records from the log, which keeps the two commits' own.
+        store.commit(vec![patient(4, "C4")]).unwrap();
+        assert_eq!(
+            store.pending_mut().folding.as_ref().map(|f| f.len()),
+            Some(1)
+        );
+        assert_eq!(log_records(&store), 3);
+        store.commit(vec![patient(5, "C5")]).unwrap();
+        assert!(store.pending_mut().folding.is_none());
         assert_eq!(
             log_records(&store),
-            1,
+            2,
             "the commit did not fold what the log held"
         );
-        for (n, c) in [(1u8, "C1"), (2, "C2"), (3, "C3")] {
+        for (n, c) in [(1u8, "C1"), (2, "C2"), (3, "C3"), (4, "C4"), (5, "C5")] {
             assert_eq!(store.find("Patient", "chfid", c).unwrap(), vec![[n; 16]]);
+        }
+        assert!(store.verify().unwrap().is_empty());
+    }
+
+    /// A generation half folded when the store closes (or the node is killed) is read back from
+    /// the log and folded again: no entry is lost, and none written twice shows twice.
+    #[test]
+    fn a_generation_half_folded_is_folded_again_after_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = folding_every(&dir, 4);
+        store
+            .commit((1..=4).map(|n| patient(n, &format!("C{n}"))).collect())
+            .unwrap();
+        store.commit(vec![patient(5, "C5")]).unwrap();
+        assert_eq!(
+            store.pending_mut().folding.as_ref().map(|f| f.len()),
+            Some(2)
+        );
+        drop(store);
+        let store = folding_every(&dir, 4);
+        assert!(store.pending_mut().folding.is_none());
+        assert_eq!(store.pending_mut().len(), 5);
+        for n in 1..=5u8 {
+            let c = format!("C{n}");
+            assert_eq!(store.find("Patient", "chfid", &c).unwrap(), vec![[n; 16]]);
+        }
+        assert_eq!(store.fold_index(1).unwrap(), 5);
+        for n in 1..=5u8 {
+            let c = format!("C{n}");
+            assert_eq!(store.find("Patient", "chfid", &c).unwrap(), vec![[n; 16]]);
         }
         assert!(store.verify().unwrap().is_empty());
     }
