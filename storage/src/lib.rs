@@ -272,6 +272,16 @@ pub trait Store: Send + Sync {
     }
     /// The record of a document.
     fn doc_meta(&self, id: &DocId) -> Result<Option<DocMeta>, StoreError>;
+    /// [`Store::doc_meta`] of each of `ids`, read at one instant (in one read where the store
+    /// allows: listing the documents a peer is offered reads a hundred thousand records). A
+    /// record that cannot be read is an error of its own, in its place.
+    #[allow(clippy::type_complexity)]
+    fn doc_metas(
+        &self,
+        ids: &[DocId],
+    ) -> Result<Vec<Result<Option<DocMeta>, StoreError>>, StoreError> {
+        Ok(ids.iter().map(|id| self.doc_meta(id)).collect())
+    }
     /// The document's bytes (its chunks concatenated; loadable as one Automerge document).
     fn doc_bytes(&self, id: &DocId) -> Result<Option<Vec<u8>>, StoreError>;
     /// Documents of type `ty` carrying the identifier `system|value`.
@@ -342,6 +352,12 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
     }
     fn doc_meta(&self, id: &DocId) -> Result<Option<DocMeta>, StoreError> {
         (**self).doc_meta(id)
+    }
+    fn doc_metas(
+        &self,
+        ids: &[DocId],
+    ) -> Result<Vec<Result<Option<DocMeta>, StoreError>>, StoreError> {
+        (**self).doc_metas(ids)
     }
     fn doc_bytes(&self, id: &DocId) -> Result<Option<Vec<u8>>, StoreError> {
         (**self).doc_bytes(id)

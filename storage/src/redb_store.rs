@@ -857,6 +857,42 @@ impl Store for RedbStore {
     fn doc_meta(&self, id: &DocId) -> Result<Option<DocMeta>, StoreError> {
         self.reading(|r| ops::doc_meta(r, id))
     }
+    fn doc_metas(
+        &self,
+        ids: &[DocId],
+    ) -> Result<Vec<Result<Option<DocMeta>, StoreError>>, StoreError> {
+        // One read, the table opened once, the records read in key order.
+        let mut order: Vec<usize> = (0..ids.len()).collect();
+        order.sort_by_key(|&i| ids[i]);
+        let read = self.reading(|r| {
+            // A table that cannot be opened fails each read, as one read at a time would.
+            let t = match r.txn.open_table(def(Table::Docs)) {
+                Ok(t) => t,
+                Err(e) => match engine(e, &r.path) {
+                    StoreError::Reopening => return Err(StoreError::Reopening),
+                    e => return Ok(ids.iter().map(|_| Err(e.clone())).collect()),
+                },
+            };
+            let mut out: Vec<Result<Option<DocMeta>, StoreError>> =
+                ids.iter().map(|_| Ok(None)).collect();
+            for &i in &order {
+                out[i] = match t.get(&ids[i][..]) {
+                    Ok(v) => v.map(|g| ops::decode_meta(g.value())).transpose(),
+                    Err(e) => match engine(e, &r.path) {
+                        StoreError::Reopening => return Err(StoreError::Reopening),
+                        e => Err(e),
+                    },
+                };
+            }
+            Ok(out)
+        });
+        match read {
+            // A damaged page stops the whole read: read each record alone, so that only those
+            // it hides fail.
+            Err(StoreError::Corrupt(_)) => Ok(ids.iter().map(|id| self.doc_meta(id)).collect()),
+            other => other,
+        }
+    }
     fn doc_bytes(&self, id: &DocId) -> Result<Option<Vec<u8>>, StoreError> {
         self.reading(|r| ops::doc_bytes(r, id))
     }

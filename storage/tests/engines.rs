@@ -4,8 +4,8 @@
 use std::collections::HashMap;
 
 use fieldmesh_storage::{
-    DocData, DocWrite, IndexEntries, MemStore, Quarantine, QuarantineBudget, RedbStore, Store,
-    StoreOptions, Write,
+    DocData, DocId, DocMeta, DocWrite, IndexEntries, MemStore, Quarantine, QuarantineBudget,
+    RedbStore, Store, StoreOptions, Write,
 };
 use proptest::prelude::*;
 
@@ -368,6 +368,18 @@ proptest! {
         }
         prop_assert_eq!(disk.stats().unwrap(), mem.stats().unwrap());
         prop_assert_eq!(disk.changes_since(0, 1000).unwrap(), mem.changes_since(0, 1000).unwrap());
+        // Read together, in an order that is not the key order, with ids never written.
+        let ids: Vec<DocId> = (0u8..12).rev().chain([3, 40]).map(id).collect();
+        let metas = |s: &dyn Store| -> Vec<Option<DocMeta>> {
+            let together = s.doc_metas(&ids).unwrap();
+            assert_eq!(together.len(), ids.len());
+            together.into_iter().zip(&ids).map(|(m, i)| {
+                let m = m.unwrap();
+                assert_eq!(m, s.doc_meta(i).unwrap(), "read together, not as alone");
+                m
+            }).collect()
+        };
+        prop_assert_eq!(metas(&disk), metas(&mem));
         for n in 0u8..12 {
             prop_assert_eq!(disk.doc_bytes(&id(n)).unwrap(), mem.doc_bytes(&id(n)).unwrap());
             for v in 0..4 {

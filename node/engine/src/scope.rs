@@ -527,16 +527,17 @@ impl Engine {
             let certificates = self.certificates_within(reach, holder, &ids)?;
             ids.extend(certificates);
         }
+        let ids: Vec<[u8; 16]> = ids
+            .into_iter()
+            .filter(|id| !self.unreadable.contains(id))
+            .collect();
         let mut items = Vec::with_capacity(ids.len());
-        for id in ids {
-            if self.unreadable.contains(&id) {
-                continue;
-            }
-            match self.store.doc_meta(&id) {
-                Ok(Some(meta)) => items.push((id, meta.heads, meta.seq)),
+        for (id, meta) in ids.iter().zip(self.store.doc_metas(&ids)?) {
+            match meta {
+                Ok(Some(meta)) => items.push((*id, meta.heads, meta.seq)),
                 Ok(None) => {}
                 Err(e @ StoreError::Corrupt(_)) => {
-                    tracing::error!(doc = %uuid::Uuid::from_bytes(id), error = %e, "a document record cannot be read: skipped");
+                    tracing::error!(doc = %uuid::Uuid::from_bytes(*id), error = %e, "a document record cannot be read: skipped");
                 }
                 Err(e) => return Err(e),
             }

@@ -44,11 +44,13 @@ impl Engine {
             };
             let Some((last, _)) = page.last() else { break };
             after = *last;
-            for (seq, id) in page {
-                if self.unreadable.contains(&id) {
-                    continue;
-                }
-                match self.store.doc_meta(&id) {
+            let page: Vec<(u64, [u8; 16])> = page
+                .into_iter()
+                .filter(|(_, id)| !self.unreadable.contains(id))
+                .collect();
+            let ids: Vec<[u8; 16]> = page.iter().map(|(_, id)| *id).collect();
+            for ((seq, id), meta) in page.into_iter().zip(self.store.doc_metas(&ids)?) {
+                match meta {
                     Ok(Some(meta)) if keep(&meta) => items.push((id, meta.heads, seq)),
                     Ok(_) => {}
                     Err(e @ StoreError::Corrupt(_)) => {
