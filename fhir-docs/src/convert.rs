@@ -70,6 +70,20 @@ pub fn scalar_to_json(s: &ScalarValue) -> Result<Value, ConvertError> {
     })
 }
 
+/// [`scalar_to_json`] of a scalar read in place (its text copied once, into the JSON).
+fn scalar_ref_to_json(s: automerge::ScalarValueRef<'_>) -> Result<Value, ConvertError> {
+    use automerge::ScalarValueRef as R;
+    Ok(match s {
+        R::Str(s) => Value::String(s.into_owned()),
+        R::Int(i) => Value::Number(i.into()),
+        R::Uint(u) => Value::Number(u.into()),
+        R::Boolean(b) => Value::Bool(b),
+        R::Null => Value::Null,
+        R::Timestamp(t) => Value::Number(t.into()),
+        other => scalar_to_json(&ScalarValue::from(other))?,
+    })
+}
+
 /// Builds the hydrate value of a JSON value (used to create whole subtrees in one batch).
 pub fn json_to_hydrate(v: &Value) -> hydrate::Value {
     match v {
@@ -175,10 +189,9 @@ fn one_pass(doc: &impl ReadDoc) -> Result<Option<Map<String, Value>>, ConvertErr
             }
             DocItem::Text(_) => return Ok(None),
         };
-        let value: automerge::Value<'static> = value.into();
         let json = match (value, child) {
-            (automerge::Value::Scalar(s), _) => scalar_to_json(&s)?,
-            (automerge::Value::Object(ty), Some(id)) => {
+            (automerge::ValueRef::Scalar(s), _) => scalar_ref_to_json(s)?,
+            (automerge::ValueRef::Object(ty), Some(id)) => {
                 let node = match ty {
                     ObjType::Map => Node::Map(Map::new()),
                     ObjType::List => Node::List(Vec::new()),
@@ -200,7 +213,7 @@ fn one_pass(doc: &impl ReadDoc) -> Result<Option<Map<String, Value>>, ConvertErr
                 links.push((at, placeholder, n));
                 Value::Null
             }
-            (automerge::Value::Object(_), None) => return Err(ConvertError::RootNotMap),
+            (automerge::ValueRef::Object(_), None) => return Err(ConvertError::RootNotMap),
         };
         place(&mut nodes[at], slot, json)?;
     }
@@ -222,12 +235,8 @@ fn one_pass(doc: &impl ReadDoc) -> Result<Option<Map<String, Value>>, ConvertErr
 fn place(node: &mut Node, slot: Slot, value: Value) -> Result<(), ConvertError> {
     match (node, slot) {
         (Node::Map(m), Slot::Key(k)) => {
-            match m.get_mut(&k) {
-                Some(v) => *v = value,
-                None => {
-                    m.insert(k, value);
-                }
-            }
+            // Over a placeholder, the value keeps the placeholder's place in the key order.
+            m.insert(k, value);
             Ok(())
         }
         (Node::List(l), Slot::Index(i)) => {
