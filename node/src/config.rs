@@ -119,9 +119,9 @@ pub struct StorageConfig {
     pub cache_documents: usize,
     /// MiB of page cache for the store file.
     pub cache_mib: usize,
-    /// Index entries written to the log (and held in memory, about 130 bytes each) before the
-    /// commits that follow fold them into the index tables, a slice each. Fewer: less memory,
-    /// more folds.
+    /// Index entries and document records written to the log (and held in memory, about 130
+    /// bytes each) before the commits that follow fold them into their tables, a slice each.
+    /// Fewer: less memory, more folds.
     #[serde(default = "default_index_fold_entries")]
     pub index_fold_entries: usize,
 }

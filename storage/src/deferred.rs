@@ -1,11 +1,13 @@
-//! Deferred index writes: the entries a commit adds to or removes from the identifier and
-//! reference indexes are appended to a log (one record per commit, under a sequential key) and
-//! kept in memory, and folded into the index tables in one sorted pass once enough have piled up.
+//! Deferred writes: the entries a commit adds to or removes from the identifier and reference
+//! indexes, and the records of the documents it writes, are appended to a log (one record per
+//! commit, under a sequential key) and kept in memory, and folded into their tables in sorted
+//! passes once enough have piled up.
 //!
-//! Index keys are random (identifier values are mostly UUIDs), so inserting a batch's entries
-//! straight into the index tables touches a different B-tree page for almost every entry, and a
-//! copy-on-write B-tree rewrites every page a commit touches: that was most of what a first sync
-//! wrote to disk. A fold writes each page once for many thousand entries.
+//! Their keys are random (identifier values and document ids are mostly UUIDs), so inserting a
+//! batch's entries straight into the tables touches a different B-tree page for almost every
+//! entry, and a copy-on-write B-tree rewrites every page a commit touches: that was most of what
+//! a first sync wrote to disk (the document records alone: a 4 KiB page rewritten per document
+//! received). A fold writes each page once for many thousand entries.
 //!
 //! Reads see the tables and the log as one: a lookup or scan consults the entries not yet folded
 //! (newest first) before the table. The log is part of each commit's transaction, so a crash
@@ -28,27 +30,46 @@ use crate::kv::{Reader, Table, Writer};
 /// Entries of one table not yet folded: key → value, or `None` for a removed key.
 pub(crate) type Entries = BTreeMap<Box<[u8]>, Option<Box<[u8]>>>;
 
-/// Index writes not yet folded into their tables, per table (the identifier and reference
-/// indexes; other tables are written at once); later writes replace earlier ones.
+/// The tables whose writes are deferred, in the order a fold writes them; a log record names
+/// each by its place here.
+const TABLES: [Table; 3] = [Table::Ident, Table::Refs, Table::Docs];
+
+/// Where `table`'s writes are kept, if they are deferred.
+fn slot(table: Table) -> Option<usize> {
+    TABLES.iter().position(|t| *t == table)
+}
+
+/// Every entry of `tables`, table by table ([`TABLES`]' order), each in key order.
+fn entries_of(tables: &[Entries; 3]) -> impl Iterator<Item = (Table, &[u8], Option<&[u8]>)> {
+    TABLES
+        .iter()
+        .zip(tables)
+        .flat_map(|(t, e)| e.iter().map(move |(k, v)| (*t, &k[..], v.as_deref())))
+}
+
+/// Writes not yet folded into their tables, per table (the identifier and reference indexes
+/// and the document records; other tables are written at once); later writes replace earlier
+/// ones.
 #[derive(Debug, Default, Clone)]
 pub(crate) struct Pending {
-    ident: Entries,
-    refs: Entries,
+    tables: [Entries; 3],
     /// The position of the last log record these writes include.
     pub through: Option<u64>,
     /// Positions of log records that could not be read: kept in the log, never folded away.
     pub unreadable: Vec<u64>,
     /// Older writes, being folded into the tables a slice per commit.
     pub folding: Option<Folding>,
+    /// Read back from the whole log (at open, or after a commit failed late): these writes may
+    /// hold a generation that was partly folded, so the next fold writes them all at once (the
+    /// log would otherwise grow with every restart that comes before a generation is done).
+    pub replayed: bool,
 }
 
-/// A generation of index writes being folded into the tables, a slice per commit, in key order
-/// (the identifier index, then the reference index). Newer writes ([`Pending`]'s own) replace
-/// its entries where they meet.
+/// A generation of writes being folded into the tables, a slice per commit, in key order
+/// (table by table). Newer writes ([`Pending`]'s own) replace its entries where they meet.
 #[derive(Debug, Default, Clone)]
 pub(crate) struct Folding {
-    ident: Entries,
-    refs: Entries,
+    tables: [Entries; 3],
     /// The last log record it includes: the records up to it are removed when it is all folded.
     pub through: Option<u64>,
 }
@@ -56,19 +77,17 @@ pub(crate) struct Folding {
 impl Folding {
     /// Entries not folded yet.
     pub fn len(&self) -> usize {
-        self.ident.len() + self.refs.len()
+        self.tables.iter().map(BTreeMap::len).sum()
     }
 
     /// Entries not folded yet, in the order they are folded.
     pub fn iter(&self) -> impl Iterator<Item = (Table, &[u8], Option<&[u8]>)> {
-        [(Table::Ident, &self.ident), (Table::Refs, &self.refs)]
-            .into_iter()
-            .flat_map(|(t, e)| e.iter().map(move |(k, v)| (t, &k[..], v.as_deref())))
+        entries_of(&self.tables)
     }
 
     /// Forgets the first `n` entries of [`Folding::iter`] (folded into the tables).
     fn forget_first(&mut self, mut n: usize) {
-        for e in [&mut self.ident, &mut self.refs] {
+        for e in &mut self.tables {
             while n > 0 && e.pop_first().is_some() {
                 n -= 1;
             }
@@ -77,28 +96,16 @@ impl Folding {
 }
 
 impl Pending {
-    /// The entries of `table` (empty for a table whose writes are not deferred).
+    /// The entries of `table` (`None` for a table whose writes are not deferred).
     pub fn entries(&self, table: Table) -> Option<&Entries> {
-        match table {
-            Table::Ident => Some(&self.ident),
-            Table::Refs => Some(&self.refs),
-            _ => None,
-        }
-    }
-
-    fn entries_mut(&mut self, table: Table) -> Option<&mut Entries> {
-        match table {
-            Table::Ident => Some(&mut self.ident),
-            Table::Refs => Some(&mut self.refs),
-            _ => None,
-        }
+        slot(table).map(|i| &self.tables[i])
     }
 
     /// Records a write; false if `table` is not deferred.
     pub fn record(&mut self, table: Table, key: &[u8], value: Option<&[u8]>) -> bool {
-        match self.entries_mut(table) {
-            Some(e) => {
-                e.insert(key.into(), value.map(Into::into));
+        match slot(table) {
+            Some(i) => {
+                self.tables[i].insert(key.into(), value.map(Into::into));
                 true
             }
             None => false,
@@ -106,13 +113,12 @@ impl Pending {
     }
 
     /// The layers of `table` these writes hold, newest first: the writes since the last fold,
-    /// then the generation being folded (empty for a table whose writes are not deferred).
+    /// then the generation being folded (none for a table whose writes are not deferred).
     pub fn layers(&self, table: Table) -> impl Iterator<Item = &Entries> {
-        let folding = self.folding.as_ref().and_then(|f| match table {
-            Table::Ident => Some(&f.ident),
-            Table::Refs => Some(&f.refs),
-            _ => None,
-        });
+        let folding = self
+            .folding
+            .as_ref()
+            .and_then(|f| slot(table).map(|i| &f.tables[i]));
         self.entries(table).into_iter().chain(folding)
     }
 
@@ -123,7 +129,7 @@ impl Pending {
 
     /// Entries held since the last fold began (the generation being folded left out).
     pub fn fresh_len(&self) -> usize {
-        self.ident.len() + self.refs.len()
+        self.tables.iter().map(BTreeMap::len).sum()
     }
 
     /// Makes the writes held a generation to fold (there must be none being folded already).
@@ -133,8 +139,7 @@ impl Pending {
             "a generation was still being folded"
         );
         self.folding = Some(Folding {
-            ident: std::mem::take(&mut self.ident),
-            refs: std::mem::take(&mut self.refs),
+            tables: std::mem::take(&mut self.tables),
             through: self.through,
         });
     }
@@ -156,15 +161,14 @@ impl Pending {
 
     /// Takes in `later`'s writes, which replace these where they meet.
     pub fn absorb(&mut self, later: Pending) {
-        self.ident.extend(later.ident);
-        self.refs.extend(later.refs);
+        for (mine, theirs) in self.tables.iter_mut().zip(later.tables) {
+            mine.extend(theirs);
+        }
     }
 
     /// Every entry held since the last fold began, table by table, each in key order.
     pub fn iter(&self) -> impl Iterator<Item = (Table, &[u8], Option<&[u8]>)> {
-        [(Table::Ident, &self.ident), (Table::Refs, &self.refs)]
-            .into_iter()
-            .flat_map(|(t, e)| e.iter().map(move |(k, v)| (t, &k[..], v.as_deref())))
+        entries_of(&self.tables)
     }
 
     /// The log record of these writes.
@@ -201,14 +205,11 @@ impl Pending {
         // Decoded whole before anything is applied: a damaged record changes nothing.
         let mut decoded = Pending::default();
         while !r.0.is_empty() {
-            let table = match r.u8()? {
-                0 => Table::Ident,
-                1 => Table::Refs,
-                t => {
-                    return Err(StoreError::Corrupt(format!(
-                        "deferred index record names table {t}"
-                    )));
-                }
+            let t = r.u8()?;
+            let Some(&table) = TABLES.get(usize::from(t)) else {
+                return Err(StoreError::Corrupt(format!(
+                    "deferred index record names table {t}"
+                )));
             };
             let key = r.bytes()?;
             let value = match r.u8()? {
@@ -229,8 +230,11 @@ impl Pending {
 
 const LOG_VERSION: u8 = 1;
 
+/// The number a log record names a deferred table by (its place in [`TABLES`]).
 fn tag(table: Table) -> u8 {
-    u8::from(table == Table::Refs)
+    slot(table)
+        .and_then(|i| u8::try_from(i).ok())
+        .unwrap_or(u8::MAX)
 }
 
 /// The value of `key` as the layers (newest first) say, if any of them holds it: `Some(None)`
@@ -394,13 +398,13 @@ mod tests {
         let mut p = Pending::default();
         p.record(Table::Ident, b"k1", Some(b""));
         p.record(Table::Refs, b"k2", None);
-        assert!(!p.record(Table::Docs, b"k3", Some(b"")));
+        p.record(Table::Docs, b"k3", Some(b"meta"));
+        assert!(!p.record(Table::Chunks, b"k4", Some(b"")));
         let record = p.encode();
         let mut q = Pending::default();
         q.replay_at(7, &record).unwrap();
         assert_eq!((q.through, q.unreadable.len()), (Some(7), 0));
-        assert_eq!(q.ident, p.ident);
-        assert_eq!(q.refs, p.refs);
+        assert_eq!(q.tables, p.tables);
         for cut in 0..record.len() {
             let mut r = Pending::default();
             if r.replay(&record[..cut]).is_err() {

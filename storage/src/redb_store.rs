@@ -4,9 +4,9 @@
 //! commit: when it returns, the batch is on disk and a crash at any moment keeps either all of it or
 //! none of it. Reads run in their own read transactions and never block the writer.
 //!
-//! Index writes are deferred (see [`crate::deferred`]): each commit appends its index entries to
-//! a log table and to memory, and every [`StoreOptions::fold_index_after`] entries the later
-//! commits fold them into the index tables in key order, a slice each.
+//! Index writes and document records are deferred (see [`crate::deferred`]): each commit appends
+//! them to a log table and to memory, and every [`StoreOptions::fold_index_after`] entries the
+//! later commits fold them into their tables in key order, a slice each.
 
 use std::path::{Path, PathBuf};
 
@@ -24,8 +24,9 @@ pub struct StoreOptions {
     pub cache_bytes: usize,
     /// What refused data may cost.
     pub quarantine: QuarantineBudget,
-    /// Index entries kept in the log (and in memory, about 130 bytes each) before the commits
-    /// that follow fold them into the index tables, a slice each. Larger: fewer folds, each
+    /// Index entries and document records (a demo Patient writes about ten entries and one
+    /// record) kept in the log and in memory, about 130 bytes each, before the commits that
+    /// follow fold them into their tables, a slice each. Larger: fewer folds, each
     /// writing the index tables once. Each of those commits folds at least twice what it adds, so
     /// memory holds about this many at most.
     pub fold_index_after: usize,
@@ -47,6 +48,9 @@ fn def(t: Table) -> TableDefinition<'static, &'static [u8], &'static [u8]> {
 
 /// The largest fold size taken (about 130 MB of pending writes in memory).
 pub const MAX_FOLD: usize = 1 << 20;
+
+/// Document records [`Store::doc_metas`] reads in one read, at most.
+const META_READ: usize = 4096;
 
 /// `position (u64)` → the index writes of one commit not yet folded ([`Pending::encode`]).
 const DEFERRED: TableDefinition<'static, u64, &'static [u8]> =
@@ -358,6 +362,7 @@ impl RedbStore {
         if let Err(e) = read {
             tracing::error!(path = %self.path.display(), error = %e, "the deferred index log cannot be read");
         }
+        loaded.replayed = !loaded.is_empty();
         *self
             .pending
             .write()
@@ -608,6 +613,7 @@ impl RedbStore {
             let mut fresh = Pending::default();
             let log = txn.open_table(DEFERRED).map_err(|e| self.err(e))?;
             replay_log(&log, &mut fresh, None, &self.path)?;
+            fresh.replayed = !fresh.is_empty();
             *self.pending_mut() = fresh;
         }
         let applied = {
@@ -703,6 +709,8 @@ impl RedbStore {
         let at = previous.map_or(0, |p| p.saturating_add(1));
         let started = std::time::Instant::now();
         let held = w.committed.fresh_len() + w.local.len();
+        // Writes read back from the whole log are folded at once (see `Pending::replayed`).
+        let force = force || (w.committed.replayed && held >= self.fold_at);
         let start_folding = !force && held >= self.fold_at;
         let mut folded = 0;
         if let Some(folding) = &w.committed.folding {
@@ -861,37 +869,53 @@ impl Store for RedbStore {
         &self,
         ids: &[DocId],
     ) -> Result<Vec<Result<Option<DocMeta>, StoreError>>, StoreError> {
-        // One read, the table opened once, the records read in key order.
+        // In key order, a read per few thousand records (a read holds the writes in memory,
+        // which a commit waits for), the table opened once for each.
         let mut order: Vec<usize> = (0..ids.len()).collect();
         order.sort_by_key(|&i| ids[i]);
-        let read = self.reading(|r| {
-            // A table that cannot be opened fails each read, as one read at a time would.
-            let t = match r.txn.open_table(def(Table::Docs)) {
-                Ok(t) => t,
-                Err(e) => match engine(e, &r.path) {
-                    StoreError::Reopening => return Err(StoreError::Reopening),
-                    e => return Ok(ids.iter().map(|_| Err(e.clone())).collect()),
-                },
-            };
-            let mut out: Vec<Result<Option<DocMeta>, StoreError>> =
-                ids.iter().map(|_| Ok(None)).collect();
-            for &i in &order {
-                out[i] = match t.get(&ids[i][..]) {
-                    Ok(v) => v.map(|g| ops::decode_meta(g.value())).transpose(),
+        let mut out: Vec<Result<Option<DocMeta>, StoreError>> =
+            ids.iter().map(|_| Ok(None)).collect();
+        for part in order.chunks(META_READ) {
+            let read = self.reading(|r| {
+                // A table that cannot be opened fails each read, as one read at a time would.
+                let t = match r.txn.open_table(def(Table::Docs)) {
+                    Ok(t) => t,
                     Err(e) => match engine(e, &r.path) {
                         StoreError::Reopening => return Err(StoreError::Reopening),
-                        e => Err(e),
+                        e => return Ok(part.iter().map(|_| Err(e.clone())).collect()),
                     },
                 };
+                // Records not folded into the table yet are read from memory first.
+                let layers = r.layers(Table::Docs);
+                let mut metas = Vec::with_capacity(part.len());
+                for &i in part {
+                    if let Some(held) = lookup(&layers, &ids[i]) {
+                        metas.push(held.map(ops::decode_meta).transpose());
+                        continue;
+                    }
+                    metas.push(match t.get(&ids[i][..]) {
+                        Ok(v) => v.map(|g| ops::decode_meta(g.value())).transpose(),
+                        Err(e) => match engine(e, &r.path) {
+                            StoreError::Reopening => return Err(StoreError::Reopening),
+                            e => Err(e),
+                        },
+                    });
+                }
+                Ok(metas)
+            });
+            let metas = match read {
+                // A damaged page stops the whole read: read each record alone, so that only
+                // those it hides fail.
+                Err(StoreError::Corrupt(_)) => {
+                    part.iter().map(|&i| self.doc_meta(&ids[i])).collect()
+                }
+                other => other?,
+            };
+            for (&i, meta) in part.iter().zip(metas) {
+                out[i] = meta;
             }
-            Ok(out)
-        });
-        match read {
-            // A damaged page stops the whole read: read each record alone, so that only those
-            // it hides fail.
-            Err(StoreError::Corrupt(_)) => Ok(ids.iter().map(|id| self.doc_meta(id)).collect()),
-            other => other,
         }
+        Ok(out)
     }
     fn doc_bytes(&self, id: &DocId) -> Result<Option<Vec<u8>>, StoreError> {
         self.reading(|r| ops::doc_bytes(r, id))
@@ -1034,7 +1058,8 @@ mod tests {
 
     /// A reader whose memory of the pending writes lags behind its snapshot (a commit that
     /// landed before the memory took it in) reads what is missing from the snapshot's log; a
-    /// commit that finds the memory stale reads the log again before it folds.
+    /// commit that finds the memory stale reads the log again before it folds, and folds what
+    /// it read back at once.
     #[test]
     fn the_log_covers_what_the_memory_lacks() {
         let dir = tempfile::tempdir().unwrap();
@@ -1043,63 +1068,87 @@ mod tests {
         // The memory forgets the commit, as if it had not taken it in yet.
         *store.pending_mut() = Pending::default();
         assert_eq!(store.find("Patient", "chfid", "C1").unwrap(), vec![[1; 16]]);
-        // A commit after a late failure reads the log again: the generation it starts to fold
-        // holds C1.
+        assert!(store.doc_meta(&[1; 16]).unwrap().is_some());
+        // A commit after a late failure reads the log again: the fold keeps C1.
         store
             .stale
             .store(true, std::sync::atomic::Ordering::Release);
         store
             .commit(vec![patient(2, "C2"), patient(3, "C3")])
             .unwrap();
-        assert_eq!(
-            store.pending_mut().folding.as_ref().map(|f| f.len()),
-            Some(3)
-        );
-        // The next two commits fold it, two entries each (twice what each adds); the second
-        // removes the generation's records from the log, which keeps the two commits' own.
-        store.commit(vec![patient(4, "C4")]).unwrap();
-        assert_eq!(
-            store.pending_mut().folding.as_ref().map(|f| f.len()),
-            Some(1)
-        );
-        assert_eq!(log_records(&store), 3);
-        store.commit(vec![patient(5, "C5")]).unwrap();
-        assert!(store.pending_mut().folding.is_none());
+        // It folded all three (the log keeps only its own record), C1 included.
         assert_eq!(
             log_records(&store),
-            2,
+            1,
             "the commit did not fold what the log held"
         );
-        for (n, c) in [(1u8, "C1"), (2, "C2"), (3, "C3"), (4, "C4"), (5, "C5")] {
+        for (n, c) in [(1u8, "C1"), (2, "C2"), (3, "C3")] {
             assert_eq!(store.find("Patient", "chfid", c).unwrap(), vec![[n; 16]]);
         }
         assert!(store.verify().unwrap().is_empty());
     }
 
+    /// Writes held past the fold size become a generation that the next commits fold a slice
+    /// each (twice what each adds), the last removing its records from the log.
+    #[test]
+    fn a_generation_is_folded_a_slice_per_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        // A patient writes two entries: its identifier and its record.
+        let store = folding_every(&dir, 6);
+        store
+            .commit((1..=3).map(|n| patient(n, &format!("C{n}"))).collect())
+            .unwrap();
+        let folding = |s: &RedbStore| s.pending_mut().folding.as_ref().map(|f| f.len());
+        assert_eq!(folding(&store), Some(6));
+        store.commit(vec![patient(4, "C4")]).unwrap();
+        assert_eq!(folding(&store), Some(2));
+        assert_eq!(log_records(&store), 2);
+        store.commit(vec![patient(5, "C5")]).unwrap();
+        assert_eq!(folding(&store), None);
+        assert_eq!(store.pending_mut().len(), 4);
+        assert_eq!(
+            log_records(&store),
+            2,
+            "the last slice did not remove the generation's record"
+        );
+        for n in 1..=5u8 {
+            let c = format!("C{n}");
+            assert_eq!(store.find("Patient", "chfid", &c).unwrap(), vec![[n; 16]]);
+            assert!(store.doc_meta(&[n; 16]).unwrap().is_some());
+        }
+        assert_eq!(store.stats().unwrap().documents, 5);
+        assert!(store.verify().unwrap().is_empty());
+    }
+
     /// A generation half folded when the store closes (or the node is killed) is read back from
-    /// the log and folded again: no entry is lost, and none written twice shows twice.
+    /// the log and folded again, whole: no entry is lost, and none written twice shows twice.
     #[test]
     fn a_generation_half_folded_is_folded_again_after_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let store = folding_every(&dir, 4);
+        let store = folding_every(&dir, 8);
         store
             .commit((1..=4).map(|n| patient(n, &format!("C{n}"))).collect())
             .unwrap();
         store.commit(vec![patient(5, "C5")]).unwrap();
         assert_eq!(
             store.pending_mut().folding.as_ref().map(|f| f.len()),
-            Some(2)
+            Some(4)
         );
         drop(store);
-        let store = folding_every(&dir, 4);
+        let store = folding_every(&dir, 8);
         assert!(store.pending_mut().folding.is_none());
-        assert_eq!(store.pending_mut().len(), 5);
+        assert_eq!(store.pending_mut().len(), 10);
         for n in 1..=5u8 {
             let c = format!("C{n}");
             assert_eq!(store.find("Patient", "chfid", &c).unwrap(), vec![[n; 16]]);
         }
-        assert_eq!(store.fold_index(1).unwrap(), 5);
-        for n in 1..=5u8 {
+        // The first commit past the fold size writes them all at once: a restart before a
+        // generation is done never leaves the log longer than the fold size.
+        store.commit(vec![patient(6, "C6")]).unwrap();
+        assert!(store.pending_mut().folding.is_none());
+        assert_eq!(store.pending_mut().len(), 2);
+        assert_eq!(log_records(&store), 1);
+        for n in 1..=6u8 {
             let c = format!("C{n}");
             assert_eq!(store.find("Patient", "chfid", &c).unwrap(), vec![[n; 16]]);
         }
