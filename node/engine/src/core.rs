@@ -830,6 +830,37 @@ impl Engine {
         self.store.doc_meta(id.as_bytes())
     }
 
+    /// [`Engine::meta_of`] of each of `ids`, the store read once for those not in memory
+    /// ([`fieldmesh_storage::Store::doc_metas`]).
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn metas_of(
+        &self,
+        ids: &[DocId],
+    ) -> Result<Vec<Result<Option<DocMeta>, StoreError>>, StoreError> {
+        let in_memory = |id: &DocId| {
+            self.dirty
+                .get(id)
+                .or_else(|| self.in_flight.get(id))
+                .or_else(|| self.cache.peek(id))
+                .map(|l| l.meta.clone())
+        };
+        let mut out: Vec<Option<Result<Option<DocMeta>, StoreError>>> = ids
+            .iter()
+            .map(|id| in_memory(id).map(|m| Ok(Some(m))))
+            .collect();
+        let stored: Vec<[u8; 16]> = ids
+            .iter()
+            .zip(&out)
+            .filter(|(_, m)| m.is_none())
+            .map(|(id, _)| *id.as_bytes())
+            .collect();
+        let mut read = self.store.doc_metas(&stored)?.into_iter();
+        Ok(out
+            .iter_mut()
+            .map(|m| m.take().or_else(|| read.next()).unwrap_or(Ok(None)))
+            .collect())
+    }
+
     /// Takes a document out of memory or the store, for editing or reading.
     pub(crate) fn take(&mut self, id: &DocId) -> Result<Option<Live>, ReadError> {
         if self.in_flight.contains_key(id) {

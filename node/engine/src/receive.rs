@@ -541,11 +541,15 @@ impl Engine {
         let mut fresh = Vec::new();
         let mut known = Vec::new();
         let mut seen = HashSet::new();
-        for p in docs {
-            let id = DocId(uuid::Uuid::from_bytes(p.id));
+        let ids: Vec<DocId> = docs
+            .iter()
+            .map(|p| DocId(uuid::Uuid::from_bytes(p.id)))
+            .collect();
+        let metas = self.metas_of(&ids)?;
+        for ((p, id), meta) in docs.into_iter().zip(ids).zip(metas) {
             // A record this (damaged) store cannot read counts as held: merging into it then
             // refuses that one document, not the session.
-            let held = match self.meta_of(&id) {
+            let held = match meta {
                 Ok(meta) => meta.is_some(),
                 Err(StoreError::Corrupt(_)) => true,
                 Err(e) => return Err(e.into()),
