@@ -13,9 +13,10 @@
 //! (newest first) before the table. The log is part of each commit's transaction, so a crash
 //! keeps a commit's documents and its index entries together; opening the store replays the log.
 //!
-//! A fold does not stop the commits behind it: once the entries held reach the fold size they
-//! become a generation of their own ([`Folding`]), and each later commit writes the next slice
-//! of it, in key order, into the tables, besides its own work. Writing a generation slice by
+//! A fold does not stop the commits behind it: once the entries held reach half the fold size
+//! they become a generation of their own ([`Folding`]), and each later commit writes the next
+//! slice of it (twice what the commit adds, at least), in key order, into the tables, besides
+//! its own work; the generation and the writes held since stay under the fold size together. Writing a generation slice by
 //! slice touches each table page once, as a fold in one commit does, but a node receiving a
 //! first sync keeps preparing documents on every core meanwhile instead of waiting for one long
 //! commit. The generation's log records are removed by the commit that writes its last slice;

@@ -25,10 +25,10 @@ pub struct StoreOptions {
     /// What refused data may cost.
     pub quarantine: QuarantineBudget,
     /// Index entries and document records (a demo Patient writes about ten entries and one
-    /// record) kept in the log and in memory, about 130 bytes each, before the commits that
-    /// follow fold them into their tables, a slice each. Larger: fewer folds, each
-    /// writing the index tables once. Each of those commits folds at least twice what it adds, so
-    /// memory holds about this many at most.
+    /// record) kept in the log and in memory, about 130 bytes each, at most. Half this many
+    /// make a generation that the commits that follow fold into their tables, a slice each (at
+    /// least twice what each adds), while the next half fills. Larger: fewer folds, each writing
+    /// the tables once.
     pub fold_index_after: usize,
 }
 
@@ -686,11 +686,12 @@ impl RedbStore {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Appends the commit's index writes to the log, and writes the next slice of the generation
-    /// being folded ([`crate::deferred::Folding`]) into the index tables: at least a sixteenth
-    /// of the fold size, and twice what the commit adds. Once the writes held since the last fold
-    /// began reach the fold size, they become the next generation to fold (what is left of the
-    /// one before is folded whole first, so that memory stays bounded). When `force`d, writes
+    /// Appends the commit's deferred writes to the log, and writes the next slice of the
+    /// generation being folded ([`crate::deferred::Folding`]) into the tables: at least a
+    /// sixteenth of the fold size, and twice what the commit adds. Once the writes held since the
+    /// last generation began reach half the fold size, they become the next generation to fold
+    /// (what is left of the one before is folded whole first, so that memory stays bounded).
+    /// Writes read back from the whole log are folded at once when they reach the fold size. When `force`d, writes
     /// everything held into the tables at once and removes the records folded. The commit's own
     /// writes stay in the log either way (a fold writes them to the tables too), so that a reader
     /// whose memory predates the fold reads them from its snapshot.
@@ -711,7 +712,9 @@ impl RedbStore {
         let held = w.committed.fresh_len() + w.local.len();
         // Writes read back from the whole log are folded at once (see `Pending::replayed`).
         let force = force || (w.committed.replayed && held >= self.fold_at);
-        let start_folding = !force && held >= self.fold_at;
+        // A generation of half the fold size: it and the writes held since it began stay under
+        // the fold size together.
+        let start_folding = !force && held >= (self.fold_at / 2).max(1);
         let mut folded = 0;
         if let Some(folding) = &w.committed.folding {
             let slice = if force || start_folding {
@@ -1088,13 +1091,13 @@ mod tests {
         assert!(store.verify().unwrap().is_empty());
     }
 
-    /// Writes held past the fold size become a generation that the next commits fold a slice
-    /// each (twice what each adds), the last removing its records from the log.
+    /// Writes held past half the fold size become a generation that the next commits fold a
+    /// slice each (twice what each adds), the last removing its records from the log.
     #[test]
     fn a_generation_is_folded_a_slice_per_commit() {
         let dir = tempfile::tempdir().unwrap();
-        // A patient writes two entries: its identifier and its record.
-        let store = folding_every(&dir, 6);
+        // A patient writes two entries: its identifier and its record. Generations of six.
+        let store = folding_every(&dir, 12);
         store
             .commit((1..=3).map(|n| patient(n, &format!("C{n}"))).collect())
             .unwrap();
