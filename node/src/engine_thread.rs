@@ -600,14 +600,35 @@ fn fold_when_idle(engine: &mut Engine, publish: &Publish) {
     let started = std::time::Instant::now();
     match engine.fold_index(IDLE_FOLD_AT_LEAST) {
         Ok(0) => {}
-        Ok(entries) => tracing::debug!(
-            entries,
-            ms = started.elapsed().as_millis() as u64,
-            "folded the deferred index writes while idle"
-        ),
+        Ok(entries) => {
+            release_freed_memory();
+            tracing::debug!(
+                entries,
+                ms = started.elapsed().as_millis() as u64,
+                "folded the deferred index writes while idle"
+            );
+        }
         Err(e) => tracing::warn!(error = %e, "could not fold the deferred index writes while idle"),
     }
     publish_after_commit(engine, publish);
+}
+
+/// What gives the memory freed so far back to the system ([`set_release_memory`]).
+static RELEASE_MEMORY: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// Sets what gives freed memory back to the system once the node is idle: the binary's
+/// allocator knows how (mimalloc gives freed pages back only as it allocates and frees again,
+/// which an idle node does not; after the idle fold freed the deferred writes held in memory,
+/// tens of MB after a load or a sync, the node kept them resident until its next burst of
+/// work). Set once; later calls change nothing.
+pub fn set_release_memory(release: fn()) {
+    let _ = RELEASE_MEMORY.set(release);
+}
+
+fn release_freed_memory() {
+    if let Some(release) = RELEASE_MEMORY.get() {
+        release();
+    }
 }
 
 /// Opens central's services once this node holds its central certificate again; until then

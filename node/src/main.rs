@@ -42,6 +42,15 @@ fn tune_allocator() {
     }
 }
 
+/// Gives the memory mimalloc holds freed back to the system: the engine thread calls it once
+/// it has folded the deferred writes while idle ([`fieldmesh_node::set_release_memory`]).
+#[allow(unsafe_code)]
+fn release_freed_memory() {
+    // SAFETY: `mi_collect` takes no pointer and frees only what mimalloc holds unused; it may
+    // be called from any thread at any time.
+    unsafe { libmimalloc_sys::mi_collect(true) };
+}
+
 /// Turns transparent huge pages off for this process (Linux), unless `MIMALLOC_ALLOW_THP` in the
 /// environment decides. mimalloc asks the kernel for huge pages on the memory it maps, and each
 /// page it touches is then a whole 2 MiB zeroed page, given back and zeroed again as the heap
@@ -314,6 +323,7 @@ enum DemoCommand {
 fn main() {
     tune_allocator();
     no_huge_pages();
+    fieldmesh_node::engine_thread::set_release_memory(release_freed_memory);
     // redb panics on a damaged page of the store; the store turns that into an error and logs
     // it (`storage/src/redb_store.rs`), so the default report with its backtrace would only
     // frighten the person reading the output.
