@@ -43,7 +43,8 @@ fn tune_allocator() {
 }
 
 /// Gives the memory mimalloc holds freed back to the system: the engine thread calls it once
-/// it has folded the deferred writes while idle ([`fieldmesh_node::set_release_memory`]).
+/// it has folded the deferred writes while idle
+/// ([`fieldmesh_node::engine_thread::set_release_memory`]).
 #[allow(unsafe_code)]
 fn release_freed_memory() {
     // SAFETY: `mi_collect` takes no pointer and frees only what mimalloc holds unused; it may

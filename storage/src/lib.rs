@@ -272,9 +272,9 @@ pub trait Store: Send + Sync {
     }
     /// The record of a document.
     fn doc_meta(&self, id: &DocId) -> Result<Option<DocMeta>, StoreError>;
-    /// [`Store::doc_meta`] of each of `ids`, read at one instant (in one read where the store
-    /// allows: listing the documents a peer is offered reads a hundred thousand records). A
-    /// record that cannot be read is an error of its own, in its place.
+    /// [`Store::doc_meta`] of each of `ids`, in as few reads as the store allows (listing the
+    /// documents a peer is offered reads a hundred thousand records). A record that cannot be
+    /// read is an error of its own, in its place.
     #[allow(clippy::type_complexity)]
     fn doc_metas(
         &self,

@@ -727,9 +727,7 @@ impl RedbStore {
                 folded += 1;
             }
             if folded == folding.len() && !force {
-                let through = folding.through;
-                let unreadable = &w.committed.unreadable;
-                log.retain(|k, _| through.is_none_or(|t| k > t) || unreadable.contains(&k))
+                remove_folded(&mut log, folding.through, &w.committed.unreadable)
                     .map_err(|e| self.err(e))?;
             }
         }
@@ -738,10 +736,7 @@ impl RedbStore {
             for (table, key, value) in w.committed.iter().chain(w.local.iter()) {
                 write_entry(&mut w.tables[table as usize], key, value).map_err(|e| self.err(e))?;
             }
-            // Only what the memory held is folded away: records it could not read stay.
-            let through = w.committed.through;
-            let unreadable = &w.committed.unreadable;
-            log.retain(|k, _| through.is_none_or(|t| k > t) || unreadable.contains(&k))
+            remove_folded(&mut log, w.committed.through, &w.committed.unreadable)
                 .map_err(|e| self.err(e))?;
         }
         if force || folded > 0 {
@@ -769,6 +764,16 @@ impl RedbStore {
             }
         })
     }
+}
+
+/// Removes the log records up to `through`, now folded; only what the memory held is folded
+/// away: the records it could not read (`unreadable`) stay.
+fn remove_folded(
+    log: &mut redb::Table<'_, u64, &'static [u8]>,
+    through: Option<u64>,
+    unreadable: &[u64],
+) -> Result<(), redb::StorageError> {
+    log.retain(|k, _| through.is_none_or(|t| k > t) || unreadable.contains(&k))
 }
 
 /// Writes one deferred index entry into its table: `None` removes the key.

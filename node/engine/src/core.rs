@@ -819,15 +819,19 @@ impl Engine {
     }
 
     pub(crate) fn meta_of(&self, id: &DocId) -> Result<Option<DocMeta>, StoreError> {
-        if let Some(l) = self
-            .dirty
+        match self.meta_in_memory(id) {
+            Some(meta) => Ok(Some(meta)),
+            None => self.store.doc_meta(id.as_bytes()),
+        }
+    }
+
+    /// The record of a document staged, being committed or cached, if it is one of those.
+    fn meta_in_memory(&self, id: &DocId) -> Option<DocMeta> {
+        self.dirty
             .get(id)
             .or_else(|| self.in_flight.get(id))
             .or_else(|| self.cache.peek(id))
-        {
-            return Ok(Some(l.meta.clone()));
-        }
-        self.store.doc_meta(id.as_bytes())
+            .map(|l| l.meta.clone())
     }
 
     /// [`Engine::meta_of`] of each of `ids`, the store read once for those not in memory
@@ -837,16 +841,9 @@ impl Engine {
         &self,
         ids: &[DocId],
     ) -> Result<Vec<Result<Option<DocMeta>, StoreError>>, StoreError> {
-        let in_memory = |id: &DocId| {
-            self.dirty
-                .get(id)
-                .or_else(|| self.in_flight.get(id))
-                .or_else(|| self.cache.peek(id))
-                .map(|l| l.meta.clone())
-        };
         let mut out: Vec<Option<Result<Option<DocMeta>, StoreError>>> = ids
             .iter()
-            .map(|id| in_memory(id).map(|m| Ok(Some(m))))
+            .map(|id| self.meta_in_memory(id).map(|m| Ok(Some(m))))
             .collect();
         let stored: Vec<[u8; 16]> = ids
             .iter()
