@@ -1064,6 +1064,21 @@ mod tests {
             .entries
     }
 
+    /// Entries of the generation being folded, if one is.
+    fn folding_len(store: &RedbStore) -> Option<usize> {
+        store.pending_mut().folding.as_ref().map(|f| f.len())
+    }
+
+    /// Patients 1 to `last` (written by [`patient`] as `C1`, `C2`...) are found by their
+    /// identifier and have their record.
+    fn assert_found(store: &RedbStore, last: u8) {
+        for n in 1..=last {
+            let c = format!("C{n}");
+            assert_eq!(store.find("Patient", "chfid", &c).unwrap(), vec![[n; 16]]);
+            assert!(store.doc_meta(&[n; 16]).unwrap().is_some());
+        }
+    }
+
     /// A reader whose memory of the pending writes lags behind its snapshot (a commit that
     /// landed before the memory took it in) reads what is missing from the snapshot's log; a
     /// commit that finds the memory stale reads the log again before it folds, and folds what
@@ -1090,9 +1105,7 @@ mod tests {
             1,
             "the commit did not fold what the log held"
         );
-        for (n, c) in [(1u8, "C1"), (2, "C2"), (3, "C3")] {
-            assert_eq!(store.find("Patient", "chfid", c).unwrap(), vec![[n; 16]]);
-        }
+        assert_found(&store, 3);
         assert!(store.verify().unwrap().is_empty());
     }
 
@@ -1106,24 +1119,19 @@ mod tests {
         store
             .commit((1..=3).map(|n| patient(n, &format!("C{n}"))).collect())
             .unwrap();
-        let folding = |s: &RedbStore| s.pending_mut().folding.as_ref().map(|f| f.len());
-        assert_eq!(folding(&store), Some(6));
+        assert_eq!(folding_len(&store), Some(6));
         store.commit(vec![patient(4, "C4")]).unwrap();
-        assert_eq!(folding(&store), Some(2));
+        assert_eq!(folding_len(&store), Some(2));
         assert_eq!(log_records(&store), 2);
         store.commit(vec![patient(5, "C5")]).unwrap();
-        assert_eq!(folding(&store), None);
+        assert_eq!(folding_len(&store), None);
         assert_eq!(store.pending_mut().len(), 4);
         assert_eq!(
             log_records(&store),
             2,
             "the last slice did not remove the generation's record"
         );
-        for n in 1..=5u8 {
-            let c = format!("C{n}");
-            assert_eq!(store.find("Patient", "chfid", &c).unwrap(), vec![[n; 16]]);
-            assert!(store.doc_meta(&[n; 16]).unwrap().is_some());
-        }
+        assert_found(&store, 5);
         assert_eq!(store.stats().unwrap().documents, 5);
         assert!(store.verify().unwrap().is_empty());
     }
@@ -1138,28 +1146,19 @@ mod tests {
             .commit((1..=4).map(|n| patient(n, &format!("C{n}"))).collect())
             .unwrap();
         store.commit(vec![patient(5, "C5")]).unwrap();
-        assert_eq!(
-            store.pending_mut().folding.as_ref().map(|f| f.len()),
-            Some(4)
-        );
+        assert_eq!(folding_len(&store), Some(4));
         drop(store);
         let store = folding_every(&dir, 8);
-        assert!(store.pending_mut().folding.is_none());
+        assert_eq!(folding_len(&store), None);
         assert_eq!(store.pending_mut().len(), 10);
-        for n in 1..=5u8 {
-            let c = format!("C{n}");
-            assert_eq!(store.find("Patient", "chfid", &c).unwrap(), vec![[n; 16]]);
-        }
+        assert_found(&store, 5);
         // The first commit past the fold size writes them all at once: a restart before a
         // generation is done never leaves the log longer than the fold size.
         store.commit(vec![patient(6, "C6")]).unwrap();
-        assert!(store.pending_mut().folding.is_none());
+        assert_eq!(folding_len(&store), None);
         assert_eq!(store.pending_mut().len(), 2);
         assert_eq!(log_records(&store), 1);
-        for n in 1..=6u8 {
-            let c = format!("C{n}");
-            assert_eq!(store.find("Patient", "chfid", &c).unwrap(), vec![[n; 16]]);
-        }
+        assert_found(&store, 6);
         assert!(store.verify().unwrap().is_empty());
     }
 
@@ -1179,15 +1178,11 @@ mod tests {
         assert_eq!(store.fold_index(1).unwrap(), 0);
         // The entries are in the tables, and the log holds only the fold's own (empty) record.
         assert_eq!(log_records(&store), 1);
-        for (n, c) in [(1u8, "C1"), (2, "C2")] {
-            assert_eq!(store.find("Patient", "chfid", c).unwrap(), vec![[n; 16]]);
-        }
+        assert_found(&store, 2);
         drop(store);
         let store = folding_every(&dir, 1000);
         assert_eq!(store.pending_mut().len(), 0);
-        for (n, c) in [(1u8, "C1"), (2, "C2")] {
-            assert_eq!(store.find("Patient", "chfid", c).unwrap(), vec![[n; 16]]);
-        }
+        assert_found(&store, 2);
         assert!(store.verify().unwrap().is_empty());
     }
 }
